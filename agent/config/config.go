@@ -1,0 +1,514 @@
+// Package config defines the VeloFlux agent's YAML configuration: the schema,
+// its defaults, strict decoding and semantic validation, and atomic saving.
+//
+// The agent programs an XDP dataplane, runs health checks, proxies L7 traffic
+// and serves an API from this one file, and the API can rewrite it at
+// runtime. A typo that silently falls back to a default (a misspelt
+// "adress", a weight that was meant to be 0) can blackhole production
+// traffic, so decoding is deliberately strict: every unknown key, duplicate
+// key, type mismatch and semantic problem is reported at once, each with the
+// exact path of the offending value (for example
+// "pools[1].backends[0].adress: unknown field"), so an operator or an API
+// client can fix everything in one round trip.
+//
+// Typical use:
+//
+//	cfg, err := config.Load("/etc/veloflux/veloflux.yaml")
+//	var verr *config.ValidationError
+//	if errors.As(err, &verr) {
+//		for _, fe := range verr.Errors { ... }
+//	}
+//
+// Parse returns a configuration with defaults applied and addresses in
+// canonical form (IP literals as printed by net/netip, CIDRs masked, MAC
+// addresses lower case), so consumers can compare values textually.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"reflect"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Default values. They are documented in deploy/veloflux.yaml as well; keep
+// the two in sync.
+const (
+	defaultXDPMode        = XDPModeAuto
+	defaultConntrackSize  = 1 << 20
+	defaultRingSize       = 65537
+	defaultNexthop        = NexthopFIB
+	defaultTCPIdleTimeout = 300 * time.Second
+	defaultUDPIdleTimeout = 30 * time.Second
+	defaultAPIListen      = ":9090"
+	defaultTokenFile      = "/var/lib/veloflux/api.token"
+	defaultMetricsListen  = ":8080"
+	defaultHTTPListen     = ":80"
+	defaultHTTPSListen    = ":443"
+	defaultAlgorithm      = AlgorithmRoundRobin
+	defaultWeight         = 1
+	defaultCheckType      = HealthCheckTCP
+	defaultCheckPath      = "/"
+	defaultCheckStatus    = 200
+	defaultCheckInterval  = 2 * time.Second
+	defaultCheckTimeout   = 1 * time.Second
+	defaultCheckRise      = 2
+	defaultCheckFall      = 3
+	defaultVIPMode        = VIPModeDSR
+	defaultPathPrefix     = "/"
+)
+
+// Config is the complete agent configuration.
+type Config struct {
+	Node      NodeConfig      `yaml:"node"`
+	Dataplane DataplaneConfig `yaml:"dataplane"`
+	API       APIConfig       `yaml:"api"`
+	Metrics   MetricsConfig   `yaml:"metrics"`
+	Proxy     ProxyConfig     `yaml:"proxy"`
+	Pools     []Pool          `yaml:"pools,omitempty"`
+	VIPs      []VIP           `yaml:"vips,omitempty"`
+	Routes    []Route         `yaml:"routes,omitempty"`
+	Security  SecurityConfig  `yaml:"security"`
+}
+
+// NodeConfig identifies this agent.
+type NodeConfig struct {
+	// Name defaults to os.Hostname().
+	Name string `yaml:"name"`
+}
+
+// XDPMode selects how the XDP program is attached.
+type XDPMode string
+
+// XDP attach modes.
+const (
+	XDPModeNative  XDPMode = "native"
+	XDPModeGeneric XDPMode = "generic"
+	// XDPModeAuto tries native first and falls back to generic.
+	XDPModeAuto XDPMode = "auto"
+)
+
+// Nexthop selects how the dataplane finds the L2 destination of forwarded
+// packets.
+type Nexthop string
+
+// Nexthop strategies.
+const (
+	// NexthopFIB uses the bpf_fib_lookup helper.
+	NexthopFIB Nexthop = "fib"
+	// NexthopGateway sends everything to DataplaneConfig.GatewayMAC.
+	NexthopGateway Nexthop = "gateway"
+)
+
+// DataplaneConfig configures the XDP L4 load balancer.
+type DataplaneConfig struct {
+	// Interfaces the XDP program is attached to; required when VIPs exist.
+	Interfaces []string `yaml:"interfaces,omitempty"`
+	XDPMode    XDPMode  `yaml:"xdp_mode"`
+	// ConntrackSize is the max_entries of the connection tracking map.
+	ConntrackSize int `yaml:"conntrack_size"`
+	// RingSize is the Maglev lookup table size per VIP; Maglev requires a
+	// prime so that every backend's permutation covers the whole table.
+	RingSize   int     `yaml:"ring_size"`
+	GatewayMAC string  `yaml:"gateway_mac,omitempty"`
+	Nexthop    Nexthop `yaml:"nexthop"`
+	// EncapSourceV4/V6 are the outer source addresses of IPIP packets.
+	EncapSourceV4  string   `yaml:"encap_source_v4,omitempty"`
+	EncapSourceV6  string   `yaml:"encap_source_v6,omitempty"`
+	TCPIdleTimeout Duration `yaml:"tcp_idle_timeout"`
+	UDPIdleTimeout Duration `yaml:"udp_idle_timeout"`
+}
+
+// APIConfig configures the REST/WebSocket API server.
+type APIConfig struct {
+	Listen    string `yaml:"listen"`
+	TokenFile string `yaml:"token_file"`
+	// ProtectReads requires the token for GET requests too.
+	ProtectReads bool `yaml:"protect_reads"`
+	// AllowedOrigins lists the CORS/WebSocket origins ("*" or
+	// "scheme://host[:port]") allowed to use the API from a browser.
+	AllowedOrigins []string `yaml:"allowed_origins,omitempty"`
+}
+
+// MetricsConfig configures the Prometheus endpoint.
+type MetricsConfig struct {
+	Listen string `yaml:"listen"`
+}
+
+// ProxyConfig configures the L7 HTTP(S) proxy.
+type ProxyConfig struct {
+	HTTPListen  string `yaml:"http_listen"`
+	HTTPSListen string `yaml:"https_listen"`
+	Enabled     bool   `yaml:"enabled"`
+}
+
+// Algorithm is a backend selection algorithm.
+type Algorithm string
+
+// Load-balancing algorithms.
+const (
+	AlgorithmRoundRobin         Algorithm = "round_robin"
+	AlgorithmWeightedRoundRobin Algorithm = "weighted_round_robin"
+	AlgorithmLeastConn          Algorithm = "least_conn"
+	AlgorithmIPHash             Algorithm = "ip_hash"
+	AlgorithmP2CEWMA            Algorithm = "p2c_ewma"
+)
+
+// Pool is a named group of backends shared by VIPs and routes.
+type Pool struct {
+	Name        string      `yaml:"name"`
+	Algorithm   Algorithm   `yaml:"algorithm"`
+	Backends    []Backend   `yaml:"backends,omitempty"`
+	HealthCheck HealthCheck `yaml:"health_check"`
+}
+
+// Backend is one real server.
+type Backend struct {
+	Address string `yaml:"address"`
+	Port    int    `yaml:"port"`
+	// Weight is a pointer so that an explicit "weight: 0" (drain the
+	// backend) can be told apart from an omitted weight, which means 1.
+	// Use EffectiveWeight rather than dereferencing it.
+	Weight *uint32 `yaml:"weight,omitempty"`
+}
+
+// EffectiveWeight returns the backend's weight, treating an unset weight as
+// the default of 1.
+func (b Backend) EffectiveWeight() uint32 {
+	if b.Weight == nil {
+		return defaultWeight
+	}
+	return *b.Weight
+}
+
+// HealthCheckType is the kind of active health check.
+type HealthCheckType string
+
+// Health check types.
+const (
+	HealthCheckTCP  HealthCheckType = "tcp"
+	HealthCheckHTTP HealthCheckType = "http"
+	// HealthCheckNone treats every backend as healthy.
+	HealthCheckNone HealthCheckType = "none"
+)
+
+// HealthCheck configures active health checking of a pool's backends.
+type HealthCheck struct {
+	Type HealthCheckType `yaml:"type"`
+	// Path and ExpectedStatus apply to http checks only.
+	Path           string   `yaml:"path,omitempty"`
+	ExpectedStatus int      `yaml:"expected_status,omitempty"`
+	Interval       Duration `yaml:"interval"`
+	Timeout        Duration `yaml:"timeout"`
+	// Rise is the number of consecutive successes that mark a backend up,
+	// Fall the number of consecutive failures that mark it down.
+	Rise int `yaml:"rise"`
+	Fall int `yaml:"fall"`
+	// Port overrides the backend's port for checks; 0 means the backend's.
+	Port int `yaml:"port,omitempty"`
+}
+
+// Protocol is an L4 protocol.
+type Protocol string
+
+// L4 protocols.
+const (
+	ProtocolTCP Protocol = "tcp"
+	ProtocolUDP Protocol = "udp"
+)
+
+// VIPMode is how packets reach a backend.
+type VIPMode string
+
+// Forwarding modes.
+const (
+	// VIPModeDSR rewrites the destination MAC only; backends must hold the
+	// VIP on a local interface and sit on the same L2 segment.
+	VIPModeDSR VIPMode = "dsr"
+	// VIPModeIPIP encapsulates the packet in an outer IP header addressed
+	// to the backend.
+	VIPModeIPIP VIPMode = "ipip"
+)
+
+// VIP is a virtual service handled by the XDP dataplane.
+type VIP struct {
+	Address string `yaml:"address"`
+	// Port 0 matches all ports.
+	Port           int      `yaml:"port"`
+	Protocol       Protocol `yaml:"protocol"`
+	Mode           VIPMode  `yaml:"mode"`
+	Pool           string   `yaml:"pool"`
+	SourceAffinity bool     `yaml:"source_affinity"`
+}
+
+// Route maps HTTP requests to a pool in the L7 proxy.
+type Route struct {
+	// Host is an exact host name or "*.suffix"; empty matches any host.
+	Host       string `yaml:"host,omitempty"`
+	PathPrefix string `yaml:"path_prefix"`
+	Pool       string `yaml:"pool"`
+}
+
+// SecurityConfig holds source filtering applied in the dataplane.
+type SecurityConfig struct {
+	// Denylist holds IPv4/IPv6 CIDRs (a bare IP means a single host). After
+	// Parse they are masked to their network address and deduplicated.
+	Denylist []string `yaml:"denylist,omitempty"`
+}
+
+// defaulter is implemented by types whose fresh values must start from
+// their defaults before YAML is decoded on top of them. Decoding into
+// pre-filled values (rather than filling zero values afterwards) is what lets
+// an explicit zero, e.g. "ring_size: 0", be reported as invalid instead of
+// being silently replaced by the default.
+type defaulter interface {
+	setDefaults()
+}
+
+func (p *Pool) setDefaults() {
+	p.Algorithm = defaultAlgorithm
+	p.HealthCheck.setDefaults()
+}
+
+func (b *Backend) setDefaults() {
+	w := uint32(defaultWeight)
+	b.Weight = &w
+}
+
+func (h *HealthCheck) setDefaults() {
+	h.Type = defaultCheckType
+	h.Interval = Duration(defaultCheckInterval)
+	h.Timeout = Duration(defaultCheckTimeout)
+	h.Rise = defaultCheckRise
+	h.Fall = defaultCheckFall
+}
+
+func (v *VIP) setDefaults() {
+	v.Mode = defaultVIPMode
+}
+
+func (r *Route) setDefaults() {
+	r.PathPrefix = defaultPathPrefix
+}
+
+// Default returns a configuration with every default applied (node.name is
+// the host name) and no pools, VIPs or routes.
+func Default() *Config {
+	c := staticDefaults()
+	c.applyDependentDefaults()
+	return c
+}
+
+// staticDefaults returns the defaults that do not depend on other values or
+// on the environment; Parse decodes on top of them.
+func staticDefaults() *Config {
+	return &Config{
+		Dataplane: DataplaneConfig{
+			XDPMode:        defaultXDPMode,
+			ConntrackSize:  defaultConntrackSize,
+			RingSize:       defaultRingSize,
+			Nexthop:        defaultNexthop,
+			TCPIdleTimeout: Duration(defaultTCPIdleTimeout),
+			UDPIdleTimeout: Duration(defaultUDPIdleTimeout),
+		},
+		API: APIConfig{
+			Listen:    defaultAPIListen,
+			TokenFile: defaultTokenFile,
+		},
+		Metrics: MetricsConfig{Listen: defaultMetricsListen},
+		Proxy: ProxyConfig{
+			HTTPListen:  defaultHTTPListen,
+			HTTPSListen: defaultHTTPSListen,
+		},
+	}
+}
+
+// applyDependentDefaults fills defaults that depend on other values or on
+// the environment, so they can only be decided after decoding.
+func (c *Config) applyDependentDefaults() {
+	if c.Node.Name == "" {
+		// On failure the name stays empty and Validate reports it, which
+		// tells the operator to set node.name explicitly.
+		if h, err := os.Hostname(); err == nil {
+			c.Node.Name = h
+		}
+	}
+	for i := range c.Pools {
+		hc := &c.Pools[i].HealthCheck
+		if hc.Type == HealthCheckHTTP {
+			if hc.Path == "" {
+				hc.Path = defaultCheckPath
+			}
+			if hc.ExpectedStatus == 0 {
+				hc.ExpectedStatus = defaultCheckStatus
+			}
+		}
+	}
+}
+
+// normalize rewrites valid values into canonical form so that consumers and
+// the duplicate checks in Validate can compare them as strings. Invalid
+// values are left untouched so that errors quote what the user wrote.
+func (c *Config) normalize() {
+	canonIP := func(s *string) {
+		if a, err := netip.ParseAddr(*s); err == nil && a.Zone() == "" {
+			*s = a.String()
+		}
+	}
+	dp := &c.Dataplane
+	canonIP(&dp.EncapSourceV4)
+	canonIP(&dp.EncapSourceV6)
+	if hw, err := net.ParseMAC(dp.GatewayMAC); err == nil && len(hw) == 6 {
+		dp.GatewayMAC = hw.String()
+	}
+	for i := range c.Pools {
+		for j := range c.Pools[i].Backends {
+			canonIP(&c.Pools[i].Backends[j].Address)
+		}
+	}
+	for i := range c.VIPs {
+		canonIP(&c.VIPs[i].Address)
+	}
+	for i := range c.Routes {
+		// Host names are case-insensitive (RFC 4343).
+		c.Routes[i].Host = strings.ToLower(c.Routes[i].Host)
+	}
+
+	// Deduplicating shifts indexes, which would make error paths point at
+	// the wrong entry, so only do it when every entry is valid.
+	canon := make([]string, 0, len(c.Security.Denylist))
+	seen := make(map[string]bool, len(c.Security.Denylist))
+	for _, s := range c.Security.Denylist {
+		p, err := parseCIDR(s)
+		if err != nil {
+			return
+		}
+		if !seen[p.String()] {
+			seen[p.String()] = true
+			canon = append(canon, p.String())
+		}
+	}
+	if c.Security.Denylist != nil {
+		c.Security.Denylist = canon
+	}
+}
+
+// parseCIDR parses a denylist entry: a CIDR, or a bare IP meaning one host.
+// The result is masked, so "10.1.2.3/8" becomes "10.0.0.0/8".
+func parseCIDR(s string) (netip.Prefix, error) {
+	if !strings.Contains(s, "/") {
+		a, err := netip.ParseAddr(s)
+		if err != nil || a.Zone() != "" {
+			return netip.Prefix{}, fmt.Errorf("invalid CIDR %q (want e.g. \"192.0.2.0/24\" or \"2001:db8::/32\")", s)
+		}
+		return netip.PrefixFrom(a, a.BitLen()), nil
+	}
+	p, err := netip.ParsePrefix(s)
+	if err != nil {
+		return netip.Prefix{}, fmt.Errorf("invalid CIDR %q (want e.g. \"192.0.2.0/24\" or \"2001:db8::/32\")", s)
+	}
+	return p.Masked(), nil
+}
+
+// Load reads the configuration file at path and parses it with Parse.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: read %s: %w", path, err)
+	}
+	c, err := Parse(data)
+	if err != nil {
+		return nil, fmt.Errorf("config: load %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// Parse strictly decodes a single YAML document, applies defaults and
+// validates the result. Any problem, syntactic or semantic, is returned as a
+// *ValidationError listing every problem found, each with its path.
+func Parse(data []byte) (*Config, error) {
+	root, ferr := parseDocument(data)
+	if ferr != nil {
+		return nil, &ValidationError{Errors: []FieldError{*ferr}}
+	}
+
+	c := staticDefaults()
+	d := newDecoder()
+	d.decode("", root, reflect.ValueOf(c).Elem())
+	c.applyDependentDefaults()
+	c.normalize()
+
+	errs := d.errs
+	for _, fe := range c.validate() {
+		// A value that failed to decode keeps its default or zero value;
+		// validating it would only repeat the decode error in a more
+		// confusing form.
+		if !d.failedAt(fe.Path) {
+			errs = append(errs, fe)
+		}
+	}
+	if len(errs) > 0 {
+		return nil, &ValidationError{Errors: errs}
+	}
+	return c, nil
+}
+
+// parseDocument returns the root node of the single YAML document in data.
+func parseDocument(data []byte) (*yaml.Node, *FieldError) {
+	empty := &FieldError{Message: "config is empty: expected a YAML mapping"}
+	if len(bytes.TrimSpace(data)) == 0 {
+		return nil, empty
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	var doc yaml.Node
+	if err := dec.Decode(&doc); err != nil {
+		if errors.Is(err, io.EOF) { // only comments
+			return nil, empty
+		}
+		return nil, &FieldError{Message: "invalid YAML: " + strings.TrimPrefix(err.Error(), "yaml: ")}
+	}
+	var extra yaml.Node
+	switch err := dec.Decode(&extra); {
+	case err == nil:
+		return nil, &FieldError{Message: fmt.Sprintf("multiple YAML documents (another starts on line %d): expected exactly one", extra.Line)}
+	case !errors.Is(err, io.EOF):
+		return nil, &FieldError{Message: "invalid YAML: " + strings.TrimPrefix(err.Error(), "yaml: ")}
+	}
+
+	root := &doc
+	if root.Kind == yaml.DocumentNode {
+		if len(root.Content) == 0 {
+			return nil, empty
+		}
+		root = root.Content[0]
+	}
+	if isNull(root) {
+		return nil, empty
+	}
+	if root.Kind != yaml.MappingNode {
+		return nil, &FieldError{Message: fmt.Sprintf("top level must be a YAML mapping, got %s", describe(root))}
+	}
+	return root, nil
+}
+
+// Marshal encodes the configuration as YAML that Parse accepts.
+func (c *Config) Marshal() ([]byte, error) {
+	var buf bytes.Buffer
+	enc := yaml.NewEncoder(&buf)
+	enc.SetIndent(2)
+	if err := enc.Encode(c); err != nil {
+		return nil, fmt.Errorf("config: marshal: %w", err)
+	}
+	if err := enc.Close(); err != nil {
+		return nil, fmt.Errorf("config: marshal: %w", err)
+	}
+	return buf.Bytes(), nil
+}

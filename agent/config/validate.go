@@ -1,0 +1,583 @@
+package config
+
+import (
+	"fmt"
+	"math"
+	"net"
+	"net/netip"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+const (
+	minConntrackSize = 1024
+	// The conntrack map's max_entries is a u32.
+	maxConntrackSize = math.MaxUint32
+	minRingSize      = 257
+	maxRingSize      = 1048573 // largest prime below 2^20
+	maxWeight        = 1000
+	maxPoolNameLen   = 63
+	// IFNAMSIZ is 16 including the terminating NUL.
+	maxIfNameLen = 15
+)
+
+// Validate checks the semantic rules of the configuration (ranges,
+// references between sections, address families, uniqueness). It does not
+// modify c. All problems are returned together as a *ValidationError.
+func (c *Config) Validate() error {
+	if errs := c.validate(); len(errs) > 0 {
+		return &ValidationError{Errors: errs}
+	}
+	return nil
+}
+
+type collector struct{ errs []FieldError }
+
+func (v *collector) add(path, format string, args ...any) {
+	v.errs = append(v.errs, FieldError{Path: path, Message: fmt.Sprintf(format, args...)})
+}
+
+func (c *Config) validate() []FieldError {
+	v := &collector{}
+	c.validateNode(v)
+	c.validateDataplane(v)
+	c.validateListeners(v)
+	pools := c.validatePools(v)
+	c.validateVIPs(v, pools)
+	c.validateRoutes(v, pools)
+	c.validateSecurity(v)
+	return v.errs
+}
+
+func (c *Config) validateNode(v *collector) {
+	name := c.Node.Name
+	switch {
+	case name == "":
+		v.add("node.name", "required (the host name could not be determined)")
+	case len(name) > 253:
+		v.add("node.name", "must be at most 253 characters, got %d", len(name))
+	case strings.ContainsFunc(name, isSpaceOrControl):
+		v.add("node.name", "must not contain spaces or control characters, got %q", name)
+	}
+}
+
+func (c *Config) validateDataplane(v *collector) {
+	dp := &c.Dataplane
+	const p = "dataplane"
+
+	seen := make(map[string]int, len(dp.Interfaces))
+	for i, name := range dp.Interfaces {
+		ip := fmt.Sprintf("%s.interfaces[%d]", p, i)
+		if msg := checkIfName(name); msg != "" {
+			v.add(ip, "%s", msg)
+			continue
+		}
+		if j, dup := seen[name]; dup {
+			v.add(ip, "duplicate interface %q (also interfaces[%d])", name, j)
+			continue
+		}
+		seen[name] = i
+	}
+	if len(dp.Interfaces) == 0 && len(c.VIPs) > 0 {
+		v.add(p+".interfaces", "required when vips are configured: list the interfaces to attach XDP to")
+	}
+
+	checkEnum(v, p+".xdp_mode", dp.XDPMode, XDPModeNative, XDPModeGeneric, XDPModeAuto)
+
+	if dp.ConntrackSize < minConntrackSize || dp.ConntrackSize > maxConntrackSize {
+		v.add(p+".conntrack_size", "must be between %d and %d, got %d", minConntrackSize, uint64(maxConntrackSize), dp.ConntrackSize)
+	}
+
+	if dp.RingSize < minRingSize || dp.RingSize > maxRingSize || !isPrime(dp.RingSize) {
+		msg := fmt.Sprintf("must be a prime number between %d and %d, got %d", minRingSize, maxRingSize, dp.RingSize)
+		if dp.RingSize >= minRingSize && dp.RingSize <= maxRingSize {
+			lo, hi := nearestPrimes(dp.RingSize)
+			msg += fmt.Sprintf(" (nearest primes: %d, %d)", lo, hi)
+		}
+		v.add(p+".ring_size", "%s", msg)
+	}
+
+	if dp.GatewayMAC != "" {
+		hw, err := net.ParseMAC(dp.GatewayMAC)
+		switch {
+		case err != nil || len(hw) != 6:
+			v.add(p+".gateway_mac", "invalid MAC address %q (want e.g. \"aa:bb:cc:dd:ee:ff\")", dp.GatewayMAC)
+		case hw[0]&1 != 0:
+			v.add(p+".gateway_mac", "must be a unicast MAC address, got %q", dp.GatewayMAC)
+		}
+	}
+	checkEnum(v, p+".nexthop", dp.Nexthop, NexthopFIB, NexthopGateway)
+	if dp.Nexthop == NexthopGateway && dp.GatewayMAC == "" {
+		v.add(p+".gateway_mac", "required when nexthop is %q", NexthopGateway)
+	}
+
+	if dp.EncapSourceV4 != "" {
+		if a, msg := checkUnicastIP(dp.EncapSourceV4); msg != "" {
+			v.add(p+".encap_source_v4", "%s", msg)
+		} else if !a.Is4() {
+			v.add(p+".encap_source_v4", "must be an IPv4 address, got %q", dp.EncapSourceV4)
+		}
+	}
+	if dp.EncapSourceV6 != "" {
+		if a, msg := checkUnicastIP(dp.EncapSourceV6); msg != "" {
+			v.add(p+".encap_source_v6", "%s", msg)
+		} else if !a.Is6() {
+			v.add(p+".encap_source_v6", "must be an IPv6 address, got %q", dp.EncapSourceV6)
+		}
+	}
+
+	if dp.TCPIdleTimeout <= 0 {
+		v.add(p+".tcp_idle_timeout", "must be positive, got %s", dp.TCPIdleTimeout)
+	}
+	if dp.UDPIdleTimeout <= 0 {
+		v.add(p+".udp_idle_timeout", "must be positive, got %s", dp.UDPIdleTimeout)
+	}
+}
+
+type listener struct {
+	path string
+	addr string
+	host string
+	port int
+}
+
+func (c *Config) validateListeners(v *collector) {
+	if c.API.TokenFile == "" {
+		v.add("api.token_file", "required")
+	}
+	for i, o := range c.API.AllowedOrigins {
+		if msg := checkOrigin(o); msg != "" {
+			v.add(fmt.Sprintf("api.allowed_origins[%d]", i), "%s", msg)
+		}
+	}
+
+	all := []listener{
+		{path: "api.listen", addr: c.API.Listen},
+		{path: "metrics.listen", addr: c.Metrics.Listen},
+		{path: "proxy.http_listen", addr: c.Proxy.HTTPListen},
+		{path: "proxy.https_listen", addr: c.Proxy.HTTPSListen},
+	}
+	var active []listener
+	for _, l := range all {
+		host, port, msg := parseListen(l.addr)
+		if msg != "" {
+			v.add(l.path, "%s", msg)
+			continue
+		}
+		// The proxy's sockets are only opened when it is enabled, so its
+		// addresses may overlap others while it is off.
+		if strings.HasPrefix(l.path, "proxy.") && !c.Proxy.Enabled {
+			continue
+		}
+		l.host, l.port = host, port
+		for _, prev := range active {
+			if listenersConflict(prev, l) {
+				v.add(l.path, "%q conflicts with %s (%q)", l.addr, prev.path, prev.addr)
+			}
+		}
+		active = append(active, l)
+	}
+}
+
+// parseListen checks a "host:port" listen address.
+func parseListen(addr string) (host string, port int, msg string) {
+	bad := fmt.Sprintf("invalid listen address %q (want host:port, e.g. \":9090\" or \"127.0.0.1:9090\")", addr)
+	if addr == "" {
+		return "", 0, "required"
+	}
+	host, ps, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", 0, bad
+	}
+	port, err = strconv.Atoi(ps)
+	if err != nil || port < 1 || port > 65535 {
+		return "", 0, fmt.Sprintf("invalid port %q in listen address %q (want 1..65535)", ps, addr)
+	}
+	if host != "" {
+		if _, err := netip.ParseAddr(host); err != nil && !isHostname(host) {
+			return "", 0, bad
+		}
+	}
+	return host, port, ""
+}
+
+// listenersConflict reports whether binding both would fail with
+// EADDRINUSE. A wildcard host overlaps every host on the same port.
+func listenersConflict(a, b listener) bool {
+	if a.port != b.port {
+		return false
+	}
+	return isWildcardHost(a.host) || isWildcardHost(b.host) || a.host == b.host
+}
+
+func isWildcardHost(h string) bool {
+	if h == "" {
+		return true
+	}
+	a, err := netip.ParseAddr(h)
+	return err == nil && a.IsUnspecified()
+}
+
+func checkOrigin(o string) string {
+	if o == "*" {
+		return ""
+	}
+	bad := fmt.Sprintf("invalid origin %q (want \"*\" or scheme://host[:port], e.g. \"https://admin.example.com\")", o)
+	u, err := url.Parse(o)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" ||
+		u.User != nil || (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.Fragment != "" {
+		return bad
+	}
+	return ""
+}
+
+// poolIndex maps valid, unique pool names to their index.
+type poolIndex map[string]int
+
+func (c *Config) validatePools(v *collector) poolIndex {
+	pools := make(poolIndex, len(c.Pools))
+	for i := range c.Pools {
+		pool := &c.Pools[i]
+		pp := fmt.Sprintf("pools[%d]", i)
+		switch {
+		case pool.Name == "":
+			v.add(pp+".name", "required")
+		case !isPoolName(pool.Name):
+			v.add(pp+".name", "invalid pool name %q (want 1 to %d characters from a-z, 0-9, '-' and '_')", pool.Name, maxPoolNameLen)
+		default:
+			if j, dup := pools[pool.Name]; dup {
+				v.add(pp+".name", "duplicate pool name %q (also pools[%d])", pool.Name, j)
+			} else {
+				pools[pool.Name] = i
+			}
+		}
+		checkEnum(v, pp+".algorithm", pool.Algorithm,
+			AlgorithmRoundRobin, AlgorithmWeightedRoundRobin, AlgorithmLeastConn, AlgorithmIPHash, AlgorithmP2CEWMA)
+
+		seen := make(map[netip.AddrPort]int, len(pool.Backends))
+		for j, b := range pool.Backends {
+			bp := fmt.Sprintf("%s.backends[%d]", pp, j)
+			var addr netip.Addr
+			if b.Address == "" {
+				v.add(bp+".address", "required")
+			} else if a, msg := checkUnicastIP(b.Address); msg != "" {
+				v.add(bp+".address", "%s", msg)
+			} else {
+				addr = a
+			}
+			portOK := true
+			if b.Port < 1 || b.Port > 65535 {
+				portOK = false
+				if b.Port == 0 {
+					v.add(bp+".port", "required (1..65535)")
+				} else {
+					v.add(bp+".port", "must be between 1 and 65535, got %d", b.Port)
+				}
+			}
+			if w := b.EffectiveWeight(); w > maxWeight {
+				v.add(bp+".weight", "must be between 0 and %d, got %d", maxWeight, w)
+			}
+			if addr.IsValid() && portOK {
+				ap := netip.AddrPortFrom(addr, uint16(b.Port))
+				if k, dup := seen[ap]; dup {
+					v.add(bp, "duplicate backend %s (also backends[%d])", ap, k)
+				} else {
+					seen[ap] = j
+				}
+			}
+		}
+		validateHealthCheck(v, pp+".health_check", &pool.HealthCheck)
+	}
+	return pools
+}
+
+func validateHealthCheck(v *collector, p string, hc *HealthCheck) {
+	checkEnum(v, p+".type", hc.Type, HealthCheckTCP, HealthCheckHTTP, HealthCheckNone)
+	if hc.Type == HealthCheckHTTP {
+		if hc.Path == "" {
+			v.add(p+".path", "required for http checks")
+		} else if !strings.HasPrefix(hc.Path, "/") || strings.ContainsFunc(hc.Path, isSpaceOrControl) {
+			v.add(p+".path", "must start with \"/\" and contain no spaces, got %q", hc.Path)
+		}
+		if hc.ExpectedStatus < 100 || hc.ExpectedStatus > 599 {
+			v.add(p+".expected_status", "must be an HTTP status between 100 and 599, got %d", hc.ExpectedStatus)
+		}
+	} else {
+		// Catches a check switched from http to tcp with leftovers that
+		// the operator may believe still apply.
+		if hc.Path != "" {
+			v.add(p+".path", "only valid for http checks (type is %q)", hc.Type)
+		}
+		if hc.ExpectedStatus != 0 {
+			v.add(p+".expected_status", "only valid for http checks (type is %q)", hc.Type)
+		}
+	}
+	if hc.Interval <= 0 {
+		v.add(p+".interval", "must be positive, got %s", hc.Interval)
+	}
+	if hc.Timeout <= 0 {
+		v.add(p+".timeout", "must be positive, got %s", hc.Timeout)
+	} else if hc.Interval > 0 && hc.Timeout >= hc.Interval {
+		// Otherwise a slow backend would have overlapping checks in flight.
+		v.add(p+".timeout", "must be less than interval (%s), got %s", hc.Interval, hc.Timeout)
+	}
+	if hc.Rise < 1 {
+		v.add(p+".rise", "must be at least 1, got %d", hc.Rise)
+	}
+	if hc.Fall < 1 {
+		v.add(p+".fall", "must be at least 1, got %d", hc.Fall)
+	}
+	if hc.Port < 0 || hc.Port > 65535 {
+		v.add(p+".port", "must be between 1 and 65535 (or 0 for the backend's port), got %d", hc.Port)
+	}
+}
+
+func (c *Config) validateVIPs(v *collector, pools poolIndex) {
+	type vipKey struct {
+		addr  netip.Addr
+		port  int
+		proto Protocol
+	}
+	seen := make(map[vipKey]int, len(c.VIPs))
+	// First VIP of each family that needs an IPIP encapsulation source.
+	needV4, needV6 := -1, -1
+
+	for i, vip := range c.VIPs {
+		vp := fmt.Sprintf("vips[%d]", i)
+		var addr netip.Addr
+		if vip.Address == "" {
+			v.add(vp+".address", "required")
+		} else if a, msg := checkUnicastIP(vip.Address); msg != "" {
+			v.add(vp+".address", "%s", msg)
+		} else {
+			addr = a
+		}
+		portOK := vip.Port >= 0 && vip.Port <= 65535
+		if !portOK {
+			v.add(vp+".port", "must be between 0 (all ports) and 65535, got %d", vip.Port)
+		}
+		if vip.Protocol == "" {
+			v.add(vp+".protocol", "required (tcp or udp)")
+		} else {
+			checkEnum(v, vp+".protocol", vip.Protocol, ProtocolTCP, ProtocolUDP)
+		}
+		checkEnum(v, vp+".mode", vip.Mode, VIPModeDSR, VIPModeIPIP)
+
+		if addr.IsValid() && portOK && vip.Protocol != "" {
+			k := vipKey{addr, vip.Port, vip.Protocol}
+			if j, dup := seen[k]; dup {
+				v.add(vp, "duplicate VIP %s port %d/%s (also vips[%d])", addr, vip.Port, vip.Protocol, j)
+			} else {
+				seen[k] = i
+			}
+		}
+
+		pi, poolOK := pools[vip.Pool]
+		switch {
+		case vip.Pool == "":
+			v.add(vp+".pool", "required")
+		case !poolOK:
+			v.add(vp+".pool", "unknown pool %q", vip.Pool)
+		}
+
+		if vip.Mode != VIPModeIPIP || !addr.IsValid() {
+			continue
+		}
+		if addr.Is4() && needV4 < 0 {
+			needV4 = i
+		}
+		if addr.Is6() && needV6 < 0 {
+			needV6 = i
+		}
+		if !poolOK {
+			continue
+		}
+		// The dataplane encapsulates in the VIP's family, so a backend of
+		// the other family would be unreachable.
+		for j, b := range c.Pools[pi].Backends {
+			ba, err := netip.ParseAddr(b.Address)
+			if err != nil || ba.Is4() == addr.Is4() {
+				continue
+			}
+			v.add(vp+".pool", "ipip VIP %s is %s but pools[%d].backends[%d] (%s) is %s; all backends of an ipip VIP must share its address family",
+				addr, family(addr), pi, j, b.Address, family(ba))
+		}
+	}
+
+	dp := &c.Dataplane
+	if needV4 >= 0 && dp.EncapSourceV4 == "" {
+		v.add("dataplane.encap_source_v4", "required because vips[%d] uses ipip mode with an IPv4 address", needV4)
+	}
+	if needV6 >= 0 && dp.EncapSourceV6 == "" {
+		v.add("dataplane.encap_source_v6", "required because vips[%d] uses ipip mode with an IPv6 address", needV6)
+	}
+}
+
+func (c *Config) validateRoutes(v *collector, pools poolIndex) {
+	type routeKey struct{ host, prefix string }
+	seen := make(map[routeKey]int, len(c.Routes))
+	for i, r := range c.Routes {
+		rp := fmt.Sprintf("routes[%d]", i)
+		hostOK := true
+		if r.Host != "" {
+			h := strings.TrimPrefix(r.Host, "*.")
+			if strings.Contains(h, "*") || !isHostname(h) {
+				hostOK = false
+				v.add(rp+".host", "invalid host %q (want a host name like \"www.example.com\" or a wildcard like \"*.example.com\")", r.Host)
+			}
+		}
+		prefixOK := true
+		if !strings.HasPrefix(r.PathPrefix, "/") || strings.ContainsAny(r.PathPrefix, "?#") ||
+			strings.ContainsFunc(r.PathPrefix, isSpaceOrControl) {
+			prefixOK = false
+			v.add(rp+".path_prefix", "must start with \"/\" and contain no spaces, '?' or '#', got %q", r.PathPrefix)
+		}
+		switch _, ok := pools[r.Pool]; {
+		case r.Pool == "":
+			v.add(rp+".pool", "required")
+		case !ok:
+			v.add(rp+".pool", "unknown pool %q", r.Pool)
+		}
+		if hostOK && prefixOK {
+			k := routeKey{strings.ToLower(r.Host), r.PathPrefix}
+			if j, dup := seen[k]; dup {
+				v.add(rp, "duplicate route for host %q and path_prefix %q (also routes[%d])", r.Host, r.PathPrefix, j)
+			} else {
+				seen[k] = i
+			}
+		}
+	}
+}
+
+func (c *Config) validateSecurity(v *collector) {
+	for i, s := range c.Security.Denylist {
+		if _, err := parseCIDR(s); err != nil {
+			v.add(fmt.Sprintf("security.denylist[%d]", i), "%s", err)
+		}
+	}
+}
+
+// checkEnum reports val unless it is one of allowed.
+func checkEnum[T ~string](v *collector, path string, val T, allowed ...T) {
+	if slices.Contains(allowed, val) {
+		return
+	}
+	names := make([]string, len(allowed))
+	for i, a := range allowed {
+		names[i] = string(a)
+	}
+	v.add(path, "must be one of %s, got %q", strings.Join(names, ", "), string(val))
+}
+
+// checkUnicastIP parses an address that packets will be sent to or from.
+func checkUnicastIP(s string) (netip.Addr, string) {
+	a, err := netip.ParseAddr(s)
+	switch {
+	case err != nil:
+		return a, fmt.Sprintf("invalid IP address %q", s)
+	case a.Zone() != "":
+		return a, fmt.Sprintf("IP address %q must not have a zone", s)
+	case a.Is4In6():
+		// Mixing mapped and plain forms would defeat family checks and
+		// duplicate detection.
+		return a, fmt.Sprintf("IPv4-mapped address %q: write it as %s", s, a.Unmap())
+	case a.IsUnspecified():
+		return a, fmt.Sprintf("IP address %q must not be unspecified", s)
+	case a.IsMulticast():
+		return a, fmt.Sprintf("IP address %q must not be multicast", s)
+	}
+	return a, ""
+}
+
+func family(a netip.Addr) string {
+	if a.Is4() {
+		return "IPv4"
+	}
+	return "IPv6"
+}
+
+func isPrime(n int) bool {
+	if n < 2 {
+		return false
+	}
+	if n%2 == 0 {
+		return n == 2
+	}
+	for d := 3; d*d <= n; d += 2 {
+		if n%d == 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// nearestPrimes returns the closest primes below and above n within the
+// allowed ring size range, so the error message can suggest a fix.
+func nearestPrimes(n int) (lo, hi int) {
+	lo, hi = minRingSize, maxRingSize
+	for i := n - 1; i >= minRingSize; i-- {
+		if isPrime(i) {
+			lo = i
+			break
+		}
+	}
+	for i := n + 1; i <= maxRingSize; i++ {
+		if isPrime(i) {
+			hi = i
+			break
+		}
+	}
+	return lo, hi
+}
+
+func isPoolName(s string) bool {
+	if len(s) == 0 || len(s) > maxPoolNameLen {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '-' || r == '_') {
+			return false
+		}
+	}
+	return true
+}
+
+// checkIfName mirrors the kernel's dev_valid_name.
+func checkIfName(s string) string {
+	switch {
+	case s == "":
+		return "interface name must not be empty"
+	case len(s) > maxIfNameLen:
+		return fmt.Sprintf("interface name %q is longer than %d characters", s, maxIfNameLen)
+	case s == "." || s == ".." || strings.ContainsAny(s, "/:") || strings.ContainsFunc(s, isSpaceOrControl):
+		return fmt.Sprintf("invalid interface name %q", s)
+	}
+	return ""
+}
+
+// isHostname reports whether s is a DNS name (letters, digits, '-' and '_'
+// in dot-separated labels of 1 to 63 characters). Underscores are accepted
+// because they are common in internal names.
+func isHostname(s string) bool {
+	s = strings.TrimSuffix(s, ".")
+	if s == "" || len(s) > 253 {
+		return false
+	}
+	for label := range strings.SplitSeq(s, ".") {
+		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+		for _, r := range label {
+			if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_') {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+func isSpaceOrControl(r rune) bool {
+	return r <= ' ' || r == 0x7f
+}

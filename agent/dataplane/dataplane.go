@@ -1,0 +1,325 @@
+package dataplane
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+)
+
+// DefaultPinPath is where the maps and XDP links live between agent runs.
+const DefaultPinPath = "/sys/fs/bpf/veloflux"
+
+// Defaults mirror bpf/include/vf_types.h.
+const (
+	DefaultMaxVIPs       = 4096
+	DefaultMaxReals      = 16384
+	DefaultRingSize      = 65537
+	DefaultConntrackSize = 1 << 20
+)
+
+// linkPinPrefix names pinned XDP links: link_xdp_<ifname>.
+const linkPinPrefix = "link_xdp_"
+
+// XDPMode selects how the program is attached.
+type XDPMode string
+
+const (
+	XDPAuto    XDPMode = "auto"    // let the kernel pick: native when the driver supports it
+	XDPNative  XDPMode = "native"  // driver mode; fails if the driver lacks XDP
+	XDPGeneric XDPMode = "generic" // skb mode; works everywhere, slower
+)
+
+func (m XDPMode) flags() (link.XDPAttachFlags, error) {
+	switch m {
+	case XDPAuto, "":
+		return 0, nil
+	case XDPNative:
+		return link.XDPDriverMode, nil
+	case XDPGeneric:
+		return link.XDPGenericMode, nil
+	}
+	return 0, fmt.Errorf("xdp mode %q: want auto, native or generic", string(m))
+}
+
+// Options size the maps. A size only takes effect when the maps are created;
+// pinned maps of another size are refused rather than silently reused.
+type Options struct {
+	PinPath       string // "" = no pinning (tests, benchmarks)
+	MaxVIPs       uint32
+	MaxReals      uint32
+	RingSize      uint32 // must be prime; agent/maglev builds the rings
+	ConntrackSize uint32
+}
+
+func (o *Options) applyDefaults() {
+	if o.MaxVIPs == 0 {
+		o.MaxVIPs = DefaultMaxVIPs
+	}
+	if o.MaxReals == 0 {
+		o.MaxReals = DefaultMaxReals
+	}
+	if o.RingSize == 0 {
+		o.RingSize = DefaultRingSize
+	}
+	if o.ConntrackSize == 0 {
+		o.ConntrackSize = DefaultConntrackSize
+	}
+}
+
+// Dataplane is a loaded balancer: its program, its maps and its links.
+type Dataplane struct {
+	opts  Options
+	objs  balancerObjects
+	inner *ebpf.MapSpec // template for new rings
+
+	mu    sync.Mutex
+	links map[string]link.Link // by interface name
+}
+
+// Load loads the balancer. With a pin path, maps already pinned there are
+// reused (with their contents), so a restarted agent keeps every flow.
+func Load(opts Options) (*Dataplane, error) {
+	opts.applyDefaults()
+	spec, err := loadBalancer()
+	if err != nil {
+		return nil, fmt.Errorf("parse embedded balancer object: %w", err)
+	}
+	sizes := map[string]uint32{
+		"vf_vips":       opts.MaxVIPs,
+		"vf_rings":      opts.MaxVIPs,
+		"vf_stats_vip":  opts.MaxVIPs,
+		"vf_reals":      opts.MaxReals,
+		"vf_stats_real": opts.MaxReals,
+		"vf_conntrack":  opts.ConntrackSize,
+	}
+	for name, size := range sizes {
+		spec.Maps[name].MaxEntries = size
+	}
+	inner := spec.Maps["vf_rings"].InnerMap
+	inner.MaxEntries = opts.RingSize
+
+	mapOpts := ebpf.MapOptions{PinPath: opts.PinPath}
+	if opts.PinPath == "" {
+		for _, m := range spec.Maps {
+			m.Pinning = ebpf.PinNone
+		}
+	} else if err := os.MkdirAll(opts.PinPath, 0o700); err != nil {
+		return nil, fmt.Errorf("create pin directory %s: %w", opts.PinPath, err)
+	}
+
+	d := &Dataplane{opts: opts, inner: inner.Copy(), links: map[string]link.Link{}}
+	err = spec.LoadAndAssign(&d.objs, &ebpf.CollectionOptions{Maps: mapOpts})
+	if errors.Is(err, ebpf.ErrMapIncompatible) {
+		return nil, fmt.Errorf("maps pinned under %s were created with other sizes than configured "+
+			"(keep the old sizes or run `veloflux detach` first): %w", opts.PinPath, err)
+	}
+	if err != nil {
+		var verr *ebpf.VerifierError
+		if errors.As(err, &verr) {
+			return nil, fmt.Errorf("load balancer program: %+v", verr)
+		}
+		return nil, fmt.Errorf("load balancer objects: %w", err)
+	}
+	if err := d.checkRingSize(); err != nil {
+		d.objs.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+// checkRingSize refuses pinned rings of another size: the kernel does not
+// compare inner map sizes, and the program indexes with settings.ring_size.
+func (d *Dataplane) checkRingSize() error {
+	s, err := d.readSettings()
+	if err != nil {
+		return err
+	}
+	if s.RingSize != 0 && s.RingSize != d.opts.RingSize {
+		return fmt.Errorf("rings pinned under %s have %d slots, configured ring size is %d "+
+			"(keep %d or run `veloflux detach` first)", d.opts.PinPath, s.RingSize, d.opts.RingSize, s.RingSize)
+	}
+	if s.RingSize == 0 {
+		s.RingSize = d.opts.RingSize
+		return d.writeSettings(s)
+	}
+	return nil
+}
+
+// RingSize is the number of slots in every ring.
+func (d *Dataplane) RingSize() uint32 { return d.opts.RingSize }
+
+// MaxVIPs is the number of VIP ids available.
+func (d *Dataplane) MaxVIPs() uint32 { return d.opts.MaxVIPs }
+
+// MaxReals is the number of real ids available (id 0 is reserved).
+func (d *Dataplane) MaxReals() uint32 { return d.opts.MaxReals }
+
+// ProgramID is the kernel's id of the loaded balancer program.
+func (d *Dataplane) ProgramID() (uint32, error) {
+	info, err := d.objs.VfBalancer.Info()
+	if err != nil {
+		return 0, fmt.Errorf("read balancer program info: %w", err)
+	}
+	id, _ := info.ID()
+	return uint32(id), nil
+}
+
+func (d *Dataplane) linkPin(ifname string) string {
+	return filepath.Join(d.opts.PinPath, linkPinPrefix+ifname)
+}
+
+// Attach puts the balancer on an interface. If a link is already pinned for
+// it (a previous agent), the program is swapped on that live link, so there
+// is no moment without a program and the maps stay as they are.
+func (d *Dataplane) Attach(ifname string, mode XDPMode) error {
+	flags, err := mode.flags()
+	if err != nil {
+		return err
+	}
+	iface, err := net.InterfaceByName(ifname)
+	if err != nil {
+		return fmt.Errorf("attach to %q: %w", ifname, err)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if old, ok := d.links[ifname]; ok {
+		if err := old.Update(d.objs.VfBalancer); err != nil {
+			return fmt.Errorf("replace program on %s: %w", ifname, err)
+		}
+		return nil
+	}
+	if d.opts.PinPath != "" {
+		pinned, err := link.LoadPinnedLink(d.linkPin(ifname), nil)
+		if err == nil {
+			if err := pinned.Update(d.objs.VfBalancer); err != nil {
+				pinned.Close()
+				return fmt.Errorf("replace program on pinned link %s: %w", d.linkPin(ifname), err)
+			}
+			d.links[ifname] = pinned
+			return nil
+		}
+		if !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("open pinned link %s: %w", d.linkPin(ifname), err)
+		}
+	}
+	l, err := link.AttachXDP(link.XDPOptions{Program: d.objs.VfBalancer, Interface: iface.Index, Flags: flags})
+	if err != nil {
+		return fmt.Errorf("attach XDP (%s) to %s: %w", mode, ifname, err)
+	}
+	if d.opts.PinPath != "" {
+		if err := l.Pin(d.linkPin(ifname)); err != nil {
+			l.Close()
+			return fmt.Errorf("pin XDP link of %s: %w", ifname, err)
+		}
+	}
+	d.links[ifname] = l
+	return nil
+}
+
+// Attached lists the interfaces this Dataplane holds a link for.
+func (d *Dataplane) Attached() []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	names := make([]string, 0, len(d.links))
+	for name := range d.links {
+		names = append(names, name)
+	}
+	return names
+}
+
+// AdoptPinnedLinks opens every link pinned under the pin path, so that a new
+// agent knows which interfaces a previous one served. It does not touch the
+// program on them; Attach does that.
+func (d *Dataplane) AdoptPinnedLinks() ([]string, error) {
+	if d.opts.PinPath == "" {
+		return nil, nil
+	}
+	entries, err := os.ReadDir(d.opts.PinPath)
+	if err != nil {
+		return nil, fmt.Errorf("list pins in %s: %w", d.opts.PinPath, err)
+	}
+	var names []string
+	for _, e := range entries {
+		ifname, ok := strings.CutPrefix(e.Name(), linkPinPrefix)
+		if ok {
+			names = append(names, ifname)
+		}
+	}
+	return names, nil
+}
+
+// Detach removes the balancer from an interface, pinned link included.
+func (d *Dataplane) Detach(ifname string) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	l, ok := d.links[ifname]
+	if !ok {
+		if d.opts.PinPath == "" {
+			return fmt.Errorf("detach %s: not attached", ifname)
+		}
+		var err error
+		if l, err = link.LoadPinnedLink(d.linkPin(ifname), nil); err != nil {
+			return fmt.Errorf("detach %s: %w", ifname, err)
+		}
+	}
+	delete(d.links, ifname)
+	if d.opts.PinPath != "" {
+		if err := l.Unpin(); err != nil {
+			l.Close()
+			return fmt.Errorf("unpin XDP link of %s: %w", ifname, err)
+		}
+	}
+	return l.Close()
+}
+
+// Close releases this process's handles. Pinned links and maps stay, so
+// forwarding continues while no agent runs.
+func (d *Dataplane) Close() error {
+	d.mu.Lock()
+	var errs []error
+	for name, l := range d.links {
+		if err := l.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close link of %s: %w", name, err))
+		}
+	}
+	d.links = map[string]link.Link{}
+	d.mu.Unlock()
+	if err := d.objs.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("close balancer objects: %w", err))
+	}
+	return errors.Join(errs...)
+}
+
+// RemovePins detaches every pinned XDP link and deletes every pinned map
+// under pinPath. It needs no loaded Dataplane, so it works after a crash.
+func RemovePins(pinPath string) error {
+	if pinPath == "" || pinPath == "/" {
+		return fmt.Errorf("refusing to remove pins under %q", pinPath)
+	}
+	entries, err := os.ReadDir(pinPath)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("list pins in %s: %w", pinPath, err)
+	}
+	var errs []error
+	for _, e := range entries {
+		// Unlinking a link's last pin destroys the link, which detaches
+		// the program from its interface.
+		if err := os.Remove(filepath.Join(pinPath, e.Name())); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := os.Remove(pinPath); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}

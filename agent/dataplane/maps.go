@@ -1,0 +1,479 @@
+package dataplane
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/ringbuf"
+)
+
+func vipKey(v VIP) (balancerVfVipKey, error) {
+	if !v.Addr.IsValid() {
+		return balancerVfVipKey{}, fmt.Errorf("VIP %v: invalid address", v)
+	}
+	if v.Proto != ProtoTCP && v.Proto != ProtoUDP {
+		return balancerVfVipKey{}, fmt.Errorf("VIP %v: protocol must be tcp or udp", v)
+	}
+	words, family := addrWords(v.Addr.Unmap())
+	return balancerVfVipKey{Addr: words, Port: htons(v.Port), Proto: uint8(v.Proto), Family: family}, nil
+}
+
+// SetVIP creates or updates a VIP.
+func (d *Dataplane) SetVIP(v VIP, meta VIPMeta) error {
+	key, err := vipKey(v)
+	if err != nil {
+		return err
+	}
+	if meta.ID >= d.opts.MaxVIPs {
+		return fmt.Errorf("VIP %v: id %d out of range [0,%d)", v, meta.ID, d.opts.MaxVIPs)
+	}
+	if meta.Mode != ModeDSR && meta.Mode != ModeIPIP {
+		return fmt.Errorf("VIP %v: unknown mode %v", v, meta.Mode)
+	}
+	val := balancerVfVipMeta{VipId: meta.ID, Mode: balancerVfMode(meta.Mode)}
+	if meta.SourceAffinity {
+		val.Flags |= 1 // VF_VIP_F_SRC_AFFINITY
+	}
+	if err := d.objs.VfVips.Put(&key, &val); err != nil {
+		return fmt.Errorf("write VIP %v: %w", v, err)
+	}
+	return nil
+}
+
+// DeleteVIP removes a VIP; a missing VIP is not an error.
+func (d *Dataplane) DeleteVIP(v VIP) error {
+	key, err := vipKey(v)
+	if err != nil {
+		return err
+	}
+	if err := d.objs.VfVips.Delete(&key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete VIP %v: %w", v, err)
+	}
+	return nil
+}
+
+// VIPs returns every VIP in the map.
+func (d *Dataplane) VIPs() (map[VIP]VIPMeta, error) {
+	out := map[VIP]VIPMeta{}
+	var key balancerVfVipKey
+	var val balancerVfVipMeta
+	it := d.objs.VfVips.Iterate()
+	for it.Next(&key, &val) {
+		v := VIP{Addr: wordsAddr(key.Addr, key.Family), Port: ntohs(key.Port), Proto: Protocol(key.Proto)}
+		out[v] = VIPMeta{ID: val.VipId, Mode: Mode(val.Mode), SourceAffinity: val.Flags&1 != 0}
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("iterate VIPs: %w", err)
+	}
+	return out, nil
+}
+
+// SetReal writes a real under its id. Ids are stable for a real's lifetime,
+// because conntrack remembers flows by id.
+func (d *Dataplane) SetReal(id uint32, r Real) error {
+	if id == 0 || id >= d.opts.MaxReals {
+		return fmt.Errorf("real %v: id %d out of range [1,%d)", r.Addr, id, d.opts.MaxReals)
+	}
+	if !r.Addr.IsValid() {
+		return fmt.Errorf("real %d: invalid address", id)
+	}
+	mac, err := macBytes(r.MAC)
+	if err != nil {
+		return fmt.Errorf("real %v: %w", r.Addr, err)
+	}
+	words, family := addrWords(r.Addr.Unmap())
+	val := balancerVfReal{Addr: words, Mac: mac, Family: family, State: balancerVfRealState(r.State)}
+	if err := d.objs.VfReals.Put(id, &val); err != nil {
+		return fmt.Errorf("write real %d (%v): %w", id, r.Addr, err)
+	}
+	return nil
+}
+
+// DeleteReal frees an id. Conntrack entries still naming it re-select.
+func (d *Dataplane) DeleteReal(id uint32) error {
+	if id == 0 || id >= d.opts.MaxReals {
+		return fmt.Errorf("real id %d out of range [1,%d)", id, d.opts.MaxReals)
+	}
+	if err := d.objs.VfReals.Put(id, &balancerVfReal{}); err != nil {
+		return fmt.Errorf("clear real %d: %w", id, err)
+	}
+	return nil
+}
+
+// Reals returns every used real id.
+func (d *Dataplane) Reals() (map[uint32]Real, error) {
+	out := map[uint32]Real{}
+	var id uint32
+	var val balancerVfReal
+	it := d.objs.VfReals.Iterate()
+	for it.Next(&id, &val) {
+		if val.Family == 0 {
+			continue
+		}
+		r := Real{Addr: wordsAddr(val.Addr, val.Family), State: RealState(val.State)}
+		if val.Mac != [6]uint8{} {
+			r.MAC = append([]byte(nil), val.Mac[:]...)
+		}
+		out[id] = r
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("iterate reals: %w", err)
+	}
+	return out, nil
+}
+
+// SetRing installs a VIP's Maglev ring. The ring is written into a fresh
+// inner map and swapped in with one update of the outer map, so the data
+// path sees either the whole old ring or the whole new one.
+func (d *Dataplane) SetRing(vipID uint32, ring []uint32) error {
+	if uint32(len(ring)) != d.opts.RingSize {
+		return fmt.Errorf("ring of VIP %d has %d slots, want %d", vipID, len(ring), d.opts.RingSize)
+	}
+	if vipID >= d.opts.MaxVIPs {
+		return fmt.Errorf("ring: VIP id %d out of range [0,%d)", vipID, d.opts.MaxVIPs)
+	}
+	inner, err := ebpf.NewMap(d.inner)
+	if err != nil {
+		return fmt.Errorf("create ring for VIP %d: %w", vipID, err)
+	}
+	defer inner.Close() // the outer map keeps its own reference
+	keys := make([]uint32, len(ring))
+	for i := range keys {
+		keys[i] = uint32(i)
+	}
+	if _, err := inner.BatchUpdate(keys, ring, nil); err != nil {
+		return fmt.Errorf("fill ring for VIP %d: %w", vipID, err)
+	}
+	if err := d.objs.VfRings.Put(vipID, inner); err != nil {
+		return fmt.Errorf("install ring for VIP %d: %w", vipID, err)
+	}
+	return nil
+}
+
+// Ring reads a VIP's installed ring, or nil when it has none.
+func (d *Dataplane) Ring(vipID uint32) ([]uint32, error) {
+	var innerID ebpf.MapID
+	if err := d.objs.VfRings.Lookup(vipID, &innerID); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("look up ring of VIP %d: %w", vipID, err)
+	}
+	inner, err := ebpf.NewMapFromID(innerID)
+	if err != nil {
+		return nil, fmt.Errorf("open ring of VIP %d: %w", vipID, err)
+	}
+	defer inner.Close()
+	ring := make([]uint32, d.opts.RingSize)
+	var cursor ebpf.MapBatchCursor
+	keys := make([]uint32, len(ring))
+	n, err := inner.BatchLookup(&cursor, keys, ring, nil)
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil, fmt.Errorf("read ring of VIP %d: %w", vipID, err)
+	}
+	return ring[:n], nil
+}
+
+// DeleteRing removes a VIP's ring; its packets then drop as "no real".
+func (d *Dataplane) DeleteRing(vipID uint32) error {
+	if err := d.objs.VfRings.Delete(vipID); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete ring of VIP %d: %w", vipID, err)
+	}
+	return nil
+}
+
+func (d *Dataplane) readSettings() (balancerVfSettings, error) {
+	var s balancerVfSettings
+	if err := d.objs.VfConfig.Lookup(uint32(0), &s); err != nil {
+		return s, fmt.Errorf("read settings: %w", err)
+	}
+	return s, nil
+}
+
+func (d *Dataplane) writeSettings(s balancerVfSettings) error {
+	if err := d.objs.VfConfig.Put(uint32(0), &s); err != nil {
+		return fmt.Errorf("write settings: %w", err)
+	}
+	return nil
+}
+
+// SetSettings writes the global knobs. The ring size and the denylist flags
+// are owned by this package and kept as they are.
+func (d *Dataplane) SetSettings(in Settings) error {
+	cur, err := d.readSettings()
+	if err != nil {
+		return err
+	}
+	next := balancerVfSettings{
+		RingSize:         d.opts.RingSize,
+		EventSampleEvery: in.EventSampleEvery,
+		Deny4Active:      cur.Deny4Active,
+		Deny6Active:      cur.Deny6Active,
+		TcpTimeoutNs:     in.TCPIdleTimeoutNs,
+		UdpTimeoutNs:     in.UDPIdleTimeoutNs,
+	}
+	if in.UseFIB {
+		next.UseFib = 1
+	}
+	if next.IfMac, err = macBytes(in.InterfaceMAC); err != nil {
+		return fmt.Errorf("interface MAC: %w", err)
+	}
+	if next.GwMac, err = macBytes(in.GatewayMAC); err != nil {
+		return fmt.Errorf("gateway MAC: %w", err)
+	}
+	if in.EncapSource4.IsValid() {
+		if !in.EncapSource4.Is4() {
+			return fmt.Errorf("encap source v4 %v is not IPv4", in.EncapSource4)
+		}
+		w, _ := addrWords(in.EncapSource4)
+		next.EncapSrc4 = w[0]
+	}
+	if in.EncapSource6.IsValid() {
+		if !in.EncapSource6.Is6() || in.EncapSource6.Is4In6() {
+			return fmt.Errorf("encap source v6 %v is not IPv6", in.EncapSource6)
+		}
+		next.EncapSrc6, _ = addrWords(in.EncapSource6)
+	}
+	return d.writeSettings(next)
+}
+
+// Settings reads the global knobs back.
+func (d *Dataplane) Settings() (Settings, error) {
+	s, err := d.readSettings()
+	if err != nil {
+		return Settings{}, err
+	}
+	out := Settings{
+		UseFIB:           s.UseFib != 0,
+		TCPIdleTimeoutNs: s.TcpTimeoutNs,
+		UDPIdleTimeoutNs: s.UdpTimeoutNs,
+		EventSampleEvery: s.EventSampleEvery,
+	}
+	if s.IfMac != [6]uint8{} {
+		out.InterfaceMAC = append([]byte(nil), s.IfMac[:]...)
+	}
+	if s.GwMac != [6]uint8{} {
+		out.GatewayMAC = append([]byte(nil), s.GwMac[:]...)
+	}
+	if s.EncapSrc4 != 0 {
+		out.EncapSource4 = wordsAddr([4]uint32{s.EncapSrc4}, afInet)
+	}
+	if s.EncapSrc6 != [4]uint32{} {
+		out.EncapSource6 = wordsAddr(s.EncapSrc6, afInet6)
+	}
+	return out, nil
+}
+
+// AddDeny drops every packet from the prefix.
+func (d *Dataplane) AddDeny(p netip.Prefix) error {
+	return d.changeDeny(p, true)
+}
+
+// RemoveDeny lifts a prefix from the denylist; a missing one is not an error.
+func (d *Dataplane) RemoveDeny(p netip.Prefix) error {
+	return d.changeDeny(p, false)
+}
+
+func (d *Dataplane) changeDeny(p netip.Prefix, add bool) error {
+	if !p.IsValid() {
+		return fmt.Errorf("denylist: invalid prefix %v", p)
+	}
+	p = p.Masked()
+	var m *ebpf.Map
+	var key any
+	if p.Addr().Is4() {
+		w, _ := addrWords(p.Addr())
+		m, key = d.objs.VfDeny4, &balancerVfLpm4Key{Prefixlen: uint32(p.Bits()), Addr: w[0]}
+	} else {
+		w, _ := addrWords(p.Addr())
+		m, key = d.objs.VfDeny6, &balancerVfLpm6Key{Prefixlen: uint32(p.Bits()), Addr: w}
+	}
+	if add {
+		if err := m.Put(key, uint32(1)); err != nil {
+			return fmt.Errorf("denylist add %v: %w", p, err)
+		}
+	} else if err := m.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("denylist remove %v: %w", p, err)
+	}
+	return d.refreshDenyFlags()
+}
+
+// refreshDenyFlags lets the data path skip an LPM lookup per packet while a
+// family's denylist is empty.
+func (d *Dataplane) refreshDenyFlags() error {
+	list, err := d.DenyList()
+	if err != nil {
+		return err
+	}
+	s, err := d.readSettings()
+	if err != nil {
+		return err
+	}
+	s.Deny4Active, s.Deny6Active = 0, 0
+	for _, p := range list {
+		if p.Addr().Is4() {
+			s.Deny4Active = 1
+		} else {
+			s.Deny6Active = 1
+		}
+	}
+	return d.writeSettings(s)
+}
+
+// DenyList returns every denied prefix.
+func (d *Dataplane) DenyList() ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	var k4 balancerVfLpm4Key
+	var v uint32
+	it := d.objs.VfDeny4.Iterate()
+	for it.Next(&k4, &v) {
+		a := wordsAddr([4]uint32{k4.Addr}, afInet)
+		out = append(out, netip.PrefixFrom(a, int(k4.Prefixlen)))
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("iterate v4 denylist: %w", err)
+	}
+	var k6 balancerVfLpm6Key
+	it = d.objs.VfDeny6.Iterate()
+	for it.Next(&k6, &v) {
+		out = append(out, netip.PrefixFrom(wordsAddr(k6.Addr, afInet6), int(k6.Prefixlen)))
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("iterate v6 denylist: %w", err)
+	}
+	return out, nil
+}
+
+// VIPStats sums a VIP's per-CPU counters.
+func (d *Dataplane) VIPStats(vipID uint32) (VIPStats, error) {
+	var per []balancerVfVipStats
+	if err := d.objs.VfStatsVip.Lookup(vipID, &per); err != nil {
+		return VIPStats{}, fmt.Errorf("read stats of VIP %d: %w", vipID, err)
+	}
+	var out VIPStats
+	for _, c := range per {
+		out.Packets += c.Packets
+		out.Bytes += c.Bytes
+		out.NewFlows += c.NewFlows
+	}
+	return out, nil
+}
+
+// ResetVIPStats zeroes a VIP id's counters, so a new VIP given a freed id
+// does not inherit its predecessor's totals.
+func (d *Dataplane) ResetVIPStats(vipID uint32) error {
+	zero := make([]balancerVfVipStats, ebpf.MustPossibleCPU())
+	if err := d.objs.VfStatsVip.Put(vipID, zero); err != nil {
+		return fmt.Errorf("reset stats of VIP %d: %w", vipID, err)
+	}
+	return nil
+}
+
+// RealStats sums a real's per-CPU counters.
+func (d *Dataplane) RealStats(realID uint32) (RealStats, error) {
+	var per []balancerVfRealStats
+	if err := d.objs.VfStatsReal.Lookup(realID, &per); err != nil {
+		return RealStats{}, fmt.Errorf("read stats of real %d: %w", realID, err)
+	}
+	var out RealStats
+	for _, c := range per {
+		out.Packets += c.Packets
+		out.Bytes += c.Bytes
+	}
+	return out, nil
+}
+
+// ResetRealStats zeroes a real id's counters before the id is reused.
+func (d *Dataplane) ResetRealStats(realID uint32) error {
+	zero := make([]balancerVfRealStats, ebpf.MustPossibleCPU())
+	if err := d.objs.VfStatsReal.Put(realID, zero); err != nil {
+		return fmt.Errorf("reset stats of real %d: %w", realID, err)
+	}
+	return nil
+}
+
+// Counters sums the per-reason counters over CPUs, indexed by Reason.
+func (d *Dataplane) Counters() ([]Counter, error) {
+	out := make([]Counter, numReasons)
+	var per []balancerVfCounter
+	for i := range out {
+		if err := d.objs.VfCounters.Lookup(uint32(i), &per); err != nil {
+			return nil, fmt.Errorf("read counter %v: %w", Reason(i), err)
+		}
+		for _, c := range per {
+			out[i].Packets += c.Packets
+			out[i].Bytes += c.Bytes
+		}
+	}
+	return out, nil
+}
+
+// Flows returns up to limit conntrack entries (limit <= 0: all of them).
+func (d *Dataplane) Flows(limit int) ([]Flow, error) {
+	var out []Flow
+	var key balancerVfFlowKey
+	var val balancerVfCtEntry
+	it := d.objs.VfConntrack.Iterate()
+	for (limit <= 0 || len(out) < limit) && it.Next(&key, &val) {
+		out = append(out, Flow{
+			Src:        wordsAddr(key.Src, key.Family),
+			Dst:        wordsAddr(key.Dst, key.Family),
+			SrcPort:    ntohs(key.Sport),
+			DstPort:    ntohs(key.Dport),
+			Proto:      Protocol(key.Proto),
+			RealID:     val.RealId,
+			VIPID:      val.VipId,
+			LastSeenNs: val.LastSeenNs,
+		})
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("iterate conntrack: %w", err)
+	}
+	return out, nil
+}
+
+// ReadEvents delivers sampled drop events to fn until ctx ends.
+func (d *Dataplane) ReadEvents(ctx context.Context, fn func(Event)) error {
+	rd, err := ringbuf.NewReader(d.objs.VfEvents)
+	if err != nil {
+		return fmt.Errorf("open event ring buffer: %w", err)
+	}
+	stop := context.AfterFunc(ctx, func() { rd.Close() })
+	defer stop()
+	defer rd.Close()
+	for {
+		rec, err := rd.Read()
+		if errors.Is(err, ringbuf.ErrClosed) {
+			return ctx.Err()
+		}
+		if err != nil {
+			return fmt.Errorf("read event: %w", err)
+		}
+		ev, err := decodeEvent(rec.RawSample)
+		if err != nil {
+			return err
+		}
+		fn(ev)
+	}
+}
+
+func decodeEvent(raw []byte) (Event, error) {
+	var e balancerVfEvent
+	if _, err := binary.Decode(raw, binary.NativeEndian, &e); err != nil {
+		return Event{}, fmt.Errorf("decode event of %d bytes: %w", len(raw), err)
+	}
+	return Event{
+		MonotonicNs: e.TsNs,
+		Reason:      Reason(e.Reason),
+		PacketLen:   e.PktLen,
+		Src:         wordsAddr(e.Src, e.Family),
+		Dst:         wordsAddr(e.Dst, e.Family),
+		SrcPort:     ntohs(e.Sport),
+		DstPort:     ntohs(e.Dport),
+		Proto:       e.Proto,
+	}, nil
+}

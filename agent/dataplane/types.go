@@ -1,0 +1,294 @@
+// Package dataplane loads, attaches, pins and upgrades the XDP balancer and
+// the backend decapsulator, and gives the rest of the agent typed access to
+// their maps. It is the only package that touches cilium/ebpf types; every
+// other package speaks in netip addresses and the types defined here.
+package dataplane
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net"
+	"net/netip"
+)
+
+// Address families as the data path stores them (Linux AF_* values).
+const (
+	afInet  = 2
+	afInet6 = 10
+)
+
+// Protocol is an IP protocol number that a VIP can carry.
+type Protocol uint8
+
+const (
+	ProtoTCP Protocol = 6
+	ProtoUDP Protocol = 17
+)
+
+func (p Protocol) String() string {
+	switch p {
+	case ProtoTCP:
+		return "tcp"
+	case ProtoUDP:
+		return "udp"
+	}
+	return fmt.Sprintf("proto-%d", uint8(p))
+}
+
+// Mode is how a VIP's packets reach its reals.
+type Mode uint32
+
+const (
+	// ModeDSR rewrites the MACs and transmits; the reals hold the VIP on
+	// loopback and answer clients directly.
+	ModeDSR Mode = Mode(balancerVfModeVF_MODE_DSR)
+	// ModeIPIP wraps the packet in an outer IPv4/IPv6 header toward the real.
+	ModeIPIP Mode = Mode(balancerVfModeVF_MODE_IPIP)
+)
+
+func (m Mode) String() string {
+	switch m {
+	case ModeDSR:
+		return "dsr"
+	case ModeIPIP:
+		return "ipip"
+	}
+	return fmt.Sprintf("mode-%d", uint32(m))
+}
+
+// RealState decides whether a real takes new flows and keeps old ones.
+type RealState uint32
+
+const (
+	RealUp       RealState = RealState(balancerVfRealStateVF_REAL_UP)
+	RealDraining RealState = RealState(balancerVfRealStateVF_REAL_DRAINING)
+	RealDown     RealState = RealState(balancerVfRealStateVF_REAL_DOWN)
+)
+
+func (s RealState) String() string {
+	switch s {
+	case RealUp:
+		return "up"
+	case RealDraining:
+		return "draining"
+	case RealDown:
+		return "down"
+	}
+	return fmt.Sprintf("state-%d", uint32(s))
+}
+
+// Reason is why the balancer returned its verdict for a packet. Every packet
+// is counted under exactly one reason.
+type Reason uint32
+
+const (
+	ReasonPassNotIP        Reason = Reason(balancerVfReasonVF_R_PASS_NOT_IP)
+	ReasonPassNotVIP       Reason = Reason(balancerVfReasonVF_R_PASS_NOT_VIP)
+	ReasonPassFragment     Reason = Reason(balancerVfReasonVF_R_PASS_FRAGMENT)
+	ReasonPassUnknownL4    Reason = Reason(balancerVfReasonVF_R_PASS_UNKNOWN_L4)
+	ReasonPassIPv6ExtLimit Reason = Reason(balancerVfReasonVF_R_PASS_IPV6EXT_LIMIT)
+	ReasonPassVLANNested   Reason = Reason(balancerVfReasonVF_R_PASS_VLAN_NESTED)
+	ReasonDropMalformedL2  Reason = Reason(balancerVfReasonVF_R_DROP_MALFORMED_L2)
+	ReasonDropMalformedL3  Reason = Reason(balancerVfReasonVF_R_DROP_MALFORMED_L3)
+	ReasonDropMalformedL4  Reason = Reason(balancerVfReasonVF_R_DROP_MALFORMED_L4)
+	ReasonDropDenylist     Reason = Reason(balancerVfReasonVF_R_DROP_DENYLIST)
+	ReasonDropNoReal       Reason = Reason(balancerVfReasonVF_R_DROP_NO_REAL)
+	ReasonDropNoRoute      Reason = Reason(balancerVfReasonVF_R_DROP_NO_ROUTE)
+	ReasonDropEncap        Reason = Reason(balancerVfReasonVF_R_DROP_ENCAP)
+	ReasonTxDSR            Reason = Reason(balancerVfReasonVF_R_TX_DSR)
+	ReasonTxIPIP           Reason = Reason(balancerVfReasonVF_R_TX_IPIP)
+	numReasons                    = int(balancerVfReasonVF_R_MAX)
+)
+
+var reasonNames = [numReasons]string{
+	ReasonPassNotIP:        "pass_not_ip",
+	ReasonPassNotVIP:       "pass_not_vip",
+	ReasonPassFragment:     "pass_fragment",
+	ReasonPassUnknownL4:    "pass_unknown_l4",
+	ReasonPassIPv6ExtLimit: "pass_ipv6_ext_limit",
+	ReasonPassVLANNested:   "pass_vlan_nested",
+	ReasonDropMalformedL2:  "drop_malformed_l2",
+	ReasonDropMalformedL3:  "drop_malformed_l3",
+	ReasonDropMalformedL4:  "drop_malformed_l4",
+	ReasonDropDenylist:     "drop_denylist",
+	ReasonDropNoReal:       "drop_no_real",
+	ReasonDropNoRoute:      "drop_no_route",
+	ReasonDropEncap:        "drop_encap",
+	ReasonTxDSR:            "tx_dsr",
+	ReasonTxIPIP:           "tx_ipip",
+}
+
+// Reasons lists every reason in counter order.
+func Reasons() []Reason {
+	out := make([]Reason, numReasons)
+	for i := range out {
+		out[i] = Reason(i)
+	}
+	return out
+}
+
+func (r Reason) String() string {
+	if int(r) < numReasons {
+		return reasonNames[r]
+	}
+	return fmt.Sprintf("reason-%d", uint32(r))
+}
+
+// Verdict is the XDP action a reason leads to, as the program returns it.
+type Verdict uint32
+
+const (
+	VerdictAborted Verdict = 0
+	VerdictDrop    Verdict = 1
+	VerdictPass    Verdict = 2
+	VerdictTx      Verdict = 3
+)
+
+func (v Verdict) String() string {
+	switch v {
+	case VerdictAborted:
+		return "aborted"
+	case VerdictDrop:
+		return "drop"
+	case VerdictPass:
+		return "pass"
+	case VerdictTx:
+		return "tx"
+	}
+	return fmt.Sprintf("verdict-%d", uint32(v))
+}
+
+// Verdict mirrors vf_reason_verdict in balancer.bpf.c.
+func (r Reason) Verdict() Verdict {
+	switch {
+	case r == ReasonTxDSR || r == ReasonTxIPIP:
+		return VerdictTx
+	case r >= ReasonDropMalformedL2 && r <= ReasonDropEncap:
+		return VerdictDrop
+	}
+	return VerdictPass
+}
+
+// VIP identifies a virtual service. Port 0 matches every port of the
+// address and protocol that has no entry of its own.
+type VIP struct {
+	Addr  netip.Addr
+	Port  uint16
+	Proto Protocol
+}
+
+func (v VIP) String() string {
+	return fmt.Sprintf("%s/%s", netip.AddrPortFrom(v.Addr, v.Port), v.Proto)
+}
+
+// VIPMeta is what the data path needs to serve a VIP.
+type VIPMeta struct {
+	ID             uint32 // index of its ring and statistics; chosen by the agent
+	Mode           Mode
+	SourceAffinity bool // hash the client address only, not the 5-tuple
+}
+
+// Real is a backend as the data path knows it.
+type Real struct {
+	Addr  netip.Addr
+	MAC   net.HardwareAddr // dsr only: the real's MAC on the attached segment
+	State RealState
+}
+
+// Settings are the data path's global knobs.
+type Settings struct {
+	InterfaceMAC     net.HardwareAddr // source MAC of frames we send; nil = the frame's own destination
+	GatewayMAC       net.HardwareAddr // ipip next hop when FIB lookup is off or fails
+	EncapSource4     netip.Addr       // outer source of IPv4-in-IPv4
+	EncapSource6     netip.Addr       // outer source of IPv6-in-IPv6
+	UseFIB           bool             // ipip: ask the kernel FIB for the next hop first
+	TCPIdleTimeoutNs uint64
+	UDPIdleTimeoutNs uint64
+	EventSampleEvery uint32 // one event per N drops of a reason per CPU; 0 or 1 = all
+}
+
+// VIPStats are a VIP's counters summed over CPUs.
+type VIPStats struct {
+	Packets, Bytes, NewFlows uint64
+}
+
+// RealStats are a real's counters summed over CPUs.
+type RealStats struct {
+	Packets, Bytes uint64
+}
+
+// Counter is one reason's counter summed over CPUs.
+type Counter struct {
+	Packets, Bytes uint64
+}
+
+// Flow is one conntrack entry.
+type Flow struct {
+	Src, Dst         netip.Addr
+	SrcPort, DstPort uint16
+	Proto            Protocol
+	RealID, VIPID    uint32
+	LastSeenNs       uint64 // CLOCK_MONOTONIC (coarse), as the kernel stamped it
+}
+
+// Event is a sampled drop from the ring buffer.
+type Event struct {
+	MonotonicNs      uint64
+	Reason           Reason
+	PacketLen        uint32
+	Src, Dst         netip.Addr
+	SrcPort, DstPort uint16
+	Proto            uint8
+}
+
+// addrWords stores an address the way the data path reads it from the wire:
+// network-order bytes reinterpreted as host-endian words.
+func addrWords(a netip.Addr) (words [4]uint32, family uint8) {
+	if a.Is4() {
+		b := a.As4()
+		words[0] = binary.NativeEndian.Uint32(b[:])
+		return words, afInet
+	}
+	b := a.As16()
+	for i := range words {
+		words[i] = binary.NativeEndian.Uint32(b[i*4:])
+	}
+	return words, afInet6
+}
+
+func wordsAddr(words [4]uint32, family uint8) netip.Addr {
+	switch family {
+	case afInet:
+		var b [4]byte
+		binary.NativeEndian.PutUint32(b[:], words[0])
+		return netip.AddrFrom4(b)
+	case afInet6:
+		var b [16]byte
+		for i, w := range words {
+			binary.NativeEndian.PutUint32(b[i*4:], w)
+		}
+		return netip.AddrFrom16(b)
+	}
+	return netip.Addr{}
+}
+
+// htons gives the host-endian value whose memory holds v in network order,
+// which is how the data path stores ports. It is its own inverse.
+func htons(v uint16) uint16 {
+	var b [2]byte
+	binary.BigEndian.PutUint16(b[:], v)
+	return binary.NativeEndian.Uint16(b[:])
+}
+
+func ntohs(v uint16) uint16 { return htons(v) }
+
+func macBytes(mac net.HardwareAddr) (out [6]uint8, err error) {
+	switch len(mac) {
+	case 0:
+		return out, nil
+	case 6:
+		copy(out[:], mac)
+		return out, nil
+	}
+	return out, fmt.Errorf("MAC %q is not a 6-byte Ethernet address", mac.String())
+}

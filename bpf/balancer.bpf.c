@@ -1,0 +1,567 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * VeloFlux L4 balancer, XDP.
+ *
+ *   parse -> denylist -> VIP -> conntrack -> Maglev -> forward (dsr | ipip)
+ *
+ * Every packet ends under exactly one enum vf_reason, which fixes its verdict
+ * and is counted once in vf_counters. The agent owns every map; this program
+ * only reads them, except conntrack and the per-CPU statistics.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "vf_types.h"
+#include "vf_net.h"
+#include "vf_hash.h"
+#include "vf_parse.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, VF_DEFAULT_MAX_VIPS);
+	__type(key, struct vf_vip_key);
+	__type(value, struct vf_vip_meta);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vf_vips SEC(".maps");
+
+/* One Maglev ring per VIP. The agent builds a new inner map and swaps it in
+ * with a single outer update, so a lookup never sees a half-written ring. */
+struct vf_ring {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, VF_DEFAULT_RING_SIZE);
+	__type(key, __u32);
+	__type(value, __u32);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, VF_DEFAULT_MAX_VIPS);
+	__type(key, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, struct vf_ring);
+} vf_rings SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, VF_DEFAULT_MAX_REALS);
+	__type(key, __u32);
+	__type(value, struct vf_real);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vf_reals SEC(".maps");
+
+/* Per-CPU LRU lists: each CPU evicts from its own list, so new flows on one
+ * CPU do not contend for a global LRU lock. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, VF_DEFAULT_CT_SIZE);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU);
+	__type(key, struct vf_flow_key);
+	__type(value, struct vf_ct_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vf_conntrack SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, VF_DEFAULT_MAX_VIPS);
+	__type(key, __u32);
+	__type(value, struct vf_vip_stats);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vf_stats_vip SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, VF_DEFAULT_MAX_REALS);
+	__type(key, __u32);
+	__type(value, struct vf_real_stats);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vf_stats_real SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, VF_R_MAX);
+	__type(key, __u32);
+	__type(value, struct vf_counter);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vf_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct vf_settings);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vf_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct vf_lpm4_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vf_deny4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct vf_lpm6_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vf_deny6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, VF_EVENTS_BYTES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vf_events SEC(".maps");
+
+/* Gives struct vf_event a BTF entry even though it is only built on the
+ * stack, so bpf2go can export it. Never read. */
+const struct vf_event *vf_unused_event __attribute__((unused));
+
+static __always_inline int vf_reason_verdict(__u32 reason)
+{
+	switch (reason) {
+	case VF_R_TX_DSR:
+	case VF_R_TX_IPIP:
+		return XDP_TX;
+	case VF_R_DROP_MALFORMED_L2:
+	case VF_R_DROP_MALFORMED_L3:
+	case VF_R_DROP_MALFORMED_L4:
+	case VF_R_DROP_DENYLIST:
+	case VF_R_DROP_NO_REAL:
+	case VF_R_DROP_NO_ROUTE:
+	case VF_R_DROP_ENCAP:
+		return XDP_DROP;
+	default:
+		return XDP_PASS;
+	}
+}
+
+static __always_inline int vf_reason_has_event(__u32 reason)
+{
+	return reason == VF_R_DROP_DENYLIST || reason == VF_R_DROP_MALFORMED_L2 ||
+	       reason == VF_R_DROP_MALFORMED_L3 || reason == VF_R_DROP_MALFORMED_L4;
+}
+
+static __always_inline int vf_check_denylist(const struct vf_settings *cfg, const struct vf_pkt *pkt)
+{
+	if (pkt->flow.family == VF_AF_INET) {
+		struct vf_lpm4_key key = { .prefixlen = 32, .addr = pkt->flow.src[0] };
+
+		if (cfg->deny4_active && bpf_map_lookup_elem(&vf_deny4, &key))
+			return VF_R_DROP_DENYLIST;
+		return VF_CONTINUE;
+	}
+	if (cfg->deny6_active) {
+		struct vf_lpm6_key key = { .prefixlen = 128 };
+
+		__builtin_memcpy(key.addr, pkt->flow.src, sizeof(key.addr));
+		if (bpf_map_lookup_elem(&vf_deny6, &key))
+			return VF_R_DROP_DENYLIST;
+	}
+	return VF_CONTINUE;
+}
+
+/* The exact {addr, port, proto} first, then the all-ports entry. */
+static __always_inline struct vf_vip_meta *vf_lookup_vip(const struct vf_pkt *pkt)
+{
+	struct vf_vip_key key = {};
+	struct vf_vip_meta *vip;
+
+	__builtin_memcpy(key.addr, pkt->flow.dst, sizeof(key.addr));
+	key.port = pkt->flow.dport;
+	key.proto = pkt->flow.proto;
+	key.family = pkt->flow.family;
+	vip = bpf_map_lookup_elem(&vf_vips, &key);
+	if (vip)
+		return vip;
+	key.port = 0;
+	return bpf_map_lookup_elem(&vf_vips, &key);
+}
+
+static __always_inline int vf_real_selectable(const struct vf_real *real)
+{
+	return real && real->family != 0 && real->state != VF_REAL_DOWN;
+}
+
+static __always_inline __u64 vf_idle_timeout(const struct vf_settings *cfg, const struct vf_pkt *pkt)
+{
+	return pkt->flow.proto == VF_IPPROTO_UDP ? cfg->udp_timeout_ns : cfg->tcp_timeout_ns;
+}
+
+/* Maglev: the ring slot is picked by a multiply-shift instead of a modulo,
+ * which maps the 32-bit hash uniformly onto [0, ring_size) without a divide. */
+static __always_inline __u32 vf_maglev_pick(const struct vf_settings *cfg,
+					    const struct vf_vip_meta *vip,
+					    const struct vf_pkt *pkt)
+{
+	__u32 vip_id = vip->vip_id;
+	__u32 hash, slot;
+	__u32 *real_id;
+	void *ring;
+
+	ring = bpf_map_lookup_elem(&vf_rings, &vip_id);
+	if (!ring)
+		return 0;
+	if (vip->flags & VF_VIP_F_SRC_AFFINITY)
+		hash = vf_hash_source(&pkt->flow);
+	else
+		hash = vf_hash_flow(&pkt->flow);
+	slot = ((__u64)hash * cfg->ring_size) >> 32;
+	real_id = bpf_map_lookup_elem(ring, &slot);
+	return real_id ? *real_id : 0;
+}
+
+/*
+ * Conntrack first: a live entry keeps its real, even a draining one. A miss,
+ * an idle entry or a real that went down falls through to Maglev, and the
+ * choice is remembered. ICMP errors only read conntrack: they must not create
+ * flows that no client opened.
+ */
+static __always_inline int vf_select_real(const struct vf_settings *cfg,
+					  const struct vf_vip_meta *vip,
+					  struct vf_pkt *pkt, const struct vf_real **out)
+{
+	struct vf_ct_entry *ct, entry = {};
+	const struct vf_real *real;
+	__u64 now = bpf_ktime_get_coarse_ns();
+	__u32 real_id;
+
+	ct = bpf_map_lookup_elem(&vf_conntrack, &pkt->flow);
+	if (ct) {
+		real_id = ct->real_id;
+		real = bpf_map_lookup_elem(&vf_reals, &real_id);
+		if (vf_real_selectable(real) && now - ct->last_seen_ns <= vf_idle_timeout(cfg, pkt)) {
+			if (!pkt->icmp_error && now - ct->last_seen_ns > VF_CT_TOUCH_NS)
+				ct->last_seen_ns = now;
+			pkt->real_id = real_id;
+			*out = real;
+			return VF_CONTINUE;
+		}
+	}
+
+	real_id = vf_maglev_pick(cfg, vip, pkt);
+	if (!real_id)
+		return VF_R_DROP_NO_REAL;
+	real = bpf_map_lookup_elem(&vf_reals, &real_id);
+	if (!vf_real_selectable(real))
+		return VF_R_DROP_NO_REAL;
+
+	if (!pkt->icmp_error) {
+		entry.last_seen_ns = now;
+		entry.real_id = real_id;
+		entry.vip_id = vip->vip_id;
+		bpf_map_update_elem(&vf_conntrack, &pkt->flow, &entry, BPF_ANY);
+		pkt->new_flow = 1;
+	}
+	pkt->real_id = real_id;
+	*out = real;
+	return VF_CONTINUE;
+}
+
+static __always_inline void vf_source_mac(const struct vf_settings *cfg, const struct ethhdr *eth,
+					  __u8 *smac)
+{
+	if (vf_mac_is_zero(cfg->if_mac))
+		__builtin_memcpy(smac, eth->h_dest, VF_ETH_ALEN);
+	else
+		__builtin_memcpy(smac, cfg->if_mac, VF_ETH_ALEN);
+}
+
+/* dsr: the real holds the VIP on loopback, so only the MACs change. */
+static __always_inline int vf_forward_dsr(struct xdp_md *ctx, const struct vf_settings *cfg,
+					  const struct vf_real *real)
+{
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = (void *)(long)ctx->data;
+	__u8 smac[VF_ETH_ALEN];
+
+	if ((void *)(eth + 1) > data_end)
+		return VF_R_DROP_MALFORMED_L2;
+	if (vf_mac_is_zero(real->mac))
+		return VF_R_DROP_NO_ROUTE;
+	vf_source_mac(cfg, eth, smac);
+	__builtin_memcpy(eth->h_source, smac, VF_ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, real->mac, VF_ETH_ALEN);
+	return VF_R_TX_DSR;
+}
+
+/* The MACs for the encapsulated frame: the kernel's FIB and neighbour table
+ * when enabled and the next hop is out of the interface we transmit on,
+ * otherwise the configured gateway. */
+static __always_inline int vf_ipip_nexthop(struct xdp_md *ctx, const struct vf_settings *cfg,
+					   const struct vf_pkt *pkt, const struct vf_real *real,
+					   __u8 *smac, __u8 *dmac)
+{
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = (void *)(long)ctx->data;
+
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	if (cfg->use_fib) {
+		struct bpf_fib_lookup fib = {};
+		__u32 ifindex = ctx->ingress_ifindex;
+
+		fib.family = pkt->flow.family;
+		fib.ifindex = ifindex;
+		if (pkt->flow.family == VF_AF_INET) {
+			fib.l4_protocol = VF_IPPROTO_IPIP;
+			fib.tot_len = pkt->l3_len + VF_IPV4_HDR_LEN;
+			fib.ipv4_src = cfg->encap_src4;
+			fib.ipv4_dst = real->addr[0];
+		} else {
+			fib.l4_protocol = VF_IPPROTO_IPV6;
+			fib.tot_len = pkt->l3_len + VF_IPV6_HDR_LEN;
+			__builtin_memcpy(fib.ipv6_src, cfg->encap_src6, sizeof(fib.ipv6_src));
+			__builtin_memcpy(fib.ipv6_dst, real->addr, sizeof(fib.ipv6_dst));
+		}
+		if (bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) == BPF_FIB_LKUP_RET_SUCCESS &&
+		    fib.ifindex == ifindex) {
+			__builtin_memcpy(smac, fib.smac, VF_ETH_ALEN);
+			__builtin_memcpy(dmac, fib.dmac, VF_ETH_ALEN);
+			return 0;
+		}
+	}
+	if (vf_mac_is_zero(cfg->gw_mac))
+		return -1;
+	vf_source_mac(cfg, eth, smac);
+	__builtin_memcpy(dmac, cfg->gw_mac, VF_ETH_ALEN);
+	return 0;
+}
+
+/*
+ * Grow the frame at the front by outer_len bytes and rebuild the L2 header
+ * (with its VLAN tag, if any) in front of the new outer IP header. Returns
+ * the outer IP header, or NULL when the kernel refused the headroom.
+ */
+static __always_inline void *vf_push_outer(struct xdp_md *ctx, const struct vf_pkt *pkt,
+					   __u32 outer_len, __be16 eth_proto,
+					   const __u8 *smac, const __u8 *dmac)
+{
+	struct vf_vlan_hdr *vlan;
+	struct ethhdr *eth;
+	void *data, *data_end;
+
+	if (bpf_xdp_adjust_head(ctx, -(int)outer_len))
+		return NULL;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return NULL;
+	if (pkt->vlan) {
+		/* The old tag now sits outer_len bytes further on; it does not
+		 * overlap the new one because outer_len >= 20. */
+		struct vf_vlan_hdr *old = data + outer_len + sizeof(struct ethhdr);
+
+		vlan = (void *)(eth + 1);
+		if ((void *)(vlan + 1) > data_end || (void *)(old + 1) > data_end)
+			return NULL;
+		vlan->tci = old->tci;
+		vlan->encap_proto = eth_proto;
+		eth->h_proto = bpf_htons(VF_ETH_P_8021Q);
+		__builtin_memcpy(eth->h_dest, dmac, VF_ETH_ALEN);
+		__builtin_memcpy(eth->h_source, smac, VF_ETH_ALEN);
+		return vlan + 1;
+	}
+	eth->h_proto = eth_proto;
+	__builtin_memcpy(eth->h_dest, dmac, VF_ETH_ALEN);
+	__builtin_memcpy(eth->h_source, smac, VF_ETH_ALEN);
+	return eth + 1;
+}
+
+static __always_inline int vf_encap_ipv4(struct xdp_md *ctx, const struct vf_settings *cfg,
+					 const struct vf_pkt *pkt, const struct vf_real *real,
+					 const __u8 *smac, const __u8 *dmac)
+{
+	__u32 outer_len = pkt->l3_len + VF_IPV4_HDR_LEN;
+	struct iphdr *iph;
+
+	if (!cfg->encap_src4 || outer_len > 0xffff)
+		return VF_R_DROP_ENCAP;
+	iph = vf_push_outer(ctx, pkt, VF_IPV4_HDR_LEN, bpf_htons(VF_ETH_P_IP), smac, dmac);
+	if (!iph || (void *)(iph + 1) > (void *)(long)ctx->data_end)
+		return VF_R_DROP_ENCAP;
+
+	iph->version = 4;
+	iph->ihl = sizeof(*iph) / 4;
+	iph->tos = pkt->tos;
+	iph->tot_len = bpf_htons(outer_len);
+	iph->id = 0;
+	/* RFC 2003: the outer header inherits DF, so PMTU discovery still works. */
+	iph->frag_off = pkt->df ? bpf_htons(VF_IP_DF) : 0;
+	iph->ttl = VF_DEFAULT_TTL;
+	iph->protocol = VF_IPPROTO_IPIP;
+	iph->check = 0;
+	iph->saddr = cfg->encap_src4;
+	iph->daddr = real->addr[0];
+	iph->check = vf_ipv4_hdr_csum(iph);
+	return VF_R_TX_IPIP;
+}
+
+static __always_inline int vf_encap_ipv6(struct xdp_md *ctx, const struct vf_settings *cfg,
+					 const struct vf_pkt *pkt, const struct vf_real *real,
+					 const __u8 *smac, const __u8 *dmac)
+{
+	struct ipv6hdr *ip6;
+
+	if ((cfg->encap_src6[0] | cfg->encap_src6[1] | cfg->encap_src6[2] | cfg->encap_src6[3]) == 0 ||
+	    pkt->l3_len > 0xffff)
+		return VF_R_DROP_ENCAP;
+	ip6 = vf_push_outer(ctx, pkt, VF_IPV6_HDR_LEN, bpf_htons(VF_ETH_P_IPV6), smac, dmac);
+	if (!ip6 || (void *)(ip6 + 1) > (void *)(long)ctx->data_end)
+		return VF_R_DROP_ENCAP;
+
+	ip6->version = 6;
+	ip6->priority = pkt->tos >> 4;
+	ip6->flow_lbl[0] = (pkt->tos & 0x0f) << 4;
+	ip6->flow_lbl[1] = 0;
+	ip6->flow_lbl[2] = 0;
+	ip6->payload_len = bpf_htons(pkt->l3_len);
+	ip6->nexthdr = VF_IPPROTO_IPV6;
+	ip6->hop_limit = VF_DEFAULT_TTL;
+	__builtin_memcpy(&ip6->saddr, cfg->encap_src6, sizeof(ip6->saddr));
+	__builtin_memcpy(&ip6->daddr, real->addr, sizeof(ip6->daddr));
+	return VF_R_TX_IPIP;
+}
+
+/* ipip: IPv4-in-IPv4 or IPv6-in-IPv6 toward the real. */
+static __always_inline int vf_forward_ipip(struct xdp_md *ctx, const struct vf_settings *cfg,
+					   const struct vf_pkt *pkt, const struct vf_real *real)
+{
+	__u8 smac[VF_ETH_ALEN], dmac[VF_ETH_ALEN];
+
+	if (real->family != pkt->flow.family)
+		return VF_R_DROP_ENCAP;
+	if (vf_ipip_nexthop(ctx, cfg, pkt, real, smac, dmac))
+		return VF_R_DROP_NO_ROUTE;
+	if (pkt->flow.family == VF_AF_INET)
+		return vf_encap_ipv4(ctx, cfg, pkt, real, smac, dmac);
+	return vf_encap_ipv6(ctx, cfg, pkt, real, smac, dmac);
+}
+
+static __always_inline int vf_handle(struct xdp_md *ctx, const struct vf_settings *cfg,
+				     struct vf_pkt *pkt)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	const struct vf_real *real = NULL;
+	struct vf_vip_meta *vip;
+	__be16 l3_proto = 0;
+	int ret;
+
+	pkt->frame_len = data_end - data;
+	ret = vf_parse_l2(data, data_end, pkt, &l3_proto);
+	if (ret != VF_CONTINUE)
+		return ret;
+	if (l3_proto == bpf_htons(VF_ETH_P_IP))
+		ret = vf_parse_ipv4(data, data_end, pkt);
+	else if (l3_proto == bpf_htons(VF_ETH_P_IPV6))
+		ret = vf_parse_ipv6(data, data_end, pkt);
+	else
+		return VF_R_PASS_NOT_IP;
+	if (ret != VF_CONTINUE)
+		return ret;
+
+	ret = vf_check_denylist(cfg, pkt);
+	if (ret != VF_CONTINUE)
+		return ret;
+	if (pkt->fragment)
+		return VF_R_PASS_FRAGMENT;
+	if (pkt->ext_limit)
+		return VF_R_PASS_IPV6_EXT_LIMIT;
+
+	ret = vf_parse_l4(data, data_end, pkt);
+	if (ret != VF_CONTINUE)
+		return ret;
+
+	vip = vf_lookup_vip(pkt);
+	if (!vip)
+		return VF_R_PASS_NOT_VIP;
+	pkt->vip_id = vip->vip_id;
+	pkt->vip_matched = 1;
+
+	ret = vf_select_real(cfg, vip, pkt, &real);
+	if (ret != VF_CONTINUE)
+		return ret;
+	if (!real)
+		return VF_R_DROP_NO_REAL;
+
+	if (vip->mode == VF_MODE_DSR)
+		return vf_forward_dsr(ctx, cfg, real);
+	if (vip->mode == VF_MODE_IPIP)
+		return vf_forward_ipip(ctx, cfg, pkt, real);
+	return VF_R_DROP_ENCAP;
+}
+
+static __always_inline void vf_emit_event(const struct vf_pkt *pkt, __u32 reason)
+{
+	struct vf_event *ev = bpf_ringbuf_reserve(&vf_events, sizeof(*ev), 0);
+
+	if (!ev)
+		return;
+	ev->ts_ns = bpf_ktime_get_ns();
+	ev->reason = reason;
+	ev->pkt_len = pkt->frame_len;
+	__builtin_memcpy(ev->src, pkt->flow.src, sizeof(ev->src));
+	__builtin_memcpy(ev->dst, pkt->flow.dst, sizeof(ev->dst));
+	ev->sport = pkt->flow.sport;
+	ev->dport = pkt->flow.dport;
+	ev->proto = pkt->flow.proto;
+	ev->family = pkt->flow.family;
+	ev->pad = 0;
+	bpf_ringbuf_submit(ev, 0);
+}
+
+static __always_inline void vf_account(const struct vf_settings *cfg, const struct vf_pkt *pkt,
+				       __u32 reason)
+{
+	struct vf_counter *counter = bpf_map_lookup_elem(&vf_counters, &reason);
+	__u32 vip_id = pkt->vip_id, real_id = pkt->real_id;
+
+	if (counter) {
+		counter->packets++;
+		counter->bytes += pkt->frame_len;
+		if (vf_reason_has_event(reason) &&
+		    (cfg->event_sample_every <= 1 || counter->packets % cfg->event_sample_every == 0))
+			vf_emit_event(pkt, reason);
+	}
+	if (pkt->vip_matched) {
+		struct vf_vip_stats *vs = bpf_map_lookup_elem(&vf_stats_vip, &vip_id);
+
+		if (vs) {
+			vs->packets++;
+			vs->bytes += pkt->frame_len;
+			vs->new_flows += pkt->new_flow;
+		}
+	}
+	if (reason == VF_R_TX_DSR || reason == VF_R_TX_IPIP) {
+		struct vf_real_stats *rs = bpf_map_lookup_elem(&vf_stats_real, &real_id);
+
+		if (rs) {
+			rs->packets++;
+			rs->bytes += pkt->frame_len;
+		}
+	}
+}
+
+SEC("xdp")
+int vf_balancer(struct xdp_md *ctx)
+{
+	struct vf_pkt pkt = {};
+	const struct vf_settings *cfg;
+	__u32 zero = 0;
+	int reason;
+
+	cfg = bpf_map_lookup_elem(&vf_config, &zero);
+	if (!cfg)
+		return XDP_PASS; /* unreachable: an array always has slot 0 */
+	reason = vf_handle(ctx, cfg, &pkt);
+	vf_account(cfg, &pkt, reason);
+	return vf_reason_verdict(reason);
+}

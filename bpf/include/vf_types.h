@@ -1,0 +1,180 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The map contract between the XDP programs and the Go agent.
+ *
+ * Every type here is exported to Go by `bpf2go -type`, so the layouts are
+ * written with explicit padding: Go must see exactly what the kernel sees.
+ * Addresses are kept in network byte order, as they sit in the packet, so
+ * the data path never converts them. IPv4 uses addr[0] only; the other
+ * words are zero.
+ */
+#ifndef VF_TYPES_H
+#define VF_TYPES_H
+
+/* Defaults for the sizes the agent can override at load time. */
+#define VF_DEFAULT_MAX_VIPS     4096
+#define VF_DEFAULT_MAX_REALS    16384
+#define VF_DEFAULT_RING_SIZE    65537
+#define VF_DEFAULT_CT_SIZE      1048576
+#define VF_EVENTS_BYTES         (256 * 1024)
+#define VF_DECAP_MAX_LOCAL      64
+
+/* How many IPv6 extension headers are walked before giving up (see README). */
+#define VF_IPV6_MAX_EXT_HDRS    4
+
+/* A conntrack hit refreshes last_seen at most this often, so an established
+ * flow does not write to a shared cache line on every packet. */
+#define VF_CT_TOUCH_NS          (1000ULL * 1000 * 1000)
+
+/* Forwarding mode of a VIP. Zero is invalid so a zeroed entry never forwards. */
+enum vf_mode {
+	VF_MODE_INVALID = 0,
+	VF_MODE_DSR     = 1,
+	VF_MODE_IPIP    = 2,
+};
+
+/* Per-VIP behaviour bits in vf_vip_meta.flags. */
+enum vf_vip_flag {
+	VF_VIP_F_SRC_AFFINITY = 1,
+};
+
+/* State of a real. Down reals are never selected; a draining real keeps the
+ * flows conntrack already gave it but is absent from new rings. A zeroed
+ * slot (family 0) is an unused id. */
+enum vf_real_state {
+	VF_REAL_UP       = 0,
+	VF_REAL_DRAINING = 1,
+	VF_REAL_DOWN     = 2,
+};
+
+/*
+ * Why the balancer returned what it returned. Every packet is counted under
+ * exactly one reason, so the counters add up to the packets seen. The
+ * verdict of each reason is fixed (vf_reason_verdict in balancer.bpf.c).
+ */
+enum vf_reason {
+	VF_R_PASS_NOT_IP = 0,       /* not IPv4/IPv6 (ARP, LLDP, ...) */
+	VF_R_PASS_NOT_VIP,          /* IP, but not addressed to a VIP */
+	VF_R_PASS_FRAGMENT,         /* IPv4 or IPv6 fragment */
+	VF_R_PASS_UNKNOWN_L4,       /* L4 protocol other than TCP/UDP/ICMP */
+	VF_R_PASS_IPV6_EXT_LIMIT,   /* more IPv6 extension headers than we walk */
+	VF_R_PASS_VLAN_NESTED,      /* a second VLAN tag (QinQ) */
+	VF_R_DROP_MALFORMED_L2,     /* truncated Ethernet or VLAN header */
+	VF_R_DROP_MALFORMED_L3,     /* truncated or inconsistent IP header */
+	VF_R_DROP_MALFORMED_L4,     /* truncated TCP/UDP/ICMP header */
+	VF_R_DROP_DENYLIST,         /* source address in the denylist */
+	VF_R_DROP_NO_REAL,          /* VIP has no live real */
+	VF_R_DROP_NO_ROUTE,         /* no MAC for the real or the next hop */
+	VF_R_DROP_ENCAP,            /* encapsulation impossible for this packet */
+	VF_R_TX_DSR,                /* forwarded by MAC rewrite */
+	VF_R_TX_IPIP,               /* forwarded inside an IPIP/IP6IP6 header */
+	VF_R_MAX,
+};
+
+struct vf_vip_key {
+	__u32 addr[4];
+	__u16 port;   /* network order; 0 = every port of addr/proto */
+	__u8  proto;  /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8  family; /* AF_INET or AF_INET6 */
+};
+
+struct vf_vip_meta {
+	__u32 vip_id;        /* index into vf_rings and vf_stats_vip */
+	enum vf_mode mode;
+	__u32 flags;         /* enum vf_vip_flag bits */
+};
+
+struct vf_real {
+	__u32 addr[4];
+	__u8  mac[6];        /* dsr: the real's MAC; ipip: unused */
+	__u8  family;
+	__u8  pad;
+	enum vf_real_state state;
+};
+
+struct vf_flow_key {
+	__u32 src[4];
+	__u32 dst[4];
+	__u16 sport;
+	__u16 dport;
+	__u8  proto;
+	__u8  family;
+	__u16 pad;
+};
+
+struct vf_ct_entry {
+	__u64 last_seen_ns;  /* bpf_ktime_get_coarse_ns() */
+	__u32 real_id;
+	__u32 vip_id;
+};
+
+struct vf_vip_stats {
+	__u64 packets;
+	__u64 bytes;
+	__u64 new_flows;
+};
+
+struct vf_real_stats {
+	__u64 packets;
+	__u64 bytes;
+};
+
+struct vf_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+struct vf_settings {
+	__u8  if_mac[6];     /* source MAC for frames we send; zero = reuse the frame's destination */
+	__u8  gw_mac[6];     /* next hop for ipip when bpf_fib_lookup gives nothing */
+	__u32 encap_src4;
+	__u32 encap_src6[4];
+	__u32 ring_size;     /* entries in every inner ring map */
+	__u32 event_sample_every; /* emit one event per N drops of a reason, per CPU; 0 or 1 = all */
+	__u8  use_fib;       /* ipip: ask bpf_fib_lookup for the next hop first */
+	__u8  deny4_active;  /* skip the LPM lookup while the v4 denylist is empty */
+	__u8  deny6_active;
+	__u8  pad[5];
+	__u64 tcp_timeout_ns;
+	__u64 udp_timeout_ns;
+};
+
+struct vf_lpm4_key {
+	__u32 prefixlen;
+	__u32 addr;
+};
+
+struct vf_lpm6_key {
+	__u32 prefixlen;
+	__u32 addr[4];
+};
+
+/* A sampled event on vf_events: denylist and malformed-packet drops. */
+struct vf_event {
+	__u64 ts_ns;
+	enum vf_reason reason;
+	__u32 pkt_len;
+	__u32 src[4];
+	__u32 dst[4];
+	__u16 sport;
+	__u16 dport;
+	__u8  proto;
+	__u8  family;
+	__u16 pad;
+};
+
+/* Outer-header addresses that decap.bpf.c accepts as "addressed to the host". */
+struct vf_local_key {
+	__u32 addr[4];
+	__u32 family;
+};
+
+struct vf_decap_counters {
+	__u64 decap_packets;
+	__u64 decap_bytes;
+	__u64 pass_not_tunnel;
+	__u64 pass_not_local;
+	__u64 drop_malformed;
+};
+
+#endif /* VF_TYPES_H */

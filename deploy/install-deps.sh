@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs the Debian packages a VeloFlux make target needs, and only those
+# that are missing, so repeated runs cost nothing.
+#   deploy/install-deps.sh build|test|demo|bench
+set -euo pipefail
+
+declare -A sets=(
+	[build]="clang-19 llvm-19 libbpf-dev bpftool"
+	[test]="iproute2 ethtool bpftool curl"
+	[demo]="iproute2 ethtool bpftool curl"
+	[bench]="iproute2 ethtool wrk haproxy nftables"
+)
+
+want=()
+for set in "$@"; do
+	pkgs=${sets[$set]:-}
+	if [ -z "$pkgs" ]; then
+		echo "install-deps: unknown set '$set' (want: ${!sets[*]})" >&2
+		exit 2
+	fi
+	for p in $pkgs; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || want+=("$p")
+	done
+done
+[ ${#want[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+	echo "install-deps: missing packages (${want[*]}); run as root to install them" >&2
+	exit 1
+fi
+echo "install-deps: installing ${want[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get install -y --no-install-recommends "${want[@]}" >/dev/null ||
+	{ apt-get update >/dev/null && apt-get install -y --no-install-recommends "${want[@]}" >/dev/null; }

@@ -27,9 +27,10 @@ import (
 	"strings"
 )
 
-// DefaultTableSize is prime (every skip must be coprime with the table size
-// for a permutation to visit every slot) and about 100x the largest expected
-// backend count, which keeps the extra disruption of a change small.
+// DefaultTableSize is prime because every skip must be coprime with the table
+// size for a permutation to visit every slot. Larger tables bring the flows
+// moved by a backend change closer to the 1/N minimum, at the cost of BPF map
+// memory per VIP.
 const DefaultTableSize = 65537
 
 // Backend is one real as seen by the table builder.
@@ -130,37 +131,29 @@ func Build(backends []Backend, m uint32) ([]uint32, error) {
 	}
 
 	// Quotas sum to m, so free slots remain exactly while some backend is
-	// short of its quota, and that backend will reach one: slots never become
-	// free again, so one it passed while full was already taken. Each
-	// backend therefore examines at most m slots, and the loop ends with the
-	// table full. Finished backends are dropped (keeping key order) so that
-	// the long tail of rounds, in which a few backends hunt for the last free
-	// slots, costs only those backends.
+	// short of its quota. Such a backend finds one within a single pass over
+	// its permutation: every slot it passed was either claimed by it or
+	// already taken, and taken slots stay taken, so a fruitless full pass
+	// would mean a full table. The loop therefore ends, with the table full.
+	// Finished backends are dropped (keeping key order) so that the long tail
+	// of rounds, in which a few backends hunt for the last free slots, costs
+	// only those backends.
 	for free := m; free > 0; {
 		finished := false
 		for i := range bs {
 			b := &bs[i]
-			b.credit += b.weight
-			steps := b.credit / unit
-			b.credit %= unit
-			// Locals keep the hot loop in registers.
-			pos, skip, quota, id := b.pos, b.skip, b.quota, b.id
-			for ; steps > 0; steps-- {
-				if table[pos] == 0 {
-					table[pos] = id
+			for b.credit += b.weight; b.credit >= unit; b.credit -= unit {
+				if table[b.pos] == 0 {
+					table[b.pos] = b.id
 					free--
-					if quota--; quota == 0 {
-						finished = true
-						break
-					}
+					b.quota--
 				}
-				if pos >= m-skip {
-					pos -= m - skip
-				} else {
-					pos += skip
+				b.advance(m)
+				if b.quota == 0 {
+					finished = true
+					break
 				}
 			}
-			b.pos, b.quota = pos, quota
 		}
 		if finished {
 			bs = slices.DeleteFunc(bs, func(b backend) bool { return b.quota == 0 })
@@ -190,9 +183,8 @@ func assignQuotas(bs []backend, m uint32) {
 
 	if left > 0 {
 		// The tie hash, not key order, decides among equal remainders, so
-		// whether a backend gets a rounding slot does not depend on where its
-		// key sorts among the others: adding a backend then takes the extra
-		// slot from as few others as possible.
+		// that rounding slots do not systematically go to the keys that sort
+		// first, which already win slots reached in the same round.
 		order := make([]int, len(bs))
 		for i := range order {
 			order[i] = i

@@ -31,8 +31,8 @@ const (
 )
 
 // standardHarness: one real per VIP so the expected output is exact.
-func standardHarness(t *testing.T) *harness {
-	h := newHarness(t, Options{})
+func standardHarness(tb testing.TB) *harness {
+	h := newHarness(tb, Options{})
 	h.real(1, real4a)
 	h.real(2, real4b)
 	h.real(3, real6a)
@@ -192,7 +192,7 @@ func TestPacketRules(t *testing.T) {
 	}
 }
 
-func qinq(t *testing.T, untagged []byte) []byte {
+func qinq(t testing.TB, untagged []byte) []byte {
 	t.Helper()
 	out := append([]byte(nil), untagged[:12]...)
 	out = append(out, 0x88, 0xa8, 0x00, 0x0a, 0x81, 0x00, 0x00, 0x14)
@@ -406,7 +406,7 @@ func TestDenylist(t *testing.T) {
 
 // icmpFragNeeded builds the ICMP error a router sends to the VIP about a
 // reply (VIP -> client) that did not fit the path.
-func icmpFragNeeded(t *testing.T, vip, client string, vipPort, clientPort uint16, proto layers.IPProtocol) []byte {
+func icmpFragNeeded(t testing.TB, vip, client string, vipPort, clientPort uint16, proto layers.IPProtocol) []byte {
 	t.Helper()
 	quoted := pkt{src: vip, dst: client, sport: vipPort, dport: clientPort, proto: proto, tcpFlags: "A", payload: make([]byte, 32)}.l3(t)
 	router := "10.9.9.9"

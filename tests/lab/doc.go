@@ -5,13 +5,13 @@
 //
 // Layout (P is a short unique prefix such as "vf3a9c", X the subnet byte):
 //
-//	                  namespace P-switch
-//	            ┌───────────── bridge Pbr ─────────────┐
-//	          Pcp            Plbp (XDP_PASS)          Pb0p ...
-//	           │               │                        │
-//	   P-client: Pc     P-balancer: Plb            P-backend0: Pb0
-//	   10.X.0.2          10.X.0.1                   10.X.0.10 + VIPs on lo
-//	   fd00:X::2         fd00:X::1                  fd00:X::10
+//	               namespace P-switch
+//	         ┌───────────── bridge Pbr ─────────────┐
+//	       Pcp            Plbp (XDP_PASS)          Pb0p ...
+//	        │               │                        │
+//	P-client: Pc     P-balancer: Plb            P-backend0: Pb0
+//	10.X.0.2          10.X.0.1                   10.X.0.10 + VIPs on lo
+//	fd00:X::2         fd00:X::1                  fd00:X::10
 //
 // The client routes every VIP via the balancer's address, so VIP traffic
 // reaches the balancer's veth (where the XDP program attaches) carrying the

@@ -40,6 +40,10 @@ type Host struct {
 // functions). Sockets created inside fn stay in h's namespace when used
 // from other goroutines afterwards.
 func (h *Host) Do(fn func() error) error {
+	if !h.ns.IsOpen() {
+		// runInNS would otherwise run fn in the caller's namespace.
+		return fmt.Errorf("%s: namespace not open (lab closed?)", h.Name)
+	}
 	if err := runInNS(h.ns, fn); err != nil {
 		return fmt.Errorf("%s: %w", h.Name, err)
 	}

@@ -88,9 +88,9 @@ func New(ctx context.Context, opts Options) (_ *Lab, err error) {
 
 	// The caller's namespace is used for collision checks and, with
 	// BalancerInRoot, hosts the balancer end.
-	rootNS, err := netns.GetFromPath("/proc/self/ns/net")
+	rootNS, err := currentNS()
 	if err != nil {
-		return nil, fmt.Errorf("lab: open own netns: %w", err)
+		return nil, fmt.Errorf("lab: %w", err)
 	}
 	defer rootNS.Close()
 	rootNL, err := netlink.NewHandleAt(rootNS)
@@ -270,8 +270,8 @@ func (l *Lab) newHost(name, nsRole, ifRole string, x byte, hostByte int) *Host {
 func (l *Lab) initNS(h *Host, sysctls [][2]string) error {
 	var err error
 	if h.NetNS == "" {
-		if h.ns, err = netns.GetFromPath("/proc/self/ns/net"); err != nil {
-			return fmt.Errorf("%s: open own netns: %w", h.Name, err)
+		if h.ns, err = currentNS(); err != nil {
+			return fmt.Errorf("%s: %w", h.Name, err)
 		}
 	} else if h.ns, err = createNamedNS(h.NetNS); err != nil {
 		return fmt.Errorf("%s: %w", h.Name, err)
@@ -486,13 +486,23 @@ func Purge(prefix string) error {
 	for _, n := range names {
 		errs = append(errs, deleteNamedNS(n))
 	}
-	links, err := netlink.LinkList() // deliberately the caller's namespace
+	self, err := currentNS()
+	if err != nil {
+		return errors.Join(append(errs, fmt.Errorf("lab: purge: %w", err))...)
+	}
+	defer self.Close()
+	nl, err := netlink.NewHandleAt(self)
+	if err != nil {
+		return errors.Join(append(errs, fmt.Errorf("lab: purge: netlink handle: %w", err))...)
+	}
+	defer nl.Close()
+	links, err := nl.LinkList()
 	if err != nil {
 		errs = append(errs, fmt.Errorf("lab: purge: list links: %w", err))
 	}
 	for _, lk := range links {
 		if strings.HasPrefix(lk.Attrs().Name, prefix) {
-			if err := netlink.LinkDel(lk); err != nil {
+			if err := nl.LinkDel(lk); err != nil {
 				errs = append(errs, fmt.Errorf("lab: purge: delete link %s: %w", lk.Attrs().Name, err))
 			}
 		}

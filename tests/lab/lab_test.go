@@ -2,10 +2,12 @@ package lab
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -18,7 +20,6 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 )
 
 // Documentation-range VIPs: they only ever exist inside lab namespaces.
@@ -68,6 +69,18 @@ func TestLab(t *testing.T) {
 
 	t.Run("Wiring", func(t *testing.T) {
 		checkWiring(t, l)
+	})
+
+	t.Run("Command", func(t *testing.T) {
+		out, err := l.Backends[0].Command(ctx, "ip", "-o", "addr", "show", "dev", "lo").CombinedOutput()
+		if err != nil {
+			t.Fatalf("ip netns exec %s: %v\n%s", l.Backends[0].NetNS, err, out)
+		}
+		for _, v := range l.VIPs {
+			if !strings.Contains(string(out), v.String()+"/") {
+				t.Errorf("VIP %s not on %s lo according to ip:\n%s", v, l.Backends[0].Name, out)
+			}
+		}
 	})
 
 	t.Run("StopStartBackend", func(t *testing.T) {
@@ -144,9 +157,7 @@ const (
 // TestLabFailingTestCleansUp runs a test that builds a lab and then fails
 // (t.Fatal) or panics, in a child process, and checks nothing is left.
 func TestLabFailingTestCleansUp(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root")
-	}
+	RequireRoot(t)
 	t.Parallel()
 	for _, mode := range []string{"fatal", "panic"} {
 		t.Run(mode, func(t *testing.T) {
@@ -273,8 +284,8 @@ func echoTCP(t *testing.T, from *Host, to netip.AddrPort) {
 	}
 }
 
-// echoUDP retries a few times: UDP may lose the first datagram while the
-// neighbour entry is being resolved.
+// echoUDP checks the UDP echo at to answers from the address it was sent to
+// (a connected UDP socket drops anything else).
 func echoUDP(t *testing.T, from *Host, to netip.AddrPort) {
 	t.Helper()
 	c, err := from.DialContext(t.Context(), "udp", to.String())
@@ -282,24 +293,31 @@ func echoUDP(t *testing.T, from *Host, to netip.AddrPort) {
 		t.Fatalf("udp echo %s: %v", to, err)
 	}
 	defer c.Close()
-	msg := []byte("ping " + to.String())
+	if err := udpRoundTrip(c, []byte("ping "+to.String())); err != nil {
+		t.Fatalf("udp echo %s: %v", to, err)
+	}
+}
+
+// udpRoundTrip sends msg and waits for it to come back, a few times: UDP
+// may lose a datagram while a neighbour entry is being resolved.
+func udpRoundTrip(c net.Conn, msg []byte) error {
 	buf := make([]byte, 1500)
 	var lastErr error
 	for range 3 {
 		if _, err := c.Write(msg); err != nil {
-			t.Fatalf("udp echo %s: write: %v", to, err)
+			return fmt.Errorf("write: %w", err)
 		}
-		c.SetReadDeadline(time.Now().Add(2 * time.Second))
+		c.SetReadDeadline(time.Now().Add(time.Second))
 		n, err := c.Read(buf)
 		if err == nil {
-			if got := string(buf[:n]); got != string(msg) {
-				t.Fatalf("udp echo %s: got %q, want %q", to, got, msg)
+			if !bytes.Equal(buf[:n], msg) {
+				return fmt.Errorf("got %q, want %q", buf[:n], msg)
 			}
-			return
+			return nil
 		}
 		lastErr = err
 	}
-	t.Fatalf("udp echo %s: no reply: %v", to, lastErr)
+	return fmt.Errorf("no reply: %w", lastErr)
 }
 
 // balancerRoundTrip listens on the balancer and connects from the client
@@ -458,7 +476,7 @@ func assertNoLeftovers(t *testing.T, prefix string) {
 	} else if strings.Contains(string(out), prefix) {
 		t.Errorf("ip netns list still shows %s:\n%s", prefix, out)
 	}
-	self, err := netns.GetFromPath("/proc/self/ns/net")
+	self, err := currentNS()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -479,3 +497,27 @@ func assertNoLeftovers(t *testing.T, prefix string) {
 	}
 }
 
+// TestNewFailureCleansUp interrupts a build half-way (the context is
+// already cancelled, which New notices after the switch exists) and checks
+// the partial lab is gone; a build that collides with a live lab's prefix
+// must fail without touching that lab.
+func TestNewFailureCleansUp(t *testing.T) {
+	RequireRoot(t)
+	t.Parallel()
+	prefix := fmt.Sprintf("vfy%04x", rand.N(0x10000))
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	_, err := New(ctx, Options{Prefix: prefix, Logger: slog.New(slog.NewTextHandler(t.Output(), nil))})
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("New with cancelled context: %v, want context.Canceled", err)
+	}
+	assertNoLeftovers(t, prefix)
+
+	l := ForTest(t, Options{Backends: 1, Prefix: prefix})
+	if _, err := New(t.Context(), Options{Prefix: prefix}); err == nil {
+		t.Fatal("second lab with the same prefix was built")
+	}
+	if _, err := os.Stat(netnsRunDir + "/" + l.Client.NetNS); err != nil {
+		t.Fatalf("live lab damaged by the refused build: %v", err)
+	}
+}

@@ -20,7 +20,8 @@ import (
 // `ip netns list/exec` see ours.
 const netnsRunDir = "/run/netns"
 
-// runInNS runs fn on a dedicated OS thread switched into ns. A fresh
+// runInNS runs fn on a dedicated OS thread switched into ns (left as is
+// when ns is netns.None(), for fn that switches itself). A fresh
 // goroutine is used so the caller's thread (which may itself be locked)
 // is never touched. If the thread cannot be switched back it is left
 // locked, and the runtime destroys a thread whose goroutine exits while
@@ -42,9 +43,11 @@ func runInNS(ns netns.NsHandle, fn func() error) error {
 			return
 		}
 		defer orig.Close()
-		if err := netns.Set(ns); err != nil {
-			res.err = fmt.Errorf("enter netns %s: %w", ns, err)
-			return
+		if ns.IsOpen() {
+			if err := netns.Set(ns); err != nil {
+				res.err = fmt.Errorf("enter netns %s: %w", ns, err)
+				return
+			}
 		}
 		func() {
 			defer func() { res.panic = recover() }()
@@ -87,24 +90,35 @@ func prepareRunDir() error {
 // createNamedNS creates a network namespace bind-mounted at
 // /run/netns/name and returns an open handle to it.
 func createNamedNS(name string) (netns.NsHandle, error) {
-	type result struct {
-		h   netns.NsHandle
-		err error
+	var created netns.NsHandle
+	err := runInNS(netns.None(), func() error {
+		var err error
+		// NewNamed unshares this (locked) thread into the new namespace;
+		// runInNS switches it back afterwards. Leaving the thread to die
+		// locked instead is not enough: if it is the main thread the
+		// runtime parks it rather than exiting, and /proc/self/ns/net would
+		// then report the new namespace for the whole process.
+		created, err = netns.NewNamed(name)
+		return err
+	})
+	if err != nil {
+		return netns.None(), fmt.Errorf("create netns %q: %w", name, err)
 	}
-	done := make(chan result, 1)
-	go func() {
-		// Unshare moves this thread into the new namespace. The goroutine
-		// exits still locked on purpose so the runtime throws the thread
-		// away instead of restoring it.
-		runtime.LockOSThread()
-		h, err := netns.NewNamed(name)
-		done <- result{h, err}
-	}()
-	res := <-done
-	if res.err != nil {
-		return netns.None(), fmt.Errorf("create netns %q: %w", name, res.err)
+	return created, nil
+}
+
+// currentNS opens the namespace of the calling goroutine's thread, i.e.
+// the process's namespace in any sane program. /proc/self/ns/net is not
+// used: it follows the main thread, which is not necessarily where the
+// caller runs.
+func currentNS() (netns.NsHandle, error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	h, err := netns.Get()
+	if err != nil {
+		return netns.None(), fmt.Errorf("open current netns: %w", err)
 	}
-	return res.h, nil
+	return h, nil
 }
 
 // deleteNamedNS unmounts and removes /run/netns/name. A half-created entry

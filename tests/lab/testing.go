@@ -16,12 +16,7 @@ const RequirePrivEnv = "VELOFLUX_REQUIRE_PRIV"
 // RequirePrivEnv). Unless opts.Logger is set, lab logs go to the test log.
 func ForTest(t testing.TB, opts Options) *Lab {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		if os.Getenv(RequirePrivEnv) == "1" {
-			t.Fatalf("lab needs root (network namespaces, veth, XDP) and %s=1", RequirePrivEnv)
-		}
-		t.Skipf("lab needs root (network namespaces, veth, XDP); set %s=1 to fail instead", RequirePrivEnv)
-	}
+	RequireRoot(t)
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.NewTextHandler(t.Output(), nil))
 	}
@@ -35,4 +30,17 @@ func ForTest(t testing.TB, opts Options) *Lab {
 		}
 	})
 	return l
+}
+
+// RequireRoot skips t unless the process runs as root, or fails it when
+// RequirePrivEnv is "1".
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		return
+	}
+	if os.Getenv(RequirePrivEnv) == "1" {
+		t.Fatalf("needs root (network namespaces, veth, XDP) and %s=1", RequirePrivEnv)
+	}
+	t.Skipf("needs root (network namespaces, veth, XDP); set %s=1 to fail instead", RequirePrivEnv)
 }

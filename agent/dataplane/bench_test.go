@@ -1,0 +1,191 @@
+package dataplane
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/gopacket/gopacket/layers"
+	"github.com/veloflux/veloflux/agent/maglev"
+)
+
+// The per-packet cost is the kernel's own measurement from BPF_PROG_RUN
+// (ARCHITECTURE.md, "Measuring"). Paths that leave the packet as it is run
+// with Repeat; paths that rewrite it (encapsulation) or need a new packet
+// per call (new flows) run many Repeat=1 calls and average the kernel's
+// durations, because a repeated run would process its own output. A trivial
+// XDP_PASS program, measured the same way in the same sub-benchmark, is the
+// floor, and every result is also reported as ns above that floor.
+
+const benchRealsPerVIP = 100
+
+type benchFixture struct {
+	h     *harness
+	floor *ebpf.Program
+	vips  int
+}
+
+func newBenchFixture(b *testing.B, vips int, ctSize uint32, prefill bool) *benchFixture {
+	b.Helper()
+	h := newHarness(b, Options{
+		RingSize:      maglev.DefaultTableSize,
+		ConntrackSize: ctSize,
+		MaxVIPs:       uint32(vips*2 + 8),
+		MaxReals:      uint32(vips*benchRealsPerVIP + 8),
+	})
+	realID := uint32(1)
+	for v := 0; v < vips; v++ {
+		backends := make([]maglev.Backend, benchRealsPerVIP)
+		for r := range backends {
+			addr := netip.AddrFrom4([4]byte{10, byte(1 + v>>8), byte(v), byte(1 + r)})
+			h.must(h.dp.SetReal(realID, Real{Addr: addr, MAC: realMAC(realID), State: RealUp}))
+			backends[r] = maglev.Backend{ID: realID, Key: addr.String(), Weight: 1}
+			realID++
+		}
+		ring, err := maglev.Build(backends, h.dp.RingSize())
+		h.must(err)
+		// VIP v serves dsr on :80 and ipip on :8080 with the same ring.
+		addr := netip.AddrFrom4([4]byte{10, 200, byte(v >> 8), byte(v)})
+		h.must(h.dp.SetRing(uint32(2*v), ring))
+		h.must(h.dp.SetRing(uint32(2*v+1), ring))
+		h.must(h.dp.SetVIP(VIP{addr, 80, ProtoTCP}, VIPMeta{ID: uint32(2 * v), Mode: ModeDSR}))
+		h.must(h.dp.SetVIP(VIP{addr, 8080, ProtoTCP}, VIPMeta{ID: uint32(2*v + 1), Mode: ModeIPIP}))
+	}
+	if prefill {
+		fillConntrack(b, h.dp, int(ctSize))
+	}
+	floor, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:         ebpf.XDP,
+		License:      "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 2), asm.Return()},
+	})
+	h.must(err)
+	b.Cleanup(func() { floor.Close() })
+	return &benchFixture{h: h, floor: floor, vips: vips}
+}
+
+// fillConntrack fills the table with unrelated flows, so lookups walk a
+// full hash table and every new flow evicts.
+func fillConntrack(b *testing.B, dp *Dataplane, n int) {
+	b.Helper()
+	const chunk = 1 << 16
+	rng := rand.New(rand.NewPCG(1, 2))
+	keys := make([]balancerVfFlowKey, 0, chunk)
+	vals := make([]balancerVfCtEntry, 0, chunk)
+	now := uint64(time.Duration(0))
+	for i := 0; i < n; i++ {
+		keys = append(keys, balancerVfFlowKey{
+			Src: [4]uint32{rng.Uint32()}, Dst: [4]uint32{rng.Uint32()},
+			Sport: uint16(rng.Uint32()), Dport: htons(80), Proto: 6, Family: afInet,
+		})
+		vals = append(vals, balancerVfCtEntry{LastSeenNs: now, RealId: 1})
+		if len(keys) == chunk || i == n-1 {
+			if _, err := dp.objs.VfConntrack.BatchUpdate(keys, vals, nil); err != nil {
+				b.Fatalf("prefill conntrack: %v", err)
+			}
+			keys, vals = keys[:0], vals[:0]
+		}
+	}
+}
+
+func (f *benchFixture) vipAddr() string {
+	v := f.vips / 2 // a VIP from the middle of the table
+	return netip.AddrFrom4([4]byte{10, 200, byte(v >> 8), byte(v)}).String()
+}
+
+// repeated measures with Repeat = b.N; singles averages b.N Repeat=1 runs,
+// with next giving the packet of each run.
+func repeated(b *testing.B, prog *ebpf.Program, pkt []byte) float64 {
+	_, d, err := prog.Benchmark(pkt, b.N, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return float64(d.Nanoseconds())
+}
+
+func singles(b *testing.B, prog *ebpf.Program, next func(i int) []byte, wantRet uint32) float64 {
+	var total time.Duration
+	for i := 0; i < b.N; i++ {
+		ret, d, err := prog.Benchmark(next(i), 1, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if wantRet != 0 && ret != wantRet {
+			b.Fatalf("run %d returned %d, want %d", i, ret, wantRet)
+		}
+		total += d
+	}
+	return float64(total.Nanoseconds()) / float64(b.N)
+}
+
+func report(b *testing.B, ns, floor float64) {
+	b.ReportMetric(ns, "ns/pkt")
+	b.ReportMetric(floor, "floor-ns/pkt")
+	b.ReportMetric(ns-floor, "ns-above-floor")
+	b.ReportMetric(0, "ns/op") // wall time per op is syscall overhead, not the program's cost
+}
+
+func BenchmarkXDP(b *testing.B) {
+	requirePrivileged(b)
+	tcp := layers.IPProtocolTCP
+	for _, nVIPs := range []int{1, 1000} {
+		b.Run(fmt.Sprintf("vips=%d/ct=1M", nVIPs), func(b *testing.B) {
+			f := newBenchFixture(b, nVIPs, 1<<20, true)
+			prog := f.h.dp.objs.VfBalancer
+			vip := f.vipAddr()
+			dsr := pkt{src: client4, dst: vip, sport: 33000, dport: 80, proto: tcp, tcpFlags: "A", payload: make([]byte, 64)}.frame(b)
+			ipip := pkt{src: client4, dst: vip, sport: 33001, dport: 8080, proto: tcp, tcpFlags: "A", payload: make([]byte, 64)}.frame(b)
+			nonVIP := pkt{src: client4, dst: "10.250.0.1", sport: 33002, dport: 80, proto: tcp, tcpFlags: "A", payload: make([]byte, 64)}.frame(b)
+			for _, p := range [][]byte{dsr, ipip} { // establish the flows
+				if ret, _, err := prog.Test(p); err != nil || Verdict(ret) != VerdictTx {
+					b.Fatalf("setup packet: verdict %d, %v", ret, err)
+				}
+			}
+
+			b.Run("established-dsr", func(b *testing.B) {
+				floor := repeated(b, f.floor, dsr)
+				report(b, repeated(b, prog, dsr), floor)
+			})
+			b.Run("established-ipip", func(b *testing.B) {
+				same := func(int) []byte { return ipip }
+				floor := singles(b, f.floor, same, 0)
+				report(b, singles(b, prog, same, uint32(VerdictTx)), floor)
+			})
+			b.Run("new-flow", func(b *testing.B) {
+				fresh := newFlowSource(b, vip)
+				floor := singles(b, f.floor, fresh, 0)
+				report(b, singles(b, prog, newFlowSource(b, vip), uint32(VerdictTx)), floor)
+			})
+			b.Run("non-vip", func(b *testing.B) {
+				floor := repeated(b, f.floor, nonVIP)
+				report(b, repeated(b, prog, nonVIP), floor)
+			})
+		})
+	}
+	// Katran's other new-flow figure: a 1k LRU that keeps evicting.
+	b.Run("vips=1/ct=1k/new-flow", func(b *testing.B) {
+		f := newBenchFixture(b, 1, 1024, true)
+		floor := singles(b, f.floor, newFlowSource(b, f.vipAddr()), 0)
+		report(b, singles(b, f.h.dp.objs.VfBalancer, newFlowSource(b, f.vipAddr()), uint32(VerdictTx)), floor)
+	})
+}
+
+// newFlowSource gives a frame of a flow never seen before on every call:
+// the source port changes each time, the source address every 60,000 ports.
+func newFlowSource(b *testing.B, vip string) func(i int) []byte {
+	base := pkt{src: client4, dst: vip, sport: 1024, dport: 80, proto: layers.IPProtocolTCP, tcpFlags: "S"}.frame(b)
+	frame := append([]byte(nil), base...)
+	const ipOff, tcpOff = 14, 14 + 20
+	return func(i int) []byte {
+		port := uint16(1024 + i%60000)
+		frame[ipOff+14] = byte(i / 60000 >> 8) // source address, third octet
+		frame[ipOff+15] = byte(i / 60000)      // source address, last octet
+		frame[tcpOff] = byte(port >> 8)
+		frame[tcpOff+1] = byte(port)
+		return frame
+	}
+}

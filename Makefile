@@ -1,0 +1,62 @@
+# VeloFlux. `sudo make test` on a fresh Debian 12 host installs what it is
+# missing and runs every test; see README.md.
+
+GO        ?= go
+BPFTOOL   ?= bpftool
+FUZZTIME  ?= 30s
+BENCHTIME ?= 200000x
+export GOTOOLCHAIN := local
+
+GENERATED := $(wildcard agent/dataplane/*_bpfel.o agent/dataplane/*_bpfel.go)
+
+.PHONY: all build generate check-generated vmlinux test fuzz bench deps-build deps-test deps-bench clean
+
+all: build
+
+build:
+	$(GO) build -o bin/ ./...
+
+deps-build:
+	deploy/install-deps.sh build
+
+deps-test:
+	deploy/install-deps.sh test
+
+deps-bench:
+	deploy/install-deps.sh bench
+
+# Compile the BPF C and regenerate the Go bindings (committed, so that
+# `go build` needs no clang).
+generate: deps-build
+	cd agent/dataplane && $(GO) generate ./...
+
+# CI: the committed objects must be exactly what `make generate` produces.
+check-generated: generate
+	@git diff --exit-code --stat -- agent/dataplane || \
+		{ echo "generated BPF objects differ from the committed ones: run 'make generate' and commit" >&2; exit 1; }
+	@test -z "$$(git status --porcelain -- agent/dataplane)" || \
+		{ git status --porcelain -- agent/dataplane; echo "untracked generated files" >&2; exit 1; }
+
+# Refresh vmlinux.h from the running kernel's BTF.
+vmlinux: deps-build
+	$(BPFTOOL) btf dump file /sys/kernel/btf/vmlinux format c > vmlinux/vmlinux.h
+
+# Unit tests, BPF tests through BPF_PROG_TEST_RUN, namespace tests, then a
+# bounded fuzz run seeded from the table cases. Privileged parts skip
+# without root unless VELOFLUX_REQUIRE_PRIV=1.
+test: deps-test
+	$(GO) vet ./...
+	$(GO) test -count=1 ./...
+	$(GO) test -count=1 -run '^$$' -fuzz '^FuzzBalancer$$' -fuzztime $(FUZZTIME) ./agent/dataplane
+
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzBalancer$$' -fuzztime 10m ./agent/dataplane
+
+# Per-packet cost of the XDP program (ns above an XDP_PASS floor, measured in
+# the same run) and Maglev rebuild time. Figures go to docs/BENCHMARKS.md.
+bench: deps-test
+	$(GO) test -count=1 -run '^$$' -bench 'BenchmarkXDP' -benchtime $(BENCHTIME) ./agent/dataplane
+	$(GO) test -count=1 -run '^$$' -bench . -benchtime 20x ./agent/maglev
+
+clean:
+	rm -rf bin tests/artifacts

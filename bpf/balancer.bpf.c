@@ -52,8 +52,18 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } vf_reals SEC(".maps");
 
-/* Per-CPU LRU lists: each CPU evicts from its own list, so new flows on one
- * CPU do not contend for a global LRU lock. */
+/* Conntrack, one LRU per family so that IPv4 flows use a 16-byte key. Per-CPU
+ * LRU lists: each CPU evicts from its own list, so new flows on one CPU do
+ * not contend for a global LRU lock. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, VF_DEFAULT_CT_SIZE);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU);
+	__type(key, struct vf_flow4_key);
+	__type(value, struct vf_ct_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vf_ct4 SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, VF_DEFAULT_CT_SIZE);
@@ -61,7 +71,7 @@ struct {
 	__type(key, struct vf_flow_key);
 	__type(value, struct vf_ct_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} vf_conntrack SEC(".maps");
+} vf_ct6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -167,8 +177,10 @@ static __always_inline int vf_check_denylist(const struct vf_settings *cfg, cons
 	return VF_CONTINUE;
 }
 
-/* The exact {addr, port, proto} first, then the all-ports entry. */
-static __always_inline struct vf_vip_meta *vf_lookup_vip(const struct vf_pkt *pkt)
+/* The exact {addr, port, proto} first, then the all-ports entry, which is
+ * only looked for while some VIP has one: non-VIP traffic pays one lookup. */
+static __always_inline struct vf_vip_meta *vf_lookup_vip(const struct vf_settings *cfg,
+							 const struct vf_pkt *pkt)
 {
 	struct vf_vip_key key = {};
 	struct vf_vip_meta *vip;
@@ -178,7 +190,7 @@ static __always_inline struct vf_vip_meta *vf_lookup_vip(const struct vf_pkt *pk
 	key.proto = pkt->flow.proto;
 	key.family = pkt->flow.family;
 	vip = bpf_map_lookup_elem(&vf_vips, &key);
-	if (vip)
+	if (vip || !cfg->wildcard_active)
 		return vip;
 	key.port = 0;
 	return bpf_map_lookup_elem(&vf_vips, &key);
@@ -217,6 +229,32 @@ static __always_inline __u32 vf_maglev_pick(const struct vf_settings *cfg,
 	return real_id ? *real_id : 0;
 }
 
+static __always_inline void vf_flow4_key(const struct vf_pkt *pkt, struct vf_flow4_key *key)
+{
+	key->src = pkt->flow.src[0];
+	key->dst = pkt->flow.dst[0];
+	key->sport = pkt->flow.sport;
+	key->dport = pkt->flow.dport;
+	key->proto = pkt->flow.proto;
+}
+
+static __always_inline struct vf_ct_entry *vf_ct_lookup(const struct vf_pkt *pkt,
+							 struct vf_flow4_key *key4)
+{
+	if (pkt->flow.family == VF_AF_INET)
+		return bpf_map_lookup_elem(&vf_ct4, key4);
+	return bpf_map_lookup_elem(&vf_ct6, &pkt->flow);
+}
+
+static __always_inline void vf_ct_store(const struct vf_pkt *pkt, const struct vf_flow4_key *key4,
+					const struct vf_ct_entry *entry)
+{
+	if (pkt->flow.family == VF_AF_INET)
+		bpf_map_update_elem(&vf_ct4, key4, entry, BPF_ANY);
+	else
+		bpf_map_update_elem(&vf_ct6, &pkt->flow, entry, BPF_ANY);
+}
+
 /*
  * Conntrack first: a live entry keeps its real, even a draining one. A miss,
  * an idle entry or a real that went down falls through to Maglev, and the
@@ -228,11 +266,14 @@ static __always_inline int vf_select_real(const struct vf_settings *cfg,
 					  struct vf_pkt *pkt, const struct vf_real **out)
 {
 	struct vf_ct_entry *ct, entry = {};
+	struct vf_flow4_key key4 = {};
 	const struct vf_real *real;
 	__u64 now = bpf_ktime_get_coarse_ns();
 	__u32 real_id;
 
-	ct = bpf_map_lookup_elem(&vf_conntrack, &pkt->flow);
+	if (pkt->flow.family == VF_AF_INET)
+		vf_flow4_key(pkt, &key4);
+	ct = vf_ct_lookup(pkt, &key4);
 	if (ct) {
 		real_id = ct->real_id;
 		real = bpf_map_lookup_elem(&vf_reals, &real_id);
@@ -256,7 +297,7 @@ static __always_inline int vf_select_real(const struct vf_settings *cfg,
 		entry.last_seen_ns = now;
 		entry.real_id = real_id;
 		entry.vip_id = vip->vip_id;
-		bpf_map_update_elem(&vf_conntrack, &pkt->flow, &entry, BPF_ANY);
+		vf_ct_store(pkt, &key4, &entry);
 		pkt->new_flow = 1;
 	}
 	pkt->real_id = real_id;
@@ -480,7 +521,7 @@ static __always_inline int vf_handle(struct xdp_md *ctx, const struct vf_setting
 	if (ret != VF_CONTINUE)
 		return ret;
 
-	vip = vf_lookup_vip(pkt);
+	vip = vf_lookup_vip(cfg, pkt);
 	if (!vip)
 		return VF_R_PASS_NOT_VIP;
 	pkt->vip_id = vip->vip_id;

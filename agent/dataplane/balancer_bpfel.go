@@ -40,6 +40,16 @@ type balancerVfEvent struct {
 	Pad    uint16
 }
 
+type balancerVfFlow4Key struct {
+	_     structs.HostLayout
+	Src   uint32
+	Dst   uint32
+	Sport uint16
+	Dport uint16
+	Proto uint8
+	Pad   [3]uint8
+}
+
 type balancerVfFlowKey struct {
 	_      structs.HostLayout
 	Src    [4]uint32
@@ -126,7 +136,8 @@ type balancerVfSettings struct {
 	UseFib           uint8
 	Deny4Active      uint8
 	Deny6Active      uint8
-	Pad              [5]uint8
+	WildcardActive   uint8
+	Pad              [4]uint8
 	TcpTimeoutNs     uint64
 	UdpTimeoutNs     uint64
 }
@@ -158,8 +169,9 @@ type balancerVfVipStats struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	balancerMapVfConfig      = "vf_config"
-	balancerMapVfConntrack   = "vf_conntrack"
 	balancerMapVfCounters    = "vf_counters"
+	balancerMapVfCt4         = "vf_ct4"
+	balancerMapVfCt6         = "vf_ct6"
 	balancerMapVfDeny4       = "vf_deny4"
 	balancerMapVfDeny6       = "vf_deny6"
 	balancerMapVfEvents      = "vf_events"
@@ -222,8 +234,9 @@ type balancerProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type balancerMapSpecs struct {
 	VfConfig    *ebpf.MapSpec `ebpf:"vf_config"`
-	VfConntrack *ebpf.MapSpec `ebpf:"vf_conntrack"`
 	VfCounters  *ebpf.MapSpec `ebpf:"vf_counters"`
+	VfCt4       *ebpf.MapSpec `ebpf:"vf_ct4"`
+	VfCt6       *ebpf.MapSpec `ebpf:"vf_ct6"`
 	VfDeny4     *ebpf.MapSpec `ebpf:"vf_deny4"`
 	VfDeny6     *ebpf.MapSpec `ebpf:"vf_deny6"`
 	VfEvents    *ebpf.MapSpec `ebpf:"vf_events"`
@@ -262,8 +275,9 @@ func (o *balancerObjects) Close() error {
 // It can be passed to loadBalancerObjects or ebpf.CollectionSpec.LoadAndAssign.
 type balancerMaps struct {
 	VfConfig    *ebpf.Map `ebpf:"vf_config"`
-	VfConntrack *ebpf.Map `ebpf:"vf_conntrack"`
 	VfCounters  *ebpf.Map `ebpf:"vf_counters"`
+	VfCt4       *ebpf.Map `ebpf:"vf_ct4"`
+	VfCt6       *ebpf.Map `ebpf:"vf_ct6"`
 	VfDeny4     *ebpf.Map `ebpf:"vf_deny4"`
 	VfDeny6     *ebpf.Map `ebpf:"vf_deny6"`
 	VfEvents    *ebpf.Map `ebpf:"vf_events"`
@@ -277,8 +291,9 @@ type balancerMaps struct {
 func (m *balancerMaps) Close() error {
 	return _BalancerClose(
 		m.VfConfig,
-		m.VfConntrack,
 		m.VfCounters,
+		m.VfCt4,
+		m.VfCt6,
 		m.VfDeny4,
 		m.VfDeny6,
 		m.VfEvents,

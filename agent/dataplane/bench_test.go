@@ -74,17 +74,15 @@ func fillConntrack(b *testing.B, dp *Dataplane, n int) {
 	b.Helper()
 	const chunk = 1 << 16
 	rng := rand.New(rand.NewPCG(1, 2))
-	keys := make([]balancerVfFlowKey, 0, chunk)
+	keys := make([]balancerVfFlow4Key, 0, chunk)
 	vals := make([]balancerVfCtEntry, 0, chunk)
-	now := uint64(time.Duration(0))
 	for i := 0; i < n; i++ {
-		keys = append(keys, balancerVfFlowKey{
-			Src: [4]uint32{rng.Uint32()}, Dst: [4]uint32{rng.Uint32()},
-			Sport: uint16(rng.Uint32()), Dport: htons(80), Proto: 6, Family: afInet,
+		keys = append(keys, balancerVfFlow4Key{
+			Src: rng.Uint32(), Dst: rng.Uint32(), Sport: uint16(rng.Uint32()), Dport: htons(80), Proto: 6,
 		})
-		vals = append(vals, balancerVfCtEntry{LastSeenNs: now, RealId: 1})
+		vals = append(vals, balancerVfCtEntry{RealId: 1})
 		if len(keys) == chunk || i == n-1 {
-			if _, err := dp.objs.VfConntrack.BatchUpdate(keys, vals, nil); err != nil {
+			if _, err := dp.objs.VfCt4.BatchUpdate(keys, vals, nil); err != nil {
 				b.Fatalf("prefill conntrack: %v", err)
 			}
 			keys, vals = keys[:0], vals[:0]

@@ -55,7 +55,7 @@ type Options struct {
 	MaxVIPs       uint32
 	MaxReals      uint32
 	RingSize      uint32 // must be prime; agent/maglev builds the rings
-	ConntrackSize uint32
+	ConntrackSize uint32 // flows per address family
 }
 
 func (o *Options) applyDefaults() {
@@ -97,7 +97,8 @@ func Load(opts Options) (*Dataplane, error) {
 		"vf_stats_vip":  opts.MaxVIPs,
 		"vf_reals":      opts.MaxReals,
 		"vf_stats_real": opts.MaxReals,
-		"vf_conntrack":  opts.ConntrackSize,
+		"vf_ct4":        opts.ConntrackSize,
+		"vf_ct6":        opts.ConntrackSize,
 	}
 	for name, size := range sizes {
 		spec.Maps[name].MaxEntries = size

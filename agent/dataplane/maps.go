@@ -41,6 +41,9 @@ func (d *Dataplane) SetVIP(v VIP, meta VIPMeta) error {
 	if err := d.objs.VfVips.Put(&key, &val); err != nil {
 		return fmt.Errorf("write VIP %v: %w", v, err)
 	}
+	if v.Port == 0 {
+		return d.refreshFlags()
+	}
 	return nil
 }
 
@@ -52,6 +55,9 @@ func (d *Dataplane) DeleteVIP(v VIP) error {
 	}
 	if err := d.objs.VfVips.Delete(&key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete VIP %v: %w", v, err)
+	}
+	if v.Port == 0 {
+		return d.refreshFlags()
 	}
 	return nil
 }
@@ -201,7 +207,7 @@ func (d *Dataplane) writeSettings(s balancerVfSettings) error {
 	return nil
 }
 
-// SetSettings writes the global knobs. The ring size and the denylist flags
+// SetSettings writes the global knobs. The ring size and the lookup flags
 // are owned by this package and kept as they are.
 func (d *Dataplane) SetSettings(in Settings) error {
 	cur, err := d.readSettings()
@@ -213,6 +219,7 @@ func (d *Dataplane) SetSettings(in Settings) error {
 		EventSampleEvery: in.EventSampleEvery,
 		Deny4Active:      cur.Deny4Active,
 		Deny6Active:      cur.Deny6Active,
+		WildcardActive:   cur.WildcardActive,
 		TcpTimeoutNs:     in.TCPIdleTimeoutNs,
 		UdpTimeoutNs:     in.UDPIdleTimeoutNs,
 	}
@@ -299,13 +306,18 @@ func (d *Dataplane) changeDeny(p netip.Prefix, add bool) error {
 	} else if err := m.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("denylist remove %v: %w", p, err)
 	}
-	return d.refreshDenyFlags()
+	return d.refreshFlags()
 }
 
-// refreshDenyFlags lets the data path skip an LPM lookup per packet while a
-// family's denylist is empty.
-func (d *Dataplane) refreshDenyFlags() error {
+// refreshFlags derives the settings flags that let the data path skip a
+// lookup per packet: an LPM lookup while a family's denylist is empty, and
+// the all-ports VIP lookup while no VIP has port 0.
+func (d *Dataplane) refreshFlags() error {
 	list, err := d.DenyList()
+	if err != nil {
+		return err
+	}
+	vips, err := d.VIPs()
 	if err != nil {
 		return err
 	}
@@ -313,12 +325,17 @@ func (d *Dataplane) refreshDenyFlags() error {
 	if err != nil {
 		return err
 	}
-	s.Deny4Active, s.Deny6Active = 0, 0
+	s.Deny4Active, s.Deny6Active, s.WildcardActive = 0, 0, 0
 	for _, p := range list {
 		if p.Addr().Is4() {
 			s.Deny4Active = 1
 		} else {
 			s.Deny6Active = 1
+		}
+	}
+	for v := range vips {
+		if v.Port == 0 {
+			s.WildcardActive = 1
 		}
 	}
 	return d.writeSettings(s)
@@ -412,26 +429,34 @@ func (d *Dataplane) Counters() ([]Counter, error) {
 	return out, nil
 }
 
-// Flows returns up to limit conntrack entries (limit <= 0: all of them).
+// Flows returns up to limit conntrack entries, IPv4 first (limit <= 0: all).
 func (d *Dataplane) Flows(limit int) ([]Flow, error) {
 	var out []Flow
-	var key balancerVfFlowKey
+	full := func() bool { return limit > 0 && len(out) >= limit }
 	var val balancerVfCtEntry
-	it := d.objs.VfConntrack.Iterate()
-	for (limit <= 0 || len(out) < limit) && it.Next(&key, &val) {
+	var k4 balancerVfFlow4Key
+	it := d.objs.VfCt4.Iterate()
+	for !full() && it.Next(&k4, &val) {
 		out = append(out, Flow{
-			Src:        wordsAddr(key.Src, key.Family),
-			Dst:        wordsAddr(key.Dst, key.Family),
-			SrcPort:    ntohs(key.Sport),
-			DstPort:    ntohs(key.Dport),
-			Proto:      Protocol(key.Proto),
-			RealID:     val.RealId,
-			VIPID:      val.VipId,
-			LastSeenNs: val.LastSeenNs,
+			Src: wordsAddr([4]uint32{k4.Src}, afInet), Dst: wordsAddr([4]uint32{k4.Dst}, afInet),
+			SrcPort: ntohs(k4.Sport), DstPort: ntohs(k4.Dport), Proto: Protocol(k4.Proto),
+			RealID: val.RealId, VIPID: val.VipId, LastSeenNs: val.LastSeenNs,
 		})
 	}
 	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("iterate conntrack: %w", err)
+		return nil, fmt.Errorf("iterate IPv4 conntrack: %w", err)
+	}
+	var k6 balancerVfFlowKey
+	it = d.objs.VfCt6.Iterate()
+	for !full() && it.Next(&k6, &val) {
+		out = append(out, Flow{
+			Src: wordsAddr(k6.Src, k6.Family), Dst: wordsAddr(k6.Dst, k6.Family),
+			SrcPort: ntohs(k6.Sport), DstPort: ntohs(k6.Dport), Proto: Protocol(k6.Proto),
+			RealID: val.RealId, VIPID: val.VipId, LastSeenNs: val.LastSeenNs,
+		})
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("iterate IPv6 conntrack: %w", err)
 	}
 	return out, nil
 }

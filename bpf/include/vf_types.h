@@ -102,6 +102,17 @@ struct vf_flow_key {
 	__u16 pad;
 };
 
+/* The IPv4 conntrack key: 16 bytes instead of 40, so the hash and the key
+ * compare touch less memory on every packet of the common family. */
+struct vf_flow4_key {
+	__u32 src;
+	__u32 dst;
+	__u16 sport;
+	__u16 dport;
+	__u8  proto;
+	__u8  pad[3];
+};
+
 struct vf_ct_entry {
 	__u64 last_seen_ns;  /* bpf_ktime_get_coarse_ns() */
 	__u32 real_id;
@@ -134,7 +145,8 @@ struct vf_settings {
 	__u8  use_fib;       /* ipip: ask bpf_fib_lookup for the next hop first */
 	__u8  deny4_active;  /* skip the LPM lookup while the v4 denylist is empty */
 	__u8  deny6_active;
-	__u8  pad[5];
+	__u8  wildcard_active; /* some VIP has port 0: a miss needs a second lookup */
+	__u8  pad[4];
 	__u64 tcp_timeout_ns;
 	__u64 udp_timeout_ns;
 };

@@ -1,0 +1,164 @@
+package reconcile
+
+import (
+	"bytes"
+	"fmt"
+	"slices"
+
+	"github.com/veloflux/veloflux/agent/dataplane"
+)
+
+// apply performs the plan's writes in reference order and records each in
+// the mirror as soon as it succeeded, so that after a failure the mirror
+// holds exactly the writes that were done.
+func (r *Reconciler) apply(p *plan, res *Result) error {
+	// Denylist additions reference nothing, and blocking early is the safe
+	// side, so they go first and removals last.
+	for _, pfx := range p.denyAdd {
+		if err := r.dp.AddDeny(pfx); err != nil {
+			return fmt.Errorf("reconcile: add %s to the denylist: %w", pfx, err)
+		}
+		r.deny[pfx] = true
+		res.DenyAdded++
+	}
+
+	// Reals before the rings that name them.
+	for _, rp := range p.reals {
+		if rp.isNew {
+			if err := r.dp.ResetRealStats(rp.id); err != nil {
+				return fmt.Errorf("reconcile: reset statistics of real %d for new real %s: %w", rp.id, rp.addr, err)
+			}
+		} else if realEqual(rp.installed, rp.want) {
+			continue
+		}
+		if err := r.dp.SetReal(rp.id, rp.want); err != nil {
+			return fmt.Errorf("reconcile: write real %d (%s, %s): %w", rp.id, rp.addr, rp.want.State, err)
+		}
+		r.reals[rp.id] = cloneReal(rp.want)
+		if rp.isNew {
+			res.RealsAdded++
+		} else {
+			res.RealsUpdated++
+		}
+	}
+
+	// Rings before the VIPs that use them.
+	for _, vp := range p.vips {
+		if err := r.applyRing(vp, res); err != nil {
+			return err
+		}
+	}
+	for _, vp := range p.vips {
+		meta := vp.meta()
+		if vp.installed && vp.installedMeta == meta {
+			continue
+		}
+		if err := r.dp.SetVIP(vp.vip, meta); err != nil {
+			return fmt.Errorf("reconcile: write VIP %s (id %d, %s, pool %q): %w", vp.vip, vp.id, vp.mode, vp.pool, err)
+		}
+		r.vips[vp.vip] = meta
+		if vp.installed {
+			res.VIPsUpdated++
+		} else {
+			res.VIPsAdded++
+		}
+	}
+
+	// Deletions top down: a VIP stops matching before its ring goes, and
+	// a real's slot is cleared only once no ring names it.
+	for _, v := range p.staleVIPs {
+		if err := r.dp.DeleteVIP(v); err != nil {
+			return fmt.Errorf("reconcile: delete VIP %s (id %d): %w", v, r.vips[v].ID, err)
+		}
+		delete(r.vips, v)
+		res.VIPsRemoved++
+	}
+	for _, id := range p.staleRings {
+		if err := r.dp.DeleteRing(id); err != nil {
+			return fmt.Errorf("reconcile: delete ring of removed VIP id %d: %w", id, err)
+		}
+		delete(r.rings, id)
+	}
+	for _, id := range p.staleReals {
+		if err := r.dp.DeleteReal(id); err != nil {
+			return fmt.Errorf("reconcile: clear real %d (%s): %w", id, r.reals[id].Addr, err)
+		}
+		delete(r.reals, id)
+		res.RealsRemoved++
+	}
+
+	for _, pfx := range p.denyRemove {
+		if err := r.dp.RemoveDeny(pfx); err != nil {
+			return fmt.Errorf("reconcile: remove %s from the denylist: %w", pfx, err)
+		}
+		delete(r.deny, pfx)
+		res.DenyRemoved++
+	}
+	return nil
+}
+
+// applyRing installs a VIP's ring unless the installed one is already right.
+func (r *Reconciler) applyRing(vp *vipPlan, res *Result) error {
+	defer func() {
+		if vp.ring.users--; vp.ring.users == 0 {
+			vp.ring.table = nil
+		}
+	}()
+	if vp.newID {
+		// Whatever this id held before belongs to no VIP any more.
+		delete(r.rings, vp.id)
+		if err := r.dp.ResetVIPStats(vp.id); err != nil {
+			return fmt.Errorf("reconcile: reset statistics of VIP id %d for new VIP %s: %w", vp.id, vp.vip, err)
+		}
+		return r.writeRing(vp, res)
+	}
+	if fp, known := r.rings[vp.id]; known {
+		if fp == vp.ring.fp {
+			return nil
+		}
+		return r.writeRing(vp, res)
+	}
+
+	// Unknown since this reconciler started: compare with what is there,
+	// so that a restarted agent leaves correct rings alone instead of
+	// swapping every one of them.
+	installed, err := r.dp.Ring(vp.id)
+	if err != nil {
+		return fmt.Errorf("reconcile: read installed ring of VIP %s (id %d): %w", vp.vip, vp.id, err)
+	}
+	table, err := r.table(vp.ring)
+	if err != nil {
+		return err
+	}
+	if slices.Equal(installed, table) {
+		r.rings[vp.id] = vp.ring.fp
+		return nil
+	}
+	return r.writeRing(vp, res)
+}
+
+func (r *Reconciler) writeRing(vp *vipPlan, res *Result) error {
+	table, err := r.table(vp.ring)
+	if err != nil {
+		return err
+	}
+	if err := r.dp.SetRing(vp.id, table); err != nil {
+		// The swap may or may not have happened: make the next
+		// reconcile read the ring back rather than trust either.
+		delete(r.rings, vp.id)
+		return fmt.Errorf("reconcile: install ring of VIP %s (id %d, pool %q, %d live backends): %w",
+			vp.vip, vp.id, vp.pool, len(vp.ring.backends), err)
+	}
+	r.rings[vp.id] = vp.ring.fp
+	res.RingsRebuilt++
+	return nil
+}
+
+func realEqual(a, b dataplane.Real) bool {
+	return a.Addr == b.Addr && a.State == b.State && bytes.Equal(a.MAC, b.MAC)
+}
+
+func cloneReal(r dataplane.Real) dataplane.Real {
+	r.MAC = bytes.Clone(r.MAC)
+	return r
+}

@@ -1,0 +1,215 @@
+package reconcile
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+
+	"github.com/veloflux/veloflux/agent/config"
+	"github.com/veloflux/veloflux/agent/dataplane"
+)
+
+// model is the desired state before ids are assigned: what the configuration
+// and the health verdicts ask for, independent of what is installed.
+type model struct {
+	pools map[string]*poolModel
+	vips  []vipModel
+	reals map[netip.Addr]*realModel
+	deny  map[netip.Prefix]bool
+}
+
+type poolModel struct {
+	name    string
+	entries []entryModel
+}
+
+// entryModel is one backend line of a pool.
+type entryModel struct {
+	addr   netip.Addr
+	key    string // Maglev key, "address:port"
+	weight uint32
+	live   bool // healthy and not drained: may take new flows
+}
+
+type vipModel struct {
+	vip      dataplane.VIP
+	mode     dataplane.Mode
+	affinity bool
+	pool     string
+}
+
+// realModel aggregates every pool entry naming one address, because the data
+// path has a single state per real however many pools list it.
+type realModel struct {
+	addr       netip.Addr
+	anyHealthy bool // healthy in at least one pool
+	allDrained bool // drained in every pool that lists it
+	dsr        bool // used by a dsr VIP, so it needs a MAC
+}
+
+// state is down when no pool has the real healthy (conntrack then re-selects
+// its flows), draining when every pool drains it (its flows stay, new ones go
+// elsewhere), and up otherwise. A real that is healthy but left out of every
+// ring, say drained in one pool and unhealthy in the other, is up: it takes
+// no new flows anyway, and its existing ones are worth keeping.
+func (rm *realModel) state() dataplane.RealState {
+	switch {
+	case !rm.anyHealthy:
+		return dataplane.RealDown
+	case rm.allDrained:
+		return dataplane.RealDraining
+	}
+	return dataplane.RealUp
+}
+
+// buildModel derives the model from d. The configuration is expected to be
+// validated already; the checks here only make sure that a configuration
+// that somehow is not cannot be half applied.
+func buildModel(d Desired) (*model, error) {
+	c := d.Config
+	if c == nil {
+		return nil, fmt.Errorf("reconcile: no configuration")
+	}
+	m := &model{
+		pools: make(map[string]*poolModel, len(c.Pools)),
+		reals: map[netip.Addr]*realModel{},
+		deny:  make(map[netip.Prefix]bool, len(c.Security.Denylist)),
+	}
+
+	for i, p := range c.Pools {
+		if _, dup := m.pools[p.Name]; dup {
+			return nil, fmt.Errorf("reconcile: pools[%d]: duplicate pool name %q", i, p.Name)
+		}
+		pm := &poolModel{name: p.Name, entries: make([]entryModel, 0, len(p.Backends))}
+		m.pools[p.Name] = pm
+		checked := p.HealthCheck.Type != config.HealthCheckNone
+		seen := make(map[string]bool, len(p.Backends))
+		for j, b := range p.Backends {
+			addr, err := parseAddr(b.Address)
+			if err != nil {
+				return nil, fmt.Errorf("reconcile: pools[%d].backends[%d].address: %w", i, j, err)
+			}
+			if b.Port < 1 || b.Port > 65535 {
+				return nil, fmt.Errorf("reconcile: pools[%d].backends[%d].port: %d is not in 1..65535", i, j, b.Port)
+			}
+			key := BackendKey(p.Name, b)
+			if seen[key] {
+				return nil, fmt.Errorf("reconcile: pools[%d].backends[%d]: duplicate backend %s", i, j, key)
+			}
+			seen[key] = true
+
+			healthy := !checked
+			if checked && d.Healthy != nil {
+				h, known := d.Healthy(key)
+				healthy = h && known
+			}
+			drained := d.Drained[key]
+			pm.entries = append(pm.entries, entryModel{
+				addr:   addr,
+				key:    ringKey(b),
+				weight: b.EffectiveWeight(),
+				live:   healthy && !drained,
+			})
+
+			rm := m.reals[addr]
+			if rm == nil {
+				rm = &realModel{addr: addr, allDrained: true}
+				m.reals[addr] = rm
+			}
+			rm.anyHealthy = rm.anyHealthy || healthy
+			rm.allDrained = rm.allDrained && drained
+		}
+	}
+
+	seen := make(map[dataplane.VIP]int, len(c.VIPs))
+	m.vips = make([]vipModel, 0, len(c.VIPs))
+	for i, v := range c.VIPs {
+		vm, err := convertVIP(v)
+		if err != nil {
+			return nil, fmt.Errorf("reconcile: vips[%d]: %w", i, err)
+		}
+		if j, dup := seen[vm.vip]; dup {
+			return nil, fmt.Errorf("reconcile: vips[%d]: duplicate VIP %s (also vips[%d])", i, vm.vip, j)
+		}
+		seen[vm.vip] = i
+		pm := m.pools[v.Pool]
+		if pm == nil {
+			return nil, fmt.Errorf("reconcile: vips[%d].pool: unknown pool %q", i, v.Pool)
+		}
+		if vm.mode == dataplane.ModeDSR {
+			for _, e := range pm.entries {
+				m.reals[e.addr].dsr = true
+			}
+		}
+		m.vips = append(m.vips, vm)
+	}
+
+	for i, s := range c.Security.Denylist {
+		p, err := parsePrefix(s)
+		if err != nil {
+			return nil, fmt.Errorf("reconcile: security.denylist[%d]: %w", i, err)
+		}
+		m.deny[p] = true
+	}
+	return m, nil
+}
+
+func convertVIP(v config.VIP) (vipModel, error) {
+	addr, err := parseAddr(v.Address)
+	if err != nil {
+		return vipModel{}, fmt.Errorf("address: %w", err)
+	}
+	if v.Port < 0 || v.Port > 65535 {
+		return vipModel{}, fmt.Errorf("port: %d is not in 0..65535", v.Port)
+	}
+	vm := vipModel{
+		vip:      dataplane.VIP{Addr: addr, Port: uint16(v.Port)},
+		affinity: v.SourceAffinity,
+		pool:     v.Pool,
+	}
+	switch v.Protocol {
+	case config.ProtocolTCP:
+		vm.vip.Proto = dataplane.ProtoTCP
+	case config.ProtocolUDP:
+		vm.vip.Proto = dataplane.ProtoUDP
+	default:
+		return vipModel{}, fmt.Errorf("protocol: unknown protocol %q", v.Protocol)
+	}
+	switch v.Mode {
+	case config.VIPModeDSR:
+		vm.mode = dataplane.ModeDSR
+	case config.VIPModeIPIP:
+		vm.mode = dataplane.ModeIPIP
+	default:
+		return vipModel{}, fmt.Errorf("mode: unknown mode %q", v.Mode)
+	}
+	return vm, nil
+}
+
+// parseAddr parses an address the way the data plane stores it: an
+// IPv4-mapped IPv6 address is the IPv4 address, as the data plane unmaps it
+// and reads it back unmapped.
+func parseAddr(s string) (netip.Addr, error) {
+	a, err := netip.ParseAddr(s)
+	if err != nil || a.Zone() != "" {
+		return netip.Addr{}, fmt.Errorf("invalid IP address %q", s)
+	}
+	return a.Unmap(), nil
+}
+
+// parsePrefix parses a denylist entry, a CIDR or a bare address meaning one
+// host, masked the way the data plane reports it back.
+func parsePrefix(s string) (netip.Prefix, error) {
+	if !strings.Contains(s, "/") {
+		a, err := netip.ParseAddr(s)
+		if err != nil || a.Zone() != "" {
+			return netip.Prefix{}, fmt.Errorf("invalid CIDR %q", s)
+		}
+		return netip.PrefixFrom(a, a.BitLen()), nil
+	}
+	p, err := netip.ParsePrefix(s)
+	if err != nil {
+		return netip.Prefix{}, fmt.Errorf("invalid CIDR %q", s)
+	}
+	return p.Masked(), nil
+}

@@ -203,7 +203,7 @@ static __always_inline int vf_real_selectable(const struct vf_real *real)
 
 static __always_inline __u64 vf_idle_timeout(const struct vf_settings *cfg, const struct vf_pkt *pkt)
 {
-	return pkt->flow.proto == VF_IPPROTO_UDP ? cfg->udp_timeout_ns : cfg->tcp_timeout_ns;
+	return pkt->flow.proto == VF_IPPROTO_UDP ? cfg->udp_timeout : cfg->tcp_timeout;
 }
 
 /* Maglev: the ring slot is picked by a multiply-shift instead of a modulo,
@@ -268,7 +268,7 @@ static __always_inline int vf_select_real(const struct vf_settings *cfg,
 	struct vf_ct_entry *ct, entry = {};
 	struct vf_flow4_key key4 = {};
 	const struct vf_real *real;
-	__u64 now = bpf_ktime_get_coarse_ns();
+	__u64 now = bpf_jiffies64();
 	__u32 real_id;
 
 	if (pkt->flow.family == VF_AF_INET)
@@ -277,9 +277,9 @@ static __always_inline int vf_select_real(const struct vf_settings *cfg,
 	if (ct) {
 		real_id = ct->real_id;
 		real = bpf_map_lookup_elem(&vf_reals, &real_id);
-		if (vf_real_selectable(real) && now - ct->last_seen_ns <= vf_idle_timeout(cfg, pkt)) {
-			if (!pkt->icmp_error && now - ct->last_seen_ns > VF_CT_TOUCH_NS)
-				ct->last_seen_ns = now;
+		if (vf_real_selectable(real) && now - ct->last_seen <= vf_idle_timeout(cfg, pkt)) {
+			if (!pkt->icmp_error && now - ct->last_seen > VF_CT_TOUCH_JIFFIES)
+				ct->last_seen = now;
 			pkt->real_id = real_id;
 			*out = real;
 			return VF_CONTINUE;
@@ -294,7 +294,7 @@ static __always_inline int vf_select_real(const struct vf_settings *cfg,
 		return VF_R_DROP_NO_REAL;
 
 	if (!pkt->icmp_error) {
-		entry.last_seen_ns = now;
+		entry.last_seen = now;
 		entry.real_id = real_id;
 		entry.vip_id = vip->vip_id;
 		vf_ct_store(pkt, &key4, &entry);

@@ -20,10 +20,10 @@ type balancerVfCounter struct {
 }
 
 type balancerVfCtEntry struct {
-	_          structs.HostLayout
-	LastSeenNs uint64
-	RealId     uint32
-	VipId      uint32
+	_        structs.HostLayout
+	LastSeen uint64
+	RealId   uint32
+	VipId    uint32
 }
 
 type balancerVfEvent struct {
@@ -137,9 +137,9 @@ type balancerVfSettings struct {
 	Deny4Active      uint8
 	Deny6Active      uint8
 	WildcardActive   uint8
-	Pad              [4]uint8
-	TcpTimeoutNs     uint64
-	UdpTimeoutNs     uint64
+	Hz               uint32
+	TcpTimeout       uint64
+	UdpTimeout       uint64
 }
 
 type balancerVfVipKey struct {

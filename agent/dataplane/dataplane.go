@@ -78,6 +78,7 @@ type Dataplane struct {
 	opts  Options
 	objs  balancerObjects
 	inner *ebpf.MapSpec // template for new rings
+	clock *kernelClock
 
 	mu    sync.Mutex
 	links map[string]link.Link // by interface name
@@ -128,16 +129,18 @@ func Load(opts Options) (*Dataplane, error) {
 		}
 		return nil, fmt.Errorf("load balancer objects: %w", err)
 	}
-	if err := d.checkRingSize(); err != nil {
+	if err := d.initSettings(); err != nil {
 		d.objs.Close()
 		return nil, err
 	}
 	return d, nil
 }
 
-// checkRingSize refuses pinned rings of another size: the kernel does not
-// compare inner map sizes, and the program indexes with settings.ring_size.
-func (d *Dataplane) checkRingSize() error {
+// initSettings refuses pinned rings of another size (the kernel does not
+// compare inner map sizes, and the program indexes with settings.ring_size)
+// and sets up the jiffies clock, reusing the tick rate a previous agent
+// measured on this boot.
+func (d *Dataplane) initSettings() error {
 	s, err := d.readSettings()
 	if err != nil {
 		return err
@@ -146,11 +149,14 @@ func (d *Dataplane) checkRingSize() error {
 		return fmt.Errorf("rings pinned under %s have %d slots, configured ring size is %d "+
 			"(keep %d or run `veloflux detach` first)", d.opts.PinPath, s.RingSize, d.opts.RingSize, s.RingSize)
 	}
-	if s.RingSize == 0 {
-		s.RingSize = d.opts.RingSize
-		return d.writeSettings(s)
+	if d.clock, err = newKernelClock(s.Hz); err != nil {
+		return err
 	}
-	return nil
+	if s.RingSize == d.opts.RingSize && s.Hz == d.clock.hz {
+		return nil
+	}
+	s.RingSize, s.Hz = d.opts.RingSize, d.clock.hz
+	return d.writeSettings(s)
 }
 
 // RingSize is the number of slots in every ring.
@@ -294,6 +300,9 @@ func (d *Dataplane) Close() error {
 	d.mu.Unlock()
 	if err := d.objs.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("close balancer objects: %w", err))
+	}
+	if err := d.clock.close(); err != nil {
+		errs = append(errs, fmt.Errorf("close jiffies probe: %w", err))
 	}
 	return errors.Join(errs...)
 }

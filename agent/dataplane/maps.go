@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
@@ -220,8 +221,9 @@ func (d *Dataplane) SetSettings(in Settings) error {
 		Deny4Active:      cur.Deny4Active,
 		Deny6Active:      cur.Deny6Active,
 		WildcardActive:   cur.WildcardActive,
-		TcpTimeoutNs:     in.TCPIdleTimeoutNs,
-		UdpTimeoutNs:     in.UDPIdleTimeoutNs,
+		Hz:               d.clock.hz,
+		TcpTimeout:       d.clock.toJiffies(in.TCPIdleTimeoutNs),
+		UdpTimeout:       d.clock.toJiffies(in.UDPIdleTimeoutNs),
 	}
 	if in.UseFIB {
 		next.UseFib = 1
@@ -256,8 +258,8 @@ func (d *Dataplane) Settings() (Settings, error) {
 	}
 	out := Settings{
 		UseFIB:           s.UseFib != 0,
-		TCPIdleTimeoutNs: s.TcpTimeoutNs,
-		UDPIdleTimeoutNs: s.UdpTimeoutNs,
+		TCPIdleTimeoutNs: uint64(d.clock.toDuration(uint32(s.TcpTimeout))),
+		UDPIdleTimeoutNs: uint64(d.clock.toDuration(uint32(s.UdpTimeout))),
 		EventSampleEvery: s.EventSampleEvery,
 	}
 	if s.IfMac != [6]uint8{} {
@@ -431,6 +433,11 @@ func (d *Dataplane) Counters() ([]Counter, error) {
 
 // Flows returns up to limit conntrack entries, IPv4 first (limit <= 0: all).
 func (d *Dataplane) Flows(limit int) ([]Flow, error) {
+	now, err := d.clock.now()
+	if err != nil {
+		return nil, err
+	}
+	idle := func(lastSeen uint64) time.Duration { return d.clock.toDuration(now - uint32(lastSeen)) }
 	var out []Flow
 	full := func() bool { return limit > 0 && len(out) >= limit }
 	var val balancerVfCtEntry
@@ -440,7 +447,7 @@ func (d *Dataplane) Flows(limit int) ([]Flow, error) {
 		out = append(out, Flow{
 			Src: wordsAddr([4]uint32{k4.Src}, afInet), Dst: wordsAddr([4]uint32{k4.Dst}, afInet),
 			SrcPort: ntohs(k4.Sport), DstPort: ntohs(k4.Dport), Proto: Protocol(k4.Proto),
-			RealID: val.RealId, VIPID: val.VipId, LastSeenNs: val.LastSeenNs,
+			RealID: val.RealId, VIPID: val.VipId, Idle: idle(val.LastSeen),
 		})
 	}
 	if err := it.Err(); err != nil {
@@ -452,7 +459,7 @@ func (d *Dataplane) Flows(limit int) ([]Flow, error) {
 		out = append(out, Flow{
 			Src: wordsAddr(k6.Src, k6.Family), Dst: wordsAddr(k6.Dst, k6.Family),
 			SrcPort: ntohs(k6.Sport), DstPort: ntohs(k6.Dport), Proto: Protocol(k6.Proto),
-			RealID: val.RealId, VIPID: val.VipId, LastSeenNs: val.LastSeenNs,
+			RealID: val.RealId, VIPID: val.VipId, Idle: idle(val.LastSeen),
 		})
 	}
 	if err := it.Err(); err != nil {

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"time"
 )
 
 // Address families as the data path stores them (Linux AF_* values).
@@ -228,7 +229,7 @@ type Flow struct {
 	SrcPort, DstPort uint16
 	Proto            Protocol
 	RealID, VIPID    uint32
-	LastSeenNs       uint64 // CLOCK_MONOTONIC (coarse), as the kernel stamped it
+	Idle             time.Duration // since the entry was last refreshed (to within VF_CT_TOUCH_JIFFIES)
 }
 
 // Event is a sampled drop from the ring buffer.

@@ -22,9 +22,10 @@
 /* How many IPv6 extension headers are walked before giving up (see README). */
 #define VF_IPV6_MAX_EXT_HDRS    4
 
-/* A conntrack hit refreshes last_seen at most this often, so an established
- * flow does not write to a shared cache line on every packet. */
-#define VF_CT_TOUCH_NS          (1000ULL * 1000 * 1000)
+/* A conntrack hit refreshes last_seen at most every this many jiffies
+ * (32-320 ms for HZ 1000-100), so an established flow does not write its
+ * entry on every packet. Idle timeouts are seconds, so this is invisible. */
+#define VF_CT_TOUCH_JIFFIES     32
 
 /* Forwarding mode of a VIP. Zero is invalid so a zeroed entry never forwards. */
 enum vf_mode {
@@ -114,7 +115,7 @@ struct vf_flow4_key {
 };
 
 struct vf_ct_entry {
-	__u64 last_seen_ns;  /* bpf_ktime_get_coarse_ns() */
+	__u64 last_seen;     /* jiffies: bpf_jiffies64() is inlined by the verifier, a clock read is a call */
 	__u32 real_id;
 	__u32 vip_id;
 };
@@ -146,9 +147,9 @@ struct vf_settings {
 	__u8  deny4_active;  /* skip the LPM lookup while the v4 denylist is empty */
 	__u8  deny6_active;
 	__u8  wildcard_active; /* some VIP has port 0: a miss needs a second lookup */
-	__u8  pad[4];
-	__u64 tcp_timeout_ns;
-	__u64 udp_timeout_ns;
+	__u32 hz;            /* the kernel tick rate the agent measured, for the timeouts below */
+	__u64 tcp_timeout;   /* idle timeouts in jiffies */
+	__u64 udp_timeout;
 };
 
 struct vf_lpm4_key {

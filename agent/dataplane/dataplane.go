@@ -112,8 +112,13 @@ func Load(opts Options) (*Dataplane, error) {
 		for _, m := range spec.Maps {
 			m.Pinning = ebpf.PinNone
 		}
-	} else if err := os.MkdirAll(opts.PinPath, 0o700); err != nil {
-		return nil, fmt.Errorf("create pin directory %s: %w", opts.PinPath, err)
+	} else {
+		if err := ensureBPFFS(opts.PinPath); err != nil {
+			return nil, err
+		}
+		if err := os.MkdirAll(opts.PinPath, 0o700); err != nil {
+			return nil, fmt.Errorf("create pin directory %s: %w", opts.PinPath, err)
+		}
 	}
 
 	d := &Dataplane{opts: opts, inner: inner.Copy(), links: map[string]link.Link{}}

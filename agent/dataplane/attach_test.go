@@ -149,6 +149,19 @@ func TestPinnedUpgradeKeepsState(t *testing.T) {
 			t.Fatalf("flows %+v, want one recent flow on real 1", flows)
 		}
 
+		// Tools read the pins without loading a program.
+		ro, err := OpenPinned(pin)
+		h.must(err)
+		defer ro.Close()
+		links, err := ro.PinnedLinks()
+		h.must(err)
+		if len(links) != 1 || links[0].Interface != "vfup0" || links[0].ProgramID != newID || links[0].Detached {
+			t.Fatalf("pinned links %+v, want vfup0 running program %d", links, newID)
+		}
+		if roFlows, err := ro.Flows(0); err != nil || len(roFlows) != 1 {
+			t.Fatalf("flows through the read-only view: %v, %v", roFlows, err)
+		}
+
 		// Other sizes than the pinned ones are refused, not silently reused.
 		bigger := opts
 		bigger.ConntrackSize = 8192

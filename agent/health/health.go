@@ -174,6 +174,7 @@ type Checker struct {
 	state   runState
 	runCtx  context.Context // set while running; parent of every probe loop
 	targets map[string]*entry
+	seed    map[string]bool // starting verdicts of keys that are not targets yet
 	wg      sync.WaitGroup // probe loops
 
 	subMu   sync.Mutex
@@ -332,7 +333,9 @@ func (c *Checker) Set(targets []Target) error {
 			added++
 			e := &entry{t: t, st: Status{
 				Key: t.Key, Pool: t.Pool, Addr: t.Addr, Type: t.Check.Type, Since: now,
+				Healthy: !exists && c.seed[t.Key],
 			}}
+			delete(c.seed, t.Key)
 			c.targets[t.Key] = e
 			if t.Check.Type == TypeNone {
 				events = append(events, c.transitionLocked(e, true, "health check disabled (type none)", now))
@@ -350,6 +353,24 @@ func (c *Checker) Set(targets []Target) error {
 			"added", added, "removed", removed, "changed", changed, "total", len(norm))
 	}
 	return nil
+}
+
+// Seed sets the verdict that keys start with when Set first adds them,
+// instead of down. An agent restarting over a data path that is still
+// forwarding carries over the verdicts it finds there, so that no backend is
+// taken out of service before a check says it should be; fall failures then
+// bring a seeded-up target down as usual. Keys already targets are ignored.
+func (c *Checker) Seed(verdicts map[string]bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.seed == nil {
+		c.seed = make(map[string]bool, len(verdicts))
+	}
+	for key, healthy := range verdicts {
+		if _, exists := c.targets[key]; !exists {
+			c.seed[key] = healthy
+		}
+	}
 }
 
 // Status returns a snapshot of every target, sorted by key.

@@ -840,3 +840,30 @@ func TestProbeErrorsAreDescriptive(t *testing.T) {
 		t.Errorf("http probe of dead port: %v", err)
 	}
 }
+
+// A seeded-up target starts healthy (an agent restarting over a running data
+// path) and still goes down after fall failures; seeds never touch targets
+// that already exist.
+func TestSeededVerdict(t *testing.T) {
+	ln := tcpBackend(t)
+	addr := addrOf(t, ln.Addr())
+	key := Key("web", addr)
+	c := New(testLogger(t))
+	events, unsubscribe := c.Subscribe(16)
+	defer unsubscribe()
+	c.Seed(map[string]bool{key: true})
+	mustSet(t, c, Target{Pool: "web", Addr: addr, Check: tcpSpec()})
+	if h, known := c.Healthy(key); !h || !known {
+		t.Fatalf("seeded target: Healthy = %v, %v; want true, true", h, known)
+	}
+	c.Seed(map[string]bool{key: false})
+	if h, _ := c.Healthy(key); !h {
+		t.Fatal("a seed changed the verdict of an existing target")
+	}
+	start(t, c)
+	noEvent(t, events, key, 3*testInterval)
+	ln.Close()
+	if ev := waitEvent(t, events, key, waitLimit); ev.Healthy {
+		t.Fatalf("event %+v, want down after the listener closed", ev)
+	}
+}

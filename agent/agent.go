@@ -1,0 +1,395 @@
+// Package agent wires VeloFlux together: the configuration file is the
+// desired state, the health checker turns backends up and down, and the
+// reconciler writes the difference into the XDP data plane. It owns the
+// agent's lifecycle: start over whatever a previous agent left pinned,
+// reload on demand, and stop without taking the data path down.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/veloflux/veloflux/agent/config"
+	"github.com/veloflux/veloflux/agent/dataplane"
+	"github.com/veloflux/veloflux/agent/health"
+	"github.com/veloflux/veloflux/agent/reconcile"
+)
+
+// Options are the agent's command-line settings.
+type Options struct {
+	ConfigPath string
+	PinPath    string
+	StateDir   string
+	Version    string
+	Logger     *slog.Logger
+}
+
+// resyncEvery bounds how long the maps can drift from the desired state
+// without any event (a MAC that changed, a map written by hand).
+const resyncEvery = 30 * time.Second
+
+// eventSampleEvery: one sampled drop event per this many drops of a reason
+// on a CPU, so a flood of bad packets cannot flood the ring buffer reader.
+const eventSampleEvery = 8
+
+// Agent runs the control plane of one balancer.
+type Agent struct {
+	opts    Options
+	log     *slog.Logger
+	started time.Time
+
+	dp      *dataplane.Dataplane
+	checker *health.Checker
+	rec     *reconcile.Reconciler
+
+	mu         sync.Mutex
+	cfg        *config.Config
+	generation uint64
+	drained    map[string]bool
+	lastResult reconcile.Result
+	lastErr    error
+
+	kick chan struct{} // asks the loop for a reconcile
+}
+
+// New loads and validates the configuration. It touches nothing else, so a
+// bad file fails before the data plane is disturbed.
+func New(opts Options) (*Agent, error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	cfg, err := config.Load(opts.ConfigPath)
+	if err != nil {
+		return nil, err
+	}
+	return &Agent{
+		opts:    opts,
+		log:     opts.Logger,
+		cfg:     cfg,
+		drained: map[string]bool{},
+		kick:    make(chan struct{}, 1),
+	}, nil
+}
+
+// Run starts (or adopts) the data plane and serves until ctx ends. On return
+// the XDP links and maps stay pinned, so forwarding goes on without an agent.
+func (a *Agent) Run(ctx context.Context) error {
+	a.started = time.Now()
+	if a.opts.StateDir != "" {
+		if err := os.MkdirAll(a.opts.StateDir, 0o700); err != nil {
+			return fmt.Errorf("create state directory %s: %w", a.opts.StateDir, err)
+		}
+	}
+	cfg := a.config()
+	dp, err := dataplane.Load(dataplane.Options{
+		PinPath:       a.opts.PinPath,
+		RingSize:      uint32(cfg.Dataplane.RingSize),
+		ConntrackSize: uint32(cfg.Dataplane.ConntrackSize),
+	})
+	if err != nil {
+		return err
+	}
+	a.dp = dp
+	defer func() {
+		if err := dp.Close(); err != nil {
+			a.log.Error("close data plane", "err", err)
+		}
+	}()
+	if err := dp.SetSettings(settingsFrom(cfg)); err != nil {
+		return err
+	}
+
+	var resolver reconcile.MACResolver
+	if len(cfg.Dataplane.Interfaces) > 0 {
+		resolver = &reconcile.NeighborResolver{Interface: cfg.Dataplane.Interfaces[0]}
+	}
+	if a.rec, err = reconcile.New(dp, resolver, reconcile.Options{}); err != nil {
+		return err
+	}
+
+	a.checker = health.New(a.log.With("component", "health"))
+	seed, err := a.inheritedVerdicts(cfg)
+	if err != nil {
+		return err
+	}
+	a.checker.Seed(seed)
+	if err := a.applyHealthTargets(cfg); err != nil {
+		return err
+	}
+	events, unsubscribe := a.checker.Subscribe(256)
+	defer unsubscribe()
+	checkerDone := make(chan error, 1)
+	checkerCtx, stopChecker := context.WithCancel(context.WithoutCancel(ctx))
+	go func() { checkerDone <- a.checker.Run(checkerCtx) }()
+	defer func() { stopChecker(); <-checkerDone }()
+
+	// Fill the maps before attaching, so a fresh program never sees an empty
+	// VIP table; over adopted maps this is a no-op for unchanged state.
+	a.reconcileNow(ctx, "start")
+	if err := a.syncAttachments(cfg); err != nil {
+		return err
+	}
+	a.setGeneration(1)
+
+	links := make(chan linkChange, 16)
+	go a.watchLinks(ctx, links)
+	linkState := map[string]linkChange{}
+
+	progID, _ := dp.ProgramID()
+	a.log.Info("agent running", "version", a.opts.Version, "node", cfg.Node.Name,
+		"interfaces", cfg.Dataplane.Interfaces, "xdp_mode", cfg.Dataplane.XDPMode,
+		"program_id", progID, "vips", len(cfg.VIPs), "pools", len(cfg.Pools))
+
+	resync := time.NewTicker(resyncEvery)
+	defer resync.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			a.log.Info("agent stopping; the data path stays attached and pinned")
+			return nil
+		case _, ok := <-events: // the checker logs each transition itself
+			if !ok {
+				return errors.New("health checker stopped unexpectedly")
+			}
+			a.drainEvents(events)
+			a.reconcileNow(ctx, "health")
+		case <-a.kick:
+			a.reconcileNow(ctx, "request")
+		case lc := <-links:
+			a.onLinkChange(ctx, linkState, lc)
+		case <-resync.C:
+			a.reconcileNow(ctx, "periodic")
+		}
+	}
+}
+
+// drainEvents folds a burst of health events into one reconcile.
+func (a *Agent) drainEvents(events <-chan health.Event) {
+	for {
+		select {
+		case _, ok := <-events:
+			if !ok {
+				return
+			}
+		default:
+			return
+		}
+	}
+}
+
+// Kick asks for a reconcile soon, coalescing with one already pending.
+func (a *Agent) Kick() {
+	select {
+	case a.kick <- struct{}{}:
+	default:
+	}
+}
+
+func (a *Agent) config() *config.Config {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.cfg
+}
+
+func (a *Agent) setGeneration(g uint64) {
+	a.mu.Lock()
+	a.generation = g
+	a.mu.Unlock()
+}
+
+// inheritedVerdicts makes a restarted agent start from what the pinned data
+// plane says: a backend whose real is live there starts healthy, so a restart
+// never empties a ring before a check has run.
+func (a *Agent) inheritedVerdicts(cfg *config.Config) (map[string]bool, error) {
+	reals, err := a.dp.Reals()
+	if err != nil {
+		return nil, err
+	}
+	live := map[netip.Addr]bool{}
+	for _, r := range reals {
+		if r.State != dataplane.RealDown {
+			live[r.Addr] = true
+		}
+	}
+	seed := map[string]bool{}
+	for _, p := range cfg.Pools {
+		for _, b := range p.Backends {
+			if addr, err := netip.ParseAddr(b.Address); err == nil && live[addr] {
+				seed[reconcile.BackendKey(p.Name, b)] = true
+			}
+		}
+	}
+	if len(seed) > 0 {
+		a.log.Info("adopted a running data plane", "live_backends", len(seed), "reals", len(reals))
+	}
+	return seed, nil
+}
+
+func (a *Agent) applyHealthTargets(cfg *config.Config) error {
+	targets, err := health.TargetsFromPools(cfg.Pools)
+	if err != nil {
+		return err
+	}
+	return a.checker.Set(targets)
+}
+
+func (a *Agent) desired() reconcile.Desired {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return reconcile.Desired{Config: a.cfg, Healthy: a.checker.Healthy, Drained: maps.Clone(a.drained)}
+}
+
+// reconcileNow writes the difference between the desired state and the
+// maps. Failures are logged and retried on the next trigger.
+func (a *Agent) reconcileNow(ctx context.Context, why string) {
+	res, err := a.rec.Reconcile(ctx, a.desired())
+	a.mu.Lock()
+	a.lastResult, a.lastErr = res, err
+	a.mu.Unlock()
+	switch {
+	case err != nil:
+		a.log.Error("reconcile failed; will retry", "trigger", why, "err", err)
+	case res.Changed():
+		a.log.Info("reconciled", "trigger", why, "result", res.String(), "duration", res.Duration)
+	}
+	for _, w := range res.Warnings {
+		a.log.Warn("reconcile warning", "trigger", why, "warning", w)
+	}
+}
+
+// Reload re-reads the configuration file. A file that does not validate, or
+// asks for a change only a restart can make, leaves the running state as it
+// is and returns every error.
+func (a *Agent) Reload(ctx context.Context) error {
+	next, err := config.Load(a.opts.ConfigPath)
+	if err != nil {
+		return err
+	}
+	cur := a.config()
+	if err := restartOnlyChanges(cur, next); err != nil {
+		return err
+	}
+	if err := a.dp.SetSettings(settingsFrom(next)); err != nil {
+		return err
+	}
+	if err := a.applyHealthTargets(next); err != nil {
+		return err
+	}
+	a.mu.Lock()
+	a.cfg = next
+	a.generation++
+	gen := a.generation
+	a.mu.Unlock()
+	a.reconcileNow(ctx, "reload")
+	if err := a.syncAttachments(next); err != nil {
+		return err
+	}
+	a.log.Info("configuration reloaded", "generation", gen, "vips", len(next.VIPs), "pools", len(next.Pools))
+	return nil
+}
+
+// restartOnlyChanges names settings that size or shape the loaded maps.
+func restartOnlyChanges(cur, next *config.Config) error {
+	var errs []error
+	if cur.Dataplane.RingSize != next.Dataplane.RingSize {
+		errs = append(errs, fmt.Errorf("dataplane.ring_size: changing %d to %d needs `veloflux detach` and a restart",
+			cur.Dataplane.RingSize, next.Dataplane.RingSize))
+	}
+	if cur.Dataplane.ConntrackSize != next.Dataplane.ConntrackSize {
+		errs = append(errs, fmt.Errorf("dataplane.conntrack_size: changing %d to %d needs `veloflux detach` and a restart",
+			cur.Dataplane.ConntrackSize, next.Dataplane.ConntrackSize))
+	}
+	return errors.Join(errs...)
+}
+
+// syncAttachments attaches to every configured interface (swapping the
+// program onto links a previous agent pinned) and detaches from interfaces
+// no longer configured.
+func (a *Agent) syncAttachments(cfg *config.Config) error {
+	mode := dataplane.XDPMode(cfg.Dataplane.XDPMode)
+	var errs []error
+	for _, ifname := range cfg.Dataplane.Interfaces {
+		if err := a.dp.Attach(ifname, mode); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	pinned, err := a.dp.AdoptPinnedLinks()
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, ifname := range pinned {
+		if !slices.Contains(cfg.Dataplane.Interfaces, ifname) {
+			a.log.Info("detaching from an interface no longer configured", "interface", ifname)
+			if err := a.dp.Detach(ifname); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// settingsFrom maps the configuration onto the data path's global knobs.
+func settingsFrom(cfg *config.Config) dataplane.Settings {
+	d := cfg.Dataplane
+	s := dataplane.Settings{
+		UseFIB:           d.Nexthop == config.NexthopFIB,
+		TCPIdleTimeoutNs: uint64(d.TCPIdleTimeout.Std()),
+		UDPIdleTimeoutNs: uint64(d.UDPIdleTimeout.Std()),
+		EventSampleEvery: eventSampleEvery,
+	}
+	// The config was validated, so these parse.
+	if d.GatewayMAC != "" {
+		s.GatewayMAC, _ = net.ParseMAC(d.GatewayMAC)
+	}
+	if d.EncapSourceV4 != "" {
+		s.EncapSource4, _ = netip.ParseAddr(d.EncapSourceV4)
+	}
+	if d.EncapSourceV6 != "" {
+		s.EncapSource6, _ = netip.ParseAddr(d.EncapSourceV6)
+	}
+	return s
+}
+
+// Status is a snapshot of the agent for status displays.
+type Status struct {
+	Version     string
+	Node        string
+	Uptime      time.Duration
+	Generation  uint64
+	Interfaces  []string
+	XDPMode     string
+	ProgramID   uint32
+	LastResult  reconcile.Result
+	LastError   string
+	HealthState []health.Status
+}
+
+// Status reports the agent's state.
+func (a *Agent) Status() Status {
+	a.mu.Lock()
+	st := Status{
+		Version: a.opts.Version, Node: a.cfg.Node.Name, Uptime: time.Since(a.started),
+		Generation: a.generation, Interfaces: slices.Clone(a.cfg.Dataplane.Interfaces),
+		XDPMode: string(a.cfg.Dataplane.XDPMode), LastResult: a.lastResult,
+	}
+	if a.lastErr != nil {
+		st.LastError = a.lastErr.Error()
+	}
+	a.mu.Unlock()
+	if a.dp != nil {
+		st.ProgramID, _ = a.dp.ProgramID()
+	}
+	if a.checker != nil {
+		st.HealthState = a.checker.Status()
+	}
+	return st
+}

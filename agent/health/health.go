@@ -175,7 +175,7 @@ type Checker struct {
 	runCtx  context.Context // set while running; parent of every probe loop
 	targets map[string]*entry
 	seed    map[string]bool // starting verdicts of keys that are not targets yet
-	wg      sync.WaitGroup // probe loops
+	wg      sync.WaitGroup  // probe loops
 
 	subMu   sync.Mutex
 	subs    map[*subscriber]struct{}

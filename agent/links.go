@@ -23,7 +23,11 @@ func (a *Agent) watchLinks(ctx context.Context, out chan<- linkChange) {
 	done := make(chan struct{})
 	defer close(done)
 	err := netlink.LinkSubscribeWithOptions(updates, done, netlink.LinkSubscribeOptions{
-		ErrorCallback: func(err error) { a.log.Warn("link subscription error", "err", err) },
+		ErrorCallback: func(err error) {
+			if ctx.Err() == nil { // closing the subscription at shutdown errors too
+				a.log.Warn("link subscription error", "err", err)
+			}
+		},
 	})
 	if err != nil {
 		a.log.Error("cannot follow link state; MACs are refreshed only periodically", "err", err)

@@ -9,7 +9,7 @@ export GOTOOLCHAIN := local
 
 GENERATED := $(wildcard agent/dataplane/*_bpfel.o agent/dataplane/*_bpfel.go)
 
-.PHONY: all build generate check-generated vmlinux test fuzz bench deps-build deps-test deps-bench clean
+.PHONY: all build generate check-generated vmlinux test fuzz bench demo deps-build deps-test deps-demo deps-bench clean
 
 all: build
 
@@ -21,6 +21,9 @@ deps-build:
 
 deps-test:
 	deploy/install-deps.sh test
+
+deps-demo:
+	deploy/install-deps.sh demo
 
 deps-bench:
 	deploy/install-deps.sh bench
@@ -57,6 +60,11 @@ fuzz:
 bench: deps-test
 	$(GO) test -count=1 -run '^$$' -bench 'BenchmarkXDP' -benchtime $(BENCHTIME) ./agent/dataplane
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime 20x ./agent/maglev
+
+# The namespace lab with the agent attached and light client traffic; runs
+# until Ctrl-C, or for DEMO_SECONDS. Everything it creates is removed.
+demo: deps-demo build
+	$(GO) run ./tests/demo --agent bin/veloflux --vfctl bin/vfctl --config deploy/demo.yaml
 
 clean:
 	rm -rf bin tests/artifacts

@@ -579,6 +579,7 @@ static __always_inline void vf_account(const struct vf_settings *cfg, const stru
 			vs->packets++;
 			vs->bytes += pkt->frame_len;
 			vs->new_flows += pkt->new_flow;
+			vs->drops += vf_reason_verdict(reason) == XDP_DROP;
 		}
 	}
 	if (reason == VF_R_TX_DSR || reason == VF_R_TX_IPIP) {

@@ -162,6 +162,7 @@ type balancerVfVipStats struct {
 	Packets  uint64
 	Bytes    uint64
 	NewFlows uint64
+	Drops    uint64
 }
 
 // Names of all BPF objects in the ELF.

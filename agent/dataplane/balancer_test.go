@@ -513,14 +513,18 @@ func TestCountersAddUp(t *testing.T) {
 	if byVerdict != verdicts {
 		t.Fatalf("counters by verdict %v, verdicts returned %v", byVerdict, verdicts)
 	}
-	var vipPackets uint64
+	var vipPackets, vipDrops uint64
 	for _, id := range []uint32{vipIDDSR, vipIDIP, vipID6IP, vipIDEmp} {
 		s, err := h.dp.VIPStats(id)
 		h.must(err)
 		vipPackets += s.Packets
+		vipDrops += s.Drops
 	}
 	if vipPackets != 4*rounds {
 		t.Fatalf("VIP stats count %d packets, want %d", vipPackets, 4*rounds)
+	}
+	if vipDrops != rounds { // the VIP without reals
+		t.Fatalf("VIP stats count %d drops, want %d", vipDrops, rounds)
 	}
 	var realPackets uint64
 	for _, id := range []uint32{1, 2, 3} {

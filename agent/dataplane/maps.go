@@ -378,6 +378,7 @@ func (d *Dataplane) VIPStats(vipID uint32) (VIPStats, error) {
 		out.Packets += c.Packets
 		out.Bytes += c.Bytes
 		out.NewFlows += c.NewFlows
+		out.Drops += c.Drops
 	}
 	return out, nil
 }

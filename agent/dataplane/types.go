@@ -211,6 +211,7 @@ type Settings struct {
 // VIPStats are a VIP's counters summed over CPUs.
 type VIPStats struct {
 	Packets, Bytes, NewFlows uint64
+	Drops                    uint64 // of Packets, those dropped (no live real, no route, encapsulation)
 }
 
 // RealStats are a real's counters summed over CPUs.

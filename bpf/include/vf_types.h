@@ -124,6 +124,7 @@ struct vf_vip_stats {
 	__u64 packets;
 	__u64 bytes;
 	__u64 new_flows;
+	__u64 drops;         /* packets for the VIP that were dropped (no real, no route, encap) */
 };
 
 struct vf_real_stats {

@@ -170,6 +170,9 @@ func (d *Dataplane) RingSize() uint32 { return d.opts.RingSize }
 // MaxVIPs is the number of VIP ids available.
 func (d *Dataplane) MaxVIPs() uint32 { return d.opts.MaxVIPs }
 
+// ConntrackSize is the flow capacity of each family's conntrack table.
+func (d *Dataplane) ConntrackSize() uint32 { return d.opts.ConntrackSize }
+
 // MaxReals is the number of real ids available (id 0 is reserved).
 func (d *Dataplane) MaxReals() uint32 { return d.opts.MaxReals }
 

@@ -16,13 +16,18 @@ import (
 // runs. Only the read methods are meant to be used on the result.
 func OpenPinned(pinPath string) (*Dataplane, error) {
 	d := &Dataplane{opts: Options{PinPath: pinPath}, links: map[string]link.Link{}}
-	targets := map[string]**ebpf.Map{
-		"vf_vips": &d.objs.VfVips, "vf_rings": &d.objs.VfRings, "vf_reals": &d.objs.VfReals,
-		"vf_ct4": &d.objs.VfCt4, "vf_ct6": &d.objs.VfCt6, "vf_stats_vip": &d.objs.VfStatsVip,
-		"vf_stats_real": &d.objs.VfStatsReal, "vf_counters": &d.objs.VfCounters, "vf_config": &d.objs.VfConfig,
-		"vf_deny4": &d.objs.VfDeny4, "vf_deny6": &d.objs.VfDeny6, "vf_events": &d.objs.VfEvents,
+	// In a fixed order, so that a missing pin is always reported the same way.
+	targets := []struct {
+		name string
+		dst  **ebpf.Map
+	}{
+		{"vf_vips", &d.objs.VfVips}, {"vf_rings", &d.objs.VfRings}, {"vf_reals", &d.objs.VfReals},
+		{"vf_ct4", &d.objs.VfCt4}, {"vf_ct6", &d.objs.VfCt6}, {"vf_stats_vip", &d.objs.VfStatsVip},
+		{"vf_stats_real", &d.objs.VfStatsReal}, {"vf_counters", &d.objs.VfCounters}, {"vf_config", &d.objs.VfConfig},
+		{"vf_deny4", &d.objs.VfDeny4}, {"vf_deny6", &d.objs.VfDeny6}, {"vf_events", &d.objs.VfEvents},
 	}
-	for name, dst := range targets {
+	for _, target := range targets {
+		name, dst := target.name, target.dst
 		m, err := ebpf.LoadPinnedMap(filepath.Join(pinPath, name), &ebpf.LoadPinOptions{ReadOnly: true})
 		if err != nil {
 			d.objs.Close()

@@ -1,0 +1,105 @@
+package api
+
+import (
+	"time"
+
+	"github.com/veloflux/veloflux/agent/model"
+)
+
+// StatusView is GET /api/status and the status channel's payload.
+type StatusView struct {
+	Status           string          `json:"status"` // ok | degraded | draining
+	Version          string          `json:"version"`
+	Node             string          `json:"node"`
+	StartedAt        time.Time       `json:"started_at"`
+	UptimeSeconds    float64         `json:"uptime_seconds"`
+	Attached         bool            `json:"dataplane_attached"`
+	Interfaces       []InterfaceView `json:"interfaces"`
+	XDPMode          string          `json:"xdp_mode"`
+	ProgramID        uint32          `json:"program_id"`
+	ConfigGeneration uint64          `json:"config_generation"`
+	Counts           Counts          `json:"counts"`
+	LastReconcile    ReconcileView   `json:"last_reconcile"`
+}
+
+// InterfaceView is one configured interface and whether XDP is on it.
+type InterfaceView struct {
+	Name      string `json:"name"`
+	Attached  bool   `json:"attached"`
+	ProgramID uint32 `json:"program_id,omitempty"`
+}
+
+// Counts summarize the configuration and its health.
+type Counts struct {
+	Pools           int `json:"pools"`
+	Backends        int `json:"backends"`
+	HealthyBackends int `json:"healthy_backends"`
+	VIPs            int `json:"vips"`
+	Routes          int `json:"routes"`
+	DenyPrefixes    int `json:"deny_prefixes"`
+}
+
+// ReconcileView describes the last reconcile.
+type ReconcileView struct {
+	At         time.Time `json:"at"`
+	DurationMs float64   `json:"duration_ms"`
+	Result     string    `json:"result"`
+	Error      string    `json:"error,omitempty"`
+}
+
+// BackendView is one pool member with its health, state and counters.
+type BackendView struct {
+	ID             string    `json:"id"` // pool:address:port
+	Pool           string    `json:"pool"`
+	Address        string    `json:"address"`
+	Port           int       `json:"port"`
+	Weight         uint32    `json:"weight"`
+	State          string    `json:"state"` // up | down | draining
+	Healthy        bool      `json:"healthy"`
+	Drained        bool      `json:"drained"`
+	LastCheck      time.Time `json:"last_check"`
+	CheckLatencyMs float64   `json:"check_latency_ms"`
+	LastError      string    `json:"last_error,omitempty"`
+	RealID         uint32    `json:"real_id,omitempty"`
+	Packets        uint64    `json:"packets"`
+	Bytes          uint64    `json:"bytes"`
+}
+
+// FlowView is one conntrack entry.
+type FlowView struct {
+	Client   string `json:"client"`
+	VIP      string `json:"vip"`
+	Protocol string `json:"protocol"`
+	RealID   uint32 `json:"real_id"`
+	Real     string `json:"real"`
+	IdleMs   int64  `json:"idle_ms"`
+}
+
+// Rates are per-second rates over the last sampling interval.
+type Rates struct {
+	PPS        float64 `json:"pps"`
+	BPS        float64 `json:"bps"` // bits per second
+	NewFlowsPS float64 `json:"new_flows_per_s"`
+	DropsPS    float64 `json:"drops_per_s"`
+}
+
+// VIPMetrics are one VIP's totals and rates.
+type VIPMetrics struct {
+	model.VIPCounters
+	Rates Rates `json:"rates"`
+}
+
+// MetricsView is GET /api/metrics and the metrics channel's payload.
+type MetricsView struct {
+	At              time.Time              `json:"at"`
+	IntervalSeconds float64                `json:"interval_seconds"`
+	VIPs            []VIPMetrics           `json:"vips"`
+	Total           Rates                  `json:"total"`
+	Verdicts        map[string]uint64      `json:"xdp_verdicts"`       // totals by verdict
+	VerdictRates    map[string]float64     `json:"xdp_verdicts_per_s"` // per second
+	Drops           map[string]uint64      `json:"drops"`              // totals by drop reason
+	DropRates       map[string]float64     `json:"drops_per_s"`
+	Reasons         []model.ReasonCounters `json:"reasons"`
+	// L7 joins when the proxy runs; absent until then.
+	L7 any `json:"l7,omitempty"`
+}

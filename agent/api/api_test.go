@@ -74,8 +74,10 @@ func (f *fakeController) Update(_ context.Context, mutate func(*config.Config) e
 	return next, nil
 }
 
-func (f *fakeController) ValidateConfig(data []byte) (*config.Config, error) { return config.Parse(data) }
-func (f *fakeController) Reload(context.Context) error                     { return nil }
+func (f *fakeController) ValidateConfig(data []byte) (*config.Config, error) {
+	return config.Parse(data)
+}
+func (f *fakeController) Reload(context.Context) error { return nil }
 
 func (f *fakeController) Backends() ([]BackendView, error) {
 	f.mu.Lock()
@@ -102,7 +104,7 @@ func (f *fakeController) SetDrained(_ context.Context, pool, backend string, dra
 	return nil
 }
 
-func (f *fakeController) Metrics() MetricsView           { return MetricsView{At: time.Now()} }
+func (f *fakeController) Metrics() MetricsView          { return MetricsView{At: time.Now()} }
 func (f *fakeController) Flows(int) ([]FlowView, error) { return nil, nil }
 
 type testServer struct {

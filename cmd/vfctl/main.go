@@ -179,7 +179,6 @@ func row(w io.Writer, cells ...any) {
 	fmt.Fprintln(w, strings.Join(s, "\t"))
 }
 
-
 type linkRow struct {
 	Interface string `json:"interface"`
 	Ifindex   int    `json:"ifindex"`
@@ -307,7 +306,6 @@ func (v *statusView) table(w io.Writer) error {
 // the kernel tick they are measured in.
 func millis(ms int64) time.Duration { return time.Duration(ms) * time.Millisecond }
 
-
 type vipRow struct {
 	Address        netip.Addr `json:"address"`
 	Port           uint16     `json:"port"` // 0: every port
@@ -388,7 +386,6 @@ func (t vipTable) table(w io.Writer) error {
 	return nil
 }
 
-
 type realRow struct {
 	ID      uint32     `json:"id"`
 	Address netip.Addr `json:"address"`
@@ -425,7 +422,6 @@ func (t realTable) table(w io.Writer) error {
 	}
 	return nil
 }
-
 
 type flowRow struct {
 	Client      netip.AddrPort `json:"client"`
@@ -472,7 +468,6 @@ func (t flowTable) table(w io.Writer) error {
 	return nil
 }
 
-
 type counterRow struct {
 	Reason  string `json:"reason"`
 	Verdict string `json:"verdict"`
@@ -507,7 +502,6 @@ func (t counterTable) table(w io.Writer) error {
 	}
 	return nil
 }
-
 
 type denyTable []netip.Prefix
 

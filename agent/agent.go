@@ -12,15 +12,21 @@ import (
 	"log/slog"
 	"maps"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"sync"
 	"time"
 
+	"github.com/veloflux/veloflux/agent/api"
+	"github.com/veloflux/veloflux/agent/billing"
 	"github.com/veloflux/veloflux/agent/config"
 	"github.com/veloflux/veloflux/agent/dataplane"
 	"github.com/veloflux/veloflux/agent/health"
+	"github.com/veloflux/veloflux/agent/insights"
+	"github.com/veloflux/veloflux/agent/metrics"
 	"github.com/veloflux/veloflux/agent/reconcile"
 )
 
@@ -51,12 +57,23 @@ type Agent struct {
 	checker *health.Checker
 	rec     *reconcile.Reconciler
 
-	mu         sync.Mutex
-	cfg        *config.Config
-	generation uint64
-	drained    map[string]bool
-	lastResult reconcile.Result
-	lastErr    error
+	hub      *api.Hub
+	metrics  *metrics.Metrics
+	analyzer *insights.Analyzer
+	ledger   *billing.Ledger
+	security *securityStats
+
+	writeMu sync.Mutex // serializes configuration changes (API, SIGHUP)
+
+	mu              sync.Mutex
+	cfg             *config.Config
+	generation      uint64
+	drained         map[string]bool
+	lastResult      reconcile.Result
+	lastErr         error
+	lastReconcileAt time.Time
+	lastMetrics     api.MetricsView
+	insights        []insights.Insight // the most recent, for new ai clients
 
 	kick chan struct{} // asks the loop for a reconcile
 }
@@ -116,7 +133,17 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 
-	a.checker = health.New(a.log.With("component", "health"))
+	if err := a.loadDrained(); err != nil {
+		return err
+	}
+	a.metrics = metrics.New(metrics.Options{
+		Source: a, Version: a.opts.Version, Health: a.healthViews,
+		WSClients: func() map[string]int { return a.hub.Clients() },
+	})
+	a.checker = health.New(a.log.With("component", "health"),
+		health.WithObserver(func(pool, key string, d time.Duration, ok bool) {
+			a.metrics.ObserveHealthCheck(pool, key, d, ok)
+		}))
 	seed, err := a.inheritedVerdicts(cfg)
 	if err != nil {
 		return err
@@ -139,6 +166,10 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	a.setGeneration(1)
+
+	if err := a.startServices(ctx, cfg); err != nil {
+		return err
+	}
 
 	links := make(chan linkChange, 16)
 	go a.watchLinks(ctx, links)
@@ -192,6 +223,73 @@ func (a *Agent) Kick() {
 	case a.kick <- struct{}{}:
 	default:
 	}
+}
+
+// startServices starts what serves and streams while the agent runs: the
+// API and WebSocket hub on :9090, Prometheus on :8080, and the telemetry
+// feeding the channels. They stop with ctx.
+func (a *Agent) startServices(ctx context.Context, cfg *config.Config) error {
+	token, err := api.LoadOrCreateToken(cfg.API.TokenFile)
+	if err != nil {
+		return err
+	}
+	a.security = newSecurityStats(time.Now())
+	a.analyzer = insights.New(insights.Config{})
+	if a.opts.StateDir != "" {
+		if a.ledger, err = billing.Open(filepath.Join(a.opts.StateDir, "billing.json"), time.Now()); err != nil {
+			return err
+		}
+		go func() {
+			report := func(err error) { a.log.Error("save billing ledger", "err", err) }
+			if err := a.ledger.Run(context.WithoutCancel(ctx), time.Minute, report); err != nil {
+				report(err)
+			}
+		}()
+	}
+	a.hub = api.NewHub(api.HubOptions{AllowedOrigins: cfg.API.AllowedOrigins, OnConnect: a.onConnect,
+		Logger: a.log.With("component", "websocket")})
+	server := api.New(api.Options{Controller: a, Hub: a.hub, Token: token, ProtectReads: cfg.API.ProtectReads,
+		Version: a.opts.Version, Logger: a.log.With("component", "api"), SecurityEvents: a.onAuthFailure})
+
+	healthEvents, unsubscribe := a.checker.Subscribe(256)
+	go func() { defer unsubscribe(); a.forwardHealth(ctx, healthEvents) }()
+	go a.forwardDropEvents(ctx)
+	go a.telemetry(ctx)
+	go func() {
+		<-ctx.Done()
+		a.hub.Close()
+	}()
+	go a.serve(ctx, "API", func(ctx context.Context) error { return server.Serve(ctx, cfg.API.Listen) })
+	go a.serve(ctx, "metrics", func(ctx context.Context) error {
+		return serveHTTP(ctx, cfg.Metrics.Listen, a.metrics.Handler())
+	})
+	return nil
+}
+
+// serve runs a listener for the agent's lifetime. A listener that fails is
+// logged, not fatal: the data path matters more than the API.
+func (a *Agent) serve(ctx context.Context, what string, run func(context.Context) error) {
+	if err := run(ctx); err != nil && ctx.Err() == nil {
+		a.log.Error(what+" server stopped", "err", err)
+	}
+}
+
+func serveHTTP(ctx context.Context, addr string, h http.Handler) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", addr, err)
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		<-ctx.Done()
+		shutdown, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(shutdown)
+	}()
+	if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
 }
 
 func (a *Agent) config() *config.Config {
@@ -253,7 +351,7 @@ func (a *Agent) desired() reconcile.Desired {
 func (a *Agent) reconcileNow(ctx context.Context, why string) {
 	res, err := a.rec.Reconcile(ctx, a.desired())
 	a.mu.Lock()
-	a.lastResult, a.lastErr = res, err
+	a.lastResult, a.lastErr, a.lastReconcileAt = res, err, time.Now()
 	a.mu.Unlock()
 	switch {
 	case err != nil:
@@ -264,37 +362,6 @@ func (a *Agent) reconcileNow(ctx context.Context, why string) {
 	for _, w := range res.Warnings {
 		a.log.Warn("reconcile warning", "trigger", why, "warning", w)
 	}
-}
-
-// Reload re-reads the configuration file. A file that does not validate, or
-// asks for a change only a restart can make, leaves the running state as it
-// is and returns every error.
-func (a *Agent) Reload(ctx context.Context) error {
-	next, err := config.Load(a.opts.ConfigPath)
-	if err != nil {
-		return err
-	}
-	cur := a.config()
-	if err := restartOnlyChanges(cur, next); err != nil {
-		return err
-	}
-	if err := a.dp.SetSettings(settingsFrom(next)); err != nil {
-		return err
-	}
-	if err := a.applyHealthTargets(next); err != nil {
-		return err
-	}
-	a.mu.Lock()
-	a.cfg = next
-	a.generation++
-	gen := a.generation
-	a.mu.Unlock()
-	a.reconcileNow(ctx, "reload")
-	if err := a.syncAttachments(next); err != nil {
-		return err
-	}
-	a.log.Info("configuration reloaded", "generation", gen, "vips", len(next.VIPs), "pools", len(next.Pools))
-	return nil
 }
 
 // restartOnlyChanges names settings that size or shape the loaded maps.
@@ -359,37 +426,3 @@ func settingsFrom(cfg *config.Config) dataplane.Settings {
 	return s
 }
 
-// Status is a snapshot of the agent for status displays.
-type Status struct {
-	Version     string
-	Node        string
-	Uptime      time.Duration
-	Generation  uint64
-	Interfaces  []string
-	XDPMode     string
-	ProgramID   uint32
-	LastResult  reconcile.Result
-	LastError   string
-	HealthState []health.Status
-}
-
-// Status reports the agent's state.
-func (a *Agent) Status() Status {
-	a.mu.Lock()
-	st := Status{
-		Version: a.opts.Version, Node: a.cfg.Node.Name, Uptime: time.Since(a.started),
-		Generation: a.generation, Interfaces: slices.Clone(a.cfg.Dataplane.Interfaces),
-		XDPMode: string(a.cfg.Dataplane.XDPMode), LastResult: a.lastResult,
-	}
-	if a.lastErr != nil {
-		st.LastError = a.lastErr.Error()
-	}
-	a.mu.Unlock()
-	if a.dp != nil {
-		st.ProgramID, _ = a.dp.ProgramID()
-	}
-	if a.checker != nil {
-		st.HealthState = a.checker.Status()
-	}
-	return st
-}

@@ -1,0 +1,247 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+
+	"github.com/veloflux/veloflux/agent/api"
+	"github.com/veloflux/veloflux/agent/config"
+	"github.com/veloflux/veloflux/agent/reconcile"
+)
+
+// The agent is the API's Controller.
+var _ api.Controller = (*Agent)(nil)
+
+// drainedFile keeps the drained backends across restarts, in the state dir.
+const drainedFile = "drained.json"
+
+// Config returns the configuration in force. It is never modified in place:
+// changes replace it whole.
+func (a *Agent) Config() *config.Config { return a.config() }
+
+// Status is the API's view of the agent.
+func (a *Agent) Status() api.StatusView { return a.statusView() }
+
+// ValidateConfig parses a candidate configuration without applying it.
+func (a *Agent) ValidateConfig(data []byte) (*config.Config, error) {
+	next, err := config.Parse(data)
+	if err != nil {
+		return nil, err
+	}
+	return next, restartOnlyChanges(a.config(), next)
+}
+
+// Update applies a change the way the file would: the whole result is
+// validated, saved atomically (the previous file kept as .bak), and only
+// then put in force and reconciled. A change that fails any step leaves
+// both the file and the running state as they were.
+func (a *Agent) Update(ctx context.Context, mutate func(*config.Config) error) (*config.Config, error) {
+	a.writeMu.Lock()
+	defer a.writeMu.Unlock()
+	cur := a.config()
+	next, err := cur.Modify(mutate)
+	if err != nil {
+		return nil, err
+	}
+	if err := restartOnlyChanges(cur, next); err != nil {
+		return nil, err
+	}
+	if err := config.Save(a.opts.ConfigPath, next); err != nil {
+		return nil, fmt.Errorf("save configuration: %w", err)
+	}
+	if err := a.apply(ctx, next, "api"); err != nil {
+		return nil, err
+	}
+	return next, nil
+}
+
+// Reload re-reads the configuration file. A file that does not validate, or
+// asks for a change only a restart can make, leaves the running state as it
+// is and returns every error.
+func (a *Agent) Reload(ctx context.Context) error {
+	a.writeMu.Lock()
+	defer a.writeMu.Unlock()
+	next, err := config.Load(a.opts.ConfigPath)
+	if err == nil {
+		err = restartOnlyChanges(a.config(), next)
+	}
+	if err != nil {
+		a.reloadResult("failure")
+		return err
+	}
+	if err := a.apply(ctx, next, "reload"); err != nil {
+		a.reloadResult("failure")
+		return err
+	}
+	a.reloadResult("success")
+	return nil
+}
+
+func (a *Agent) reloadResult(result string) {
+	if a.metrics != nil {
+		a.metrics.ConfigReload(result)
+	}
+}
+
+// apply puts a validated configuration in force.
+func (a *Agent) apply(ctx context.Context, next *config.Config, why string) error {
+	if err := a.dp.SetSettings(settingsFrom(next)); err != nil {
+		return err
+	}
+	if err := a.applyHealthTargets(next); err != nil {
+		return err
+	}
+	a.mu.Lock()
+	a.cfg = next
+	a.generation++
+	gen := a.generation
+	a.mu.Unlock()
+	a.reconcileNow(ctx, why)
+	if err := a.syncAttachments(next); err != nil {
+		return err
+	}
+	a.log.Info("configuration applied", "trigger", why, "generation", gen, "vips", len(next.VIPs), "pools", len(next.Pools))
+	a.publishStatus()
+	return nil
+}
+
+// SetDrained drains or undrains a backend ("address:port" in pool). A
+// drained backend takes no new flows and keeps its existing ones; the set
+// survives restarts.
+func (a *Agent) SetDrained(ctx context.Context, pool, backend string, drained bool) error {
+	ap, err := netip.ParseAddrPort(backend)
+	if err != nil {
+		return fmt.Errorf("backend %q: %w", backend, err)
+	}
+	cfg := a.config()
+	var key string
+	for _, p := range cfg.Pools {
+		if p.Name != pool {
+			continue
+		}
+		for _, b := range p.Backends {
+			if addr, err := netip.ParseAddr(b.Address); err == nil && addr == ap.Addr() && b.Port == int(ap.Port()) {
+				key = reconcile.BackendKey(p.Name, b)
+			}
+		}
+	}
+	if key == "" {
+		return &api.Error{Status: 404, Code: "not_found", Message: fmt.Sprintf("pool %q has no backend %s", pool, backend)}
+	}
+	a.mu.Lock()
+	prev := a.drained[key]
+	if drained {
+		a.drained[key] = true
+	} else {
+		delete(a.drained, key)
+	}
+	keys := make([]string, 0, len(a.drained))
+	for k := range a.drained {
+		keys = append(keys, k)
+	}
+	a.mu.Unlock()
+	slices.Sort(keys)
+	if err := a.saveDrained(keys); err != nil {
+		a.mu.Lock()
+		if prev {
+			a.drained[key] = true
+		} else {
+			delete(a.drained, key)
+		}
+		a.mu.Unlock()
+		return err
+	}
+	a.log.Info("backend drain changed", "backend", key, "drained", drained)
+	a.reconcileNow(ctx, "drain")
+	return nil
+}
+
+func (a *Agent) saveDrained(keys []string) error {
+	if a.opts.StateDir == "" {
+		return nil
+	}
+	data, err := json.Marshal(map[string]any{"version": 1, "drained": keys})
+	if err != nil {
+		return err
+	}
+	path := filepath.Join(a.opts.StateDir, drainedFile)
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, data, 0o600); err != nil {
+		return fmt.Errorf("save drained backends to %s: %w", tmp, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("save drained backends to %s: %w", path, err)
+	}
+	return nil
+}
+
+func (a *Agent) loadDrained() error {
+	if a.opts.StateDir == "" {
+		return nil
+	}
+	path := filepath.Join(a.opts.StateDir, drainedFile)
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read drained backends from %s: %w", path, err)
+	}
+	var st struct {
+		Drained []string `json:"drained"`
+	}
+	if err := json.Unmarshal(data, &st); err != nil {
+		return fmt.Errorf("read drained backends from %s: %w", path, err)
+	}
+	a.mu.Lock()
+	for _, k := range st.Drained {
+		a.drained[k] = true
+	}
+	a.mu.Unlock()
+	return nil
+}
+
+// Backends is GET /api/backends.
+func (a *Agent) Backends() ([]api.BackendView, error) {
+	counters, err := a.Counters()
+	if err != nil {
+		return nil, err
+	}
+	return a.backendViews(counters), nil
+}
+
+// Metrics is the latest telemetry snapshot (GET /api/metrics).
+func (a *Agent) Metrics() api.MetricsView {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.lastMetrics
+}
+
+// Flows is a conntrack sample with the real's address.
+func (a *Agent) Flows(limit int) ([]api.FlowView, error) {
+	flows, err := a.dp.Flows(limit)
+	if err != nil {
+		return nil, err
+	}
+	reals, err := a.dp.Reals()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.FlowView, 0, len(flows))
+	for _, f := range flows {
+		out = append(out, api.FlowView{
+			Client:   netip.AddrPortFrom(f.Src, f.SrcPort).String(),
+			VIP:      netip.AddrPortFrom(f.Dst, f.DstPort).String(),
+			Protocol: f.Proto.String(), RealID: f.RealID, Real: reals[f.RealID].Addr.String(),
+			IdleMs: f.Idle.Milliseconds(),
+		})
+	}
+	return out, nil
+}
+

@@ -1,0 +1,280 @@
+package agent
+
+import (
+	"context"
+	"net/netip"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/veloflux/veloflux/agent/api"
+	"github.com/veloflux/veloflux/agent/billing"
+	"github.com/veloflux/veloflux/agent/dataplane"
+	"github.com/veloflux/veloflux/agent/health"
+	"github.com/veloflux/veloflux/agent/insights"
+	"github.com/veloflux/veloflux/agent/model"
+)
+
+// Telemetry cadences. Rates and backends are sampled every second; the
+// slower channels summarize.
+const (
+	sampleEvery          = time.Second
+	statusEvery          = 5 * time.Second
+	billingEvery         = 5 * time.Second
+	securitySummaryEvery = 10 * time.Second
+	latencyCheckEvery    = 10 * time.Second
+	recentInsights       = 20
+)
+
+// securityStats counts what the security channel summarizes.
+type securityStats struct {
+	mu          sync.Mutex
+	since       time.Time
+	byReason    map[string]uint64 // sampled drop events, by reason
+	authFailure uint64
+	windowStart time.Time
+	window      map[string]uint64
+	windowAuth  uint64
+}
+
+func newSecurityStats(now time.Time) *securityStats {
+	return &securityStats{since: now, windowStart: now, byReason: map[string]uint64{}, window: map[string]uint64{}}
+}
+
+func (s *securityStats) dropEvent(reason string) {
+	s.mu.Lock()
+	s.byReason[reason]++
+	s.window[reason]++
+	s.mu.Unlock()
+}
+
+func (s *securityStats) authEvent() {
+	s.mu.Lock()
+	s.authFailure++
+	s.windowAuth++
+	s.mu.Unlock()
+}
+
+// summary reports totals since start and the window since the last call
+// (reset when roll is true).
+func (s *securityStats) summary(now time.Time, roll bool) map[string]any {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	copyMap := func(m map[string]uint64) map[string]uint64 {
+		out := make(map[string]uint64, len(m))
+		for k, v := range m {
+			out[k] = v
+		}
+		return out
+	}
+	out := map[string]any{
+		"since":                s.since.UTC(),
+		"window_seconds":       now.Sub(s.windowStart).Seconds(),
+		"sampled_drops":        copyMap(s.byReason),
+		"window_sampled_drops": copyMap(s.window),
+		"auth_failures":        s.authFailure,
+		"window_auth_failures": s.windowAuth,
+	}
+	if roll {
+		s.windowStart, s.window, s.windowAuth = now, map[string]uint64{}, 0
+	}
+	return out
+}
+
+// telemetry samples the counters and feeds the WebSocket channels, the
+// billing ledger and the traffic analysis until ctx ends.
+func (a *Agent) telemetry(ctx context.Context) {
+	tick := time.NewTicker(sampleEvery)
+	defer tick.Stop()
+	var prev model.Counters
+	lastStatus, lastBilling, lastSummary, lastLatency := time.Time{}, time.Time{}, time.Now(), time.Time{}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-tick.C:
+			cur, err := a.Counters()
+			if err != nil {
+				a.log.Warn("read counters", "err", err)
+				continue
+			}
+			mv := ratesBetween(prev, cur)
+			a.mu.Lock()
+			a.lastMetrics = mv
+			a.mu.Unlock()
+			a.hub.Publish("metrics", api.NewMessage("metrics_update", mv))
+			a.hub.Publish("backends", api.NewMessage("backend_update", map[string]any{"backends": a.backendViews(cur)}))
+			if !prev.At.IsZero() {
+				a.analyze(now, mv)
+			}
+			prev = cur
+			if now.Sub(lastLatency) >= latencyCheckEvery {
+				a.analyzeLatencies(now)
+				lastLatency = now
+			}
+			if now.Sub(lastStatus) >= statusEvery {
+				a.publishStatus()
+				lastStatus = now
+			}
+			if a.ledger != nil && now.Sub(lastBilling) >= billingEvery {
+				snap := a.ledger.Record(now, usageOf(cur))
+				a.hub.Publish("billing", api.NewMessage(billing.UpdateType, snap))
+				lastBilling = now
+			}
+			if now.Sub(lastSummary) >= securitySummaryEvery {
+				a.hub.Publish("security", api.NewMessage("security_summary", a.security.summary(now, true)))
+				lastSummary = now
+			}
+		}
+	}
+}
+
+func (a *Agent) publishStatus() {
+	if a.hub != nil {
+		a.hub.Publish("status", api.NewMessage("status_update", a.statusView()))
+	}
+}
+
+// usageOf maps counters to billing subjects: every VIP, and every pool as
+// the sum of the VIPs that use it.
+func usageOf(c model.Counters) map[string]billing.Usage {
+	out := map[string]billing.Usage{}
+	for _, v := range c.VIPs {
+		u := billing.Usage{Packets: v.Packets, Bytes: v.Bytes, NewFlows: v.NewFlows}
+		out["vip:"+v.VIP] = u
+		p := out["pool:"+v.Pool]
+		p.Packets += u.Packets
+		p.Bytes += u.Bytes
+		p.NewFlows += u.NewFlows
+		out["pool:"+v.Pool] = p
+	}
+	return out
+}
+
+func (a *Agent) analyze(now time.Time, mv api.MetricsView) {
+	for _, v := range mv.VIPs {
+		dropRate := 0.0
+		if v.Rates.PPS > 0 {
+			dropRate = v.Rates.DropsPS / v.Rates.PPS
+		}
+		for _, in := range a.analyzer.ObserveVIP(now, "vip "+v.VIP, v.Rates.PPS, v.Rates.NewFlowsPS, dropRate) {
+			a.publishInsight(in)
+		}
+	}
+}
+
+func (a *Agent) analyzeLatencies(now time.Time) {
+	latencies := map[string]map[string]time.Duration{}
+	for _, st := range a.checker.Status() {
+		if st.LastCheck.IsZero() || st.Type == health.TypeNone {
+			continue
+		}
+		if latencies[st.Pool] == nil {
+			latencies[st.Pool] = map[string]time.Duration{}
+		}
+		latencies[st.Pool][st.Key] = st.Latency
+	}
+	for _, in := range a.analyzer.ObserveLatencies(now, latencies) {
+		a.publishInsight(in)
+	}
+}
+
+func (a *Agent) publishInsight(in insights.Insight) {
+	a.mu.Lock()
+	a.insights = append(a.insights, in)
+	if len(a.insights) > recentInsights {
+		a.insights = a.insights[len(a.insights)-recentInsights:]
+	}
+	a.mu.Unlock()
+	a.hub.Publish("ai", api.NewMessage("insight", in))
+}
+
+// forwardHealth streams verdict transitions to the health channel.
+func (a *Agent) forwardHealth(ctx context.Context, events <-chan health.Event) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev, ok := <-events:
+			if !ok {
+				return
+			}
+			a.hub.Publish("health", api.NewMessage("health_event", map[string]any{
+				"key": ev.Key, "pool": ev.Pool, "backend": ev.Addr.String(), "healthy": ev.Healthy,
+				"reason": ev.Reason, "at": ev.At.UTC(),
+			}))
+			a.publishStatus()
+		}
+	}
+}
+
+// forwardDropEvents streams the data path's sampled drop events (denylist,
+// malformed packets) to the security channel.
+func (a *Agent) forwardDropEvents(ctx context.Context) {
+	err := a.dp.ReadEvents(ctx, func(e dataplane.Event) {
+		a.security.dropEvent(e.Reason.String())
+		kind := "malformed_packet"
+		if e.Reason == dataplane.ReasonDropDenylist {
+			kind = "denylist_drop"
+		}
+		data := map[string]any{"kind": kind, "reason": e.Reason.String(), "packet_len": e.PacketLen,
+			"protocol": e.Proto, "severity": "warning"}
+		if e.Src.IsValid() {
+			data["source"] = netip.AddrPortFrom(e.Src, e.SrcPort).String()
+			data["destination"] = netip.AddrPortFrom(e.Dst, e.DstPort).String()
+		}
+		a.hub.Publish("security", api.NewMessage("security_event", data))
+	})
+	if err != nil && ctx.Err() == nil {
+		a.log.Error("drop events stopped", "err", err)
+	}
+}
+
+// onAuthFailure reports a failed API authentication on the security channel.
+func (a *Agent) onAuthFailure(e api.SecurityEvent) {
+	a.security.authEvent()
+	a.log.Warn("API authentication failed", "remote", e.Remote, "method", e.Method, "path", e.Path, "reason", e.Reason)
+	a.hub.Publish("security", api.NewMessage("security_event", map[string]any{
+		"kind": e.Kind, "remote": e.Remote, "method": e.Method, "path": e.Path, "reason": e.Reason,
+		"severity": "warning", "at": e.At,
+	}))
+}
+
+// onConnect gives a new WebSocket client its channel's current state.
+func (a *Agent) onConnect(channel string) []api.Message {
+	switch channel {
+	case "metrics":
+		return []api.Message{api.NewMessage("metrics_update", a.Metrics())}
+	case "backends":
+		counters, err := a.Counters()
+		if err != nil {
+			return nil
+		}
+		return []api.Message{api.NewMessage("backend_update", map[string]any{"backends": a.backendViews(counters)})}
+	case "status":
+		return []api.Message{api.NewMessage("status_update", a.statusView())}
+	case "health":
+		return []api.Message{api.NewMessage("health_status", map[string]any{"backends": a.healthViews()})}
+	case "security":
+		return []api.Message{api.NewMessage("security_summary", a.security.summary(time.Now(), false))}
+	case "billing":
+		if a.ledger == nil {
+			return nil
+		}
+		return []api.Message{api.NewMessage(billing.UpdateType, a.ledger.Snapshot(time.Now()))}
+	case "ai":
+		a.mu.Lock()
+		recent := append([]insights.Insight{}, a.insights...)
+		a.mu.Unlock()
+		sort.SliceStable(recent, func(i, j int) bool { return recent[i].At.After(recent[j].At) })
+		cfg := a.analyzer.Config()
+		return []api.Message{api.NewMessage("ai_status", map[string]any{
+			"recent":             recent,
+			"warmup_samples":     cfg.Warmup,
+			"z_threshold":        cfg.ZThreshold,
+			"forecast_horizon_s": cfg.Horizon.Seconds(),
+			"outlier_z":          cfg.OutlierZ,
+		})}
+	}
+	return nil
+}

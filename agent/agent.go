@@ -425,4 +425,3 @@ func settingsFrom(cfg *config.Config) dataplane.Settings {
 	}
 	return s
 }
-

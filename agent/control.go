@@ -244,4 +244,3 @@ func (a *Agent) Flows(limit int) ([]api.FlowView, error) {
 	}
 	return out, nil
 }
-

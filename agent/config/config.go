@@ -148,6 +148,56 @@ type ProxyConfig struct {
 	HTTPListen  string `yaml:"http_listen"`
 	HTTPSListen string `yaml:"https_listen"`
 	Enabled     bool   `yaml:"enabled"`
+	// TLS holds the certificates served on https_listen, chosen by SNI;
+	// without any, the HTTPS listener is not opened.
+	TLS []TLSCert `yaml:"tls,omitempty"`
+	// RedirectHTTPS answers plain HTTP with a redirect to HTTPS.
+	RedirectHTTPS bool `yaml:"redirect_https"`
+	// H2C accepts HTTP/2 without TLS (prior knowledge or Upgrade).
+	H2C bool `yaml:"h2c"`
+	// TrustedProxies are the CIDRs whose X-Forwarded-* headers are kept;
+	// from anyone else they are replaced by what the connection shows.
+	TrustedProxies []string     `yaml:"trusted_proxies,omitempty"`
+	Timeouts       ProxyTimeout `yaml:"timeouts"`
+	// MaxBodyBytes bounds a request body; larger ones get 413.
+	MaxBodyBytes int64     `yaml:"max_body_bytes"`
+	RateLimit    RateLimit `yaml:"rate_limit"`
+	// Retries is how many other backends an idempotent request may try
+	// when its connection failed before anything was sent.
+	Retries int `yaml:"retries"`
+	// PassiveHealth ejects a backend after consecutive failures.
+	PassiveHealth PassiveHealth `yaml:"passive_health"`
+	// DrainTimeout bounds how long in-flight requests may take to finish
+	// when the proxy drains (SIGTERM or POST /api/system/drain).
+	DrainTimeout Duration `yaml:"drain_timeout"`
+}
+
+// TLSCert is a certificate and its key, as PEM files.
+type TLSCert struct {
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
+}
+
+// ProxyTimeout bounds each phase of a proxied request.
+type ProxyTimeout struct {
+	Dial           Duration `yaml:"dial"`
+	TLSHandshake   Duration `yaml:"tls_handshake"`
+	ResponseHeader Duration `yaml:"response_header"`
+	Idle           Duration `yaml:"idle"`
+	Request        Duration `yaml:"request"`
+}
+
+// RateLimit is a per-client-IP token bucket; 0 requests per second is off.
+type RateLimit struct {
+	RequestsPerSecond float64 `yaml:"requests_per_second"`
+	Burst             int     `yaml:"burst"`
+}
+
+// PassiveHealth configures passive outlier ejection in the proxy.
+type PassiveHealth struct {
+	// ConsecutiveFailures (connect errors or 5xx) that eject a backend; 0 is off.
+	ConsecutiveFailures int      `yaml:"consecutive_failures"`
+	Ejection            Duration `yaml:"ejection"`
 }
 
 // Algorithm is a backend selection algorithm.
@@ -168,6 +218,9 @@ type Pool struct {
 	Algorithm   Algorithm   `yaml:"algorithm"`
 	Backends    []Backend   `yaml:"backends,omitempty"`
 	HealthCheck HealthCheck `yaml:"health_check"`
+	// StickyCookie, when set, names the cookie that pins an L7 client to a
+	// backend (an HMAC-signed backend id).
+	StickyCookie string `yaml:"sticky_cookie,omitempty"`
 }
 
 // Backend is one real server.
@@ -327,6 +380,17 @@ func staticDefaults() *Config {
 		Proxy: ProxyConfig{
 			HTTPListen:  defaultHTTPListen,
 			HTTPSListen: defaultHTTPSListen,
+			Timeouts: ProxyTimeout{
+				Dial:           Duration(2 * time.Second),
+				TLSHandshake:   Duration(5 * time.Second),
+				ResponseHeader: Duration(15 * time.Second),
+				Idle:           Duration(90 * time.Second),
+				Request:        Duration(60 * time.Second),
+			},
+			MaxBodyBytes:  10 << 20,
+			Retries:       1,
+			PassiveHealth: PassiveHealth{ConsecutiveFailures: 5, Ejection: Duration(30 * time.Second)},
+			DrainTimeout:  Duration(15 * time.Second),
 		},
 	}
 }

@@ -63,7 +63,12 @@ func TestParseMinimalAppliesDefaults(t *testing.T) {
 		},
 		API:     APIConfig{Listen: ":9090", TokenFile: "/var/lib/veloflux/api.token"},
 		Metrics: MetricsConfig{Listen: ":8080"},
-		Proxy:   ProxyConfig{HTTPListen: ":80", HTTPSListen: ":443"},
+		Proxy: ProxyConfig{HTTPListen: ":80", HTTPSListen: ":443",
+			Timeouts: ProxyTimeout{Dial: Duration(2 * time.Second), TLSHandshake: Duration(5 * time.Second),
+				ResponseHeader: Duration(15 * time.Second), Idle: Duration(90 * time.Second), Request: Duration(time.Minute)},
+			MaxBodyBytes: 10 << 20, Retries: 1,
+			PassiveHealth: PassiveHealth{ConsecutiveFailures: 5, Ejection: Duration(30 * time.Second)},
+			DrainTimeout:  Duration(15 * time.Second)},
 		Pools: []Pool{{
 			Name:      "web",
 			Algorithm: AlgorithmRoundRobin,

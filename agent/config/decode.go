@@ -2,6 +2,7 @@ package config
 
 import (
 	"fmt"
+	"math"
 	"reflect"
 	"strconv"
 	"strings"
@@ -201,6 +202,15 @@ func (d *decoder) decode(path string, n *yaml.Node, v reflect.Value) {
 			return
 		}
 		v.SetUint(u)
+	case reflect.Float32, reflect.Float64:
+		var f float64
+		tag := n.ShortTag()
+		if n.Kind != yaml.ScalarNode || (tag != "!!float" && tag != "!!int") || n.Decode(&f) != nil ||
+			math.IsNaN(f) || math.IsInf(f, 0) {
+			d.fail(path, "cannot parse %s as a number", describe(n))
+			return
+		}
+		v.SetFloat(f)
 	default:
 		// Only reachable if a field of an unsupported type is added to the
 		// schema; report it instead of panicking.

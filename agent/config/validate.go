@@ -44,6 +44,7 @@ func (c *Config) validate() []FieldError {
 	c.validateNode(v)
 	c.validateDataplane(v)
 	c.validateListeners(v)
+	c.validateProxy(v)
 	pools := c.validatePools(v)
 	c.validateVIPs(v, pools)
 	c.validateRoutes(v, pools)
@@ -141,6 +142,57 @@ type listener struct {
 	addr string
 	host string
 	port int
+}
+
+func (c *Config) validateProxy(v *collector) {
+	p := &c.Proxy
+	for i, t := range p.TLS {
+		path := fmt.Sprintf("proxy.tls[%d]", i)
+		if t.CertFile == "" {
+			v.add(path+".cert_file", "required")
+		}
+		if t.KeyFile == "" {
+			v.add(path+".key_file", "required")
+		}
+	}
+	if p.RedirectHTTPS && len(p.TLS) == 0 {
+		v.add("proxy.redirect_https", "needs at least one certificate in proxy.tls")
+	}
+	for i, s := range p.TrustedProxies {
+		if _, err := parseCIDR(s); err != nil {
+			v.add(fmt.Sprintf("proxy.trusted_proxies[%d]", i), "%v", err)
+		}
+	}
+	for _, d := range []struct {
+		path string
+		val  Duration
+	}{
+		{"proxy.timeouts.dial", p.Timeouts.Dial}, {"proxy.timeouts.tls_handshake", p.Timeouts.TLSHandshake},
+		{"proxy.timeouts.response_header", p.Timeouts.ResponseHeader}, {"proxy.timeouts.idle", p.Timeouts.Idle},
+		{"proxy.timeouts.request", p.Timeouts.Request}, {"proxy.drain_timeout", p.DrainTimeout},
+	} {
+		if d.val <= 0 {
+			v.add(d.path, "must be positive, got %s", d.val)
+		}
+	}
+	if p.MaxBodyBytes <= 0 {
+		v.add("proxy.max_body_bytes", "must be positive, got %d", p.MaxBodyBytes)
+	}
+	if p.RateLimit.RequestsPerSecond < 0 {
+		v.add("proxy.rate_limit.requests_per_second", "must be 0 (off) or positive, got %g", p.RateLimit.RequestsPerSecond)
+	}
+	if p.RateLimit.RequestsPerSecond > 0 && p.RateLimit.Burst < 1 {
+		v.add("proxy.rate_limit.burst", "must be at least 1 when a rate is set, got %d", p.RateLimit.Burst)
+	}
+	if p.Retries < 0 || p.Retries > 5 {
+		v.add("proxy.retries", "must be between 0 and 5, got %d", p.Retries)
+	}
+	if p.PassiveHealth.ConsecutiveFailures < 0 {
+		v.add("proxy.passive_health.consecutive_failures", "must be 0 (off) or positive, got %d", p.PassiveHealth.ConsecutiveFailures)
+	}
+	if p.PassiveHealth.ConsecutiveFailures > 0 && p.PassiveHealth.Ejection <= 0 {
+		v.add("proxy.passive_health.ejection", "must be positive, got %s", p.PassiveHealth.Ejection)
+	}
 }
 
 func (c *Config) validateListeners(v *collector) {
@@ -255,6 +307,9 @@ func (c *Config) validatePools(v *collector) poolIndex {
 		}
 		checkEnum(v, pp+".algorithm", pool.Algorithm,
 			AlgorithmRoundRobin, AlgorithmWeightedRoundRobin, AlgorithmLeastConn, AlgorithmIPHash, AlgorithmP2CEWMA)
+		if pool.StickyCookie != "" && !isCookieName(pool.StickyCookie) {
+			v.add(pp+".sticky_cookie", "invalid cookie name %q (want letters, digits and !#$%%&'*+-.^_`|~)", pool.StickyCookie)
+		}
 
 		seen := make(map[netip.AddrPort]int, len(pool.Backends))
 		for j, b := range pool.Backends {
@@ -530,6 +585,19 @@ func nearestPrimes(n int) (lo, hi int) {
 		}
 	}
 	return lo, hi
+}
+
+// isCookieName checks an RFC 6265 cookie name (an RFC 7230 token).
+func isCookieName(s string) bool {
+	if len(s) > 64 {
+		return false
+	}
+	for _, r := range s {
+		if r > 0x7e || r <= 0x20 || strings.ContainsRune("()<>@,;:\\\"/[]?={}", r) {
+			return false
+		}
+	}
+	return true
 }
 
 func isPoolName(s string) bool {

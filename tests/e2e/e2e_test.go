@@ -1,0 +1,919 @@
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/veloflux/veloflux/agent/dataplane"
+	"github.com/veloflux/veloflux/tests/lab"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Documentation-range VIPs. They exist only inside lab namespaces (the
+// client's routes and the backends' loopbacks), so every lab can use them.
+var (
+	vip4 = netip.MustParseAddr("198.51.100.10")
+	vip6 = netip.MustParseAddr("2001:db8::10")
+)
+
+// Health check settings of every test pool: short, so that verdicts change
+// within a second or two.
+const (
+	checkInterval = 500 * time.Millisecond
+	checkTimeout  = 200 * time.Millisecond
+	checkRise     = 1
+	checkFall     = 2
+)
+
+// ---------------------------------------------------------------------------
+// The binary
+
+var (
+	buildOnce sync.Once
+	buildDir  string
+	buildBin  string
+	buildErr  error
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if buildDir != "" {
+		os.RemoveAll(buildDir)
+	}
+	os.Exit(code)
+}
+
+// BinaryEnv names a prebuilt veloflux binary to test instead of building
+// ./cmd/veloflux from this checkout.
+const BinaryEnv = "VELOFLUX_E2E_BINARY"
+
+// agentBinary builds ./cmd/veloflux once per test run (the first test that
+// needs it pays; non-root runs skip before that), unless BinaryEnv names a
+// binary.
+func agentBinary(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		if p := os.Getenv(BinaryEnv); p != "" {
+			if _, err := os.Stat(p); err != nil {
+				buildErr = fmt.Errorf("%s: %w", BinaryEnv, err)
+				return
+			}
+			buildBin, buildErr = filepath.Abs(p)
+			return
+		}
+		root, err := moduleRoot()
+		if err != nil {
+			buildErr = err
+			return
+		}
+		if buildDir, err = os.MkdirTemp("", "veloflux-e2e-"); err != nil {
+			buildErr = err
+			return
+		}
+		bin := filepath.Join(buildDir, "veloflux")
+		start := time.Now()
+		cmd := exec.Command(goTool(), "build", "-o", bin, "./cmd/veloflux")
+		cmd.Dir = root
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("go build ./cmd/veloflux in %s: %v\n%s", root, err, out)
+			return
+		}
+		buildBin = bin
+		t.Logf("built %s in %s", bin, time.Since(start).Round(time.Millisecond))
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return buildBin
+}
+
+func goTool() string {
+	if p, err := exec.LookPath("go"); err == nil {
+		return p
+	}
+	if root := os.Getenv("GOROOT"); root != "" {
+		return filepath.Join(root, "bin", "go")
+	}
+	return "go"
+}
+
+// moduleRoot asks the go tool for the module of this source file.
+func moduleRoot() (string, error) {
+	_, file, _, ok := runtime.Caller(0)
+	if !ok {
+		return "", errors.New("cannot locate the test source")
+	}
+	cmd := exec.Command(goTool(), "env", "GOMOD")
+	cmd.Dir = filepath.Dir(file)
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("go env GOMOD: %w", err)
+	}
+	gomod := strings.TrimSpace(string(out))
+	if gomod == "" || gomod == os.DevNull {
+		return "", fmt.Errorf("no go.mod above %s", cmd.Dir)
+	}
+	return filepath.Dir(gomod), nil
+}
+
+// ---------------------------------------------------------------------------
+// The environment: a lab, a private bpffs, a config file, the agent
+
+type env struct {
+	t     *testing.T
+	lab   *lab.Lab
+	bin   string
+	dir   string // t.TempDir()
+	pin   string // --pin-path, on the private bpffs
+	state string // --state-dir
+	cfg   string // --config
+	http  *http.Client
+	seq   int        // agent processes started
+	agent *agentProc // the last one started
+}
+
+// with returns a copy of e bound to t (a subtest), so that its helpers
+// fail, log and clean up on the right test.
+func (e *env) with(t *testing.T) *env {
+	c := *e
+	c.t = t
+	return &c
+}
+
+// newEnv builds a lab with the given backends (servers running) and VIPs,
+// mounts a private bpffs and builds the binary.
+func newEnv(t *testing.T, backends int, vips ...netip.Addr) *env {
+	t.Helper()
+	l := lab.ForTest(t, lab.Options{Backends: backends, VIPs: vips})
+	e := &env{t: t, lab: l, bin: agentBinary(t), dir: t.TempDir()}
+	if err := l.StartBackendServers(t.Context()); err != nil {
+		t.Fatalf("start backend servers: %v", err)
+	}
+
+	// The bpffs is mounted after t.TempDir() was created, so its cleanup
+	// (registered later) runs first: pins removed, then unmounted, then
+	// the directory removed.
+	mnt := filepath.Join(e.dir, "bpffs")
+	if err := os.Mkdir(mnt, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("bpf", mnt, "bpf", 0, "mode=0700"); err != nil {
+		t.Fatalf("mount bpffs on %s: %v", mnt, err)
+	}
+	e.pin = filepath.Join(mnt, "veloflux")
+	t.Cleanup(func() {
+		if err := dataplane.RemovePins(e.pin); err != nil {
+			t.Errorf("remove pins under %s: %v", e.pin, err)
+		}
+		if err := unix.Unmount(mnt, unix.MNT_DETACH); err != nil {
+			t.Errorf("unmount bpffs %s: %v", mnt, err)
+		}
+	})
+	e.state = filepath.Join(e.dir, "state")
+	e.cfg = filepath.Join(e.dir, "veloflux.yaml")
+	e.http = newHTTPClient(l.Client, 5*time.Second)
+	return e
+}
+
+// newHTTPClient makes a client whose every request opens its own connection
+// from h's namespace, so every request is a new flow for the balancer.
+func newHTTPClient(h *lab.Host, timeout time.Duration) *http.Client {
+	return &http.Client{
+		Transport: &http.Transport{DialContext: h.DialContext, DisableKeepAlives: true},
+		Timeout:   timeout,
+	}
+}
+
+// ---------------------------------------------------------------------------
+// Configuration
+
+type poolSpec struct {
+	name      string
+	addrs     []netip.Addr
+	port      int
+	checkPort int // 0: the backend port
+}
+
+type vipSpec struct {
+	addr  netip.Addr
+	port  int
+	proto string // tcp | udp
+	mode  string // dsr | ipip
+	pool  string
+}
+
+type cfgSpec struct {
+	dataplane []string // extra "key: value" lines under dataplane:
+	pools     []poolSpec
+	vips      []vipSpec
+}
+
+// render writes a configuration in the documented schema. Addresses are
+// quoted: an unquoted IPv6 literal is not a plain YAML scalar everywhere.
+func (e *env) render(c cfgSpec) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "node:\n  name: e2e-%s\n", e.lab.Prefix)
+	fmt.Fprintf(&b, "dataplane:\n  interfaces: [%s]\n  xdp_mode: native\n  conntrack_size: 65536\n", e.lab.Balancer.IfName)
+	for _, l := range c.dataplane {
+		fmt.Fprintf(&b, "  %s\n", l)
+	}
+	fmt.Fprintf(&b, "api:\n  token_file: %s\n", filepath.Join(e.state, "api.token"))
+	b.WriteString("pools:\n")
+	for _, p := range c.pools {
+		fmt.Fprintf(&b, "  - name: %s\n    backends:\n", p.name)
+		for _, a := range p.addrs {
+			fmt.Fprintf(&b, "      - {address: %q, port: %d}\n", a.String(), p.port)
+		}
+		fmt.Fprintf(&b, "    health_check: {type: http, path: /healthz, interval: %s, timeout: %s, rise: %d, fall: %d",
+			checkInterval, checkTimeout, checkRise, checkFall)
+		if p.checkPort != 0 {
+			fmt.Fprintf(&b, ", port: %d", p.checkPort)
+		}
+		b.WriteString("}\n")
+	}
+	b.WriteString("vips:\n")
+	for _, v := range c.vips {
+		fmt.Fprintf(&b, "  - {address: %q, port: %d, protocol: %s, mode: %s, pool: %s}\n",
+			v.addr.String(), v.port, v.proto, v.mode, v.pool)
+	}
+	return b.String()
+}
+
+// writeConfig replaces the config file atomically (the agent may read it at
+// any SIGHUP).
+func (e *env) writeConfig(text string) {
+	e.t.Helper()
+	writeFileAtomic(e.t, e.cfg, text)
+}
+
+func writeFileAtomic(t *testing.T, path, text string) {
+	t.Helper()
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// addrs4/addrs6 list the IPv4/IPv6 addresses of backends idx (all when
+// none given).
+func (e *env) addrs4(idx ...int) []netip.Addr { return e.addrs(false, idx) }
+func (e *env) addrs6(idx ...int) []netip.Addr { return e.addrs(true, idx) }
+
+func (e *env) addrs(v6 bool, idx []int) []netip.Addr {
+	if len(idx) == 0 {
+		for i := range e.lab.Backends {
+			idx = append(idx, i)
+		}
+	}
+	var out []netip.Addr
+	for _, i := range idx {
+		if v6 {
+			out = append(out, e.lab.Backends[i].Addr6)
+		} else {
+			out = append(out, e.lab.Backends[i].Addr4)
+		}
+	}
+	return out
+}
+
+// backendIndex maps a backend address or name ("backend-2") to its index.
+func (e *env) backendIndex(addr netip.Addr) int {
+	for i, b := range e.lab.Backends {
+		if b.Addr4 == addr.Unmap() || b.Addr6 == addr {
+			return i
+		}
+	}
+	return -1
+}
+
+func (e *env) backendByName(name string) int {
+	for i, b := range e.lab.Backends {
+		if b.Name == name {
+			return i
+		}
+	}
+	return -1
+}
+
+// ---------------------------------------------------------------------------
+// The agent process
+
+// agentProc is one run of `veloflux` inside the balancer namespace.
+type agentProc struct {
+	t    *testing.T
+	name string
+	cmd  *exec.Cmd
+	log  *logSink
+	done chan struct{}
+	err  error // cmd.Wait's result, valid after done
+	// stopped is set when the test itself ends the process.
+	stopped atomic.Bool
+}
+
+// startAgent runs the agent with the env's config, pin path and state dir,
+// inside the balancer namespace. It is stopped (SIGTERM, then SIGKILL) in
+// t.Cleanup if still running.
+func (e *env) startAgent() *agentProc {
+	e.t.Helper()
+	e.seq++
+	e.agent = e.runBinary(fmt.Sprintf("agent#%d", e.seq),
+		"--config", e.cfg, "--pin-path", e.pin, "--state-dir", e.state, "--log-format", "text")
+	return e.agent
+}
+
+// runBinary starts the binary with args in the balancer namespace.
+func (e *env) runBinary(name string, args ...string) *agentProc {
+	e.t.Helper()
+	t := e.t
+	// Not tied to t.Context(): the test decides when the agent stops.
+	cmd := e.lab.Balancer.Command(context.Background(), e.bin, args...)
+	a := &agentProc{t: t, name: name, cmd: cmd, log: newLogSink(t, name), done: make(chan struct{})}
+	cmd.Stdout, cmd.Stderr = a.log, a.log
+	cmd.WaitDelay = 5 * time.Second
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", name, err)
+	}
+	go func() {
+		a.err = cmd.Wait()
+		close(a.done)
+	}()
+	t.Cleanup(func() {
+		if !a.exited() {
+			a.stop()
+		}
+		a.log.close()
+	})
+	return a
+}
+
+func (a *agentProc) exited() bool {
+	select {
+	case <-a.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// signal sends sig to the agent (`ip netns exec` execs it, so the pid is
+// the agent's).
+func (a *agentProc) signal(sig syscall.Signal) {
+	a.t.Helper()
+	if err := a.cmd.Process.Signal(sig); err != nil {
+		a.t.Fatalf("%s: send %v: %v", a.name, sig, err)
+	}
+}
+
+// stop sends SIGTERM and waits for the exit (SIGKILL after 15 s). It
+// returns the exit code.
+func (a *agentProc) stop() int {
+	a.t.Helper()
+	a.stopped.Store(true)
+	if !a.exited() {
+		_ = a.cmd.Process.Signal(syscall.SIGTERM)
+	}
+	select {
+	case <-a.done:
+	case <-time.After(15 * time.Second):
+		a.t.Errorf("%s: no exit 15s after SIGTERM; killing it", a.name)
+		_ = a.cmd.Process.Kill()
+		<-a.done
+	}
+	return a.cmd.ProcessState.ExitCode()
+}
+
+// wait waits for the process to exit on its own and returns the exit code.
+func (a *agentProc) wait(timeout time.Duration) int {
+	a.t.Helper()
+	select {
+	case <-a.done:
+		return a.cmd.ProcessState.ExitCode()
+	case <-time.After(timeout):
+		a.t.Fatalf("%s: still running after %s", a.name, timeout)
+		return -1
+	}
+}
+
+// waitLog waits until a line containing substr appears at or after line
+// from, and returns its index.
+func (a *agentProc) waitLog(substr string, from int, timeout time.Duration) int {
+	a.t.Helper()
+	if i, ok := a.log.waitFor(substr, from, timeout, a.done); ok {
+		return i
+	}
+	if a.exited() {
+		a.t.Fatalf("%s exited (%v) before logging %q", a.name, a.err, substr)
+	}
+	a.t.Fatalf("%s: no log line with %q within %s", a.name, substr, timeout)
+	return -1
+}
+
+// logSink collects a process's output and copies each line to the test log.
+type logSink struct {
+	t      *testing.T
+	prefix string
+
+	mu      sync.Mutex
+	partial []byte
+	lines   []string
+	changed chan struct{}
+	closed  bool
+}
+
+func newLogSink(t *testing.T, prefix string) *logSink {
+	return &logSink{t: t, prefix: prefix, changed: make(chan struct{})}
+}
+
+func (s *logSink) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.partial = append(s.partial, p...)
+	for {
+		i := bytes.IndexByte(s.partial, '\n')
+		if i < 0 {
+			break
+		}
+		line := string(s.partial[:i])
+		s.partial = s.partial[i+1:]
+		s.lines = append(s.lines, line)
+		if !s.closed {
+			s.t.Logf("%s: %s", s.prefix, line)
+		}
+	}
+	close(s.changed)
+	s.changed = make(chan struct{})
+	return len(p), nil
+}
+
+// close stops copying to the test log (the test may be over).
+func (s *logSink) close() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.partial) > 0 && !s.closed {
+		s.t.Logf("%s: %s", s.prefix, s.partial)
+	}
+	s.closed = true
+}
+
+func (s *logSink) len() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.lines)
+}
+
+// since joins the lines from index from on.
+func (s *logSink) since(from int) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if from > len(s.lines) {
+		return ""
+	}
+	return strings.Join(s.lines[from:], "\n")
+}
+
+func (s *logSink) text() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return strings.Join(s.lines, "\n") + "\n" + string(s.partial)
+}
+
+func (s *logSink) waitFor(substr string, from int, timeout time.Duration, done <-chan struct{}) (int, bool) {
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	for {
+		s.mu.Lock()
+		for i := from; i < len(s.lines); i++ {
+			if strings.Contains(s.lines[i], substr) {
+				s.mu.Unlock()
+				return i, true
+			}
+		}
+		from = max(from, len(s.lines))
+		changed := s.changed
+		s.mu.Unlock()
+		select {
+		case <-changed:
+		case <-done:
+			done = nil // drain what the last writes left, then give up
+			s.mu.Lock()
+			for i := from; i < len(s.lines); i++ {
+				if strings.Contains(s.lines[i], substr) {
+					s.mu.Unlock()
+					return i, true
+				}
+			}
+			s.mu.Unlock()
+			return -1, false
+		case <-deadline.C:
+			return -1, false
+		}
+	}
+}
+
+// ---------------------------------------------------------------------------
+// HTTP traffic
+
+// get fetches url over a new connection and returns the backend's name.
+func get(ctx context.Context, c *http.Client, url string) (string, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return "", err
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 1024))
+	if err != nil {
+		return "", fmt.Errorf("GET %s: read body: %w", url, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("GET %s: status %s", url, resp.Status)
+	}
+	name := strings.TrimSpace(string(body))
+	if !strings.HasPrefix(name, "backend-") {
+		return "", fmt.Errorf("GET %s: unexpected body %q", url, body)
+	}
+	return name, nil
+}
+
+func vipURL(vip netip.Addr) string {
+	return "http://" + netip.AddrPortFrom(vip, lab.HTTPPort).String() + "/"
+}
+
+// tally is the outcome of a load.
+type tally struct {
+	n       int
+	ok      int
+	fails   int
+	counts  map[string]int
+	errs    []string // the first few failures
+	elapsed time.Duration
+}
+
+func (tl *tally) add(name string, err error) {
+	tl.n++
+	if err != nil {
+		tl.fails++
+		if len(tl.errs) < 5 {
+			tl.errs = append(tl.errs, err.Error())
+		}
+		return
+	}
+	tl.ok++
+	tl.counts[name]++
+}
+
+func (tl tally) share(name string) float64 {
+	if tl.ok == 0 {
+		return 0
+	}
+	return float64(tl.counts[name]) / float64(tl.ok)
+}
+
+func (tl tally) String() string {
+	names := make([]string, 0, len(tl.counts))
+	for n := range tl.counts {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	var parts []string
+	for _, n := range names {
+		parts = append(parts, fmt.Sprintf("%s=%d (%.1f%%)", n, tl.counts[n], 100*tl.share(n)))
+	}
+	s := fmt.Sprintf("%d requests in %s: %d ok, %d failed; %s", tl.n, tl.elapsed.Round(time.Millisecond),
+		tl.ok, tl.fails, strings.Join(parts, ", "))
+	if len(tl.errs) > 0 {
+		s += "; first errors: " + strings.Join(tl.errs, " | ")
+	}
+	return s
+}
+
+// load sends n GETs, each over its own connection, one after the other,
+// with pause between them, and stops early at budget.
+func load(ctx context.Context, c *http.Client, url string, n int, pause, budget time.Duration, progress *atomic.Int64) tally {
+	tl := tally{counts: map[string]int{}}
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(ctx, budget)
+	defer cancel()
+	for i := 0; i < n && ctx.Err() == nil; i++ {
+		name, err := get(ctx, c, url)
+		if ctx.Err() != nil && err != nil {
+			break // the budget ran out mid-request: not the balancer's failure
+		}
+		tl.add(name, err)
+		if progress != nil {
+			progress.Add(1)
+		}
+		if pause > 0 {
+			select {
+			case <-ctx.Done():
+			case <-time.After(pause):
+			}
+		}
+	}
+	tl.elapsed = time.Since(start)
+	return tl
+}
+
+// waitServing polls url until every backend in want has answered, and
+// returns how long that took. It fails the test at timeout.
+func (e *env) waitServing(url string, want []int, timeout time.Duration) time.Duration {
+	e.t.Helper()
+	start := time.Now()
+	c := newHTTPClient(e.lab.Client, 500*time.Millisecond)
+	seen := map[int]bool{}
+	var lastErr error
+	for time.Since(start) < timeout {
+		e.checkAgent()
+		name, err := get(e.t.Context(), c, url)
+		if err != nil {
+			lastErr = err
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		seen[e.backendByName(name)] = true
+		all := true
+		for _, i := range want {
+			all = all && seen[i]
+		}
+		if all {
+			return time.Since(start)
+		}
+	}
+	e.t.Fatalf("%s: backends %v not all serving within %s (seen %v, last error %v)", url, want, timeout, seen, lastErr)
+	return 0
+}
+
+// checkAgent fails the test if the last agent started has exited.
+func (e *env) checkAgent() {
+	e.t.Helper()
+	if a := e.agent; a != nil && !a.stopped.Load() && a.exited() {
+		e.t.Fatalf("%s exited: %v", a.name, a.err)
+	}
+}
+
+// waitReals polls the pinned reals until ok accepts them and returns how
+// long that took. It fails the test at timeout or if the agent exits.
+func (e *env) waitReals(what string, timeout time.Duration, ok func(map[netip.Addr]dataplane.Real) bool) time.Duration {
+	e.t.Helper()
+	start := time.Now()
+	var last map[netip.Addr]dataplane.Real
+	for time.Since(start) < timeout {
+		e.checkAgent()
+		if dp, err := dataplane.OpenPinned(e.pin); err == nil {
+			reals, err := dp.Reals()
+			dp.Close()
+			if err == nil {
+				last = map[netip.Addr]dataplane.Real{}
+				for _, r := range reals {
+					last[r.Addr] = r
+				}
+				if ok(last) {
+					return time.Since(start)
+				}
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	e.t.Fatalf("%s: not within %s (reals: %v)", what, timeout, last)
+	return 0
+}
+
+// ---------------------------------------------------------------------------
+// A long-lived TCP echo stream
+
+// echoStream writes a line every period and expects it back, until stopped.
+type echoStream struct {
+	conn   net.Conn
+	local  netip.AddrPort
+	remote netip.AddrPort
+	stopc  chan struct{}
+	done   chan struct{}
+	once   sync.Once
+	echoes atomic.Int64
+	err    error // valid after done
+}
+
+func startEchoStream(t *testing.T, h *lab.Host, dst netip.AddrPort, period, maxDur time.Duration) *echoStream {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	c, err := h.DialContext(ctx, "tcp", dst.String())
+	if err != nil {
+		t.Fatalf("dial echo stream to %s: %v", dst, err)
+	}
+	s := &echoStream{conn: c, remote: dst, stopc: make(chan struct{}), done: make(chan struct{})}
+	s.local = c.LocalAddr().(*net.TCPAddr).AddrPort()
+	s.local = netip.AddrPortFrom(s.local.Addr().Unmap(), s.local.Port())
+	go s.run(period, maxDur)
+	t.Cleanup(func() { s.stop() })
+	return s
+}
+
+func (s *echoStream) run(period, maxDur time.Duration) {
+	defer close(s.done)
+	r := bufio.NewReader(s.conn)
+	tick := time.NewTicker(period)
+	defer tick.Stop()
+	end := time.Now().Add(maxDur)
+	for i := 0; time.Now().Before(end); i++ {
+		msg := fmt.Sprintf("veloflux e2e line %d at %s\n", i, time.Now().Format(time.RFC3339Nano))
+		if err := s.conn.SetDeadline(time.Now().Add(2 * time.Second)); err != nil {
+			s.err = err
+			return
+		}
+		if _, err := io.WriteString(s.conn, msg); err != nil {
+			s.err = fmt.Errorf("write line %d (after %d echoes): %w", i, s.echoes.Load(), err)
+			return
+		}
+		got, err := r.ReadString('\n')
+		if err != nil {
+			s.err = fmt.Errorf("read echo of line %d (after %d echoes): %w", i, s.echoes.Load(), err)
+			return
+		}
+		if got != msg {
+			s.err = fmt.Errorf("line %d: echo %q, want %q", i, got, msg)
+			return
+		}
+		s.echoes.Add(1)
+		select {
+		case <-s.stopc:
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// stop ends the stream and returns its first error, if any.
+func (s *echoStream) stop() error {
+	s.once.Do(func() {
+		close(s.stopc)
+		<-s.done
+		s.conn.Close()
+	})
+	return s.err
+}
+
+// failed reports a stream error without stopping the stream.
+func (s *echoStream) failed() error {
+	select {
+	case <-s.done:
+		if s.err == nil {
+			return errors.New("stream ended early (max duration)")
+		}
+		return s.err
+	default:
+		return nil
+	}
+}
+
+// tcpEstablished is TCP_ESTABLISHED in include/net/tcp_states.h.
+const tcpEstablished = 1
+
+// socketOwner finds the backend holding the established server side of the
+// client connection local -> vip (served from the VIP on its loopback). It
+// returns -1 when no backend has it.
+func (e *env) socketOwner(local, vip netip.AddrPort) (int, error) {
+	family := uint8(unix.AF_INET)
+	if vip.Addr().Is6() {
+		family = unix.AF_INET6
+	}
+	owner := -1
+	for i, b := range e.lab.Backends {
+		var socks []*netlink.Socket
+		err := b.Do(func() error {
+			var err error
+			for range 3 { // a dump interrupted by a concurrent change is retried
+				if socks, err = netlink.SocketDiagTCP(family); !errors.Is(err, netlink.ErrDumpInterrupted) {
+					break
+				}
+			}
+			return err
+		})
+		if err != nil {
+			return -1, fmt.Errorf("%s: list TCP sockets: %w", b.Name, err)
+		}
+		for _, s := range socks {
+			src, _ := netip.AddrFromSlice(s.ID.Source)
+			dst, _ := netip.AddrFromSlice(s.ID.Destination)
+			if s.State == tcpEstablished && src.Unmap() == vip.Addr() && s.ID.SourcePort == vip.Port() &&
+				dst.Unmap() == local.Addr() && s.ID.DestinationPort == local.Port() {
+				if owner >= 0 {
+					return -1, fmt.Errorf("connection %s -> %s established on %s and %s", local, vip,
+						e.lab.Backends[owner].Name, b.Name)
+				}
+				owner = i
+			}
+		}
+	}
+	return owner, nil
+}
+
+// flowReal looks the flow local -> vip up in the pinned conntrack map and
+// returns the real id and the backend index it names.
+func (e *env) flowReal(local, vip netip.AddrPort, proto dataplane.Protocol) (uint32, int, error) {
+	dp, err := dataplane.OpenPinned(e.pin)
+	if err != nil {
+		return 0, -1, err
+	}
+	defer dp.Close()
+	flows, err := dp.Flows(0)
+	if err != nil {
+		return 0, -1, err
+	}
+	for _, f := range flows {
+		if f.Proto == proto && f.Src == local.Addr() && f.SrcPort == local.Port() &&
+			f.Dst == vip.Addr() && f.DstPort == vip.Port() {
+			reals, err := dp.Reals()
+			if err != nil {
+				return 0, -1, err
+			}
+			r, ok := reals[f.RealID]
+			if !ok {
+				return f.RealID, -1, fmt.Errorf("flow %s -> %s names real %d, which is not installed", local, vip, f.RealID)
+			}
+			return f.RealID, e.backendIndex(r.Addr), nil
+		}
+	}
+	return 0, -1, fmt.Errorf("no conntrack entry for %s -> %s/%v among %d flows", local, vip, proto, len(flows))
+}
+
+// vipID returns the data plane id of a VIP, read from the pinned map.
+func vipID(dp *dataplane.Dataplane, v dataplane.VIP) (uint32, error) {
+	vips, err := dp.VIPs()
+	if err != nil {
+		return 0, err
+	}
+	meta, ok := vips[v]
+	if !ok {
+		return 0, fmt.Errorf("VIP %s not in the data plane (have %v)", v, vips)
+	}
+	return meta.ID, nil
+}
+
+// counters reads the global per-reason counters from the pins.
+func (e *env) counters() map[string]uint64 {
+	e.t.Helper()
+	dp, err := dataplane.OpenPinned(e.pin)
+	if err != nil {
+		e.t.Fatalf("open pinned maps: %v", err)
+	}
+	defer dp.Close()
+	cs, err := dp.Counters()
+	if err != nil {
+		e.t.Fatalf("read counters: %v", err)
+	}
+	out := map[string]uint64{}
+	for i, c := range cs {
+		if c.Packets > 0 {
+			out[dataplane.Reason(i).String()] = c.Packets
+		}
+	}
+	return out
+}
+
+// xdpOnBalancer reports the XDP program attached to the balancer interface,
+// as netlink sees it inside the balancer namespace.
+func (e *env) xdpOnBalancer() (*netlink.LinkXdp, error) {
+	var x *netlink.LinkXdp
+	err := e.lab.Balancer.Do(func() error {
+		l, err := netlink.LinkByName(e.lab.Balancer.IfName)
+		if err != nil {
+			return err
+		}
+		x = l.Attrs().Xdp
+		return nil
+	})
+	return x, err
+}
+
+// setSysctl writes one sysctl inside h's namespace.
+func setSysctl(h *lab.Host, key, value string) error {
+	return h.Do(func() error {
+		return os.WriteFile("/proc/sys/"+strings.ReplaceAll(key, ".", "/"), []byte(value), 0o644)
+	})
+}

@@ -136,7 +136,7 @@ func logConfigError(log *slog.Logger, path string, err error) {
 	var verr *config.ValidationError
 	if errors.As(err, &verr) {
 		for _, fe := range verr.Errors {
-			log.Error("invalid configuration", "config", path, "path", fe.Path, "error", fe.Message)
+			log.Error("invalid configuration", "config", path, "error", fe.Error())
 		}
 		return
 	}

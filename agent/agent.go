@@ -28,6 +28,7 @@ import (
 	"github.com/veloflux/veloflux/agent/insights"
 	"github.com/veloflux/veloflux/agent/metrics"
 	"github.com/veloflux/veloflux/agent/reconcile"
+	"github.com/veloflux/veloflux/agent/web"
 )
 
 // Options are the agent's command-line settings.
@@ -249,7 +250,8 @@ func (a *Agent) startServices(ctx context.Context, cfg *config.Config) error {
 	a.hub = api.NewHub(api.HubOptions{AllowedOrigins: cfg.API.AllowedOrigins, OnConnect: a.onConnect,
 		Logger: a.log.With("component", "websocket")})
 	server := api.New(api.Options{Controller: a, Hub: a.hub, Token: token, ProtectReads: cfg.API.ProtectReads,
-		Version: a.opts.Version, Logger: a.log.With("component", "api"), SecurityEvents: a.onAuthFailure})
+		Version: a.opts.Version, Logger: a.log.With("component", "api"), SecurityEvents: a.onAuthFailure,
+		Pages: web.Handler()})
 
 	healthEvents, unsubscribe := a.checker.Subscribe(256)
 	go func() { defer unsubscribe(); a.forwardHealth(ctx, healthEvents) }()

@@ -1,0 +1,102 @@
+package proxy
+
+import (
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"runtime"
+	"strings"
+	"testing"
+
+	"github.com/veloflux/veloflux/agent/config"
+)
+
+// The benchmarks drive keep-alive HTTP/1.1 over loopback with 64 parallel
+// clients (b.SetParallelism scales with GOMAXPROCS), a 1 KiB response, and
+// report requests per second. BenchmarkDirectKeepAlive is the same load
+// without the proxy, for comparison.
+
+const benchClients = 64
+
+var benchBody = strings.Repeat("x", 1024)
+
+func benchBackend(b *testing.B) *httptest.Server {
+	s := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "text/plain")
+		io.WriteString(w, benchBody)
+	}))
+	b.Cleanup(s.Close)
+	return s
+}
+
+func benchConfig(b *testing.B, be *httptest.Server, algo config.Algorithm) *config.Config {
+	port := be.Listener.Addr().(*net.TCPAddr).Port
+	w := uint32(1)
+	pl := config.Pool{Name: "web", Algorithm: algo, Backends: []config.Backend{
+		{Address: "127.0.0.1", Port: port, Weight: &w},
+	}}
+	return testConfig([]config.Pool{pl}, config.Route{PathPrefix: "/", Pool: "web"})
+}
+
+func runClients(b *testing.B, url string) {
+	tr := &http.Transport{MaxIdleConnsPerHost: benchClients, MaxConnsPerHost: benchClients, DisableCompression: true}
+	b.Cleanup(tr.CloseIdleConnections)
+	c := &http.Client{Transport: tr}
+	procs := max(1, benchClients/runtime.GOMAXPROCS(0))
+	b.SetParallelism(procs)
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			resp, err := c.Get(url)
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != 200 {
+				b.Errorf("status %d", resp.StatusCode)
+				return
+			}
+		}
+	})
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "req/s")
+}
+
+func benchProxy(b *testing.B, algo config.Algorithm, log *slog.Logger) {
+	be := benchBackend(b)
+	p, err := New(Options{Logger: log})
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := p.Apply(benchConfig(b, be, algo)); err != nil {
+		b.Fatal(err)
+	}
+	f := httptest.NewServer(p.Handler())
+	b.Cleanup(f.Close)
+	runClients(b, f.URL+"/bench")
+}
+
+// BenchmarkProxyKeepAlive is the proxy with access logging disabled.
+func BenchmarkProxyKeepAlive(b *testing.B) {
+	benchProxy(b, config.AlgorithmRoundRobin, slog.New(slog.DiscardHandler))
+}
+
+// BenchmarkProxyKeepAliveAccessLog adds the JSON access log (to io.Discard).
+func BenchmarkProxyKeepAliveAccessLog(b *testing.B) {
+	benchProxy(b, config.AlgorithmRoundRobin, slog.New(slog.NewJSONHandler(io.Discard, nil)))
+}
+
+// BenchmarkProxyKeepAliveP2C uses p2c_ewma, the costliest algorithm.
+func BenchmarkProxyKeepAliveP2C(b *testing.B) {
+	benchProxy(b, config.AlgorithmP2CEWMA, slog.New(slog.DiscardHandler))
+}
+
+// BenchmarkDirectKeepAlive is the same load straight to the backend.
+func BenchmarkDirectKeepAlive(b *testing.B) {
+	runClients(b, benchBackend(b).URL+"/bench")
+}

@@ -27,6 +27,7 @@ import (
 	"github.com/veloflux/veloflux/agent/health"
 	"github.com/veloflux/veloflux/agent/insights"
 	"github.com/veloflux/veloflux/agent/metrics"
+	"github.com/veloflux/veloflux/agent/proxy"
 	"github.com/veloflux/veloflux/agent/reconcile"
 	"github.com/veloflux/veloflux/agent/web"
 )
@@ -58,8 +59,10 @@ type Agent struct {
 	checker *health.Checker
 	rec     *reconcile.Reconciler
 
-	hub      *api.Hub
-	metrics  *metrics.Metrics
+	hub       *api.Hub
+	metrics   *metrics.Metrics
+	proxy     *proxy.Proxy  // nil unless proxy.enabled
+	proxyDone chan struct{} // closed when the proxy has drained
 	analyzer *insights.Analyzer
 	ledger   *billing.Ledger
 	security *securityStats
@@ -171,6 +174,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := a.startServices(ctx, cfg); err != nil {
 		return err
 	}
+	if err := a.startProxy(ctx, cfg); err != nil {
+		return err
+	}
 
 	links := make(chan linkChange, 16)
 	go a.watchLinks(ctx, links)
@@ -186,6 +192,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	for {
 		select {
 		case <-ctx.Done():
+			a.waitProxy()
 			a.log.Info("agent stopping; the data path stays attached and pinned")
 			return nil
 		case _, ok := <-events: // the checker logs each transition itself
@@ -372,6 +379,9 @@ func restartOnlyChanges(cur, next *config.Config) error {
 	if cur.Dataplane.RingSize != next.Dataplane.RingSize {
 		errs = append(errs, fmt.Errorf("dataplane.ring_size: changing %d to %d needs `veloflux detach` and a restart",
 			cur.Dataplane.RingSize, next.Dataplane.RingSize))
+	}
+	if cur.Proxy.Enabled != next.Proxy.Enabled {
+		errs = append(errs, fmt.Errorf("proxy.enabled: turning the L7 proxy on or off needs a restart"))
 	}
 	if cur.Dataplane.ConntrackSize != next.Dataplane.ConntrackSize {
 		errs = append(errs, fmt.Errorf("dataplane.conntrack_size: changing %d to %d needs `veloflux detach` and a restart",

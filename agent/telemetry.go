@@ -13,6 +13,7 @@ import (
 	"github.com/veloflux/veloflux/agent/health"
 	"github.com/veloflux/veloflux/agent/insights"
 	"github.com/veloflux/veloflux/agent/model"
+	"github.com/veloflux/veloflux/agent/proxy"
 )
 
 // Telemetry cadences. Rates and backends are sampled every second; the
@@ -87,6 +88,7 @@ func (a *Agent) telemetry(ctx context.Context) {
 	tick := time.NewTicker(sampleEvery)
 	defer tick.Stop()
 	var prev model.Counters
+	var prevL7 proxy.Stats
 	lastStatus, lastBilling, lastSummary, lastLatency := time.Time{}, time.Time{}, time.Now(), time.Time{}
 	for {
 		select {
@@ -99,6 +101,11 @@ func (a *Agent) telemetry(ctx context.Context) {
 				continue
 			}
 			mv := ratesBetween(prev, cur)
+			if a.proxy != nil {
+				st := a.proxy.Stats()
+				mv.L7 = l7Rates(prevL7, st, mv.IntervalSeconds)
+				prevL7 = st
+			}
 			a.mu.Lock()
 			a.lastMetrics = mv
 			a.mu.Unlock()

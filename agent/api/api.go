@@ -34,6 +34,9 @@ type Controller interface {
 	SetDrained(ctx context.Context, pool, backend string, drained bool) error
 	Metrics() MetricsView
 	Flows(limit int) ([]FlowView, error)
+	// DrainProxy closes the L7 listeners and lets in-flight requests
+	// finish; /health then reports draining.
+	DrainProxy(ctx context.Context) error
 }
 
 // Options configure the server.
@@ -98,9 +101,10 @@ func New(opts Options) *Server {
 	}
 	if opts.Pages != nil {
 		page := echo.WrapHandler(opts.Pages)
-		e.GET("/", page)
-		e.GET("/dashboard", page)
-		e.GET("/assets/*", page)
+		for _, p := range []string{"/", "/dashboard", "/assets/*"} {
+			e.GET(p, page)
+			e.HEAD(p, page)
+		}
 	}
 	return s
 }

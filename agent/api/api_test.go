@@ -451,3 +451,5 @@ func TestSlowClientDoesNotDelayOthers(t *testing.T) {
 		t.Fatal("channels changed")
 	}
 }
+
+func (f *fakeController) DrainProxy(context.Context) error { return nil }

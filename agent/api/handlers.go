@@ -59,6 +59,8 @@ func (s *Server) routeTable() []route {
 		{http.MethodPost, "/api/security/denylist", "Deny a source prefix", true, "DenyPrefix", s.addDeny},
 		{http.MethodDelete, "/api/security/denylist", "Lift a denied prefix (?prefix=)", true, "", s.removeDeny},
 
+		{http.MethodPost, "/api/system/drain", "Drain the L7 proxy: close its listeners, finish in-flight requests", true, "", s.drainProxy},
+
 		{http.MethodGet, "/api/openapi.json", "This document", false, "", s.openAPI},
 		{http.MethodGet, "/api/ws/:channel", "WebSocket channel: " + strings.Join(Channels, ", "), false, "", s.webSocket},
 	}
@@ -70,11 +72,22 @@ func (s *Server) health(c echo.Context) error {
 		"status": st.Status, "version": st.Version, "uptime_seconds": st.UptimeSeconds,
 		"dataplane_attached": st.Attached, "config_generation": st.ConfigGeneration,
 	}
-	if !st.Attached {
+	switch {
+	case !st.Attached:
 		body["status"] = "detached"
+		return c.JSON(http.StatusServiceUnavailable, body)
+	case st.Status == "draining":
+		// Whatever balances in front of this node should move away.
 		return c.JSON(http.StatusServiceUnavailable, body)
 	}
 	return c.JSON(http.StatusOK, body)
+}
+
+func (s *Server) drainProxy(c echo.Context) error {
+	if err := s.opts.Controller.DrainProxy(c.Request().Context()); err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, map[string]any{"draining": true, "drained": true})
 }
 
 func (s *Server) status(c echo.Context) error {

@@ -224,6 +224,10 @@ Look at it from another terminal:
   sudo bpftool net show dev %s
   sudo bpftool map dump pinned %s/vf_vips
   sudo ip netns exec %s curl -s http://%s/
+  curl -s http://localhost/             # the L7 proxy on :80, round robin over the same backends
+
+Dashboard: http://localhost:9090/dashboard   API token (for actions): /var/lib/veloflux/api.token
+Prometheus: http://localhost:8080/metrics    OpenAPI: http://localhost:9090/api/openapi.json
 
 Stop with Ctrl-C (or set DEMO_SECONDS); everything the demo created is removed.
 

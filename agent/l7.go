@@ -1,0 +1,169 @@
+package agent
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/veloflux/veloflux/agent/api"
+	"github.com/veloflux/veloflux/agent/config"
+	"github.com/veloflux/veloflux/agent/proxy"
+)
+
+// stickyKeyFile holds the HMAC key of sticky cookies, so that cookies stay
+// valid across restarts.
+const stickyKeyFile = "sticky.key"
+
+// startProxy runs the L7 proxy when the configuration enables it. Its
+// listeners close, and its in-flight requests finish, when ctx ends.
+func (a *Agent) startProxy(ctx context.Context, cfg *config.Config) error {
+	if !cfg.Proxy.Enabled {
+		return nil
+	}
+	key, err := a.stickyKey()
+	if err != nil {
+		return err
+	}
+	p, err := proxy.New(proxy.Options{
+		Logger:        a.log.With("component", "proxy"),
+		Healthy:       a.checker.Healthy,
+		Drained:       a.isDrained,
+		Registerer:    a.metrics.Registry(),
+		SecurityEvent: a.onProxySecurityEvent,
+		Usage:         a.onProxyUsage,
+		StickyKey:     key,
+	})
+	if err != nil {
+		return err
+	}
+	if err := p.Apply(cfg); err != nil {
+		return err
+	}
+	a.proxy = p
+	a.proxyDone = make(chan struct{})
+	go func() {
+		defer close(a.proxyDone)
+		if err := p.Serve(ctx); err != nil {
+			a.log.Error("L7 proxy stopped", "err", err)
+		}
+	}()
+	return nil
+}
+
+// waitProxy waits for the proxy's drain after the agent was told to stop.
+func (a *Agent) waitProxy() {
+	if a.proxyDone == nil {
+		return
+	}
+	limit := a.config().Proxy.DrainTimeout.Std() + 5*time.Second
+	select {
+	case <-a.proxyDone:
+	case <-time.After(limit):
+		a.log.Warn("L7 proxy did not drain in time", "waited", limit)
+	}
+}
+
+// DrainProxy stops the L7 proxy gracefully (POST /api/system/drain): the
+// listeners close, in-flight requests finish within drain_timeout, and
+// /health reports draining so that whatever is in front moves away.
+func (a *Agent) DrainProxy(ctx context.Context) error {
+	if a.proxy == nil {
+		return &api.Error{Status: 409, Code: "conflict", Message: "the L7 proxy is not running (proxy.enabled is false)"}
+	}
+	a.log.Info("draining the L7 proxy")
+	a.publishStatus()
+	err := a.proxy.Drain(ctx)
+	a.publishStatus()
+	return err
+}
+
+func (a *Agent) proxyDraining() bool {
+	return a.proxy != nil && a.proxy.Draining()
+}
+
+func (a *Agent) isDrained(key string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.drained[key]
+}
+
+func (a *Agent) onProxyUsage(pool string, requests, bytesIn, bytesOut uint64) {
+	if a.ledger != nil {
+		a.ledger.AddL7("pool:"+pool, requests, bytesIn, bytesOut)
+	}
+}
+
+func (a *Agent) onProxySecurityEvent(kind string, data map[string]any) {
+	a.security.dropEvent(kind)
+	ev := map[string]any{"kind": kind, "severity": "warning"}
+	for k, v := range data {
+		ev[k] = v
+	}
+	a.hub.Publish("security", api.NewMessage("security_event", ev))
+}
+
+// l7Rates turns two proxy stats reads into the metrics channel's L7 view.
+func l7Rates(prev, cur proxy.Stats, dt float64) map[string]any {
+	rate := func(now, before uint64) float64 {
+		if dt <= 0 || now < before {
+			return 0
+		}
+		return float64(now-before) / dt
+	}
+	status := map[string]float64{}
+	for class, n := range cur.Status {
+		status[class] = rate(n, prev.Status[class])
+	}
+	var errNow, errBefore uint64
+	for _, n := range cur.UpstreamErrors {
+		errNow += n
+	}
+	for _, n := range prev.UpstreamErrors {
+		errBefore += n
+	}
+	return map[string]any{
+		"requests":              cur.Requests,
+		"requests_per_s":        rate(cur.Requests, prev.Requests),
+		"status_per_s":          status,
+		"upstream_errors_per_s": rate(errNow, errBefore),
+		"bytes_in_per_s":        rate(cur.BytesIn, prev.BytesIn),
+		"bytes_out_per_s":       rate(cur.BytesOut, prev.BytesOut),
+		"in_flight":             cur.InFlight,
+		"latency_p50_seconds":   cur.LatencyP50,
+		"latency_p99_seconds":   cur.LatencyP99,
+		"rate_limited":          cur.RateLimited,
+		"draining":              cur.Draining,
+	}
+}
+
+// stickyKey loads the sticky-cookie key from the state dir, creating it on
+// first use; without a state dir it lives as long as the process.
+func (a *Agent) stickyKey() ([]byte, error) {
+	key := make([]byte, 32)
+	if a.opts.StateDir == "" {
+		_, err := rand.Read(key)
+		return key, err
+	}
+	path := filepath.Join(a.opts.StateDir, stickyKeyFile)
+	data, err := os.ReadFile(path)
+	if err == nil && len(data) == len(key) {
+		return data, nil
+	}
+	if err == nil {
+		return nil, fmt.Errorf("sticky cookie key %s holds %d bytes, want %d", path, len(data), len(key))
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("read sticky cookie key %s: %w", path, err)
+	}
+	if _, err := rand.Read(key); err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(path, key, 0o600); err != nil {
+		return nil, fmt.Errorf("write sticky cookie key %s: %w", path, err)
+	}
+	return key, nil
+}

@@ -63,9 +63,9 @@ type Agent struct {
 	metrics   *metrics.Metrics
 	proxy     *proxy.Proxy  // nil unless proxy.enabled
 	proxyDone chan struct{} // closed when the proxy has drained
-	analyzer *insights.Analyzer
-	ledger   *billing.Ledger
-	security *securityStats
+	analyzer  *insights.Analyzer
+	ledger    *billing.Ledger
+	security  *securityStats
 
 	writeMu sync.Mutex // serializes configuration changes (API, SIGHUP)
 

@@ -12,6 +12,7 @@ import (
 
 	"github.com/veloflux/veloflux/agent/api"
 	"github.com/veloflux/veloflux/agent/config"
+	"github.com/veloflux/veloflux/agent/model"
 	"github.com/veloflux/veloflux/agent/reconcile"
 )
 
@@ -96,6 +97,11 @@ func (a *Agent) apply(ctx context.Context, next *config.Config, why string) erro
 	}
 	if err := a.applyHealthTargets(next); err != nil {
 		return err
+	}
+	if a.proxy != nil {
+		if err := a.proxy.Apply(next); err != nil {
+			return err
+		}
 	}
 	a.mu.Lock()
 	a.cfg = next
@@ -216,11 +222,19 @@ func (a *Agent) Backends() ([]api.BackendView, error) {
 	return a.backendViews(counters), nil
 }
 
-// Metrics is the latest telemetry snapshot (GET /api/metrics).
+// Metrics is the latest telemetry snapshot (GET /api/metrics). Before the
+// first tick it reads the counters now (totals, no rates yet), so that a
+// client never sees an empty snapshot with "vips": null.
 func (a *Agent) Metrics() api.MetricsView {
 	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.lastMetrics
+	mv := a.lastMetrics
+	a.mu.Unlock()
+	if mv.At.IsZero() {
+		if cur, err := a.Counters(); err == nil {
+			return ratesBetween(model.Counters{}, cur)
+		}
+	}
+	return mv
 }
 
 // Flows is a conntrack sample with the real's address.

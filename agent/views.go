@@ -33,8 +33,14 @@ func dataplaneVIP(v config.VIP) (dataplane.VIP, error) {
 func (a *Agent) Counters() (model.Counters, error) {
 	cfg := a.config()
 	out := model.Counters{At: time.Now()}
-	installed, err := a.dp.VIPs()
-	if err != nil {
+	// The reconciler's copy of what it installed spares reading the reals
+	// array slot by slot (~30 ms) on every tick and scrape.
+	var installed map[dataplane.VIP]dataplane.VIPMeta
+	var reals map[uint32]dataplane.Real
+	var err error
+	if inst := a.installedState(); inst != nil {
+		installed, reals = inst.VIPs, inst.Reals
+	} else if installed, err = a.dp.VIPs(); err != nil {
 		return out, err
 	}
 	for _, v := range cfg.VIPs {
@@ -56,9 +62,10 @@ func (a *Agent) Counters() (model.Counters, error) {
 			Packets: st.Packets, Bytes: st.Bytes, NewFlows: st.NewFlows, Drops: st.Drops,
 		})
 	}
-	reals, err := a.dp.Reals()
-	if err != nil {
-		return out, err
+	if reals == nil {
+		if reals, err = a.dp.Reals(); err != nil {
+			return out, err
+		}
 	}
 	idByAddr := make(map[netip.Addr]uint32, len(reals))
 	for id, r := range reals {
@@ -96,6 +103,15 @@ func (a *Agent) Counters() (model.Counters, error) {
 			Packets: c.Packets, Bytes: c.Bytes})
 	}
 	return out, nil
+}
+
+// installedState is the reconciler's view of the maps, or nil when it has
+// none to trust (the caller then reads the data plane).
+func (a *Agent) installedState() *reconcile.Installed {
+	if a.rec == nil {
+		return nil
+	}
+	return a.rec.Installed()
 }
 
 // ratesBetween turns two counter reads into per-second rates.
@@ -252,6 +268,9 @@ func (a *Agent) statusView() api.StatusView {
 		VIPs: len(cfg.VIPs), Routes: len(cfg.Routes), DenyPrefixes: len(cfg.Security.Denylist)}
 	if !sv.Attached && sv.Status == "ok" {
 		sv.Status = "degraded"
+	}
+	if a.proxyDraining() {
+		sv.Status = "draining"
 	}
 	return sv
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -595,5 +596,30 @@ func TestDecap(t *testing.T) {
 	h.must(err)
 	if s.DecapPackets != 3 || s.PassNotLocal != 1 || s.PassNotTunnel != 1 || s.DropMalformed != 1 {
 		t.Fatalf("decap stats %+v", s)
+	}
+}
+
+func TestSetRingsInstallsEveryRing(t *testing.T) {
+	h := newHarness(t, Options{})
+	h.real(1, real4a)
+	h.real(2, real4b)
+	rings := map[uint32][]uint32{}
+	for id := uint32(1); id <= 3; id++ {
+		ring := make([]uint32, h.dp.RingSize())
+		for i := range ring {
+			ring[i] = 1 + uint32(i+int(id))%2
+		}
+		rings[id] = ring
+	}
+	h.must(h.dp.SetRings(rings))
+	for id, want := range rings {
+		got, err := h.dp.Ring(id)
+		h.must(err)
+		if !slices.Equal(got, want) {
+			t.Fatalf("ring %d read back differs from what was installed", id)
+		}
+	}
+	if err := h.dp.SetRings(map[uint32][]uint32{9: make([]uint32, 7)}); err == nil {
+		t.Fatal("a ring of the wrong size was accepted")
 	}
 }

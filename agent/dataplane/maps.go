@@ -5,6 +5,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"net/netip"
 	"time"
 
@@ -157,6 +159,50 @@ func (d *Dataplane) SetRing(vipID uint32, ring []uint32) error {
 	}
 	if err := d.objs.VfRings.Put(vipID, inner); err != nil {
 		return fmt.Errorf("install ring for VIP %d: %w", vipID, err)
+	}
+	return nil
+}
+
+// SetRings installs several rings with one update of the outer map. Each
+// outer update waits for an RCU grace period (milliseconds) so that no
+// program still uses a ring being replaced; batching pays it once instead
+// of once per VIP. Every ring is still swapped whole.
+func (d *Dataplane) SetRings(rings map[uint32][]uint32) error {
+	if len(rings) == 0 {
+		return nil
+	}
+	ids := slices.Sorted(maps.Keys(rings))
+	inners := make([]*ebpf.Map, 0, len(ids))
+	defer func() {
+		for _, m := range inners {
+			m.Close() // the outer map keeps its own references
+		}
+	}()
+	slots := make([]uint32, d.opts.RingSize)
+	for i := range slots {
+		slots[i] = uint32(i)
+	}
+	fds := make([]uint32, 0, len(ids))
+	for _, id := range ids {
+		ring := rings[id]
+		if uint32(len(ring)) != d.opts.RingSize {
+			return fmt.Errorf("ring of VIP %d has %d slots, want %d", id, len(ring), d.opts.RingSize)
+		}
+		if id >= d.opts.MaxVIPs {
+			return fmt.Errorf("ring: VIP id %d out of range [0,%d)", id, d.opts.MaxVIPs)
+		}
+		inner, err := ebpf.NewMap(d.inner)
+		if err != nil {
+			return fmt.Errorf("create ring for VIP %d: %w", id, err)
+		}
+		inners = append(inners, inner)
+		if _, err := inner.BatchUpdate(slots, ring, nil); err != nil {
+			return fmt.Errorf("fill ring for VIP %d: %w", id, err)
+		}
+		fds = append(fds, uint32(inner.FD()))
+	}
+	if n, err := d.objs.VfRings.BatchUpdate(ids, fds, nil); err != nil {
+		return fmt.Errorf("install rings of %d VIPs (%d installed before the failure): %w", len(ids), n, err)
 	}
 	return nil
 }

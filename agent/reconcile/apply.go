@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"slices"
+	"strings"
 
 	"github.com/veloflux/veloflux/agent/dataplane"
 )
@@ -42,11 +43,22 @@ func (r *Reconciler) apply(p *plan, res *Result) error {
 		}
 	}
 
-	// Rings before the VIPs that use them.
+	// Rings before the VIPs that use them, installed in batches: every
+	// install waits for an RCU grace period, once per batch rather than
+	// once per VIP, and a bounded batch bounds the tables held at once.
+	batch := &ringBatch{rings: map[uint32][]uint32{}}
 	for _, vp := range p.vips {
-		if err := r.applyRing(vp, res); err != nil {
+		if err := r.applyRing(vp, batch); err != nil {
 			return err
 		}
+		if len(batch.vips) >= ringBatchSize {
+			if err := r.flushRings(batch, res); err != nil {
+				return err
+			}
+		}
+	}
+	if err := r.flushRings(batch, res); err != nil {
+		return err
 	}
 	for _, vp := range p.vips {
 		meta := vp.meta()
@@ -97,8 +109,17 @@ func (r *Reconciler) apply(p *plan, res *Result) error {
 	return nil
 }
 
-// applyRing installs a VIP's ring unless the installed one is already right.
-func (r *Reconciler) applyRing(vp *vipPlan, res *Result) error {
+// ringBatchSize bounds the rings installed by one outer-map update.
+const ringBatchSize = 64
+
+// ringBatch holds rings waiting to be installed.
+type ringBatch struct {
+	vips  []*vipPlan
+	rings map[uint32][]uint32
+}
+
+// applyRing queues a VIP's ring unless the installed one is already right.
+func (r *Reconciler) applyRing(vp *vipPlan, batch *ringBatch) error {
 	defer func() {
 		if vp.ring.users--; vp.ring.users == 0 {
 			vp.ring.table = nil
@@ -110,13 +131,13 @@ func (r *Reconciler) applyRing(vp *vipPlan, res *Result) error {
 		if err := r.dp.ResetVIPStats(vp.id); err != nil {
 			return fmt.Errorf("reconcile: reset statistics of VIP id %d for new VIP %s: %w", vp.id, vp.vip, err)
 		}
-		return r.writeRing(vp, res)
+		return r.queueRing(vp, batch)
 	}
 	if fp, known := r.rings[vp.id]; known {
 		if fp == vp.ring.fp {
 			return nil
 		}
-		return r.writeRing(vp, res)
+		return r.queueRing(vp, batch)
 	}
 
 	// Unknown since this reconciler started: compare with what is there,
@@ -134,23 +155,42 @@ func (r *Reconciler) applyRing(vp *vipPlan, res *Result) error {
 		r.rings[vp.id] = vp.ring.fp
 		return nil
 	}
-	return r.writeRing(vp, res)
+	return r.queueRing(vp, batch)
 }
 
-func (r *Reconciler) writeRing(vp *vipPlan, res *Result) error {
+func (r *Reconciler) queueRing(vp *vipPlan, batch *ringBatch) error {
 	table, err := r.table(vp.ring)
 	if err != nil {
 		return err
 	}
-	if err := r.dp.SetRing(vp.id, table); err != nil {
-		// The swap may or may not have happened: make the next
-		// reconcile read the ring back rather than trust either.
-		delete(r.rings, vp.id)
-		return fmt.Errorf("reconcile: install ring of VIP %s (id %d, pool %q, %d live backends): %w",
-			vp.vip, vp.id, vp.pool, len(vp.ring.backends), err)
+	batch.vips = append(batch.vips, vp)
+	batch.rings[vp.id] = table
+	return nil
+}
+
+// flushRings installs the queued rings and empties the batch.
+func (r *Reconciler) flushRings(batch *ringBatch, res *Result) error {
+	if len(batch.vips) == 0 {
+		return nil
 	}
-	r.rings[vp.id] = vp.ring.fp
-	res.RingsRebuilt++
+	defer func() {
+		batch.vips = batch.vips[:0]
+		clear(batch.rings)
+	}()
+	if err := r.dp.SetRings(batch.rings); err != nil {
+		// Some swaps may have happened: make the next reconcile read
+		// those rings back rather than trust either version.
+		names := make([]string, 0, len(batch.vips))
+		for _, vp := range batch.vips {
+			delete(r.rings, vp.id)
+			names = append(names, fmt.Sprintf("%s (id %d, pool %q)", vp.vip, vp.id, vp.pool))
+		}
+		return fmt.Errorf("reconcile: install rings of %s: %w", strings.Join(names, ", "), err)
+	}
+	for _, vp := range batch.vips {
+		r.rings[vp.id] = vp.ring.fp
+	}
+	res.RingsRebuilt += len(batch.vips)
 	return nil
 }
 

@@ -173,7 +173,18 @@ func (f *fakeDP) Reals() (map[uint32]dataplane.Real, error) {
 	return out, nil
 }
 
-func (f *fakeDP) SetRing(vipID uint32, ring []uint32) error {
+// SetRings records one "SetRing <id>" call per ring, in id order, as the
+// batch is applied, so tests can check ordering ring by ring.
+func (f *fakeDP) SetRings(rings map[uint32][]uint32) error {
+	for _, id := range slices.Sorted(maps.Keys(rings)) {
+		if err := f.setRing(id, rings[id]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (f *fakeDP) setRing(vipID uint32, ring []uint32) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	call := fmt.Sprintf("SetRing %d", vipID)

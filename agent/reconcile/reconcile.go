@@ -66,7 +66,9 @@ type Dataplane interface {
 	DeleteReal(id uint32) error
 	Reals() (map[uint32]dataplane.Real, error)
 
-	SetRing(vipID uint32, ring []uint32) error
+	// SetRings installs rings by VIP id, all in one update of the outer
+	// map; each ring is swapped whole.
+	SetRings(rings map[uint32][]uint32) error
 	Ring(vipID uint32) ([]uint32, error)
 	DeleteRing(vipID uint32) error
 

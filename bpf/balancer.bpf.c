@@ -28,10 +28,13 @@ struct {
 } vf_vips SEC(".maps");
 
 /* One Maglev ring per VIP. The agent builds a new inner map and swaps it in
- * with a single outer update, so a lookup never sees a half-written ring. */
+ * with a single outer update, so a lookup never sees a half-written ring.
+ * Rings are mmapable so that the agent fills 65537 slots with one copy
+ * instead of a batch update that costs milliseconds per ring. */
 struct vf_ring {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, VF_DEFAULT_RING_SIZE);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__type(key, __u32);
 	__type(value, __u32);
 };

@@ -8,10 +8,12 @@ import (
 	"maps"
 	"slices"
 	"net/netip"
+	"os"
 	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
+	"golang.org/x/sys/unix"
 )
 
 func vipKey(v VIP) (balancerVfVipKey, error) {
@@ -135,32 +137,9 @@ func (d *Dataplane) Reals() (map[uint32]Real, error) {
 	return out, nil
 }
 
-// SetRing installs a VIP's Maglev ring. The ring is written into a fresh
-// inner map and swapped in with one update of the outer map, so the data
-// path sees either the whole old ring or the whole new one.
+// SetRing installs one VIP's Maglev ring (see SetRings).
 func (d *Dataplane) SetRing(vipID uint32, ring []uint32) error {
-	if uint32(len(ring)) != d.opts.RingSize {
-		return fmt.Errorf("ring of VIP %d has %d slots, want %d", vipID, len(ring), d.opts.RingSize)
-	}
-	if vipID >= d.opts.MaxVIPs {
-		return fmt.Errorf("ring: VIP id %d out of range [0,%d)", vipID, d.opts.MaxVIPs)
-	}
-	inner, err := ebpf.NewMap(d.inner)
-	if err != nil {
-		return fmt.Errorf("create ring for VIP %d: %w", vipID, err)
-	}
-	defer inner.Close() // the outer map keeps its own reference
-	keys := make([]uint32, len(ring))
-	for i := range keys {
-		keys[i] = uint32(i)
-	}
-	if _, err := inner.BatchUpdate(keys, ring, nil); err != nil {
-		return fmt.Errorf("fill ring for VIP %d: %w", vipID, err)
-	}
-	if err := d.objs.VfRings.Put(vipID, inner); err != nil {
-		return fmt.Errorf("install ring for VIP %d: %w", vipID, err)
-	}
-	return nil
+	return d.SetRings(map[uint32][]uint32{vipID: ring})
 }
 
 // SetRings installs several rings with one update of the outer map. Each
@@ -172,16 +151,14 @@ func (d *Dataplane) SetRings(rings map[uint32][]uint32) error {
 		return nil
 	}
 	ids := slices.Sorted(maps.Keys(rings))
-	inners := make([]*ebpf.Map, 0, len(ids))
+	// VIPs of one pool get the same table from the reconciler; they share
+	// one inner map, which is filled once.
+	shared := map[*uint32]*ebpf.Map{}
 	defer func() {
-		for _, m := range inners {
+		for _, m := range shared {
 			m.Close() // the outer map keeps its own references
 		}
 	}()
-	slots := make([]uint32, d.opts.RingSize)
-	for i := range slots {
-		slots[i] = uint32(i)
-	}
 	fds := make([]uint32, 0, len(ids))
 	for _, id := range ids {
 		ring := rings[id]
@@ -191,13 +168,13 @@ func (d *Dataplane) SetRings(rings map[uint32][]uint32) error {
 		if id >= d.opts.MaxVIPs {
 			return fmt.Errorf("ring: VIP id %d out of range [0,%d)", id, d.opts.MaxVIPs)
 		}
-		inner, err := ebpf.NewMap(d.inner)
-		if err != nil {
-			return fmt.Errorf("create ring for VIP %d: %w", id, err)
-		}
-		inners = append(inners, inner)
-		if _, err := inner.BatchUpdate(slots, ring, nil); err != nil {
-			return fmt.Errorf("fill ring for VIP %d: %w", id, err)
+		inner, ok := shared[&ring[0]]
+		if !ok {
+			var err error
+			if inner, err = d.newRing(ring); err != nil {
+				return fmt.Errorf("ring for VIP %d: %w", id, err)
+			}
+			shared[&ring[0]] = inner
 		}
 		fds = append(fds, uint32(inner.FD()))
 	}
@@ -205,6 +182,33 @@ func (d *Dataplane) SetRings(rings map[uint32][]uint32) error {
 		return fmt.Errorf("install rings of %d VIPs (%d installed before the failure): %w", len(ids), n, err)
 	}
 	return nil
+}
+
+// newRing creates an inner ring map and fills it through a memory mapping:
+// one copy of the whole table. Array slots are 8 bytes apart whatever the
+// value size, so each 4-byte id sits at the start of its slot.
+func (d *Dataplane) newRing(ring []uint32) (*ebpf.Map, error) {
+	inner, err := ebpf.NewMap(d.inner)
+	if err != nil {
+		return nil, fmt.Errorf("create inner map: %w", err)
+	}
+	const slot = 8
+	size := len(ring) * slot
+	page := os.Getpagesize()
+	size = (size + page - 1) / page * page
+	mem, err := unix.Mmap(inner.FD(), 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		inner.Close()
+		return nil, fmt.Errorf("map inner ring into memory: %w", err)
+	}
+	for i, id := range ring {
+		binary.NativeEndian.PutUint32(mem[i*slot:], id)
+	}
+	if err := unix.Munmap(mem); err != nil {
+		inner.Close()
+		return nil, fmt.Errorf("unmap inner ring: %w", err)
+	}
+	return inner, nil
 }
 
 // Ring reads a VIP's installed ring, or nil when it has none.

@@ -55,11 +55,16 @@ test: deps-test
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzBalancer$$' -fuzztime 10m ./agent/dataplane
 
-# Per-packet cost of the XDP program (ns above an XDP_PASS floor, measured in
-# the same run) and Maglev rebuild time. Figures go to docs/BENCHMARKS.md.
-bench: deps-test
+# Every benchmark of docs/BENCHMARKS.md, each with its peers in the same run:
+# the XDP program's per-packet cost against an XDP_PASS floor, Maglev and
+# reconcile, the L4 lab against nftables and HAProxy, the L7 proxy against
+# HAProxy and nginx, the API with 1,000 WebSocket clients and a 1,000-VIP
+# scrape. It takes some ten minutes.
+bench: deps-test deps-bench build
 	$(GO) test -count=1 -run '^$$' -bench 'BenchmarkXDP' -benchtime $(BENCHTIME) ./agent/dataplane
-	$(GO) test -count=1 -run '^$$' -bench . -benchtime 20x ./agent/maglev
+	$(GO) test -count=1 -run '^$$' -bench . -benchtime 20x ./agent/maglev ./agent/reconcile ./agent/metrics
+	$(GO) test -count=1 -run '^$$' -bench 'BenchmarkL4$$|BenchmarkL7$$' -benchtime 1x -timeout 30m ./tests/bench
+	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 10m ./tests/live
 
 # The namespace lab with the agent attached and light client traffic; runs
 # until Ctrl-C, or for DEMO_SECONDS. Everything it creates is removed.

@@ -8,7 +8,7 @@ declare -A sets=(
 	[build]="clang-19 llvm-19 libbpf-dev bpftool"
 	[test]="iproute2 ethtool bpftool curl python3-websockets chromium"
 	[demo]="iproute2 ethtool bpftool curl"
-	[bench]="iproute2 ethtool wrk haproxy nftables"
+	[bench]="iproute2 ethtool wrk haproxy nftables nginx"
 )
 
 want=()

@@ -32,3 +32,10 @@ echo "install-deps: installing ${want[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get install -y --no-install-recommends "${want[@]}" >/dev/null ||
 	{ apt-get update >/dev/null && apt-get install -y --no-install-recommends "${want[@]}" >/dev/null; }
+# Debian starts nginx and haproxy on install; the benchmarks run their own
+# instances, and a stray nginx would hold :80.
+for svc in nginx haproxy; do
+	if printf '%s\n' "${want[@]}" | grep -qx "$svc" && command -v systemctl >/dev/null; then
+		systemctl disable --now "$svc" >/dev/null 2>&1 || true
+	fi
+done

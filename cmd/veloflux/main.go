@@ -92,11 +92,16 @@ func runAgent(args []string, stderr io.Writer) int {
 	if err := fs.Parse(args); err != nil {
 		return exitConfig
 	}
-	log, err := newLogger(stderr, *level, *format)
+	logOut := newLogWriter(stderr)
+	defer logOut.Flush()
+	log, err := newLogger(logOut, *level, *format)
 	if err != nil {
 		fmt.Fprintln(stderr, "veloflux:", err)
 		return exitConfig
 	}
+	flushCtx, stopFlush := context.WithCancel(context.Background())
+	defer stopFlush()
+	go logOut.flushUntil(flushCtx)
 	a, err := agent.New(agent.Options{ConfigPath: *cfgPath, PinPath: *pinPath, StateDir: *stateDir,
 		Version: version, Logger: log})
 	if err != nil {

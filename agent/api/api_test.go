@@ -220,6 +220,20 @@ func TestAuth(t *testing.T) {
 	if status, _, _ := closed.do(t, "GET", "/api/pools", "", false); status != 401 {
 		t.Fatalf("protected read without token: %d", status)
 	}
+	// A browser sends the token as a WebSocket subprotocol.
+	wsURL := "ws" + strings.TrimPrefix(closed.URL, "http") + "/api/ws/status"
+	if _, resp, err := websocket.DefaultDialer.Dial(wsURL, nil); err == nil || resp.StatusCode != 401 {
+		t.Fatalf("protected WebSocket without token: %v", err)
+	}
+	dialer := websocket.Dialer{Subprotocols: []string{"veloflux", "bearer." + testToken}}
+	conn, resp, err := dialer.Dial(wsURL, nil)
+	if err != nil {
+		t.Fatalf("protected WebSocket with the token subprotocol: %v", err)
+	}
+	if got := resp.Header.Get("Sec-WebSocket-Protocol"); got != "veloflux" {
+		t.Fatalf("server answered subprotocol %q, want veloflux (and never the token)", got)
+	}
+	conn.Close()
 	if status, _, _ := closed.do(t, "GET", "/api/pools", "", true); status != 200 {
 		t.Fatalf("protected read with token: %d", status)
 	}

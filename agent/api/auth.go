@@ -12,8 +12,24 @@ import (
 	"strings"
 	"time"
 
+	"github.com/gorilla/websocket"
 	"github.com/labstack/echo/v4"
 )
+
+// webSocketProtocol is the subprotocol the hub answers with; a browser
+// offers it together with "bearer.<token>", because it cannot set an
+// Authorization header on a WebSocket.
+const webSocketProtocol = "veloflux"
+
+// webSocketToken finds "bearer.<token>" among the offered subprotocols.
+func webSocketToken(r *http.Request) (string, bool) {
+	for _, p := range websocket.Subprotocols(r) {
+		if t, ok := strings.CutPrefix(p, "bearer."); ok {
+			return t, true
+		}
+	}
+	return "", false
+}
 
 // LoadOrCreateToken reads the API token from path, creating it (mode 0600,
 // 32 random bytes as hex) when the file does not exist.
@@ -59,6 +75,9 @@ func (s *Server) requireToken(next echo.HandlerFunc) echo.HandlerFunc {
 	want := []byte(s.opts.Token)
 	return func(c echo.Context) error {
 		got, ok := strings.CutPrefix(c.Request().Header.Get(echo.HeaderAuthorization), "Bearer ")
+		if !ok {
+			got, ok = webSocketToken(c.Request())
+		}
 		reason := ""
 		switch {
 		case !ok:

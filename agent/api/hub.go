@@ -96,6 +96,8 @@ func NewHub(opts HubOptions) *Hub {
 		ReadBufferSize:  1024,
 		WriteBufferSize: 4096,
 		CheckOrigin:     h.checkOrigin,
+		// Never echo "bearer.<token>": the answer names a protocol only.
+		Subprotocols: []string{webSocketProtocol},
 	}
 	return h
 }

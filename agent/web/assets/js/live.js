@@ -47,7 +47,11 @@ export class Channel {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     let ws;
     try {
-      ws = new WebSocket(`${scheme}//${location.host}/api/ws/${this.name}`);
+      // Browsers cannot set Authorization on a WebSocket; with
+      // api.protect_reads the token travels as a subprotocol instead.
+      const t = token.get();
+      const protocols = t ? ["veloflux", `bearer.${t}`] : [];
+      ws = new WebSocket(`${scheme}//${location.host}/api/ws/${this.name}`, protocols);
     } catch {
       this.#retry();
       return;

@@ -200,7 +200,7 @@ func (a *Agent) backendViews(counters model.Counters) []api.BackendView {
 			case view.Drained:
 				view.State = "draining"
 			default:
-				view.State = "up"
+				view.State, view.EffectiveWeight = "up", view.Weight
 			}
 			out = append(out, view)
 		}

@@ -49,20 +49,22 @@ type ReconcileView struct {
 
 // BackendView is one pool member with its health, state and counters.
 type BackendView struct {
-	ID             string    `json:"id"` // pool:address:port
-	Pool           string    `json:"pool"`
-	Address        string    `json:"address"`
-	Port           int       `json:"port"`
-	Weight         uint32    `json:"weight"`
-	State          string    `json:"state"` // up | down | draining
-	Healthy        bool      `json:"healthy"`
-	Drained        bool      `json:"drained"`
-	LastCheck      time.Time `json:"last_check"`
-	CheckLatencyMs float64   `json:"check_latency_ms"`
-	LastError      string    `json:"last_error,omitempty"`
-	RealID         uint32    `json:"real_id,omitempty"`
-	Packets        uint64    `json:"packets"`
-	Bytes          uint64    `json:"bytes"`
+	ID      string `json:"id"` // pool:address:port
+	Pool    string `json:"pool"`
+	Address string `json:"address"`
+	Port    int    `json:"port"`
+	Weight  uint32 `json:"weight"`
+	// EffectiveWeight is what new flows see: 0 while drained or down.
+	EffectiveWeight uint32    `json:"effective_weight"`
+	State           string    `json:"state"` // up | down | draining
+	Healthy         bool      `json:"healthy"`
+	Drained         bool      `json:"drained"`
+	LastCheck       time.Time `json:"last_check"`
+	CheckLatencyMs  float64   `json:"check_latency_ms"`
+	LastError       string    `json:"last_error,omitempty"`
+	RealID          uint32    `json:"real_id,omitempty"`
+	Packets         uint64    `json:"packets"`
+	Bytes           uint64    `json:"bytes"`
 }
 
 // FlowView is one conntrack entry.

@@ -107,7 +107,7 @@ func (a *Agent) telemetry(ctx context.Context) {
 				prevL7 = st
 			}
 			a.mu.Lock()
-			a.lastMetrics = mv
+			a.lastMetrics, a.lastCounters = mv, cur
 			a.mu.Unlock()
 			a.hub.Publish("metrics", api.NewMessage("metrics_update", mv))
 			a.hub.Publish("backends", api.NewMessage("backend_update", map[string]any{"backends": a.backendViews(cur)}))
@@ -253,9 +253,16 @@ func (a *Agent) onConnect(channel string) []api.Message {
 	case "metrics":
 		return []api.Message{api.NewMessage("metrics_update", a.Metrics())}
 	case "backends":
-		counters, err := a.Counters()
-		if err != nil {
-			return nil
+		// A thousand clients connecting at once must not mean a thousand
+		// map reads: until the first tick, read once per client.
+		a.mu.Lock()
+		counters := a.lastCounters
+		a.mu.Unlock()
+		if counters.At.IsZero() {
+			var err error
+			if counters, err = a.Counters(); err != nil {
+				return nil
+			}
 		}
 		return []api.Message{api.NewMessage("backend_update", map[string]any{"backends": a.backendViews(counters)})}
 	case "status":

@@ -78,7 +78,7 @@ type Agent struct {
 	lastErr         error
 	lastReconcileAt time.Time
 	lastMetrics     api.MetricsView
-	lastCounters    model.Counters // the telemetry tick's read, reused by new clients
+	lastCounters    model.Counters     // the telemetry tick's read, reused by new clients
 	insights        []insights.Insight // the most recent, for new ai clients
 
 	kick chan struct{} // asks the loop for a reconcile

@@ -20,6 +20,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/veloflux/veloflux/agent/dataplane"
+	"github.com/veloflux/veloflux/tests/agenttest"
 	"github.com/veloflux/veloflux/tests/lab"
 )
 
@@ -71,12 +72,12 @@ func BenchmarkL4(b *testing.B) {
 	began := time.Now()
 
 	dir := b.TempDir()
-	agentBin := buildAgent(ctx, b, dir)
+	agentBin := agenttest.BuildAgent(b, agentEnv)
 	l := lab.ForTest(b, lab.Options{Backends: 3, VIPs: []netip.Addr{vfVIP, nftVIP}})
 	if err := l.StartBackendServers(ctx); err != nil {
 		b.Fatal(err)
 	}
-	e := &env{tb: b, lab: l, dir: dir, agentBin: agentBin, pinPath: mountBPFFS(b)}
+	e := &env{tb: b, lab: l, dir: dir, agentBin: agentBin, pinPath: agenttest.MountBPFFS(b, dir)}
 	b.Logf("setup: %s; %d CPUs; wrk %s; haproxy nbthread %d; %d rounds", kernelRelease(), runtime.NumCPU(),
 		strings.Join(wrkArgs("URL", false), " "), haproxyThreads, rounds)
 
@@ -211,23 +212,6 @@ func kernelRelease() string {
 		return "Linux ?"
 	}
 	return "Linux " + strings.TrimSpace(string(b))
-}
-
-// buildAgent builds cmd/veloflux into dir, or uses $VF_BENCH_AGENT.
-func buildAgent(ctx context.Context, b *testing.B, dir string) string {
-	if p := os.Getenv("VF_BENCH_AGENT"); p != "" {
-		return p
-	}
-	goBin, err := exec.LookPath("go")
-	if err != nil {
-		goBin = filepath.Join(runtime.GOROOT(), "bin", "go")
-	}
-	out := filepath.Join(dir, "veloflux")
-	cmd := exec.CommandContext(ctx, goBin, "build", "-o", out, "github.com/veloflux/veloflux/cmd/veloflux")
-	if msg, err := cmd.CombinedOutput(); err != nil {
-		b.Fatalf("build the agent: %v\n%s", err, msg)
-	}
-	return out
 }
 
 // ---- summary ----

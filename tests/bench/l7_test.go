@@ -18,7 +18,9 @@ package bench
 //	go tool pprof -top /tmp/l7prof/l7-plain.cpu
 //
 // Everything here runs on loopback (127.0.0.1, free ports picked at start)
-// and is private to this file: identifiers start with l7.
+// and is private to this file: identifiers start with l7. Only the agent
+// binary (agenttest.BuildAgent with $VF_BENCH_AGENT, as BenchmarkL4) and
+// the private bpffs for its pins (agenttest.MountBPFFS) are shared.
 //
 // CPU layout: every proxy is pinned to CPU 1 with one worker (HAProxy
 // nbthread 1, nginx one worker process, the agent GOMAXPROCS=1); wrk (one
@@ -60,7 +62,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/veloflux/veloflux/agent"
-	"github.com/veloflux/veloflux/agent/dataplane"
+	"github.com/veloflux/veloflux/tests/agenttest"
 )
 
 const (
@@ -425,33 +427,6 @@ http {
 			return fmt.Errorf("backend %d: %w\n%s", i, err, l7Tail(log, 10))
 		}
 	}
-	return nil
-}
-
-// mountBPF mounts a private BPF filesystem for the agent's pins; the
-// cleanup removes the pins and unmounts it.
-func (e *l7Env) mountBPF() error {
-	dir, err := os.MkdirTemp("", "vf-bench-l7-bpffs-")
-	if err != nil {
-		return err
-	}
-	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
-		os.Remove(dir)
-		return fmt.Errorf("mount bpffs on %s: %w", dir, err)
-	}
-	e.pinPath = filepath.Join(dir, "vf")
-	e.tb.Cleanup(func() {
-		// The agent leaves its maps pinned when it stops; nothing is
-		// attached (no VIPs, no interfaces).
-		if err := dataplane.RemovePins(e.pinPath); err != nil {
-			e.tb.Logf("remove pins under %s: %v", e.pinPath, err)
-		}
-		if err := unix.Unmount(dir, 0); err != nil {
-			e.tb.Errorf("unmount bpffs %s: %v", dir, err)
-			return
-		}
-		os.Remove(dir)
-	})
 	return nil
 }
 
@@ -962,12 +937,8 @@ func BenchmarkL7(b *testing.B) {
 
 	e := newL7Env(b)
 	var err error
-	if e.agentBin, err = l7BuildAgent(ctx, e.dir); err != nil {
-		b.Fatal(err)
-	}
-	if err := e.mountBPF(); err != nil {
-		b.Fatal(err)
-	}
+	e.agentBin = agenttest.BuildAgent(b, agentEnv)
+	e.pinPath = agenttest.MountBPFFS(b, e.dir)
 	if err := e.startBackends(ctx); err != nil {
 		b.Fatal(err)
 	}
@@ -1069,23 +1040,6 @@ func BenchmarkL7(b *testing.B) {
 			})
 		}
 	}
-}
-
-// l7BuildAgent builds cmd/veloflux into dir, or uses $VF_BENCH_AGENT.
-func l7BuildAgent(ctx context.Context, dir string) (string, error) {
-	if p := os.Getenv("VF_BENCH_AGENT"); p != "" {
-		return p, nil
-	}
-	goBin, err := exec.LookPath("go")
-	if err != nil {
-		goBin = filepath.Join(runtime.GOROOT(), "bin", "go")
-	}
-	out := filepath.Join(dir, "veloflux")
-	cmd := exec.CommandContext(ctx, goBin, "build", "-o", out, "github.com/veloflux/veloflux/cmd/veloflux")
-	if msg, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("build the agent: %v\n%s", err, msg)
-	}
-	return out, nil
 }
 
 func l7Kernel() string {
@@ -1231,9 +1185,7 @@ func BenchmarkProfileL7(b *testing.B) {
 	ctx, stopSignals := signal.NotifyContext(b.Context(), os.Interrupt, syscall.SIGTERM)
 	defer stopSignals()
 	e := newL7Env(b)
-	if err := e.mountBPF(); err != nil {
-		b.Fatal(err)
-	}
+	e.pinPath = agenttest.MountBPFFS(b, e.dir)
 	if err := e.startBackends(ctx); err != nil {
 		b.Fatal(err)
 	}

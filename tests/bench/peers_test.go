@@ -21,8 +21,16 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/veloflux/veloflux/agent/dataplane"
+	"github.com/veloflux/veloflux/tests/agenttest"
 	"github.com/veloflux/veloflux/tests/lab"
 )
+
+// TestMain removes the agent binary the benchmarks build.
+func TestMain(m *testing.M) { agenttest.Main(m) }
+
+// agentEnv names a prebuilt veloflux binary to benchmark instead of building
+// ./cmd/veloflux from this checkout.
+const agentEnv = "VF_BENCH_AGENT"
 
 // env is what every peer needs: the lab and a place for files.
 type env struct {
@@ -489,26 +497,4 @@ func tail(path string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
-}
-
-// mountBPFFS mounts a private BPF filesystem for the agent's pins and
-// unmounts it in the cleanup. It returns the pin path (a directory below
-// the mount point, so that removing the pins can remove it too).
-func mountBPFFS(tb testing.TB) string {
-	dir, err := os.MkdirTemp("", "vf-bench-bpffs-")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
-		os.Remove(dir)
-		tb.Fatalf("mount bpffs on %s: %v", dir, err)
-	}
-	tb.Cleanup(func() {
-		if err := unix.Unmount(dir, 0); err != nil {
-			tb.Errorf("unmount bpffs %s: %v", dir, err)
-			return
-		}
-		os.Remove(dir)
-	})
-	return filepath.Join(dir, "veloflux")
 }

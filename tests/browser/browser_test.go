@@ -14,7 +14,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -27,9 +26,8 @@ import (
 	"github.com/chromedp/cdproto/network"
 	cdpruntime "github.com/chromedp/cdproto/runtime"
 	"github.com/chromedp/chromedp"
-	"golang.org/x/sys/unix"
 
-	"github.com/veloflux/veloflux/agent/dataplane"
+	"github.com/veloflux/veloflux/tests/agenttest"
 	"github.com/veloflux/veloflux/tests/lab"
 )
 
@@ -49,16 +47,22 @@ const (
 // channels are the agent's seven WebSocket channels.
 var channels = []string{"backends", "metrics", "status", "health", "security", "billing", "ai"}
 
+// TestMain removes the agent binary that TestDashboard builds.
+func TestMain(m *testing.M) { agenttest.Main(m) }
+
 func TestDashboard(t *testing.T) {
 	lab.RequireRoot(t)
 	chromium := requireChromium(t)
 	began := time.Now()
-	root := moduleRoot(t)
+	root, err := agenttest.ModuleRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
 	artifacts := filepath.Join(root, "tests", "artifacts")
 	if err := os.MkdirAll(artifacts, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	bin := buildAgent(t, root)
+	bin := agenttest.BuildAgent(t, "") // no override: always this checkout
 
 	l := lab.ForTest(t, lab.Options{Backends: 3, VIPs: []netip.Addr{vip}, BalancerInRoot: true})
 	if err := l.StartBackendServers(t.Context()); err != nil {
@@ -319,36 +323,6 @@ func requireChromium(t *testing.T) string {
 	return ""
 }
 
-func moduleRoot(t *testing.T) string {
-	t.Helper()
-	_, file, _, ok := runtime.Caller(0)
-	if !ok {
-		t.Fatal("cannot locate the test source")
-	}
-	root := filepath.Join(filepath.Dir(file), "..", "..")
-	if _, err := os.Stat(filepath.Join(root, "go.mod")); err != nil {
-		t.Fatalf("module root: %v", err)
-	}
-	return root
-}
-
-func buildAgent(t *testing.T, root string) string {
-	t.Helper()
-	bin := filepath.Join(t.TempDir(), "veloflux")
-	goTool := "go"
-	if _, err := exec.LookPath(goTool); err != nil {
-		goTool = filepath.Join(runtime.GOROOT(), "bin", "go")
-	}
-	start := time.Now()
-	cmd := exec.CommandContext(t.Context(), goTool, "build", "-o", bin, "./cmd/veloflux")
-	cmd.Dir = root
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build ./cmd/veloflux: %v\n%s", err, out)
-	}
-	t.Logf("built the agent in %s", time.Since(start).Round(time.Millisecond))
-	return bin
-}
-
 func freePort(t *testing.T) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -415,26 +389,12 @@ type agent struct {
 func newAgent(t *testing.T, l *lab.Lab, bin string) *agent {
 	t.Helper()
 	dir := t.TempDir()
-	// A private bpffs: pins never reach the host's. Registered after
+	// A private bpffs: pins never reach the host's. Mounted after
 	// t.TempDir, so it is unmounted before the directory is removed.
-	mnt := filepath.Join(dir, "bpffs")
-	if err := os.Mkdir(mnt, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mount("bpf", mnt, "bpf", 0, "mode=0700"); err != nil {
-		t.Fatalf("mount bpffs on %s: %v", mnt, err)
-	}
-	a := &agent{t: t, bin: bin, pin: filepath.Join(mnt, "veloflux"), state: filepath.Join(dir, "state"),
+	pin := agenttest.MountBPFFS(t, dir)
+	a := &agent{t: t, bin: bin, pin: pin, state: filepath.Join(dir, "state"),
 		cfg: filepath.Join(dir, "veloflux.yaml"), node: "browser-" + l.Prefix, metricsPort: freePort(t),
 		http: &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{Proxy: nil}}}
-	t.Cleanup(func() {
-		if err := dataplane.RemovePins(a.pin); err != nil {
-			t.Errorf("remove pins under %s: %v", a.pin, err)
-		}
-		if err := unix.Unmount(mnt, unix.MNT_DETACH); err != nil {
-			t.Errorf("unmount bpffs %s: %v", mnt, err)
-		}
-	})
 	apiPort := freePort(t)
 	a.base = "http://127.0.0.1:" + apiPort
 	// Our own token, so the test knows it without reading the agent's file.

@@ -13,7 +13,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -23,6 +22,7 @@ import (
 	"time"
 
 	"github.com/veloflux/veloflux/agent/dataplane"
+	"github.com/veloflux/veloflux/tests/agenttest"
 	"github.com/veloflux/veloflux/tests/lab"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -47,93 +47,11 @@ const (
 // ---------------------------------------------------------------------------
 // The binary
 
-var (
-	buildOnce sync.Once
-	buildDir  string
-	buildBin  string
-	buildErr  error
-)
-
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if buildDir != "" {
-		os.RemoveAll(buildDir)
-	}
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { agenttest.Main(m) }
 
 // BinaryEnv names a prebuilt veloflux binary to test instead of building
 // ./cmd/veloflux from this checkout.
 const BinaryEnv = "VELOFLUX_E2E_BINARY"
-
-// agentBinary builds ./cmd/veloflux once per test run (the first test that
-// needs it pays; non-root runs skip before that), unless BinaryEnv names a
-// binary.
-func agentBinary(t *testing.T) string {
-	t.Helper()
-	buildOnce.Do(func() {
-		if p := os.Getenv(BinaryEnv); p != "" {
-			if _, err := os.Stat(p); err != nil {
-				buildErr = fmt.Errorf("%s: %w", BinaryEnv, err)
-				return
-			}
-			buildBin, buildErr = filepath.Abs(p)
-			return
-		}
-		root, err := moduleRoot()
-		if err != nil {
-			buildErr = err
-			return
-		}
-		if buildDir, err = os.MkdirTemp("", "veloflux-e2e-"); err != nil {
-			buildErr = err
-			return
-		}
-		bin := filepath.Join(buildDir, "veloflux")
-		start := time.Now()
-		cmd := exec.Command(goTool(), "build", "-o", bin, "./cmd/veloflux")
-		cmd.Dir = root
-		if out, err := cmd.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("go build ./cmd/veloflux in %s: %v\n%s", root, err, out)
-			return
-		}
-		buildBin = bin
-		t.Logf("built %s in %s", bin, time.Since(start).Round(time.Millisecond))
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return buildBin
-}
-
-func goTool() string {
-	if p, err := exec.LookPath("go"); err == nil {
-		return p
-	}
-	if root := os.Getenv("GOROOT"); root != "" {
-		return filepath.Join(root, "bin", "go")
-	}
-	return "go"
-}
-
-// moduleRoot asks the go tool for the module of this source file.
-func moduleRoot() (string, error) {
-	_, file, _, ok := runtime.Caller(0)
-	if !ok {
-		return "", errors.New("cannot locate the test source")
-	}
-	cmd := exec.Command(goTool(), "env", "GOMOD")
-	cmd.Dir = filepath.Dir(file)
-	out, err := cmd.Output()
-	if err != nil {
-		return "", fmt.Errorf("go env GOMOD: %w", err)
-	}
-	gomod := strings.TrimSpace(string(out))
-	if gomod == "" || gomod == os.DevNull {
-		return "", fmt.Errorf("no go.mod above %s", cmd.Dir)
-	}
-	return filepath.Dir(gomod), nil
-}
 
 // ---------------------------------------------------------------------------
 // The environment: a lab, a private bpffs, a config file, the agent
@@ -164,7 +82,7 @@ func (e *env) with(t *testing.T) *env {
 func newEnv(t *testing.T, backends int, vips ...netip.Addr) *env {
 	t.Helper()
 	l := lab.ForTest(t, lab.Options{Backends: backends, VIPs: vips})
-	e := &env{t: t, lab: l, bin: agentBinary(t), dir: t.TempDir()}
+	e := &env{t: t, lab: l, bin: agenttest.BuildAgent(t, BinaryEnv), dir: t.TempDir()}
 	if err := l.StartBackendServers(t.Context()); err != nil {
 		t.Fatalf("start backend servers: %v", err)
 	}
@@ -172,22 +90,7 @@ func newEnv(t *testing.T, backends int, vips ...netip.Addr) *env {
 	// The bpffs is mounted after t.TempDir() was created, so its cleanup
 	// (registered later) runs first: pins removed, then unmounted, then
 	// the directory removed.
-	mnt := filepath.Join(e.dir, "bpffs")
-	if err := os.Mkdir(mnt, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mount("bpf", mnt, "bpf", 0, "mode=0700"); err != nil {
-		t.Fatalf("mount bpffs on %s: %v", mnt, err)
-	}
-	e.pin = filepath.Join(mnt, "veloflux")
-	t.Cleanup(func() {
-		if err := dataplane.RemovePins(e.pin); err != nil {
-			t.Errorf("remove pins under %s: %v", e.pin, err)
-		}
-		if err := unix.Unmount(mnt, unix.MNT_DETACH); err != nil {
-			t.Errorf("unmount bpffs %s: %v", mnt, err)
-		}
-	})
+	e.pin = agenttest.MountBPFFS(t, e.dir)
 	e.state = filepath.Join(e.dir, "state")
 	e.cfg = filepath.Join(e.dir, "veloflux.yaml")
 	e.http = newHTTPClient(l.Client, 5*time.Second)

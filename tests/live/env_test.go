@@ -13,7 +13,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -23,9 +22,8 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
-	"golang.org/x/sys/unix"
 
-	"github.com/veloflux/veloflux/agent/dataplane"
+	"github.com/veloflux/veloflux/tests/agenttest"
 	"github.com/veloflux/veloflux/tests/lab"
 )
 
@@ -41,75 +39,13 @@ const (
 const python = "/usr/bin/python3"
 
 // ---------------------------------------------------------------------------
-// The binary, built once per run
+// The binary, built once per run (tests/agenttest)
 
-var (
-	buildOnce sync.Once
-	buildDir  string
-	buildBin  string
-	buildErr  error
-)
+func TestMain(m *testing.M) { agenttest.Main(m) }
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if buildDir != "" {
-		os.RemoveAll(buildDir)
-	}
-	os.Exit(code)
-}
-
-// moduleRoot is the repository root, from this file's location.
-func moduleRoot() (string, error) {
-	_, file, _, ok := runtime.Caller(0)
-	if !ok {
-		return "", errors.New("cannot locate the test source")
-	}
-	root := filepath.Join(filepath.Dir(file), "..", "..")
-	if _, err := os.Stat(filepath.Join(root, "go.mod")); err != nil {
-		return "", fmt.Errorf("no go.mod at %s: %w", root, err)
-	}
-	return filepath.Abs(root)
-}
-
-func goTool() string {
-	if p, err := exec.LookPath("go"); err == nil {
-		return p
-	}
-	return filepath.Join(runtime.GOROOT(), "bin", "go")
-}
-
-// agentBinary builds ./cmd/veloflux once (VELOFLUX_LIVE_BINARY names a
-// prebuilt one instead).
-func agentBinary(tb testing.TB) string {
-	tb.Helper()
-	buildOnce.Do(func() {
-		if p := os.Getenv("VELOFLUX_LIVE_BINARY"); p != "" {
-			buildBin, buildErr = filepath.Abs(p)
-			return
-		}
-		root, err := moduleRoot()
-		if err != nil {
-			buildErr = err
-			return
-		}
-		if buildDir, err = os.MkdirTemp("", "veloflux-live-"); err != nil {
-			buildErr = err
-			return
-		}
-		bin := filepath.Join(buildDir, "veloflux")
-		cmd := exec.Command(goTool(), "build", "-o", bin, "./cmd/veloflux")
-		cmd.Dir = root
-		if out, err := cmd.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("go build ./cmd/veloflux: %v\n%s", err, out)
-			return
-		}
-		buildBin = bin
-	})
-	if buildErr != nil {
-		tb.Fatal(buildErr)
-	}
-	return buildBin
-}
+// binaryEnv names a prebuilt veloflux binary to test instead of building
+// ./cmd/veloflux from this checkout.
+const binaryEnv = "VELOFLUX_LIVE_BINARY"
 
 // ---------------------------------------------------------------------------
 // The environment: a lab with its servers, a private bpffs, the agent
@@ -132,28 +68,13 @@ type env struct {
 func newEnv(tb testing.TB, vips ...netip.Addr) *env {
 	tb.Helper()
 	l := lab.ForTest(tb, lab.Options{Backends: 3, VIPs: vips})
-	e := &env{tb: tb, lab: l, bin: agentBinary(tb), dir: tb.TempDir()}
+	e := &env{tb: tb, lab: l, bin: agenttest.BuildAgent(tb, binaryEnv), dir: tb.TempDir()}
 	if err := l.StartBackendServers(tb.Context()); err != nil {
 		tb.Fatalf("start backend servers: %v", err)
 	}
-	mnt := filepath.Join(e.dir, "bpffs")
-	if err := os.Mkdir(mnt, 0o700); err != nil {
-		tb.Fatal(err)
-	}
-	if err := unix.Mount("bpf", mnt, "bpf", 0, "mode=0700"); err != nil {
-		tb.Fatalf("mount bpffs on %s: %v", mnt, err)
-	}
-	e.pin = filepath.Join(mnt, "veloflux")
-	tb.Cleanup(func() {
-		// The agent leaves its link and maps pinned by design; removing
-		// the pins detaches XDP before the lab goes.
-		if err := dataplane.RemovePins(e.pin); err != nil {
-			tb.Errorf("remove pins under %s: %v", e.pin, err)
-		}
-		if err := unix.Unmount(mnt, unix.MNT_DETACH); err != nil {
-			tb.Errorf("unmount bpffs %s: %v", mnt, err)
-		}
-	})
+	// The agent leaves its link and maps pinned by design; the mount's
+	// cleanup removes the pins, which detaches XDP before the lab goes.
+	e.pin = agenttest.MountBPFFS(tb, e.dir)
 	e.state = filepath.Join(e.dir, "state")
 	e.cfg = filepath.Join(e.dir, "veloflux.yaml")
 	tr := &http.Transport{DialContext: l.Balancer.DialContext, MaxIdleConnsPerHost: 8}

@@ -27,6 +27,7 @@ import (
 
 	"github.com/veloflux/veloflux/agent/config"
 	"github.com/veloflux/veloflux/agent/dataplane"
+	"github.com/veloflux/veloflux/tests/agenttest"
 	"github.com/veloflux/veloflux/tests/lab"
 )
 
@@ -135,7 +136,7 @@ func testSeedQuickTest(t *testing.T, e *env) {
 // balancer namespace with the token; it must pass 100% and leave the
 // configuration as it found it.
 func testValidationScript(t *testing.T, e *env) {
-	root, err := moduleRoot()
+	root, err := agenttest.ModuleRoot()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -187,7 +188,7 @@ func testValidationScript(t *testing.T, e *env) {
 // it has created a pool, a backend and a VIP of its own: it must delete
 // them on its way out. It reads the token with --token-file this time.
 func testValidationScriptInterrupted(t *testing.T, e *env) {
-	root, err := moduleRoot()
+	root, err := agenttest.ModuleRoot()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -23,23 +23,18 @@ func (r *Reconciler) apply(p *plan, res *Result) error {
 		res.DenyAdded++
 	}
 
-	// Reals before the rings that name them.
+	// Reals before the rings that name them, except a live real going
+	// down or draining: the rings drop it first, so that new flows hashing
+	// to it go to a live real rather than to a real already marked down
+	// (which the data path would drop) during the swap.
+	var leaving []*realPlan
 	for _, rp := range p.reals {
-		if rp.isNew {
-			if err := r.dp.ResetRealStats(rp.id); err != nil {
-				return fmt.Errorf("reconcile: reset statistics of real %d for new real %s: %w", rp.id, rp.addr, err)
-			}
-		} else if realEqual(rp.installed, rp.want) {
+		if !rp.isNew && rp.installed.State == dataplane.RealUp && rp.want.State != dataplane.RealUp {
+			leaving = append(leaving, rp)
 			continue
 		}
-		if err := r.dp.SetReal(rp.id, rp.want); err != nil {
-			return fmt.Errorf("reconcile: write real %d (%s, %s): %w", rp.id, rp.addr, rp.want.State, err)
-		}
-		r.reals[rp.id] = cloneReal(rp.want)
-		if rp.isNew {
-			res.RealsAdded++
-		} else {
-			res.RealsUpdated++
+		if err := r.applyReal(rp, res); err != nil {
+			return err
 		}
 	}
 
@@ -59,6 +54,11 @@ func (r *Reconciler) apply(p *plan, res *Result) error {
 	}
 	if err := r.flushRings(batch, res); err != nil {
 		return err
+	}
+	for _, rp := range leaving {
+		if err := r.applyReal(rp, res); err != nil {
+			return err
+		}
 	}
 	for _, vp := range p.vips {
 		meta := vp.meta()
@@ -105,6 +105,27 @@ func (r *Reconciler) apply(p *plan, res *Result) error {
 		}
 		delete(r.deny, pfx)
 		res.DenyRemoved++
+	}
+	return nil
+}
+
+// applyReal writes one real unless it is installed as wanted.
+func (r *Reconciler) applyReal(rp *realPlan, res *Result) error {
+	if rp.isNew {
+		if err := r.dp.ResetRealStats(rp.id); err != nil {
+			return fmt.Errorf("reconcile: reset statistics of real %d for new real %s: %w", rp.id, rp.addr, err)
+		}
+	} else if realEqual(rp.installed, rp.want) {
+		return nil
+	}
+	if err := r.dp.SetReal(rp.id, rp.want); err != nil {
+		return fmt.Errorf("reconcile: write real %d (%s, %s): %w", rp.id, rp.addr, rp.want.State, err)
+	}
+	r.reals[rp.id] = cloneReal(rp.want)
+	if rp.isNew {
+		res.RealsAdded++
+	} else {
+		res.RealsUpdated++
 	}
 	return nil
 }

@@ -683,50 +683,13 @@ type l7Result struct {
 	Quiet     bool          // the machine was quiet when the run started
 }
 
-var (
-	l7ReqsRE    = regexp.MustCompile(`(?m)^\s*(\d+) requests in ([0-9.]+\w+),`)
-	l7RpsRE     = regexp.MustCompile(`(?m)^Requests/sec:\s+([0-9.]+)`)
-	l7PctRE     = regexp.MustCompile(`(?m)^\s+(50|99)%\s+([0-9.]+)(us|ms|s|m)\s*$`)
-	l7SockErrRE = regexp.MustCompile(`Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)`)
-	l7Non2xxRE  = regexp.MustCompile(`Non-2xx or 3xx responses: (\d+)`)
-)
-
+// l7ParseWrk reads wrk's report with the package's parser (wrk_test.go).
 func l7ParseWrk(out string) (l7Result, error) {
-	var r l7Result
-	m := l7ReqsRE.FindStringSubmatch(out)
-	if m == nil {
-		return r, errors.New(`no "N requests in T" line`)
+	w, err := parseWrk(out)
+	if err != nil {
+		return l7Result{}, err
 	}
-	r.Requests, _ = strconv.ParseInt(m[1], 10, 64)
-	if m = l7RpsRE.FindStringSubmatch(out); m == nil {
-		return r, errors.New("no Requests/sec line")
-	}
-	r.ReqPerSec, _ = strconv.ParseFloat(m[1], 64)
-	for _, m := range l7PctRE.FindAllStringSubmatch(out, -1) {
-		d, err := time.ParseDuration(m[2] + m[3])
-		if err != nil {
-			return r, fmt.Errorf("latency %s%%: %w", m[1], err)
-		}
-		if m[1] == "50" {
-			r.P50 = d
-		} else {
-			r.P99 = d
-		}
-	}
-	if r.P50 == 0 || r.P99 == 0 {
-		return r, errors.New("no latency distribution")
-	}
-	if m := l7SockErrRE.FindStringSubmatch(out); m != nil {
-		for _, s := range m[1:] {
-			n, _ := strconv.ParseInt(s, 10, 64)
-			r.Errors += n
-		}
-	}
-	if m := l7Non2xxRE.FindStringSubmatch(out); m != nil {
-		n, _ := strconv.ParseInt(m[1], 10, 64)
-		r.Errors += n
-	}
-	return r, nil
+	return l7Result{Requests: w.Requests, ReqPerSec: w.ReqPerSec, P50: w.P50, P99: w.P99, Errors: w.errors()}, nil
 }
 
 func l7WrkArgs(url string, d time.Duration) []string {

@@ -151,91 +151,18 @@ func l7Start(cmd *exec.Cmd) error {
 	return <-r.err
 }
 
-// l7Proc is a long-running child: a proxy or the backends.
-type l7Proc struct {
-	name    string
-	cmd     *exec.Cmd
-	logPath string
-	done    chan struct{}
-	err     error // from Wait, once done is closed
-	once    sync.Once
-}
-
 // l7Pinned is the command line that runs argv on one CPU.
 func l7Pinned(cpu int, argv ...string) []string {
 	return append([]string{"taskset", "-c", strconv.Itoa(cpu)}, argv...)
 }
 
-func l7StartProc(tb testing.TB, name, logPath string, env []string, argv ...string) (*l7Proc, error) {
-	logf, err := os.Create(logPath)
-	if err != nil {
-		return nil, err
-	}
+// l7StartProc starts a long-running child (a proxy or the backends).
+func l7StartProc(tb testing.TB, name, logPath string, env []string, argv ...string) (*process, error) {
 	cmd := exec.Command(argv[0], argv[1:]...) // stopped by stop, never by a context
-	cmd.Stdout, cmd.Stderr = logf, logf
 	if env != nil {
 		cmd.Env = append(os.Environ(), env...)
 	}
-	if err := l7Start(cmd); err != nil {
-		logf.Close()
-		return nil, fmt.Errorf("start %s: %w", name, err)
-	}
-	p := &l7Proc{name: name, cmd: cmd, logPath: logPath, done: make(chan struct{})}
-	go func() {
-		p.err = cmd.Wait()
-		logf.Close()
-		close(p.done)
-	}()
-	tb.Cleanup(func() {
-		if err := p.stop(); err != nil {
-			tb.Logf("stop %s: %v", name, err)
-		}
-	})
-	return p, nil
-}
-
-func (p *l7Proc) pid() int { return p.cmd.Process.Pid }
-
-func (p *l7Proc) exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
-
-// stop ends the process by its pid (taskset execs the program, so the pid
-// is the program's): SIGTERM, then SIGKILL after 10 seconds.
-func (p *l7Proc) stop() error {
-	var err error
-	p.once.Do(func() {
-		if p.exited() {
-			err = fmt.Errorf("%s had already exited: %v\n%s", p.name, p.err, l7Tail(p.logPath, 10))
-			return
-		}
-		p.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-p.done:
-		case <-time.After(10 * time.Second):
-			p.cmd.Process.Kill()
-			<-p.done
-			err = fmt.Errorf("%s ignored SIGTERM for 10s; killed", p.name)
-		}
-	})
-	return err
-}
-
-func l7Tail(path string, n int) string {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return err.Error()
-	}
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
+	return runProcess(tb, name, cmd, logPath, l7Start)
 }
 
 // ---- set-up shared by both benchmarks ----
@@ -255,7 +182,7 @@ type l7Env struct {
 	metrPort  int
 	pinPath   string
 	agentBin  string
-	backendsP *l7Proc
+	backendsP *process
 }
 
 func l7Require(b *testing.B, tools ...string) {
@@ -424,7 +351,7 @@ http {
 	for i, port := range e.backends {
 		url := fmt.Sprintf("http://127.0.0.1:%d%s", port, l7Path)
 		if err := l7WaitReady(ctx, url, nil, p, map[string]bool{fmt.Sprintf("b%d", i): true}); err != nil {
-			return fmt.Errorf("backend %d: %w\n%s", i, err, l7Tail(log, 10))
+			return fmt.Errorf("backend %d: %w\n%s", i, err, logTail(log, 10))
 		}
 	}
 	return nil
@@ -476,7 +403,7 @@ func (e *l7Env) writeAgentConfig() (string, error) {
 // startHAProxy: HTTP mode, one thread, keep-alive on both sides with
 // connection reuse to the backends ("http-reuse always"), round robin, the
 // same health check as the agent, X-Forwarded-For added.
-func (e *l7Env) startHAProxy() (*l7Proc, error) {
+func (e *l7Env) startHAProxy() (*process, error) {
 	p := e.ports["haproxy"]
 	var b strings.Builder
 	fmt.Fprintf(&b, `# written by tests/bench/l7_test.go
@@ -519,7 +446,7 @@ backend web
 
 // startNginx: one worker (single-process mode), an upstream block with
 // keepalive 64 over HTTP/1.1, the usual forwarding headers.
-func (e *l7Env) startNginx() (*l7Proc, error) {
+func (e *l7Env) startNginx() (*process, error) {
 	p := e.ports["nginx"]
 	temp, err := l7NginxTemp(filepath.Join(e.dir, "nginx-proxy-tmp"))
 	if err != nil {
@@ -577,7 +504,7 @@ http {
 // startVeloFlux runs the agent binary with GOMAXPROCS=1 on l7ProxyCPU, at
 // log level warn: the per-request access log (an Info record) is off, as
 // it is for HAProxy (no log line) and nginx (access_log off).
-func (e *l7Env) startVeloFlux() (*l7Proc, error) {
+func (e *l7Env) startVeloFlux() (*process, error) {
 	cfg, err := e.writeAgentConfig()
 	if err != nil {
 		return nil, err
@@ -598,7 +525,7 @@ func (e *l7Env) url(name, mode string) string {
 // l7WaitReady waits until url answers 200 with the 1 KiB body and every
 // backend in want (X-Backend) has answered through it. proc must keep
 // running meanwhile.
-func l7WaitReady(ctx context.Context, url string, pool *x509.CertPool, proc *l7Proc, want map[string]bool) error {
+func l7WaitReady(ctx context.Context, url string, pool *x509.CertPool, proc *process, want map[string]bool) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, DisableCompression: true}
@@ -609,7 +536,7 @@ func l7WaitReady(ctx context.Context, url string, pool *x509.CertPool, proc *l7P
 	var lastErr error
 	for {
 		if proc.exited() {
-			return fmt.Errorf("%s exited: %v\n%s", proc.name, proc.err, l7Tail(proc.logPath, 10))
+			return fmt.Errorf("%s exited: %v\n%s", proc.name, proc.err, logTail(proc.logPath, 10))
 		}
 		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 		resp, err := hc.Do(req)
@@ -905,8 +832,8 @@ func BenchmarkL7(b *testing.B) {
 	if err := e.startBackends(ctx); err != nil {
 		b.Fatal(err)
 	}
-	procs := map[string]*l7Proc{}
-	for name, start := range map[string]func() (*l7Proc, error){
+	procs := map[string]*process{}
+	for name, start := range map[string]func() (*process, error){
 		"haproxy": e.startHAProxy, "nginx": e.startNginx, "veloflux": e.startVeloFlux,
 	} {
 		if procs[name], err = start(); err != nil {
@@ -974,7 +901,7 @@ func BenchmarkL7(b *testing.B) {
 		for _, mode := range modes {
 			for _, name := range l7Proxies {
 				if procs[name].exited() {
-					b.Fatalf("%s exited: %v\n%s", name, procs[name].err, l7Tail(procs[name].logPath, 20))
+					b.Fatalf("%s exited: %v\n%s", name, procs[name].err, logTail(procs[name].logPath, 20))
 				}
 				if results[name] == nil {
 					results[name] = map[string][]l7Result{}
@@ -1194,8 +1121,8 @@ func BenchmarkProfileL7(b *testing.B) {
 			b.Errorf("the in-process agent did not stop within 30s")
 		}
 	})
-	// A fake l7Proc for l7WaitReady: the agent is not a child.
-	self := &l7Proc{name: "in-process agent", done: make(chan struct{}), logPath: logf.Name()}
+	// A fake process for l7WaitReady: the agent is not a child.
+	self := &process{name: "in-process agent", done: make(chan struct{}), logPath: logf.Name()}
 	for _, mode := range l7Modes {
 		if err := l7WaitReady(ctx, e.url("veloflux", mode), e.certPool, self, l7AllBackends); err != nil {
 			select {

@@ -67,27 +67,34 @@ var peers = []peer{
 // process is a child process stopped at most once, by SIGTERM and then
 // SIGKILL, whether by its owner or by the benchmark's cleanup.
 type process struct {
-	name string
-	cmd  *exec.Cmd
-	done chan struct{}
-	err  error // from Wait, valid once done is closed
-	once sync.Once
+	name    string
+	cmd     *exec.Cmd
+	logPath string // its stdout and stderr
+	done    chan struct{}
+	err     error // from Wait, valid once done is closed
+	once    sync.Once
 }
 
 func startProcess(tb testing.TB, name string, cmd *exec.Cmd, logPath string) (*process, error) {
+	// Its own process group, so a Ctrl-C at the terminal reaches the test
+	// only, and the cleanup decides how the child stops.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	return runProcess(tb, name, cmd, logPath, (*exec.Cmd).Start)
+}
+
+// runProcess starts cmd with start, its output going to logPath, and has
+// the test's cleanup stop it.
+func runProcess(tb testing.TB, name string, cmd *exec.Cmd, logPath string, start func(*exec.Cmd) error) (*process, error) {
 	logf, err := os.Create(logPath)
 	if err != nil {
 		return nil, err
 	}
 	cmd.Stdout, cmd.Stderr = logf, logf
-	// Its own process group, so a Ctrl-C at the terminal reaches the test
-	// only, and the cleanup decides how the child stops.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
+	if err := start(cmd); err != nil {
 		logf.Close()
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
-	p := &process{name: name, cmd: cmd, done: make(chan struct{})}
+	p := &process{name: name, cmd: cmd, logPath: logPath, done: make(chan struct{})}
 	go func() {
 		p.err = cmd.Wait()
 		logf.Close()
@@ -117,7 +124,7 @@ func (p *process) stop() error {
 	var err error
 	p.once.Do(func() {
 		if p.exited() {
-			err = fmt.Errorf("%s had already exited: %v", p.name, p.err)
+			err = fmt.Errorf("%s had already exited: %v\n%s", p.name, p.err, logTail(p.logPath, 10))
 			return
 		}
 		p.cmd.Process.Signal(syscall.SIGTERM)
@@ -130,6 +137,19 @@ func (p *process) stop() error {
 		}
 	})
 	return err
+}
+
+// logTail is the last n lines of a log file, for error messages.
+func logTail(path string, n int) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err.Error()
+	}
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
 }
 
 type agentConfig struct {

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httputil"
 	"runtime"
 	"strings"
 	"testing"
@@ -99,4 +100,25 @@ func BenchmarkProxyKeepAliveP2C(b *testing.B) {
 // BenchmarkDirectKeepAlive is the same load straight to the backend.
 func BenchmarkDirectKeepAlive(b *testing.B) {
 	runClients(b, benchBackend(b).URL+"/bench")
+}
+
+// BenchmarkBareReverseProxyKeepAlive is httputil.ReverseProxy with the same
+// Transport settings and nothing of ours (no routing, health, metrics,
+// headers beyond X-Forwarded-*): the floor of the proxy's cost.
+func BenchmarkBareReverseProxyKeepAlive(b *testing.B) {
+	be := benchBackend(b)
+	target := be.Listener.Addr().String()
+	tr := &http.Transport{MaxIdleConnsPerHost: 256, DisableCompression: true}
+	b.Cleanup(tr.CloseIdleConnections)
+	rp := &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.Out.URL.Scheme, pr.Out.URL.Host = "http", target
+			pr.SetXForwarded()
+		},
+		Transport:  tr,
+		BufferPool: bufferPool{},
+	}
+	f := httptest.NewServer(rp)
+	b.Cleanup(f.Close)
+	runClients(b, f.URL+"/bench")
 }

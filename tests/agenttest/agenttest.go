@@ -115,13 +115,22 @@ func (b *build) make(tb testing.TB, envOverride string) (string, error) {
 	}
 	bin := filepath.Join(b.dir, "veloflux")
 	start := time.Now()
-	cmd := exec.Command(goTool(), "build", "-o", bin, "./cmd/veloflux")
-	cmd.Dir = root
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("go build ./cmd/veloflux in %s: %v\n%s", root, err, out)
+	if err := GoBuild(root, "./cmd/veloflux", bin); err != nil {
+		return "", err
 	}
 	tb.Logf("built %s in %s", bin, time.Since(start).Round(time.Millisecond))
 	return bin, nil
+}
+
+// GoBuild builds the package pkg (a path relative to the module root, like
+// "./cmd/veloflux") of the module at root into the binary out.
+func GoBuild(root, pkg, out string) error {
+	cmd := exec.Command(goTool(), "build", "-o", out, pkg)
+	cmd.Dir = root
+	if msg, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build %s in %s: %v\n%s", pkg, root, err, msg)
+	}
+	return nil
 }
 
 // goTool is the go command: the one on $PATH (`go test` puts its own

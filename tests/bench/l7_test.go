@@ -5,7 +5,11 @@ package bench
 // the VeloFlux agent's L7 proxy (agent/proxy), HAProxy and nginx. It loads
 // each with wrk over keep-alive connections, in plain HTTP and with TLS on
 // the client side, and reports requests/s and p50/p99 latency as ratios to
-// HAProxy. docs/BENCHMARKS.md records the figures.
+// HAProxy. Three net/http references from tests/bench/refproxy run in the
+// same rounds (a bare httputil.ReverseProxy, the same over a synchronous
+// RoundTripper, and net/http's server answering by itself), to separate
+// VeloFlux's own cost from the cost of net/http. docs/BENCHMARKS.md records
+// the figures.
 //
 //	go test -run '^$' -bench BenchmarkL7 -benchtime 1x ./tests/bench/ -v
 //
@@ -101,14 +105,21 @@ const (
 
 var l7Modes = []string{"plain", "tls"}
 
-// l7Proxies in the order of every round.
-var l7Proxies = []string{"haproxy", "nginx", "veloflux"}
+// l7Proxies in the order of every round: the three proxies compared, then
+// the net/http references built from tests/bench/refproxy (l7RefModes),
+// which show how much of VeloFlux's cost is net/http's own.
+var l7Proxies = []string{"haproxy", "nginx", "veloflux", "go-rp", "go-rpsync", "go-static"}
 
-var l7Titles = map[string]string{
-	"haproxy":  "HAProxy 2.6, mode http",
-	"nginx":    "nginx 1.22, proxy_pass",
-	"veloflux": "VeloFlux L7 (agent/proxy)",
-	"direct":   "direct to backend 0 (no proxy)",
+// l7RefModes maps a reference's name to its refproxy -mode.
+var l7RefModes = map[string]string{"go-rp": "rp", "go-rpsync": "rp-sync", "go-static": "static"}
+
+// l7Want is what l7WaitReady must see through a proxy: every backend, or
+// nothing for go-static, which answers by itself.
+func l7Want(name string) map[string]bool {
+	if name == "go-static" {
+		return nil
+	}
+	return l7AllBackends
 }
 
 // ---- processes ----
@@ -182,6 +193,7 @@ type l7Env struct {
 	metrPort  int
 	pinPath   string
 	agentBin  string
+	refBin    string // tests/bench/refproxy
 	backendsP *process
 }
 
@@ -221,7 +233,7 @@ func l7FreePorts(n int) ([]int, error) {
 
 func newL7Env(b *testing.B) *l7Env {
 	e := &l7Env{tb: b, dir: b.TempDir(), ports: map[string][2]int{}}
-	ports, err := l7FreePorts(3 + 2*3 + 2)
+	ports, err := l7FreePorts(3 + 2*len(l7Proxies) + 2)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -229,7 +241,7 @@ func newL7Env(b *testing.B) *l7Env {
 	for i, name := range l7Proxies {
 		e.ports[name] = [2]int{ports[3+2*i], ports[4+2*i]}
 	}
-	e.apiPort, e.metrPort = ports[9], ports[10]
+	e.apiPort, e.metrPort = ports[3+2*len(l7Proxies)], ports[4+2*len(l7Proxies)]
 	if err := e.writeCert(); err != nil {
 		b.Fatal(err)
 	}
@@ -512,6 +524,32 @@ func (e *l7Env) startVeloFlux() (*process, error) {
 	return l7StartProc(e.tb, "veloflux agent", filepath.Join(e.dir, "veloflux.log"), []string{"GOMAXPROCS=1"},
 		l7Pinned(l7ProxyCPU, e.agentBin, "run", "--config", cfg, "--pin-path", e.pinPath,
 			"--state-dir", filepath.Join(e.dir, "state"), "--log-level", "warn", "--log-format", "text")...)
+}
+
+// buildRef builds tests/bench/refproxy into the scratch directory.
+func (e *l7Env) buildRef() error {
+	root, err := agenttest.ModuleRoot()
+	if err != nil {
+		return err
+	}
+	e.refBin = filepath.Join(e.dir, "refproxy")
+	return agenttest.GoBuild(root, "./tests/bench/refproxy", e.refBin)
+}
+
+// startRef runs one net/http reference on l7ProxyCPU with GOMAXPROCS=1,
+// like the agent: HTTP and TLS (the same certificate) on its two ports,
+// round robin over the three backends.
+func (e *l7Env) startRef(name string) (*process, error) {
+	p := e.ports[name]
+	backends := make([]string, len(e.backends))
+	for i, port := range e.backends {
+		backends[i] = fmt.Sprintf("127.0.0.1:%d", port)
+	}
+	return l7StartProc(e.tb, name, filepath.Join(e.dir, name+".log"), []string{"GOMAXPROCS=1"},
+		l7Pinned(l7ProxyCPU, e.refBin, "-mode", l7RefModes[name],
+			"-listen", fmt.Sprintf("127.0.0.1:%d", p[0]), "-tls-listen", fmt.Sprintf("127.0.0.1:%d", p[1]),
+			"-cert", e.certFile, "-key", e.keyFile, "-backends", strings.Join(backends, ","),
+			"-body-size", strconv.Itoa(l7BodySize))...)
 }
 
 func (e *l7Env) url(name, mode string) string {
@@ -829,13 +867,20 @@ func BenchmarkL7(b *testing.B) {
 	var err error
 	e.agentBin = agenttest.BuildAgent(b, agentEnv)
 	e.pinPath = agenttest.MountBPFFS(b, e.dir)
+	if err := e.buildRef(); err != nil {
+		b.Fatal(err)
+	}
 	if err := e.startBackends(ctx); err != nil {
 		b.Fatal(err)
 	}
 	procs := map[string]*process{}
-	for name, start := range map[string]func() (*process, error){
-		"haproxy": e.startHAProxy, "nginx": e.startNginx, "veloflux": e.startVeloFlux,
-	} {
+	for _, name := range l7Proxies {
+		start := map[string]func() (*process, error){
+			"haproxy": e.startHAProxy, "nginx": e.startNginx, "veloflux": e.startVeloFlux,
+		}[name]
+		if start == nil {
+			start = func() (*process, error) { return e.startRef(name) }
+		}
 		if procs[name], err = start(); err != nil {
 			b.Fatal(err)
 		}
@@ -843,7 +888,7 @@ func BenchmarkL7(b *testing.B) {
 	tlsInfo := map[string]string{}
 	for _, name := range l7Proxies {
 		for _, mode := range l7Modes {
-			if err := l7WaitReady(ctx, e.url(name, mode), e.certPool, procs[name], l7AllBackends); err != nil {
+			if err := l7WaitReady(ctx, e.url(name, mode), e.certPool, procs[name], l7Want(name)); err != nil {
 				b.Fatalf("%s, %s: %v", name, mode, err)
 			}
 		}
@@ -1036,6 +1081,10 @@ func (s l7Sum) table(tlsInfo map[string]string) string {
 			per = append(per, fmt.Sprintf("x%.2f", v.runs[i].ReqPerSec/h.runs[i].ReqPerSec))
 		}
 		goals = append(goals, fmt.Sprintf("  per round, VeloFlux/HAProxy req/s (%s): %s", mode, strings.Join(per, " ")))
+		if g, ok := s.by["go-rp"][mode]; ok && g.rps > 0 && g.proxyCPU > 0 {
+			goals = append(goals, fmt.Sprintf("  VeloFlux vs a bare httputil.ReverseProxy (go-rp), %s: req/s x%.2f, CPU per request x%.2f",
+				mode, v.rps/g.rps, v.proxyCPU/g.proxyCPU))
+		}
 	}
 	if d, ok := s.by["direct"]["plain"]; ok {
 		fmt.Fprintf(&b, "%-9s %-5s | %7.0f %17s | %6s | %8.2f | %5.2f %13s | %6s | %9s | %3.0f%%/%3.0f%%  (one %s run)\n",

@@ -14,7 +14,7 @@ GENERATED := $(wildcard agent/dataplane/*_bpfel.o agent/dataplane/*_bpfel.go)
 all: build
 
 build:
-	$(GO) build -o bin/ ./...
+	$(GO) build -o bin/ ./cmd/... ./tests/demo
 
 deps-build:
 	deploy/install-deps.sh build
@@ -68,8 +68,10 @@ bench: deps-test deps-bench build
 
 # The namespace lab with the agent attached and light client traffic; runs
 # until Ctrl-C, or for DEMO_SECONDS. Everything it creates is removed.
+# It runs the built binary rather than `go run`, so that Ctrl-C reaches the
+# demo directly and its exit status is make's.
 demo: deps-demo build
-	$(GO) run ./tests/demo --agent bin/veloflux --vfctl bin/vfctl --config deploy/demo.yaml
+	bin/demo --agent bin/veloflux --vfctl bin/vfctl --config deploy/demo.yaml
 
 clean:
 	rm -rf bin tests/artifacts

@@ -2,7 +2,9 @@ package reconcile
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
+	"io/fs"
 	"slices"
 	"strings"
 
@@ -54,6 +56,11 @@ func (r *Reconciler) apply(p *plan, res *Result) error {
 	}
 	if err := r.flushRings(batch, res); err != nil {
 		return err
+	}
+	if batch.unreadable > 0 {
+		res.Warnings = append(res.Warnings, fmt.Sprintf(
+			"%d installed rings could not be read back (opening a map by id needs CAP_SYS_ADMIN) and were reinstalled with the same content",
+			batch.unreadable))
 	}
 	for _, rp := range leaving {
 		if err := r.applyReal(rp, res); err != nil {
@@ -137,6 +144,9 @@ const ringBatchSize = 64
 type ringBatch struct {
 	vips  []*vipPlan
 	rings map[uint32][]uint32
+	// unreadable counts the installed rings that were reinstalled because
+	// they could not be read back.
+	unreadable int
 }
 
 // applyRing queues a VIP's ring unless the installed one is already right.
@@ -165,6 +175,14 @@ func (r *Reconciler) applyRing(vp *vipPlan, batch *ringBatch) error {
 	// so that a restarted agent leaves correct rings alone instead of
 	// swapping every one of them.
 	installed, err := r.dp.Ring(vp.id)
+	if errors.Is(err, fs.ErrPermission) {
+		// The kernel opens an inner map by id only for CAP_SYS_ADMIN,
+		// which a container with CAP_BPF alone lacks. Installing the
+		// ring again is safe: a ring of the same backend set has the
+		// same content, so no flow moves.
+		batch.unreadable++
+		return r.queueRing(vp, batch)
+	}
 	if err != nil {
 		return fmt.Errorf("reconcile: read installed ring of VIP %s (id %d): %w", vp.vip, vp.id, err)
 	}

@@ -38,6 +38,8 @@ type fakeDP struct {
 	calls      []string
 	// fail, when set, is asked before every write and makes it fail.
 	fail func(call string) error
+	// ringReadErr, when set, is what Ring returns.
+	ringReadErr error
 	// violations lists dangling references seen after a write.
 	violations []string
 	checkRefs  bool
@@ -210,6 +212,9 @@ func (f *fakeDP) Ring(vipID uint32) ([]uint32, error) {
 	defer f.mu.Unlock()
 	if f.record {
 		f.calls = append(f.calls, fmt.Sprintf("Ring %d", vipID))
+	}
+	if f.ringReadErr != nil {
+		return nil, f.ringReadErr
 	}
 	return slices.Clone(f.rings[vipID]), nil
 }

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -369,6 +370,40 @@ func TestRestartedAgentRewritesOnlyWrongRings(t *testing.T) {
 	}
 	if res.RingsRebuilt != 1 || !slices.Equal(e.dp.rings[2], want) {
 		t.Errorf("ring not restored (%v)", res)
+	}
+}
+
+// An agent without CAP_SYS_ADMIN (a container with CAP_BPF) cannot open
+// the installed rings by id: it reinstalls them, with the same content,
+// says so in a warning, and remembers them like any ring it wrote.
+func TestRestartWithUnreadableRings(t *testing.T) {
+	e := newEnv(t)
+	e.reconcile()
+	before := map[uint32][]uint32{1: slices.Clone(e.dp.rings[1]), 2: slices.Clone(e.dp.rings[2])}
+
+	e.dp.ringReadErr = fmt.Errorf("open ring of VIP 1: %w", syscall.EPERM)
+	e.r = e.newReconciler()
+	res, calls := e.reconcile()
+	if got := writes(calls); !slices.Equal(got, []string{"SetRing 1", "SetRing 2"}) {
+		t.Errorf("writes = %v, want both rings reinstalled", got)
+	}
+	if len(res.Warnings) != 1 || !strings.Contains(res.Warnings[0], "CAP_SYS_ADMIN") {
+		t.Errorf("warnings = %q, want one naming CAP_SYS_ADMIN", res.Warnings)
+	}
+	for id, ring := range before {
+		if !slices.Equal(e.dp.rings[id], ring) {
+			t.Errorf("ring %d changed content on reinstall", id)
+		}
+	}
+	if _, calls := e.reconcile(); len(calls) != 0 {
+		t.Errorf("the next reconcile made calls %v", calls)
+	}
+
+	// Any other read error still fails the reconcile.
+	e.dp.ringReadErr = errors.New("read ring: bad address")
+	e.r = e.newReconciler()
+	if _, err := e.r.Reconcile(context.Background(), e.desired()); err == nil {
+		t.Error("a ring read error other than a permission error was ignored")
 	}
 }
 

@@ -15,6 +15,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/netip"
 	"os"
 	"slices"
@@ -320,6 +321,9 @@ type vipRow struct {
 	RealsUp        int        `json:"reals_up"`
 	RealsDraining  int        `json:"reals_draining"`
 	RealsDown      int        `json:"reals_down"`
+	// RingError says why the ring could not be read; the real counts are
+	// then zero and mean nothing.
+	RingError string `json:"ring_error,omitempty"`
 }
 
 type vipTable []vipRow
@@ -339,12 +343,20 @@ func gatherVIPs(src source) (vipTable, error) {
 		if err != nil {
 			return nil, err
 		}
+		r := vipRow{Address: vip.Addr, Port: vip.Port, Proto: vip.Proto.String(), Mode: meta.Mode.String(),
+			ID: meta.ID, SourceAffinity: meta.SourceAffinity, Packets: st.Packets, Bytes: st.Bytes, NewFlows: st.NewFlows}
 		ring, err := src.Ring(meta.ID)
+		if errors.Is(err, fs.ErrPermission) {
+			// Opening a ring (an inner map) by id needs CAP_SYS_ADMIN,
+			// which a container given CAP_BPF alone does not have; the
+			// rest of the row is still worth showing.
+			r.RingError = ringPermissionNote
+			out = append(out, r)
+			continue
+		}
 		if err != nil {
 			return nil, err
 		}
-		r := vipRow{Address: vip.Addr, Port: vip.Port, Proto: vip.Proto.String(), Mode: meta.Mode.String(),
-			ID: meta.ID, SourceAffinity: meta.SourceAffinity, Packets: st.Packets, Bytes: st.Bytes, NewFlows: st.NewFlows}
 		seen := map[uint32]bool{0: true} // id 0 is reserved: an empty slot
 		for _, id := range ring {
 			if seen[id] {
@@ -371,6 +383,7 @@ func gatherVIPs(src source) (vipTable, error) {
 }
 
 func (t vipTable) table(w io.Writer) error {
+	unreadable := false
 	row(w, "ADDRESS", "PORT", "PROTO", "MODE", "ID", "AFFINITY", "PACKETS", "BYTES", "NEW FLOWS", "REALS", "UP", "DRAINING", "DOWN")
 	for _, r := range t {
 		port := "*"
@@ -381,10 +394,20 @@ func (t vipTable) table(w io.Writer) error {
 		if r.SourceAffinity {
 			aff = "source"
 		}
+		if r.RingError != "" {
+			row(w, r.Address, port, r.Proto, r.Mode, r.ID, aff, r.Packets, r.Bytes, r.NewFlows, "?", "?", "?", "?")
+			unreadable = true
+			continue
+		}
 		row(w, r.Address, port, r.Proto, r.Mode, r.ID, aff, r.Packets, r.Bytes, r.NewFlows, r.Reals, r.RealsUp, r.RealsDraining, r.RealsDown)
+	}
+	if unreadable {
+		fmt.Fprintf(w, "?: %s\n", ringPermissionNote)
 	}
 	return nil
 }
+
+const ringPermissionNote = "the ring could not be read: opening a map by id needs CAP_SYS_ADMIN; GET /api/backends shows every backend with its state"
 
 type realRow struct {
 	ID      uint32     `json:"id"`

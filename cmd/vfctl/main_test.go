@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -26,6 +28,7 @@ type fakeSource struct {
 	counters []dataplane.Counter
 	flows    []dataplane.Flow
 	deny     []netip.Prefix
+	ringErr  error // returned by Ring when set
 }
 
 func (f *fakeSource) PinnedLinks() ([]dataplane.AttachedLink, error) { return f.links, nil }
@@ -44,7 +47,12 @@ func (f *fakeSource) VIPStats(id uint32) (dataplane.VIPStats, error) {
 func (f *fakeSource) RealStats(id uint32) (dataplane.RealStats, error) {
 	return dataplane.RealStats{Packets: uint64(id), Bytes: uint64(id) * 100}, nil
 }
-func (f *fakeSource) Ring(id uint32) ([]uint32, error)          { return f.rings[id], nil }
+func (f *fakeSource) Ring(id uint32) ([]uint32, error) {
+	if f.ringErr != nil {
+		return nil, f.ringErr
+	}
+	return f.rings[id], nil
+}
 func (f *fakeSource) Counters() ([]dataplane.Counter, error)    { return f.counters, nil }
 func (f *fakeSource) Flows(limit int) ([]dataplane.Flow, error) { return f.flows, nil }
 func (f *fakeSource) DenyList() ([]netip.Prefix, error)         { return f.deny, nil }
@@ -122,6 +130,38 @@ func TestVIPs(t *testing.T) {
 	}
 	if !regexp.MustCompile(`(?m)^10\.0\.0\.1 +\* +udp +dsr +1 +source`).MatchString(table) {
 		t.Errorf("port 0 not shown as *:\n%s", table)
+	}
+}
+
+// Without CAP_SYS_ADMIN (a container given CAP_BPF) the rings cannot be
+// opened: the VIPs are still listed, their ring columns marked unknown.
+func TestVIPsWithUnreadableRings(t *testing.T) {
+	f := newFake()
+	f.ringErr = fmt.Errorf("open ring of VIP 1: %w", unix.EPERM)
+	v, err := gatherVIPs(f)
+	if err != nil {
+		t.Fatalf("gatherVIPs: %v", err)
+	}
+	if len(v) != len(f.vips) {
+		t.Fatalf("%d rows, want %d", len(v), len(f.vips))
+	}
+	for _, r := range v {
+		if !strings.Contains(r.RingError, "CAP_SYS_ADMIN") {
+			t.Errorf("row %s: ring_error = %q", r.Address, r.RingError)
+		}
+	}
+	table := renderString(t, v, "table")
+	if !regexp.MustCompile(`(?m)^10\.0\.0\.1 +\* +udp +dsr +1 +source +10 +1000 +1 +\? +\? +\? +\?`).MatchString(table) {
+		t.Errorf("unknown ring columns not shown as ?:\n%s", table)
+	}
+	if !strings.Contains(table, "CAP_SYS_ADMIN") {
+		t.Errorf("the table does not say why:\n%s", table)
+	}
+
+	// Other errors still fail the command.
+	f.ringErr = errors.New("read ring: bad address")
+	if _, err := gatherVIPs(f); err == nil {
+		t.Error("a ring read error other than a permission error was ignored")
 	}
 }
 

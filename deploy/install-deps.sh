@@ -6,7 +6,7 @@ set -euo pipefail
 
 declare -A sets=(
 	[build]="clang-19 llvm-19 libbpf-dev bpftool"
-	[test]="iproute2 ethtool bpftool curl python3-websockets chromium"
+	[test]="iproute2 ethtool bpftool curl python3-websockets chromium prometheus prometheus-alertmanager podman runc"
 	[demo]="iproute2 ethtool bpftool curl"
 	[bench]="iproute2 ethtool wrk haproxy nftables nginx"
 )
@@ -32,9 +32,11 @@ echo "install-deps: installing ${want[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get install -y --no-install-recommends "${want[@]}" >/dev/null ||
 	{ apt-get update >/dev/null && apt-get install -y --no-install-recommends "${want[@]}" >/dev/null; }
-# Debian starts nginx and haproxy on install; the benchmarks run their own
-# instances, and a stray nginx would hold :80.
-for svc in nginx haproxy; do
+# Debian starts these on install. The benchmarks run their own nginx and
+# HAProxy, and a stray nginx would hold :80; the tests only need promtool
+# and amtool, and a Prometheus server would hold :9090, the agent's API
+# port.
+for svc in nginx haproxy prometheus prometheus-alertmanager; do
 	if printf '%s\n' "${want[@]}" | grep -qx "$svc" && command -v systemctl >/dev/null; then
 		systemctl disable --now "$svc" >/dev/null 2>&1 || true
 	fi

@@ -1,0 +1,410 @@
+package deploy
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+
+	"github.com/veloflux/veloflux/tests/agenttest"
+	"github.com/veloflux/veloflux/tests/lab"
+)
+
+// seriesLabels maps every series name a scrape exposes to the label names
+// its series carry. A histogram contributes name_bucket (with le),
+// name_sum and name_count; a summary name (with quantile), name_sum and
+// name_count: the names a PromQL expression can select.
+type seriesLabels map[string]map[string]bool
+
+func (s seriesLabels) add(name string, labels []string) {
+	if s[name] == nil {
+		s[name] = map[string]bool{}
+	}
+	for _, l := range labels {
+		s[name][l] = true
+	}
+}
+
+func indexScrape(families map[string]*dto.MetricFamily) seriesLabels {
+	s := seriesLabels{}
+	for name, mf := range families {
+		for _, m := range mf.GetMetric() {
+			var labels []string
+			for _, lp := range m.GetLabel() {
+				labels = append(labels, lp.GetName())
+			}
+			switch mf.GetType() {
+			case dto.MetricType_HISTOGRAM, dto.MetricType_GAUGE_HISTOGRAM:
+				s.add(name+"_bucket", append(slices.Clone(labels), "le"))
+				s.add(name+"_sum", labels)
+				s.add(name+"_count", labels)
+			case dto.MetricType_SUMMARY:
+				s.add(name, append(slices.Clone(labels), "quantile"))
+				s.add(name+"_sum", labels)
+				s.add(name+"_count", labels)
+			default:
+				s.add(name, labels)
+			}
+		}
+	}
+	return s
+}
+
+// Series and labels Prometheus adds to every scrape itself.
+var (
+	prometheusSeries = []string{"up", "scrape_duration_seconds", "scrape_samples_scraped",
+		"scrape_samples_post_metric_relabeling", "scrape_series_added"}
+	targetLabels = []string{"job", "instance"}
+)
+
+// ruleProblems lists every metric and label rule r uses that the scrape
+// lacks. recorded names the recording rules' outputs, whose labels are not
+// known here.
+func ruleProblems(r rule, s seriesLabels, recorded map[string]bool) []string {
+	name := r.Alert + r.Record
+	u, err := analyze(r.Expr)
+	if err != nil {
+		return []string{fmt.Sprintf("%s: expression: %v", name, err)}
+	}
+	var problems []string
+	report := func(format string, args ...any) {
+		problems = append(problems, name+": "+fmt.Sprintf(format, args...))
+	}
+	// labelsOf returns the labels a selector's series carry, or nil when
+	// they are not known here (a recording rule's output).
+	labelsOf := func(sel selector) map[string]bool {
+		out := map[string]bool{"__name__": true}
+		for _, l := range targetLabels {
+			out[l] = true
+		}
+		switch {
+		case recorded[sel.name]:
+			return nil
+		case slices.Contains(prometheusSeries, sel.name):
+		default:
+			for l := range s[sel.name] {
+				out[l] = true
+			}
+		}
+		return out
+	}
+	all := map[string]bool{}
+	for _, l := range targetLabels {
+		all[l] = true
+	}
+	unknownLabels := false
+	for _, sel := range u.selectors {
+		switch {
+		case sel.name == "":
+			report("a selector without a metric name")
+			continue
+		case recorded[sel.name] || slices.Contains(prometheusSeries, sel.name):
+		case s[sel.name] == nil:
+			report("metric %s is not in the agent's scrape", sel.name)
+			continue
+		}
+		have := labelsOf(sel)
+		if have == nil {
+			unknownLabels = true
+			continue
+		}
+		for l := range have {
+			all[l] = true
+		}
+		for _, l := range sel.labels {
+			if !have[l] {
+				report("%s has no label %q (it has %v)", sel.name, l, sortedKeys(have))
+			}
+		}
+	}
+	for _, g := range u.groupings {
+		scope := u.selectorsIn(g.start, g.end)
+		for _, l := range g.labels {
+			if g.end >= 0 {
+				for _, sel := range scope {
+					if have := labelsOf(sel); have != nil && s[sel.name] != nil && !have[l] {
+						report("%s (%s): %s has no label %q", g.keyword, strings.Join(g.labels, ", "), sel.name, l)
+					}
+				}
+			} else if !all[l] && !unknownLabels {
+				report("%s (%s): no metric of the expression has label %q", g.keyword, strings.Join(g.labels, ", "), l)
+			}
+		}
+	}
+	if !unknownLabels {
+		var texts []string
+		for _, m := range []map[string]string{r.Labels, r.Annotations} {
+			for _, v := range m {
+				texts = append(texts, v)
+			}
+		}
+		for _, text := range texts {
+			for _, l := range templateLabels(text) {
+				if !all[l] {
+					report("a template prints $labels.%s, which no metric of the expression has", l)
+				}
+			}
+		}
+	}
+	return problems
+}
+
+func sortedKeys(m map[string]bool) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// TestRuleProblems checks the checker: a scrape index and rules that use
+// metrics and labels it has, and does not have.
+func TestRuleProblems(t *testing.T) {
+	s := seriesLabels{}
+	s.add("veloflux_backend_up", []string{"pool", "backend"})
+	s.add("req_seconds_bucket", []string{"route", "le"})
+	for _, tc := range []struct {
+		expr, annotation string
+		want             []string // substrings of the problems, in order
+	}{
+		{expr: `max by (job, instance, pool) (veloflux_backend_up{backend!=""}) == 0 or up == 0`,
+			annotation: "{{ $labels.pool }} on {{ $labels.instance }}"},
+		{expr: `histogram_quantile(0.9, sum by (route, le) (rate(req_seconds_bucket[5m])))`},
+		{expr: `veloflux_nope_total > 0`, want: []string{"metric veloflux_nope_total is not in the agent's scrape"}},
+		{expr: `veloflux_backend_up{vip="x"}`, want: []string{`veloflux_backend_up has no label "vip"`}},
+		{expr: `sum by (route) (veloflux_backend_up)`, want: []string{`by (route): veloflux_backend_up has no label "route"`}},
+		{expr: `veloflux_backend_up * on (vip) group_left req_seconds_bucket`, want: []string{`no metric of the expression has label "vip"`}},
+		{expr: `veloflux_backend_up == 0`, annotation: "{{ $labels.vip }}", want: []string{"$labels.vip"}},
+		{expr: `{__name__="veloflux_backend_up"}`, want: []string{"without a metric name"}},
+		{expr: `max by (pool) (recorded:up) == 0`, annotation: "{{ $labels.anything }}"},
+	} {
+		r := rule{Alert: "T", Expr: tc.expr, Annotations: map[string]string{"summary": tc.annotation}}
+		got := ruleProblems(r, s, map[string]bool{"recorded:up": true})
+		ok := len(got) == len(tc.want)
+		for i := 0; ok && i < len(got); i++ {
+			ok = strings.Contains(got[i], tc.want[i])
+		}
+		if !ok {
+			t.Errorf("ruleProblems(%q, %q):\n got %q\nwant problems containing %q", tc.expr, tc.annotation, got, tc.want)
+		}
+	}
+}
+
+// metricsVIP is the VIP of TestAlertMetricsExist's lab.
+var metricsVIP = netip.MustParseAddr("198.51.100.20")
+
+// TestAlertMetricsExist runs a real agent in a namespace lab, with a VIP,
+// a health-checked pool and the L7 proxy, sends requests through the proxy
+// so the HTTP families have series, and checks every rule of alerts.yml
+// against its /metrics scrape.
+func TestAlertMetricsExist(t *testing.T) {
+	rs := rules(t)
+	l := lab.ForTest(t, lab.Options{Backends: 2, VIPs: []netip.Addr{metricsVIP}})
+	bin := agenttest.BuildAgent(t, binaryEnv)
+	if err := l.StartBackendServers(t.Context()); err != nil {
+		t.Fatalf("start backend servers: %v", err)
+	}
+	dir := t.TempDir()
+	pin := agenttest.MountBPFFS(t, dir)
+
+	// Free ports in the balancer's namespace, where the agent listens.
+	ports := make([]int, 3)
+	for i := range ports {
+		ports[i] = freePortIn(t, l.Balancer)
+	}
+	apiAddr := fmt.Sprintf("127.0.0.1:%d", ports[0])
+	metricsAddr := fmt.Sprintf("127.0.0.1:%d", ports[1])
+	proxyAddr := fmt.Sprintf("127.0.0.1:%d", ports[2])
+
+	var cfg strings.Builder
+	fmt.Fprintf(&cfg, "node:\n  name: deploy-%s\n", l.Prefix)
+	fmt.Fprintf(&cfg, "dataplane:\n  interfaces: [%s]\n  xdp_mode: native\n  conntrack_size: 65536\n", l.Balancer.IfName)
+	fmt.Fprintf(&cfg, "api:\n  listen: %q\n  token_file: %s\n", apiAddr, filepath.Join(dir, "state", "api.token"))
+	fmt.Fprintf(&cfg, "metrics:\n  listen: %q\n", metricsAddr)
+	fmt.Fprintf(&cfg, "proxy:\n  enabled: true\n  http_listen: %q\n", proxyAddr)
+	cfg.WriteString("pools:\n  - name: web\n    backends:\n")
+	for _, b := range l.Backends {
+		fmt.Fprintf(&cfg, "      - {address: %s, port: %d}\n", b.Addr4, lab.HTTPPort)
+	}
+	cfg.WriteString("    health_check: {type: http, path: /healthz, interval: 500ms, timeout: 200ms, rise: 1, fall: 2}\n")
+	fmt.Fprintf(&cfg, "vips:\n  - {address: %s, port: %d, protocol: tcp, mode: dsr, pool: web}\n", metricsVIP, lab.HTTPPort)
+	cfg.WriteString("routes:\n  - {path_prefix: /, pool: web}\n")
+	cfgPath := filepath.Join(dir, "veloflux.yaml")
+	if err := os.WriteFile(cfgPath, []byte(cfg.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: l.Balancer.DialContext}}
+	t.Cleanup(hc.CloseIdleConnections) // idle sockets would keep the namespace alive
+	startAgentIn(t, l.Balancer, bin, dir, "--config", cfgPath, "--pin-path", pin,
+		"--state-dir", filepath.Join(dir, "state"), "--log-format", "text")
+	waitHTTP(t, hc, "http://"+apiAddr+"/health", 30*time.Second, func(code int, _ []byte) bool { return code == http.StatusOK })
+
+	// Requests through the proxy, once the backends' checks have risen.
+	answered := 0
+	waitHTTP(t, hc, "http://"+proxyAddr+"/", 20*time.Second, func(code int, body []byte) bool {
+		if code == http.StatusOK && bytes.HasPrefix(body, []byte("backend-")) {
+			answered++
+		}
+		return answered >= 5
+	})
+
+	// Wait for a scrape with every family the rules use: the health-check
+	// histogram and latency gauge need completed probes.
+	var used []string
+	for _, r := range rs {
+		u, err := analyze(r.Expr)
+		if err != nil {
+			t.Fatalf("%s: %v", r.Alert, err)
+		}
+		for _, s := range u.selectors {
+			if !slices.Contains(used, s.name) && !slices.Contains(prometheusSeries, s.name) {
+				used = append(used, s.name)
+			}
+		}
+	}
+	slices.Sort(used)
+	var s seriesLabels
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		s = scrape(t, hc, "http://"+metricsAddr+"/metrics")
+		missing := slices.DeleteFunc(slices.Clone(used), func(n string) bool { return s[n] != nil })
+		if len(missing) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Logf("still missing after 20s: %v", missing)
+			break
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	t.Logf("the rules select %d series names: %v", len(used), used)
+
+	recorded := map[string]bool{}
+	for _, r := range rs {
+		if r.Record != "" {
+			recorded[r.Record] = true
+		}
+	}
+	for _, r := range rs {
+		for _, p := range ruleProblems(r, s, recorded) {
+			t.Error(p)
+		}
+	}
+
+	// For the reader of the log: what the agent exports that no rule uses.
+	var unused []string
+	for name := range s {
+		if strings.HasPrefix(name, "veloflux_") && !slices.Contains(used, name) {
+			unused = append(unused, name)
+		}
+	}
+	slices.Sort(unused)
+	t.Logf("exported but used by no rule: %v", unused)
+}
+
+// freePortIn returns a TCP port nothing listens on in h's namespace.
+func freePortIn(t testing.TB, h *lab.Host) int {
+	t.Helper()
+	ln, err := h.Listen(t.Context(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("find a free port in %s: %v", h.Name, err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// startAgentIn runs the agent in h's namespace with its output in
+// dir/agent.log, and stops it with SIGTERM in the test's cleanup, logging
+// the output then.
+func startAgentIn(t *testing.T, h *lab.Host, bin, dir string, args ...string) {
+	t.Helper()
+	logPath := filepath.Join(dir, "agent.log")
+	logf, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := h.Command(context.Background(), bin, args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.WaitDelay = 5 * time.Second
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		t.Fatalf("start %s: %v", bin, err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("agent exited after SIGTERM: %v", err)
+			}
+		case <-time.After(15 * time.Second):
+			t.Errorf("agent: no exit 15s after SIGTERM; killing it")
+			_ = cmd.Process.Kill()
+			<-done
+		}
+		logf.Close()
+		if out, err := os.ReadFile(logPath); err == nil {
+			t.Logf("agent log:\n%s", out)
+		}
+	})
+}
+
+// waitHTTP GETs url until done accepts the answer, failing the test after
+// timeout with the last answer or error.
+func waitHTTP(t testing.TB, hc *http.Client, url string, timeout time.Duration, done func(code int, body []byte) bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	var last string
+	for time.Now().Before(deadline) {
+		resp, err := hc.Get(url)
+		if err == nil {
+			body, rerr := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+			resp.Body.Close()
+			if rerr == nil && done(resp.StatusCode, body) {
+				return
+			}
+			last = fmt.Sprintf("%d %s %v", resp.StatusCode, bytes.TrimSpace(body), rerr)
+		} else {
+			last = err.Error()
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Fatalf("GET %s: no expected answer within %s (last: %s)", url, timeout, last)
+}
+
+// scrape GETs a /metrics URL and indexes its series.
+func scrape(t testing.TB, hc *http.Client, url string) seriesLabels {
+	t.Helper()
+	resp, err := hc.Get(url)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s: status %d", url, resp.StatusCode)
+	}
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := parser.TextToMetricFamilies(resp.Body)
+	if err != nil {
+		t.Fatalf("parse %s: %v", url, err)
+	}
+	return indexScrape(families)
+}

@@ -9,7 +9,7 @@ export GOTOOLCHAIN := local
 
 GENERATED := $(wildcard agent/dataplane/*_bpfel.o agent/dataplane/*_bpfel.go)
 
-.PHONY: all build generate check-generated vmlinux test fuzz bench demo deps-build deps-test deps-demo deps-bench clean
+.PHONY: all build generate check-generated vmlinux test fuzz bench demo image deps-build deps-test deps-demo deps-bench clean
 
 all: build
 
@@ -72,6 +72,13 @@ bench: deps-test deps-bench build
 # demo directly and its exit status is make's.
 demo: deps-demo build
 	bin/demo --agent bin/veloflux --vfctl bin/vfctl --config deploy/demo.yaml
+
+# The agent's container image from static binaries built here (no image is
+# pulled); see deploy/Dockerfile and the README. DOCKER=podman works too.
+DOCKER ?= docker
+image:
+	CGO_ENABLED=0 $(GO) build -trimpath -o bin/container/ ./cmd/veloflux ./cmd/vfctl
+	$(DOCKER) build -f deploy/Dockerfile --build-arg BINARIES=host -t veloflux .
 
 clean:
 	rm -rf bin tests/artifacts

@@ -9,7 +9,7 @@ export GOTOOLCHAIN := local
 
 GENERATED := $(wildcard agent/dataplane/*_bpfel.o agent/dataplane/*_bpfel.go)
 
-.PHONY: all build generate check-generated vmlinux test fuzz bench demo image deps-build deps-test deps-demo deps-bench clean
+.PHONY: all build generate check-generated vmlinux test vmtest fuzz bench demo image deps-build deps-test deps-vmtest deps-demo deps-bench clean
 
 all: build
 
@@ -18,6 +18,9 @@ build:
 
 deps-build:
 	deploy/install-deps.sh build
+
+deps-vmtest:
+	deploy/install-deps.sh vmtest
 
 deps-test:
 	deploy/install-deps.sh test
@@ -50,7 +53,15 @@ vmlinux: deps-build
 test: deps-test
 	$(GO) vet ./...
 	$(GO) test -count=1 ./...
+	tests/vm/run.sh
 	$(GO) test -count=1 -run '^$$' -fuzz '^FuzzBalancer$$' -fuzztime $(FUZZTIME) ./agent/dataplane
+
+# The BPF tests (agent/dataplane, vfctl's pinned-map test) on Debian 12's
+# own 6.1 kernel and its 6.12, each booted in qemu (TCG, no KVM) with the
+# tests as its init; about half a minute once the kernels are cached in
+# tests/vm/.cache. `make test` runs it too. See tests/vm/doc.go.
+vmtest: deps-vmtest
+	tests/vm/run.sh
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzBalancer$$' -fuzztime 10m ./agent/dataplane

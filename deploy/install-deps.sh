@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs the Debian packages a VeloFlux make target needs, and only those
 # that are missing, so repeated runs cost nothing.
-#   deploy/install-deps.sh build|test|demo|bench
+#   deploy/install-deps.sh build|test|vmtest|demo|bench
 set -euo pipefail
 
 declare -A sets=(
 	[build]="clang-19 llvm-19 libbpf-dev bpftool"
-	[test]="iproute2 ethtool bpftool curl python3-websockets chromium prometheus prometheus-alertmanager podman runc"
+	[test]="iproute2 ethtool bpftool curl python3-websockets chromium prometheus prometheus-alertmanager podman runc qemu-system-x86 busybox-static"
+	[vmtest]="qemu-system-x86 busybox-static"
 	[demo]="iproute2 ethtool bpftool curl"
 	[bench]="iproute2 ethtool wrk haproxy nftables nginx"
 )

@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/veloflux/veloflux/agent/api"
@@ -60,9 +61,11 @@ type Agent struct {
 	checker *health.Checker
 	rec     *reconcile.Reconciler
 
-	hub       *api.Hub
-	metrics   *metrics.Metrics
-	proxy     *proxy.Proxy  // nil unless proxy.enabled
+	hub     *api.Hub
+	metrics *metrics.Metrics
+	// proxy is set once startProxy has built it (nil unless
+	// proxy.enabled); the API and telemetry goroutines already run then.
+	proxy     atomic.Pointer[proxy.Proxy]
 	proxyDone chan struct{} // closed when the proxy has drained
 	analyzer  *insights.Analyzer
 	ledger    *billing.Ledger
@@ -145,6 +148,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.metrics = metrics.New(metrics.Options{
 		Source: a, Version: a.opts.Version, Health: a.healthViews,
 		WSClients: func() map[string]int { return a.hub.Clients() },
+		XDP:       a.xdpAttachments,
 	})
 	a.checker = health.New(a.log.With("component", "health"),
 		health.WithObserver(func(pool, key string, d time.Duration, ok bool) {
@@ -361,9 +365,11 @@ func (a *Agent) desired() reconcile.Desired {
 // maps. Failures are logged and retried on the next trigger.
 func (a *Agent) reconcileNow(ctx context.Context, why string) {
 	res, err := a.rec.Reconcile(ctx, a.desired())
+	end := time.Now()
 	a.mu.Lock()
-	a.lastResult, a.lastErr, a.lastReconcileAt = res, err, time.Now()
+	a.lastResult, a.lastErr, a.lastReconcileAt = res, err, end
 	a.mu.Unlock()
+	a.metrics.ObserveReconcile(err == nil, len(res.Warnings), end)
 	switch {
 	case err != nil:
 		a.log.Error("reconcile failed; will retry", "trigger", why, "err", err)

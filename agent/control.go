@@ -98,8 +98,8 @@ func (a *Agent) apply(ctx context.Context, next *config.Config, why string) erro
 	if err := a.applyHealthTargets(next); err != nil {
 		return err
 	}
-	if a.proxy != nil {
-		if err := a.proxy.Apply(next); err != nil {
+	if p := a.proxy.Load(); p != nil {
+		if err := p.Apply(next); err != nil {
 			return err
 		}
 	}

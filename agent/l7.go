@@ -11,6 +11,7 @@ import (
 
 	"github.com/veloflux/veloflux/agent/api"
 	"github.com/veloflux/veloflux/agent/config"
+	"github.com/veloflux/veloflux/agent/metrics"
 	"github.com/veloflux/veloflux/agent/proxy"
 )
 
@@ -43,7 +44,8 @@ func (a *Agent) startProxy(ctx context.Context, cfg *config.Config) error {
 	if err := p.Apply(cfg); err != nil {
 		return err
 	}
-	a.proxy = p
+	a.proxy.Store(p)
+	a.metrics.SetProxy(func() metrics.ProxyState { return proxyState(p) })
 	a.proxyDone = make(chan struct{})
 	go func() {
 		defer close(a.proxyDone)
@@ -71,18 +73,29 @@ func (a *Agent) waitProxy() {
 // listeners close, in-flight requests finish within drain_timeout, and
 // /health reports draining so that whatever is in front moves away.
 func (a *Agent) DrainProxy(ctx context.Context) error {
-	if a.proxy == nil {
+	p := a.proxy.Load()
+	if p == nil {
 		return &api.Error{Status: 409, Code: "conflict", Message: "the L7 proxy is not running (proxy.enabled is false)"}
 	}
 	a.log.Info("draining the L7 proxy")
 	a.publishStatus()
-	err := a.proxy.Drain(ctx)
+	err := p.Drain(ctx)
 	a.publishStatus()
 	return err
 }
 
+// proxyState is what the metrics report of the proxy's listeners.
+func proxyState(p *proxy.Proxy) metrics.ProxyState {
+	st := metrics.ProxyState{Draining: p.Draining()}
+	for _, l := range p.Listeners() {
+		st.Listeners = append(st.Listeners, metrics.ProxyListener{Role: l.Role, Serving: l.Serving})
+	}
+	return st
+}
+
 func (a *Agent) proxyDraining() bool {
-	return a.proxy != nil && a.proxy.Draining()
+	p := a.proxy.Load()
+	return p != nil && p.Draining()
 }
 
 func (a *Agent) isDrained(key string) bool {

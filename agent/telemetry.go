@@ -101,8 +101,8 @@ func (a *Agent) telemetry(ctx context.Context) {
 				continue
 			}
 			mv := ratesBetween(prev, cur)
-			if a.proxy != nil {
-				st := a.proxy.Stats()
+			if p := a.proxy.Load(); p != nil {
+				st := p.Stats()
 				mv.L7 = l7Rates(prevL7, st, mv.IntervalSeconds)
 				prevL7 = st
 			}

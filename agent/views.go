@@ -12,6 +12,7 @@ import (
 	"github.com/veloflux/veloflux/agent/dataplane"
 	"github.com/veloflux/veloflux/agent/health"
 	"github.com/veloflux/veloflux/agent/model"
+	"github.com/veloflux/veloflux/agent/proxy"
 	"github.com/veloflux/veloflux/agent/reconcile"
 )
 
@@ -269,8 +270,23 @@ func (a *Agent) statusView() api.StatusView {
 	if !sv.Attached && sv.Status == "ok" {
 		sv.Status = "degraded"
 	}
+	if p := a.proxy.Load(); p != nil {
+		sv.Proxy = proxyView(p)
+	}
 	if a.proxyDraining() {
 		sv.Status = "draining"
 	}
 	return sv
+}
+
+// proxyView reports the proxy's listeners as they are now.
+func proxyView(p *proxy.Proxy) *api.ProxyView {
+	pv := &api.ProxyView{Draining: p.Draining(), Listeners: []api.ListenerView{}}
+	serving := true
+	for _, l := range p.Listeners() {
+		pv.Listeners = append(pv.Listeners, api.ListenerView{Role: l.Role, Address: l.Addr, Serving: l.Serving})
+		serving = serving && l.Serving
+	}
+	pv.Serving = serving && len(pv.Listeners) > 0
+	return pv
 }

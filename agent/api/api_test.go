@@ -41,6 +41,7 @@ type fakeController struct {
 	gen     uint64
 	drained map[string]bool
 	saves   int
+	proxy   *ProxyView // what Status reports of the L7 proxy
 }
 
 func newFake(t *testing.T) *fakeController {
@@ -54,7 +55,7 @@ func newFake(t *testing.T) *fakeController {
 func (f *fakeController) Status() StatusView {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return StatusView{Status: "ok", Version: "test", Attached: true, ConfigGeneration: f.gen}
+	return StatusView{Status: "ok", Version: "test", Attached: true, ConfigGeneration: f.gen, Proxy: f.proxy}
 }
 
 func (f *fakeController) Config() *config.Config {
@@ -325,6 +326,33 @@ func TestCRUDAndValidation(t *testing.T) {
 	}
 	if status, _, _ = ts.do(t, "GET", "/health", "", false); status != 200 {
 		t.Fatalf("health: %d", status)
+	}
+}
+
+// TestHealthReportsProxy: /health names the L7 proxy's listeners when it
+// is enabled and says when one does not serve, still with 200: the node's
+// VIPs are forwarded in XDP whatever the proxy does.
+func TestHealthReportsProxy(t *testing.T) {
+	ts := newTestServer(t, false, HubOptions{})
+	status, body, _ := ts.do(t, "GET", "/health", "", false)
+	if _, ok := body["proxy"]; status != 200 || ok {
+		t.Fatalf("health without a proxy: %d %v; want 200 and no proxy field", status, body)
+	}
+
+	ts.ctl.mu.Lock()
+	ts.ctl.proxy = &ProxyView{Listeners: []ListenerView{{Role: "http", Address: ":80"}}}
+	ts.ctl.mu.Unlock()
+	status, body, _ = ts.do(t, "GET", "/health", "", false)
+	p, ok := body["proxy"].(map[string]any)
+	if status != 200 || !ok || body["status"] != "ok" {
+		t.Fatalf("health with a stopped proxy: %d %v; want 200, status ok and a proxy object", status, body)
+	}
+	listeners, _ := p["listeners"].([]any)
+	if p["serving"] != false || len(listeners) != 1 {
+		t.Fatalf("health proxy %v: want serving false and the http listener", p)
+	}
+	if l, _ := listeners[0].(map[string]any); l["role"] != "http" || l["address"] != ":80" || l["serving"] != false {
+		t.Errorf("health proxy listener %v: want role http, address :80, serving false", l)
 	}
 }
 

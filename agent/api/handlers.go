@@ -72,6 +72,11 @@ func (s *Server) health(c echo.Context) error {
 		"status": st.Status, "version": st.Version, "uptime_seconds": st.UptimeSeconds,
 		"dataplane_attached": st.Attached, "config_generation": st.ConfigGeneration,
 	}
+	// The proxy's state is reported but leaves the status code alone: a
+	// node whose L7 listeners are down still forwards its VIPs in XDP.
+	if st.Proxy != nil {
+		body["proxy"] = st.Proxy
+	}
 	switch {
 	case !st.Attached:
 		body["status"] = "detached"

@@ -20,6 +20,23 @@ type StatusView struct {
 	ConfigGeneration uint64          `json:"config_generation"`
 	Counts           Counts          `json:"counts"`
 	LastReconcile    ReconcileView   `json:"last_reconcile"`
+	Proxy            *ProxyView      `json:"proxy,omitempty"` // nil unless proxy.enabled
+}
+
+// ProxyView is the L7 proxy's state: whether its listeners accept
+// connections. A listener that could not be opened or failed stays closed
+// until the agent restarts.
+type ProxyView struct {
+	Serving   bool           `json:"serving"` // every listener accepts connections
+	Draining  bool           `json:"draining"`
+	Listeners []ListenerView `json:"listeners"`
+}
+
+// ListenerView is one listener the proxy's configuration asks for.
+type ListenerView struct {
+	Role    string `json:"role"` // http | https
+	Address string `json:"address"`
+	Serving bool   `json:"serving"`
 }
 
 // InterfaceView is one configured interface and whether XDP is on it.

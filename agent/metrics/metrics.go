@@ -9,8 +9,10 @@
 // that was removed disappears on the next scrape instead of lingering, and an
 // agent nobody scrapes does no metrics work at all.
 //
-// Only events that happen in the agent itself (health-check probes, config
-// reloads) are recorded in ordinary client_golang metrics.
+// The agent's own state (XDP attachment, the L7 proxy's listeners) is asked
+// for at scrape time the same way. Only events that happen in the agent
+// itself (health-check probes, config reloads, reconciles) are recorded in
+// ordinary client_golang metrics.
 //
 // Everything is registered on a private prometheus.Registry rather than the
 // global default one, so two Metrics (for example in parallel tests) never
@@ -34,6 +36,12 @@
 //	scrape_errors_total                     counter  failed data-plane reads
 //	health_check_duration_seconds{pool,result} histogram
 //	config_reloads_total{result}            counter
+//	reconcile_total{result}                 counter  map reconciles
+//	reconcile_warnings_total                counter  problems reconciles reported
+//	reconcile_last_success_timestamp_seconds gauge   0 = none since start
+//	xdp_attached{interface,mode}            gauge    1 attached, 0 not (asked at scrape)
+//	proxy_listener_up{role}                 gauge    1 serving, 0 not (proxy enabled)
+//	proxy_draining                          gauge    1 after a drain (proxy enabled)
 //	ws_clients{channel}                     gauge    WebSocket subscribers
 //	build_info{version,goversion}           gauge=1
 //
@@ -60,8 +68,8 @@ import (
 	"github.com/veloflux/veloflux/agent/model"
 )
 
-// Values of the result label of veloflux_health_check_duration_seconds and
-// veloflux_config_reloads_total.
+// Values of the result label of veloflux_health_check_duration_seconds,
+// veloflux_config_reloads_total and veloflux_reconcile_total.
 const (
 	ResultSuccess = "success"
 	ResultFailure = "failure"
@@ -95,6 +103,12 @@ type Options struct {
 	// of connected WebSocket clients per channel. If nil,
 	// veloflux_ws_clients is absent until SetWSClients provides one.
 	WSClients func() map[string]int
+	// XDP, if set, is called once per scrape and reports every configured
+	// interface for veloflux_xdp_attached. It must ask the kernel, not
+	// recall what the agent attached. It may return the interfaces it
+	// could read along with an error for the others. If nil,
+	// veloflux_xdp_attached is absent.
+	XDP func() ([]XDPAttachment, error)
 }
 
 // Metrics owns the agent's private registry and the metrics the agent
@@ -104,7 +118,9 @@ type Metrics struct {
 	handler      http.Handler
 	healthChecks *prometheus.HistogramVec
 	reloads      *prometheus.CounterVec
+	reconciles   *reconcileMetrics
 	ws           *wsCollector
+	state        *stateCollector
 }
 
 // New builds the registry with every collector registered. It panics if
@@ -131,7 +147,9 @@ func New(opts Options) *Metrics {
 			Name: "veloflux_config_reloads_total",
 			Help: "Configuration reloads attempted, by result.",
 		}, []string{"result"}),
-		ws: newWSCollector(opts.WSClients),
+		reconciles: newReconcileMetrics(),
+		ws:         newWSCollector(opts.WSClients),
+		state:      newStateCollector(opts.XDP),
 	}
 	// Both results exist from the start, so increase() and alerts on
 	// failures see a 0 → 1 step instead of a series appearing from nothing.
@@ -152,10 +170,12 @@ func New(opts Options) *Metrics {
 		m.healthChecks,
 		m.reloads,
 		m.ws,
+		m.state,
 		buildInfo,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
+	reg.MustRegister(m.reconciles.collectors()...)
 
 	// ContinueOnError: one bad series (say, a duplicate backend) must not
 	// turn the whole scrape into a 500 and blank every dashboard. Such
@@ -195,6 +215,20 @@ func (m *Metrics) ObserveHealthCheck(pool, backend string, d time.Duration, ok b
 // ResultFailure.
 func (m *Metrics) ConfigReload(result string) {
 	m.reloads.WithLabelValues(result).Inc()
+}
+
+// ObserveReconcile records one completed reconcile: whether it succeeded,
+// how many warnings it reported, and when it ended (the last success's
+// timestamp only moves forward).
+func (m *Metrics) ObserveReconcile(ok bool, warnings int, end time.Time) {
+	m.reconciles.observe(ok, warnings, end)
+}
+
+// SetProxy makes veloflux_proxy_listener_up and veloflux_proxy_draining
+// report f's answer at every scrape, for when the L7 proxy starts after the
+// metrics. nil removes both from later scrapes.
+func (m *Metrics) SetProxy(f func() ProxyState) {
+	m.state.setProxy(f)
 }
 
 // SetWSClients replaces the WSClients function given to New, for when the

@@ -555,9 +555,14 @@ func populated(t testing.TB) *Metrics {
 				LastCheck: time.Now(), Latency: time.Millisecond}}
 		},
 		WSClients: func() map[string]int { return map[string]int{"events": 1} },
+		XDP: func() ([]XDPAttachment, error) {
+			return []XDPAttachment{{Interface: "eth0", Mode: "native", Attached: true}}, nil
+		},
 	})
+	m.SetProxy(func() ProxyState { return ProxyState{Listeners: []ProxyListener{{Role: "http", Serving: true}}} })
 	m.ObserveHealthCheck("web", "web/10.0.0.11:80", time.Millisecond, true)
 	m.ConfigReload(ResultFailure)
+	m.ObserveReconcile(true, 1, time.Now())
 	// One scrape, so the promhttp_* handler metrics have values too.
 	rec := httptest.NewRecorder()
 	m.Handler().ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
@@ -641,15 +646,20 @@ func TestConcurrent(t *testing.T) {
 			for j := range 100 {
 				m.ObserveHealthCheck(fmt.Sprint("pool", i), "", time.Duration(j)*time.Millisecond, j%2 == 0)
 				m.ConfigReload(ResultSuccess)
+				m.ObserveReconcile(j%3 != 0, j%2, time.Unix(int64(j), 0))
 				if j%10 == 0 {
 					src.set(fixture(), nil)
 					m.SetWSClients(func() map[string]int { return map[string]int{"events": j} })
+					m.SetProxy(func() ProxyState { return ProxyState{Listeners: []ProxyListener{{Role: "http", Serving: j%20 == 0}}} })
 				}
 			}
 		})
 	}
 	wg.Wait()
-	scrape(t, srv.URL).want(t, 400, "veloflux_config_reloads_total", "result", "success")
+	e := scrape(t, srv.URL)
+	e.want(t, 400, "veloflux_config_reloads_total", "result", "success")
+	e.want(t, 4*66, "veloflux_reconcile_total", "result", "success")
+	e.want(t, 98, "veloflux_reconcile_last_success_timestamp_seconds") // 99 failed
 }
 
 // bigCounters is 1,000 VIPs over 1,000 pools of 3 backends each, and all

@@ -57,6 +57,20 @@ type server struct {
 	spec serverSpec
 	srv  *http.Server
 	ln   net.Listener
+	// done is closed when the server's accept loop has returned, so that
+	// Listeners sees a failed listener at once rather than only after
+	// Serve has reacted to the failure.
+	done chan struct{}
+}
+
+// accepting reports whether the server's accept loop still runs.
+func (s *server) accepting() bool {
+	select {
+	case <-s.done:
+		return false
+	default:
+		return true
+	}
 }
 
 // listen opens a TCP listener with SO_REUSEPORT, so that a listener being
@@ -108,7 +122,7 @@ func (p *Proxy) newServer(role int, spec serverSpec) *http.Server {
 
 // startServer serves ln in the background. Called with p.mu held.
 func (p *Proxy) startServer(role int, spec serverSpec, ln net.Listener) *server {
-	s := &server{spec: spec, srv: p.newServer(role, spec), ln: ln}
+	s := &server{spec: spec, srv: p.newServer(role, spec), ln: ln, done: make(chan struct{})}
 	p.servers[role] = s
 	go func() {
 		var err error
@@ -117,6 +131,7 @@ func (p *Proxy) startServer(role int, spec serverSpec, ln net.Listener) *server 
 		} else {
 			err = s.srv.Serve(ln)
 		}
+		close(s.done)
 		if err != nil && !errors.Is(err, http.ErrServerClosed) {
 			p.mu.Lock()
 			current := p.servers[role] == s
@@ -159,6 +174,38 @@ func (p *Proxy) retire(s *server, timeout time.Duration) {
 	if err := s.srv.Shutdown(ctx); err != nil {
 		s.srv.Close()
 	}
+}
+
+// Listener is one listener the applied configuration asks for.
+type Listener struct {
+	Role    string // "http" or "https"
+	Addr    string // the configured address
+	Serving bool   // open, with its server accepting connections
+}
+
+// Listeners reports every listener the applied configuration asks for
+// (http_listen, and https_listen when certificates are configured) and
+// whether it serves now. A listener is not serving before Serve opened it,
+// when Serve could not open it (an address in use, a privileged port without
+// CAP_NET_BIND_SERVICE), after its server failed, and after Drain. The proxy
+// reopens none of them by itself: only a new Serve, that is a restart of the
+// agent, does.
+func (p *Proxy) Listeners() []Listener {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	st := p.state.Load()
+	if st == nil {
+		return nil
+	}
+	var out []Listener
+	for role, spec := range serverSpecs(&st.cfg, len(st.cfg.TLS) > 0) {
+		if spec.addr == "" {
+			continue
+		}
+		s := p.servers[role]
+		out = append(out, Listener{Role: roleName[role], Addr: spec.addr, Serving: s != nil && s.accepting()})
+	}
+	return out
 }
 
 func (p *Proxy) boundHTTPSPort() string {

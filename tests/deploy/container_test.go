@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
@@ -40,6 +41,15 @@ type evidence struct {
 	exits []string
 	// logs: the agent keeps running and logs this.
 	logs string
+	// zero: with logs, series the agent's /metrics must then report as 0,
+	// so that an alert can see the failure.
+	zero []gaugeSeries
+}
+
+// gaugeSeries names one series of a scrape.
+type gaugeSeries struct {
+	name   string
+	labels map[string]string
 }
 
 // capEvidence lists, for every capability compose.yaml may grant, how a
@@ -58,7 +68,8 @@ var capEvidence = []evidence{
 	// the netlink neighbour writes with which the agent has a dsr
 	// backend's MAC resolved, which this start never reaches).
 	{cap: "NET_ADMIN", exits: []string{"load program: operation not permitted"}},
-	{cap: "NET_BIND_SERVICE", logs: "bind: permission denied"},
+	{cap: "NET_BIND_SERVICE", logs: "bind: permission denied",
+		zero: []gaugeSeries{{"veloflux_proxy_listener_up", map[string]string{"role": "http"}}}},
 }
 
 // containerCapReasons returns the capabilities capEvidence covers.
@@ -128,6 +139,10 @@ func testWithout(t *testing.T, pm *podman, l *lab.Lab, caps []string, ev evidenc
 		c.waitHealthy(t)
 		logs := c.waitLog(t, ev.logs, 15*time.Second)
 		t.Logf("caps %v: running, and: %s", without, logLine(logs, ev.logs))
+		families := c.scrape(t)
+		for _, z := range ev.zero {
+			wantGauge(t, families, 0, z.name, z.labels)
+		}
 	default:
 		t.Fatalf("the evidence for %s says neither how the agent exits nor what it logs", ev.cap)
 	}
@@ -158,6 +173,9 @@ func testComposeCaps(t *testing.T, pm *podman, l *lab.Lab, caps []string) {
 	c := pm.start(t, l, runOpts{caps: caps, seccomp: pm.dockerSeccomp(t)})
 	c.waitHealthy(t)
 	c.checkAttached(t, l)
+	families := c.scrape(t)
+	wantGauge(t, families, 1, "veloflux_xdp_attached", map[string]string{"interface": l.Balancer.IfName, "mode": "native"})
+	wantGauge(t, families, 1, "veloflux_proxy_listener_up", map[string]string{"role": "http"})
 
 	// Forwarding through the VIP, from the client's namespace, and the
 	// L7 proxy on its privileged port, from here.
@@ -636,6 +654,12 @@ func (c *agentContainer) status(t *testing.T) statusView {
 		t.Fatalf("GET /api/status: %v", err)
 	}
 	return st
+}
+
+// scrape parses the agent's /metrics.
+func (c *agentContainer) scrape(t *testing.T) map[string]*dto.MetricFamily {
+	t.Helper()
+	return scrape(t, c.hc, fmt.Sprintf("http://127.0.0.1:%d/metrics", c.metricsPort))
 }
 
 // api makes one API request and returns the body of a 2xx answer.

@@ -280,9 +280,11 @@ func TestAlertMetricsExist(t *testing.T) {
 	}
 	slices.Sort(used)
 	var s seriesLabels
+	var families map[string]*dto.MetricFamily
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		s = scrape(t, hc, "http://"+metricsAddr+"/metrics")
+		families = scrape(t, hc, "http://"+metricsAddr+"/metrics")
+		s = indexScrape(families)
 		missing := slices.DeleteFunc(slices.Clone(used), func(n string) bool { return s[n] != nil })
 		if len(missing) == 0 {
 			break
@@ -305,6 +307,15 @@ func TestAlertMetricsExist(t *testing.T) {
 		for _, p := range ruleProblems(r, s, recorded) {
 			t.Error(p)
 		}
+	}
+
+	// The agent's own health, which the rules read: XDP on the lab's
+	// interface in the mode asked for, the proxy serving, a reconcile done.
+	wantGauge(t, families, 1, "veloflux_xdp_attached", map[string]string{"interface": l.Balancer.IfName, "mode": "native"})
+	wantGauge(t, families, 1, "veloflux_proxy_listener_up", map[string]string{"role": "http"})
+	wantGauge(t, families, 0, "veloflux_proxy_draining", nil)
+	if ts, _ := gauge(families, "veloflux_reconcile_last_success_timestamp_seconds", nil); time.Since(time.Unix(int64(ts), 0)) > time.Minute {
+		t.Errorf("veloflux_reconcile_last_success_timestamp_seconds = %v, want within the last minute", ts)
 	}
 
 	// For the reader of the log: what the agent exports that no rule uses.
@@ -390,8 +401,8 @@ func waitHTTP(t testing.TB, hc *http.Client, url string, timeout time.Duration, 
 	t.Fatalf("GET %s: no expected answer within %s (last: %s)", url, timeout, last)
 }
 
-// scrape GETs a /metrics URL and indexes its series.
-func scrape(t testing.TB, hc *http.Client, url string) seriesLabels {
+// scrape GETs a /metrics URL and parses it.
+func scrape(t testing.TB, hc *http.Client, url string) map[string]*dto.MetricFamily {
 	t.Helper()
 	resp, err := hc.Get(url)
 	if err != nil {
@@ -406,5 +417,43 @@ func scrape(t testing.TB, hc *http.Client, url string) seriesLabels {
 	if err != nil {
 		t.Fatalf("parse %s: %v", url, err)
 	}
-	return indexScrape(families)
+	return families
+}
+
+// gauge returns the value of the gauge or counter series of family name
+// with exactly the given labels, and whether the scrape has it.
+func gauge(families map[string]*dto.MetricFamily, name string, labels map[string]string) (float64, bool) {
+	for _, m := range families[name].GetMetric() {
+		if len(m.GetLabel()) != len(labels) {
+			continue
+		}
+		match := true
+		for _, lp := range m.GetLabel() {
+			match = match && labels[lp.GetName()] == lp.GetValue()
+		}
+		if !match {
+			continue
+		}
+		if m.Counter != nil {
+			return m.GetCounter().GetValue(), true
+		}
+		return m.GetGauge().GetValue(), true
+	}
+	return 0, false
+}
+
+// wantGauge checks that the scrape has the series with value want.
+func wantGauge(t testing.TB, families map[string]*dto.MetricFamily, want float64, name string, labels map[string]string) {
+	t.Helper()
+	got, ok := gauge(families, name, labels)
+	switch {
+	case !ok:
+		var have []string
+		for _, m := range families[name].GetMetric() {
+			have = append(have, fmt.Sprint(m.GetLabel()))
+		}
+		t.Errorf("%s%v: not in the scrape (it has %v)", name, labels, have)
+	case got != want:
+		t.Errorf("%s%v = %v, want %v", name, labels, got, want)
+	}
 }

@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 	"github.com/gopacket/gopacket/layers"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -185,6 +186,79 @@ func TestPinnedUpgradeKeepsState(t *testing.T) {
 	if _, err := os.Stat(pin); !os.IsNotExist(err) {
 		t.Fatalf("pin directory still there: %v", err)
 	}
+}
+
+// A link severed behind the agent's back (bpftool link detach, or its
+// interface deleted and made again) is replaced by the next Attach: by the
+// agent that holds it (a SIGHUP) and by a new agent that finds only its
+// stale pin (a restart), which would otherwise fail to start.
+func TestAttachReplacesSeveredLink(t *testing.T) {
+	requirePrivileged(t)
+	pin := testPinPath(t)
+	inNewNetns(t, func() {
+		veth := vethPair(t, "vfsev0")
+		opts := Options{PinPath: pin, RingSize: testRingSize, ConntrackSize: 4096, MaxVIPs: 64, MaxReals: 64}
+		sever := func() {
+			t.Helper()
+			l, err := link.LoadPinnedLink(filepath.Join(pin, linkPinPrefix+"vfsev0"), nil)
+			if err != nil {
+				t.Fatalf("open the pinned link: %v", err)
+			}
+			defer l.Close()
+			if err := l.Detach(); err != nil {
+				t.Fatalf("detach the pinned link: %v", err)
+			}
+			if xdp := linkXDP(t, veth); xdp != nil && xdp.Attached {
+				t.Fatalf("XDP still attached after the link was detached: %+v", xdp)
+			}
+		}
+		wantAttached := func(dp *Dataplane, when string) {
+			t.Helper()
+			id, err := dp.ProgramID()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if xdp := linkXDP(t, veth); xdp == nil || !xdp.Attached || xdp.ProgId != id {
+				t.Fatalf("%s: XDP on the interface is %+v, want program %d", when, xdp, id)
+			}
+		}
+
+		first, err := Load(opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := first.Attach("vfsev0", XDPNative); err != nil {
+			t.Fatal(err)
+		}
+		sever()
+		if err := first.Attach("vfsev0", XDPNative); err != nil {
+			t.Fatalf("attach over a severed link this agent holds: %v", err)
+		}
+		wantAttached(first, "after re-attaching in the same agent")
+
+		sever()
+		if err := first.Close(); err != nil {
+			t.Fatal(err)
+		}
+		second, err := Load(opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer second.Close()
+		if err := second.Attach("vfsev0", XDPNative); err != nil {
+			t.Fatalf("attach over a stale pin of a severed link: %v", err)
+		}
+		wantAttached(second, "after a new agent attached")
+		// The pin names the live link again, so the next agent adopts it.
+		l, err := link.LoadPinnedLink(filepath.Join(pin, linkPinPrefix+"vfsev0"), nil)
+		if err != nil {
+			t.Fatalf("the new link is not pinned: %v", err)
+		}
+		defer l.Close()
+		if err := l.Update(second.objs.VfBalancer); err != nil {
+			t.Errorf("the pinned link is not live: %v", err)
+		}
+	})
 }
 
 func linkXDP(t *testing.T, l netlink.Link) *netlink.LinkXdp {

@@ -11,6 +11,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
 )
 
 // DefaultPinPath is where the maps and XDP links live between agent runs.
@@ -205,22 +206,38 @@ func (d *Dataplane) Attach(ifname string, mode XDPMode) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if old, ok := d.links[ifname]; ok {
-		if err := old.Update(d.objs.VfBalancer); err != nil {
+		err := old.Update(d.objs.VfBalancer)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, unix.ENOLINK) {
 			return fmt.Errorf("replace program on %s: %w", ifname, err)
 		}
-		return nil
-	}
-	if d.opts.PinPath != "" {
+		// Severed: detached behind our back (bpftool link detach) or
+		// its interface was deleted. Drop it and attach afresh.
+		delete(d.links, ifname)
+		if err := d.dropSeveredLink(ifname, old); err != nil {
+			return err
+		}
+	} else if d.opts.PinPath != "" {
 		pinned, err := link.LoadPinnedLink(d.linkPin(ifname), nil)
-		if err == nil {
-			if err := pinned.Update(d.objs.VfBalancer); err != nil {
+		switch {
+		case err == nil:
+			err := pinned.Update(d.objs.VfBalancer)
+			if err == nil {
+				d.links[ifname] = pinned
+				return nil
+			}
+			if !errors.Is(err, unix.ENOLINK) {
 				pinned.Close()
 				return fmt.Errorf("replace program on pinned link %s: %w", d.linkPin(ifname), err)
 			}
-			d.links[ifname] = pinned
-			return nil
-		}
-		if !errors.Is(err, os.ErrNotExist) {
+			// A pin left by a link that was severed while no agent ran
+			// would otherwise block every start.
+			if err := d.dropSeveredLink(ifname, pinned); err != nil {
+				return err
+			}
+		case !errors.Is(err, os.ErrNotExist):
 			return fmt.Errorf("open pinned link %s: %w", d.linkPin(ifname), err)
 		}
 	}
@@ -236,6 +253,18 @@ func (d *Dataplane) Attach(ifname string, mode XDPMode) error {
 	}
 	d.links[ifname] = l
 	return nil
+}
+
+// dropSeveredLink unpins and closes a link that no longer holds an
+// interface, so that a fresh one can take its pin. Called with d.mu held.
+func (d *Dataplane) dropSeveredLink(ifname string, l link.Link) error {
+	if d.opts.PinPath != "" {
+		if err := l.Unpin(); err != nil && !errors.Is(err, os.ErrNotExist) {
+			l.Close()
+			return fmt.Errorf("unpin severed XDP link of %s: %w", ifname, err)
+		}
+	}
+	return l.Close()
 }
 
 // Attached lists the interfaces this Dataplane holds a link for.

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -28,8 +29,8 @@ const (
 // interface the agent attached to, and 0 once the link is detached behind
 // the agent's back (BPF_LINK_DETACH on the pinned link, which is what
 // `bpftool link detach` does), while the agent, which nothing told, still
-// holds the link. Removing the severed link's pin and restarting the agent
-// attaches it again.
+// holds the link. A reload (SIGHUP) attaches it again, and so does a
+// restart that finds only the severed link's pin.
 func TestXDPAttachedMetric(t *testing.T) {
 	e := newEnv(t, 1, vip4)
 	e.writeConfig(e.webConfig(false))
@@ -52,18 +53,22 @@ func TestXDPAttachedMetric(t *testing.T) {
 	}
 
 	pin := filepath.Join(e.pin, "link_xdp_"+ifname)
-	l, err := link.LoadPinnedLink(pin, nil)
-	if err != nil {
-		t.Fatalf("open the agent's pinned link %s: %v", pin, err)
+	sever := func() {
+		t.Helper()
+		l, err := link.LoadPinnedLink(pin, nil)
+		if err != nil {
+			t.Fatalf("open the agent's pinned link %s: %v", pin, err)
+		}
+		err = l.Detach()
+		l.Close()
+		if err != nil {
+			t.Fatalf("detach the link pinned at %s: %v", pin, err)
+		}
+		if x, err := e.xdpOnBalancer(); err != nil || (x != nil && x.Attached) {
+			t.Fatalf("after BPF_LINK_DETACH: XDP on %s %+v, %v; want none", ifname, x, err)
+		}
 	}
-	err = l.Detach()
-	l.Close()
-	if err != nil {
-		t.Fatalf("detach the link pinned at %s: %v", pin, err)
-	}
-	if x, err := e.xdpOnBalancer(); err != nil || (x != nil && x.Attached) {
-		t.Fatalf("after BPF_LINK_DETACH: XDP on %s %+v, %v; want none", ifname, x, err)
-	}
+	sever()
 
 	// Not attached any more: the configured mode labels the series.
 	e.waitGauge("veloflux_xdp_attached", attached, 0, 10*time.Second)
@@ -73,19 +78,23 @@ func TestXDPAttachedMetric(t *testing.T) {
 	}
 	e.checkAgent() // the agent goes on, nothing told it
 
-	// What VelofluxXDPDetached tells the operator to do: the severed
-	// link's pin blocks re-attaching (a reload is rejected and a restart
-	// fails with "link has been severed") until it is removed; the maps
-	// stay.
+	// What VelofluxXDPDetached tells the operator to do: a reload
+	// replaces the severed link, and so does a restart that finds only
+	// its pin. The maps, and so the flows, stay.
+	a.signal(syscall.SIGHUP)
+	e.waitGauge("veloflux_xdp_attached", attached, 1, 10*time.Second)
+	e.waitServing(vipURL(vip4), []int{0}, 10*time.Second)
+
+	sever()
 	if code := a.stop(); code != 0 {
 		t.Fatalf("%s exited with %d on SIGTERM, want 0", a.name, code)
-	}
-	if err := os.Remove(pin); err != nil {
-		t.Fatalf("remove the severed link's pin: %v", err)
 	}
 	e.startAgent()
 	e.waitGauge("veloflux_xdp_attached", attached, 1, 10*time.Second)
 	e.waitServing(vipURL(vip4), []int{0}, 10*time.Second)
+	if _, err := os.Stat(pin); err != nil {
+		t.Errorf("the new link is not pinned at %s: %v", pin, err)
+	}
 }
 
 // TestProxyListenerMetric: a proxy listener that cannot be opened (here an

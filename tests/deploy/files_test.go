@@ -1,6 +1,7 @@
 package deploy
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"os"
@@ -453,5 +454,38 @@ func checkMountedFile(t *testing.T, s composeService, deployDir, inContainer, wa
 	}
 	if _, err := os.Stat(filepath.Join(deployDir, src)); err != nil {
 		t.Errorf("mount source of %s: %v", inContainer, err)
+	}
+}
+
+// TestVagrantfile validates deploy/Vagrantfile with Vagrant itself, in each
+// of the variants its environment switches select. Vagrant is optional: it
+// drags in Ruby and cannot boot a VM here (no box download, no KVM), so CI
+// does not install it; the check runs wherever it is installed.
+func TestVagrantfile(t *testing.T) {
+	bin, err := exec.LookPath("vagrant")
+	if err != nil {
+		t.Skip("vagrant not installed (Debian package vagrant); deploy/Vagrantfile not validated")
+	}
+	deployDir := repoPath(t, "deploy")
+	for _, env := range [][]string{nil, {"VELOFLUX_VM_TEST=1", "VELOFLUX_VM_EMULATE=1"}} {
+		t.Run(strings.Join(append([]string{"env"}, env...), " "), func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+			defer cancel()
+			// Provider settings are checked only by an installed provider
+			// plugin; the rest of the file is checked in full.
+			cmd := exec.CommandContext(ctx, bin, "validate", "--ignore-provider")
+			cmd.Dir = deployDir
+			scratch := t.TempDir()
+			cmd.Env = append(os.Environ(), append(env,
+				// Vagrant's state and machine folders, kept out of the checkout
+				// and the user's home.
+				"VAGRANT_DOTFILE_PATH="+filepath.Join(scratch, "dot"),
+				"VAGRANT_HOME="+filepath.Join(scratch, "home"),
+				"VAGRANT_CHECKPOINT_DISABLE=1")...)
+			out, err := cmd.CombinedOutput()
+			if err != nil || !strings.Contains(string(out), "validated successfully") {
+				t.Fatalf("vagrant validate in %s: %v\n%s", deployDir, err, out)
+			}
+		})
 	}
 }

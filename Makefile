@@ -69,8 +69,8 @@ fuzz:
 # Every benchmark of docs/BENCHMARKS.md, each with its peers in the same run:
 # the XDP program's per-packet cost against an XDP_PASS floor, Maglev and
 # reconcile, the L4 lab against nftables and HAProxy, the L7 proxy against
-# HAProxy and nginx, the API with 1,000 WebSocket clients and a 1,000-VIP
-# scrape. It takes some ten minutes.
+# HAProxy, nginx and bare net/http references, the API with 1,000 WebSocket
+# clients and a 1,000-VIP scrape. It takes some fourteen minutes.
 bench: deps-test deps-bench build
 	$(GO) test -count=1 -run '^$$' -bench 'BenchmarkXDP' -benchtime $(BENCHTIME) ./agent/dataplane
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime 20x ./agent/maglev ./agent/reconcile ./agent/metrics

@@ -18,12 +18,14 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
 
+	"github.com/veloflux/veloflux/agent/config"
 	"github.com/veloflux/veloflux/tests/lab"
 )
 
@@ -61,6 +63,16 @@ func run(log *slog.Logger, agentBin, vfctlBin, cfgPath string) error {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, time.Duration(secs)*time.Second)
 		defer cancel()
+	}
+
+	cfg, err := config.Load(cfgPath)
+	if err != nil {
+		return err
+	}
+	// The agent creates its API token file when it is missing; one the
+	// demo made goes with it, one that was there before stays.
+	if _, err := os.Stat(cfg.API.TokenFile); errors.Is(err, os.ErrNotExist) {
+		defer removeCreated(log, cfg.API.TokenFile)
 	}
 
 	// A demo killed earlier may have left its lab and pins behind.
@@ -108,7 +120,7 @@ func run(log *slog.Logger, agentBin, vfctlBin, cfgPath string) error {
 		detach(agentBin) // the agent leaves its pins on SIGTERM by design
 	}()
 
-	printHints(vfctlBin, l)
+	printHints(vfctlBin, l, cfg.API.TokenFile)
 	traffic := &trafficStats{perBackend: map[string]int{}}
 	var wg sync.WaitGroup
 	wg.Add(1)
@@ -211,7 +223,16 @@ func drive(ctx context.Context, client *lab.Host, vip netip.Addr, stats *traffic
 	}
 }
 
-func printHints(vfctlBin string, l *lab.Lab) {
+// removeCreated removes a file the demo's agent created, and its directory
+// when that is left empty.
+func removeCreated(log *slog.Logger, path string) {
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		log.Warn("remove the demo's API token", "file", path, "err", err)
+	}
+	os.Remove(filepath.Dir(path)) // fails, as it should, unless empty
+}
+
+func printHints(vfctlBin string, l *lab.Lab, tokenFile string) {
 	fmt.Fprintf(os.Stderr, `
 VeloFlux demo is running. The XDP balancer is attached to %s; the client sends 5 requests/s to %s.
 Look at it from another terminal:
@@ -226,12 +247,12 @@ Look at it from another terminal:
   sudo ip netns exec %s curl -s http://%s/
   curl -s http://localhost/             # the L7 proxy on :80, round robin over the same backends
 
-Dashboard: http://localhost:9090/dashboard   API token (for actions): /var/lib/veloflux/api.token
+Dashboard: http://localhost:9090/dashboard   API token (for actions): %s
 Prometheus: http://localhost:8080/metrics    OpenAPI: http://localhost:9090/api/openapi.json
 
 Stop with Ctrl-C (or set DEMO_SECONDS); everything the demo created is removed.
 
 `, l.Balancer.IfName, vipAddr,
 		vfctlBin, pinPath, vfctlBin, pinPath, vfctlBin, pinPath, vfctlBin, pinPath, vfctlBin, pinPath,
-		l.Balancer.IfName, pinPath, l.Client.NetNS, vipAddr)
+		l.Balancer.IfName, pinPath, l.Client.NetNS, vipAddr, tokenFile)
 }

@@ -251,6 +251,7 @@ func TestConntrackSurvivesRingChange(t *testing.T) {
 	}
 	flowB := flowA
 	flowB.sport = 43001
+	flowB.tcpFlags = "S"
 	if got := flowReal(t, h, flowB); got != 2 {
 		t.Fatalf("new flow B went to real %d, want 2 from the new ring", got)
 	}
@@ -258,6 +259,24 @@ func TestConntrackSurvivesRingChange(t *testing.T) {
 	h.must(err)
 	if stats.Packets != 3 || stats.NewFlows != 2 {
 		t.Fatalf("VIP stats %+v, want 3 packets and 2 new flows", stats)
+	}
+
+	// A SYN opens a connection: it is balanced by the ring, not by
+	// conntrack (a client reusing flow A's port, or a SYN retransmitted
+	// before any real answered), and the new choice is remembered.
+	flowA.tcpFlags = "S"
+	if got := flowReal(t, h, flowA); got != 2 {
+		t.Fatalf("a SYN on flow A's tuple went to real %d, want 2 from the ring", got)
+	}
+	flowA.tcpFlags = "A"
+	if got := flowReal(t, h, flowA); got != 2 {
+		t.Fatalf("the connection the SYN opened went to real %d, want 2", got)
+	}
+	// A SYN-ACK is not an opening SYN: it follows conntrack.
+	flowB.tcpFlags = "SA"
+	h.ring(1, 1)
+	if got := flowReal(t, h, flowB); got != 2 {
+		t.Fatalf("a SYN-ACK on flow B went to real %d, want 2 from conntrack", got)
 	}
 }
 
@@ -274,6 +293,7 @@ func TestRealStates(t *testing.T) {
 			t.Fatalf("flow from port %d went to %d, want 1", p.sport, got)
 		}
 	}
+	downFlow.tcpFlags, drainFlow.tcpFlags = "A", "A" // established from here on
 
 	// Draining: off the ring, but established flows stay.
 	h.setState(1, RealDraining)

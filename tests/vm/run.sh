@@ -207,17 +207,26 @@ fetch_kernel() {
 
 # kernel_for prints the cache directory of the newest kernel of the series.
 kernel_for() {
-	local series=$1 pkg dir
-	if pkg=$(newest_package "$series"); then
-		# shellcheck disable=SC2086 # "name version"
-		if dir=$(fetch_kernel "$series" $pkg); then
-			echo "$dir"
-			return 0
+	local series=$1 pkg dir attempt
+	for attempt in 1 2; do
+		if pkg=$(newest_package "$series"); then
+			# shellcheck disable=SC2086 # "name version"
+			if dir=$(fetch_kernel "$series" $pkg); then
+				echo "$dir"
+				return 0
+			fi
+			say "could not download $pkg"
+		else
+			say "apt knows no linux-image-$series.*-$flavour package"
 		fi
-		say "could not download $pkg; looking in the cache"
-	else
-		say "apt knows no linux-image-$series.*-$flavour package (is 'apt-get update' needed?); looking in the cache"
-	fi
+		# Package lists older than the mirror name kernel versions it no
+		# longer carries (security updates replace them): as root, refresh
+		# them once and try again.
+		[[ $attempt == 1 && $(id -u) -eq 0 ]] || break
+		say "refreshing apt's package lists (apt-get update) and trying again"
+		apt-get update -q >&2 || break
+	done
+	say "looking in the cache"
 	dir=$(cached_kernels "$series" | head -n1)
 	[[ -n $dir ]] || return 1
 	say "using cached $(basename "$dir")"

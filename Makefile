@@ -5,6 +5,9 @@ GO        ?= go
 BPFTOOL   ?= bpftool
 FUZZTIME  ?= 30s
 BENCHTIME ?= 200000x
+# Static analysis beyond go vet, pinned so that CI and laptops agree; fetched
+# through the Go module proxy on first use.
+STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 export GOTOOLCHAIN := local
 
 GENERATED := $(wildcard agent/dataplane/*_bpfel.o agent/dataplane/*_bpfel.go)
@@ -52,6 +55,7 @@ vmlinux: deps-build
 # without root unless VELOFLUX_REQUIRE_PRIV=1.
 test: deps-test
 	$(GO) vet ./...
+	$(GO) run $(STATICCHECK) ./...
 	$(GO) test -count=1 ./...
 	tests/vm/run.sh
 	$(GO) test -count=1 -run '^$$' -fuzz '^FuzzBalancer$$' -fuzztime $(FUZZTIME) ./agent/dataplane

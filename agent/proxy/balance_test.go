@@ -321,7 +321,8 @@ func TestRateLimiterBoundedAndExpiring(t *testing.T) {
 	l := newRateLimiter(1, 2)
 	now := time.Now()
 	c := netip.MustParseAddr("192.0.2.1")
-	if !l.allow(c, now).ok || !l.allow(c, now).ok {
+	first, second := l.allow(c, now), l.allow(c, now)
+	if !first.ok || !second.ok {
 		t.Fatal("burst of 2 not allowed")
 	}
 	v := l.allow(c, now)

@@ -47,10 +47,10 @@ func TestBadConfig(t *testing.T) {
 		e := e.with(t)
 		e.writeConfig(e.typoConfig(0))
 		p := e.runBinary("agent-bad", "--config", e.cfg, "--pin-path", e.pin, "--state-dir", e.state, "--log-format", "text")
-		if code := p.wait(10 * time.Second); code != 2 {
+		if code := p.Wait(10 * time.Second); code != 2 {
 			t.Fatalf("agent on an invalid config exited with %d, want 2", code)
 		}
-		out := p.log.text()
+		out := p.LogText()
 		for _, want := range []string{"pools[0].backends[0].adress", "unknown field", "pools[0].backends[0].address"} {
 			if !strings.Contains(out, want) {
 				t.Errorf("agent output lacks %q:\n%s", want, out)
@@ -108,18 +108,18 @@ func TestBadConfig(t *testing.T) {
 		t.Logf("before the bad reload: %s", pre)
 
 		// The rewrite would drop backend-2, if it were applied at all.
-		mark := a.log.len()
+		mark := a.LogLines()
 		e.writeConfig(e.typoConfig(1, 0, 1))
-		a.signal(syscall.SIGHUP)
+		a.Signal(syscall.SIGHUP)
 		// The agent must log each error with its path.
-		a.waitLog("pools[0].backends[1].adress", mark, 10*time.Second)
-		if logged := a.log.since(mark); !strings.Contains(logged, "unknown field") {
+		a.WaitLog("pools[0].backends[1].adress", mark, 10*time.Second)
+		if logged := a.LogSince(mark); !strings.Contains(logged, "unknown field") {
 			t.Errorf("the rejected reload's log lacks \"unknown field\":\n%s", logged)
 		}
 		// Give a wrongly applied config time to show (health, reconcile).
 		time.Sleep(2 * checkInterval)
-		if a.exited() {
-			t.Fatalf("agent exited after a bad reload: %v", a.err)
+		if a.Exited() {
+			t.Fatalf("agent exited after a bad reload: %v", a.Err())
 		}
 		after := e.snapshot()
 		if !before.equal(after) {
@@ -133,7 +133,7 @@ func TestBadConfig(t *testing.T) {
 
 		// The agent still takes a good reload: now backend-2 goes.
 		e.writeConfig(e.webConfig(false, 0, 1))
-		a.signal(syscall.SIGHUP)
+		a.Signal(syscall.SIGHUP)
 		gone := e.lab.Backends[2].Addr4
 		e.waitReals("backend-2 removed by a good reload", 10*time.Second, func(r map[netip.Addr]dataplane.Real) bool {
 			_, ok := r[gone]

@@ -18,7 +18,7 @@ func TestDetach(t *testing.T) {
 	e.writeConfig(e.webConfig(false))
 	a := e.startAgent()
 	e.waitServing(vipURL(vip4), []int{0, 1, 2}, 10*time.Second)
-	if code := a.stop(); code != 0 {
+	if code := a.Stop(); code != 0 {
 		t.Fatalf("agent exited with %d on SIGTERM, want 0", code)
 	}
 	x, err := e.xdpOnBalancer()
@@ -39,7 +39,7 @@ func TestDetach(t *testing.T) {
 	t.Logf("after SIGTERM: XDP program %d on %s; pins: %s", x.ProgId, e.lab.Balancer.IfName, strings.Join(pins, " "))
 
 	d := e.runBinary("detach", "detach", "--pin-path", e.pin)
-	if code := d.wait(10 * time.Second); code != 0 {
+	if code := d.Wait(10 * time.Second); code != 0 {
 		t.Fatalf("veloflux detach exited with %d, want 0", code)
 	}
 	if _, err := os.Stat(e.pin); !errors.Is(err, os.ErrNotExist) {

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -11,13 +10,11 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -65,8 +62,8 @@ type env struct {
 	state string // --state-dir
 	cfg   string // --config
 	http  *http.Client
-	seq   int        // agent processes started
-	agent *agentProc // the last one started
+	seq   int                // agent processes started
+	agent *agenttest.Process // the last one started
 }
 
 // with returns a copy of e bound to t (a subtest), so that its helpers
@@ -223,22 +220,10 @@ func (e *env) backendByName(name string) int {
 // ---------------------------------------------------------------------------
 // The agent process
 
-// agentProc is one run of `veloflux` inside the balancer namespace.
-type agentProc struct {
-	t    *testing.T
-	name string
-	cmd  *exec.Cmd
-	log  *logSink
-	done chan struct{}
-	err  error // cmd.Wait's result, valid after done
-	// stopped is set when the test itself ends the process.
-	stopped atomic.Bool
-}
-
 // startAgent runs the agent with the env's config, pin path and state dir,
 // inside the balancer namespace. It is stopped (SIGTERM, then SIGKILL) in
 // t.Cleanup if still running.
-func (e *env) startAgent() *agentProc {
+func (e *env) startAgent() *agenttest.Process {
 	e.t.Helper()
 	e.seq++
 	e.agent = e.runBinary(fmt.Sprintf("agent#%d", e.seq),
@@ -247,192 +232,13 @@ func (e *env) startAgent() *agentProc {
 }
 
 // runBinary starts the binary with args in the balancer namespace.
-func (e *env) runBinary(name string, args ...string) *agentProc {
+func (e *env) runBinary(name string, args ...string) *agenttest.Process {
 	e.t.Helper()
-	t := e.t
-	// Not tied to t.Context(): the test decides when the agent stops.
-	cmd := e.lab.Balancer.Command(context.Background(), e.bin, args...)
-	a := &agentProc{t: t, name: name, cmd: cmd, log: newLogSink(t, name), done: make(chan struct{})}
-	cmd.Stdout, cmd.Stderr = a.log, a.log
-	cmd.WaitDelay = 5 * time.Second
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start %s: %v", name, err)
+	p, err := agenttest.Start(e.t, name, e.lab.Balancer.Command(context.Background(), e.bin, args...))
+	if err != nil {
+		e.t.Fatalf("start %s: %v", name, err)
 	}
-	go func() {
-		a.err = cmd.Wait()
-		close(a.done)
-	}()
-	t.Cleanup(func() {
-		if !a.exited() {
-			a.stop()
-		}
-		a.log.close()
-	})
-	return a
-}
-
-func (a *agentProc) exited() bool {
-	select {
-	case <-a.done:
-		return true
-	default:
-		return false
-	}
-}
-
-// signal sends sig to the agent (`ip netns exec` execs it, so the pid is
-// the agent's).
-func (a *agentProc) signal(sig syscall.Signal) {
-	a.t.Helper()
-	if err := a.cmd.Process.Signal(sig); err != nil {
-		a.t.Fatalf("%s: send %v: %v", a.name, sig, err)
-	}
-}
-
-// stop sends SIGTERM and waits for the exit (SIGKILL after 15 s). It
-// returns the exit code.
-func (a *agentProc) stop() int {
-	a.t.Helper()
-	a.stopped.Store(true)
-	if !a.exited() {
-		_ = a.cmd.Process.Signal(syscall.SIGTERM)
-	}
-	select {
-	case <-a.done:
-	case <-time.After(15 * time.Second):
-		a.t.Errorf("%s: no exit 15s after SIGTERM; killing it", a.name)
-		_ = a.cmd.Process.Kill()
-		<-a.done
-	}
-	return a.cmd.ProcessState.ExitCode()
-}
-
-// wait waits for the process to exit on its own and returns the exit code.
-func (a *agentProc) wait(timeout time.Duration) int {
-	a.t.Helper()
-	select {
-	case <-a.done:
-		return a.cmd.ProcessState.ExitCode()
-	case <-time.After(timeout):
-		a.t.Fatalf("%s: still running after %s", a.name, timeout)
-		return -1
-	}
-}
-
-// waitLog waits until a line containing substr appears at or after line
-// from, and returns its index.
-func (a *agentProc) waitLog(substr string, from int, timeout time.Duration) int {
-	a.t.Helper()
-	if i, ok := a.log.waitFor(substr, from, timeout, a.done); ok {
-		return i
-	}
-	if a.exited() {
-		a.t.Fatalf("%s exited (%v) before logging %q", a.name, a.err, substr)
-	}
-	a.t.Fatalf("%s: no log line with %q within %s", a.name, substr, timeout)
-	return -1
-}
-
-// logSink collects a process's output and copies each line to the test log.
-type logSink struct {
-	t      *testing.T
-	prefix string
-
-	mu      sync.Mutex
-	partial []byte
-	lines   []string
-	changed chan struct{}
-	closed  bool
-}
-
-func newLogSink(t *testing.T, prefix string) *logSink {
-	return &logSink{t: t, prefix: prefix, changed: make(chan struct{})}
-}
-
-func (s *logSink) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.partial = append(s.partial, p...)
-	for {
-		i := bytes.IndexByte(s.partial, '\n')
-		if i < 0 {
-			break
-		}
-		line := string(s.partial[:i])
-		s.partial = s.partial[i+1:]
-		s.lines = append(s.lines, line)
-		if !s.closed {
-			s.t.Logf("%s: %s", s.prefix, line)
-		}
-	}
-	close(s.changed)
-	s.changed = make(chan struct{})
-	return len(p), nil
-}
-
-// close stops copying to the test log (the test may be over).
-func (s *logSink) close() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if len(s.partial) > 0 && !s.closed {
-		s.t.Logf("%s: %s", s.prefix, s.partial)
-	}
-	s.closed = true
-}
-
-func (s *logSink) len() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.lines)
-}
-
-// since joins the lines from index from on.
-func (s *logSink) since(from int) string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if from > len(s.lines) {
-		return ""
-	}
-	return strings.Join(s.lines[from:], "\n")
-}
-
-func (s *logSink) text() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return strings.Join(s.lines, "\n") + "\n" + string(s.partial)
-}
-
-func (s *logSink) waitFor(substr string, from int, timeout time.Duration, done <-chan struct{}) (int, bool) {
-	deadline := time.NewTimer(timeout)
-	defer deadline.Stop()
-	for {
-		s.mu.Lock()
-		for i := from; i < len(s.lines); i++ {
-			if strings.Contains(s.lines[i], substr) {
-				s.mu.Unlock()
-				return i, true
-			}
-		}
-		from = max(from, len(s.lines))
-		changed := s.changed
-		s.mu.Unlock()
-		select {
-		case <-changed:
-		case <-done:
-			done = nil // drain what the last writes left, then give up
-			s.mu.Lock()
-			for i := from; i < len(s.lines); i++ {
-				if strings.Contains(s.lines[i], substr) {
-					s.mu.Unlock()
-					return i, true
-				}
-			}
-			s.mu.Unlock()
-			return -1, false
-		case <-deadline.C:
-			return -1, false
-		}
-	}
+	return p
 }
 
 // ---------------------------------------------------------------------------
@@ -574,8 +380,8 @@ func (e *env) waitServing(url string, want []int, timeout time.Duration) time.Du
 // checkAgent fails the test if the last agent started has exited.
 func (e *env) checkAgent() {
 	e.t.Helper()
-	if a := e.agent; a != nil && !a.stopped.Load() && a.exited() {
-		e.t.Fatalf("%s exited: %v", a.name, a.err)
+	if a := e.agent; a != nil && !a.StoppedByTest() && a.Exited() {
+		e.t.Fatalf("%s exited: %v", a.Name, a.Err())
 	}
 }
 

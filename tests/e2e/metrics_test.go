@@ -81,13 +81,13 @@ func TestXDPAttachedMetric(t *testing.T) {
 	// What VelofluxXDPDetached tells the operator to do: a reload
 	// replaces the severed link, and so does a restart that finds only
 	// its pin. The maps, and so the flows, stay.
-	a.signal(syscall.SIGHUP)
+	a.Signal(syscall.SIGHUP)
 	e.waitGauge("veloflux_xdp_attached", attached, 1, 10*time.Second)
 	e.waitServing(vipURL(vip4), []int{0}, 10*time.Second)
 
 	sever()
-	if code := a.stop(); code != 0 {
-		t.Fatalf("%s exited with %d on SIGTERM, want 0", a.name, code)
+	if code := a.Stop(); code != 0 {
+		t.Fatalf("%s exited with %d on SIGTERM, want 0", a.Name, code)
 	}
 	e.startAgent()
 	e.waitGauge("veloflux_xdp_attached", attached, 1, 10*time.Second)
@@ -108,7 +108,7 @@ func TestProxyListenerMetric(t *testing.T) {
 	e.writeConfig(e.webConfig(false) + fmt.Sprintf("proxy:\n  enabled: true\n  http_listen: %q\n", listen) +
 		"routes:\n  - {path_prefix: /, pool: web}\n")
 	a := e.startAgent()
-	a.waitLog("L7 proxy stopped", 0, 10*time.Second)
+	a.WaitLog("L7 proxy stopped", 0, 10*time.Second)
 	e.waitServing(vipURL(vip4), []int{0}, 10*time.Second)
 
 	fams := e.waitGauge("veloflux_proxy_listener_up", map[string]string{"role": "http"}, 0, 10*time.Second)

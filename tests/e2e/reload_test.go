@@ -57,7 +57,7 @@ func TestReloadAddsBackend(t *testing.T) {
 		}
 	}
 	e.writeConfig(e.webConfig(true, 0, 1, 2, 3))
-	a.signal(syscall.SIGHUP)
+	a.Signal(syscall.SIGHUP)
 	newAddr := e.lab.Backends[3].Addr4
 	up := e.waitReals("backend-3 installed and up after SIGHUP", 10*time.Second, func(r map[netip.Addr]dataplane.Real) bool {
 		return r[newAddr].State == dataplane.RealUp && len(r[newAddr].MAC) == 6

@@ -56,7 +56,7 @@ func TestRestartKeepsFlowsAndCounters(t *testing.T) {
 	}
 	installed := e.snapshot()
 	stopAt := time.Now()
-	if code := a1.stop(); code != 0 {
+	if code := a1.Stop(); code != 0 {
 		t.Fatalf("agent exited with code %d on SIGTERM, want 0", code)
 	}
 	t.Logf("agent stopped in %s", time.Since(stopAt).Round(time.Millisecond))

@@ -162,7 +162,7 @@ func BenchmarkWebSocketMetrics1000Clients(b *testing.B) {
 	agent := e.startAgent(b, "--log-level", benchLogLevel)
 	url := "http://" + netip.AddrPortFrom(vip, lab.HTTPPort).String() + "/"
 	tr := startTraffic(b, e.lab.Client, url, 10, 2*time.Minute)
-	pid := agent.pid()
+	pid := agent.Pid()
 
 	// The agent alone.
 	idle0, err := readProc(pid)
@@ -410,7 +410,7 @@ func BenchmarkMetricsScrape1000VIPs(b *testing.B) {
 	}
 	slices.Sort(times)
 	med, p90 := percentile(times, 0.5), percentile(times, 0.9)
-	ps, _ := readProc(agent.pid())
+	ps, _ := readProc(agent.Pid())
 	b.Logf("setup: agent with %d dsr VIPs on one pool of 3 backends (health check none), ring_size %d; /health 200 after %s, all VIPs on /metrics after %s",
 		scrapeVIPs, scrapeRing, ready.Round(time.Millisecond), installed.Round(time.Millisecond))
 	b.Logf("%d scrapes (gzip, keep-alive, from the test process into the balancer namespace): median %s, p90 %s, min %s, max %s",

@@ -11,13 +11,11 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -51,16 +49,17 @@ const binaryEnv = "VELOFLUX_LIVE_BINARY"
 // The environment: a lab with its servers, a private bpffs, the agent
 
 type env struct {
-	tb    testing.TB
-	lab   *lab.Lab
-	bin   string
-	dir   string
-	pin   string // --pin-path, on a private bpffs
-	state string // --state-dir
-	cfg   string // --config
-	args  []string
-	agent *agentProc
-	api   *http.Client // through the balancer namespace
+	tb      testing.TB
+	lab     *lab.Lab
+	bin     string
+	dir     string
+	pin     string // --pin-path, on a private bpffs
+	state   string // --state-dir
+	cfg     string // --config
+	args    []string
+	agent   *agenttest.Process // the last one started
+	started int                // agents started so far, to name them
+	api     *http.Client       // through the balancer namespace
 }
 
 // newEnv builds a lab with 3 backends (servers running) and the given VIPs
@@ -114,44 +113,30 @@ func (e *env) configHead(extraDataplane ...string) string {
 // /health answers 200 and the token file exists. tb fails the caller (it
 // may be a subtest); the agent's log and its stop in Cleanup belong to the
 // environment's test, so a restarted agent outlives the subtest.
-func (e *env) startAgent(tb testing.TB, extraArgs ...string) *agentProc {
+func (e *env) startAgent(tb testing.TB, extraArgs ...string) *agenttest.Process {
 	tb.Helper()
-	n := 1
-	if e.agent != nil {
-		n = e.agent.n + 1
-	}
+	e.started++
+	name := fmt.Sprintf("agent#%d", e.started)
 	args := append([]string{"--config", e.cfg, "--pin-path", e.pin, "--state-dir", e.state, "--log-format", "text"},
 		extraArgs...)
 	e.args = extraArgs
-	cmd := e.lab.Balancer.Command(context.Background(), e.bin, args...)
-	a := &agentProc{tb: e.tb, n: n, name: fmt.Sprintf("agent#%d", n), cmd: cmd, done: make(chan struct{})}
-	a.log = &logSink{tb: e.tb, prefix: a.name}
-	cmd.Stdout, cmd.Stderr = a.log, a.log
-	cmd.WaitDelay = 5 * time.Second
-	if err := cmd.Start(); err != nil {
-		tb.Fatalf("start %s: %v", a.name, err)
+	a, err := agenttest.Start(e.tb, name, e.lab.Balancer.Command(context.Background(), e.bin, args...))
+	if err != nil {
+		tb.Fatalf("start %s: %v", name, err)
 	}
-	go func() {
-		a.err = cmd.Wait()
-		close(a.done)
-	}()
-	e.tb.Cleanup(func() {
-		a.stop()
-		a.log.close()
-	})
 	e.agent = a
 	e.waitReady(tb, a, 30*time.Second)
 	return a
 }
 
 // waitReady polls /health until 200.
-func (e *env) waitReady(tb testing.TB, a *agentProc, timeout time.Duration) {
+func (e *env) waitReady(tb testing.TB, a *agenttest.Process, timeout time.Duration) {
 	tb.Helper()
 	deadline := time.Now().Add(timeout)
 	var last string
 	for time.Now().Before(deadline) {
-		if a.exited() {
-			tb.Fatalf("%s exited (%v) before /health answered 200", a.name, a.err)
+		if a.Exited() {
+			tb.Fatalf("%s exited (%v) before /health answered 200", a.Name, a.Err())
 		}
 		code, body, err := e.call(http.MethodGet, "/health", nil, false)
 		if err == nil && code == http.StatusOK {
@@ -162,15 +147,15 @@ func (e *env) waitReady(tb testing.TB, a *agentProc, timeout time.Duration) {
 		last = fmt.Sprintf("%d %s %v", code, body, err)
 		time.Sleep(100 * time.Millisecond)
 	}
-	tb.Fatalf("%s: /health not 200 within %s (last: %s)", a.name, timeout, last)
+	tb.Fatalf("%s: /health not 200 within %s (last: %s)", a.Name, timeout, last)
 }
 
 // restartAgent stops the agent with SIGTERM (it must exit 0) and starts it
 // again with the same configuration, pin path, state and arguments.
 func (e *env) restartAgent(tb testing.TB) {
 	tb.Helper()
-	if code := e.agent.stop(); code != 0 {
-		tb.Fatalf("%s exited with %d after SIGTERM", e.agent.name, code)
+	if code := e.agent.Stop(); code != 0 {
+		tb.Fatalf("%s exited with %d after SIGTERM", e.agent.Name, code)
 	}
 	e.startAgent(tb, e.args...)
 }
@@ -252,79 +237,6 @@ func (e *env) dialWS(ctx context.Context, channel string) (*websocket.Conn, erro
 
 // ---------------------------------------------------------------------------
 // The agent process
-
-type agentProc struct {
-	tb   testing.TB
-	n    int
-	name string
-	cmd  *exec.Cmd
-	log  *logSink
-	done chan struct{}
-	err  error
-}
-
-func (a *agentProc) pid() int { return a.cmd.Process.Pid } // ip netns exec execs the agent
-
-func (a *agentProc) exited() bool {
-	select {
-	case <-a.done:
-		return true
-	default:
-		return false
-	}
-}
-
-// stop sends SIGTERM and waits (SIGKILL after 15 s); it returns the exit
-// code. Stopping a stopped agent returns its code again.
-func (a *agentProc) stop() int {
-	if !a.exited() {
-		_ = a.cmd.Process.Signal(syscall.SIGTERM)
-	}
-	select {
-	case <-a.done:
-	case <-time.After(15 * time.Second):
-		a.tb.Errorf("%s: no exit 15s after SIGTERM; killing it", a.name)
-		_ = a.cmd.Process.Kill()
-		<-a.done
-	}
-	return a.cmd.ProcessState.ExitCode()
-}
-
-// logSink copies a process's output, line by line, to the test log until
-// closed.
-type logSink struct {
-	tb      testing.TB
-	prefix  string
-	mu      sync.Mutex
-	partial []byte
-	closed  bool
-}
-
-func (s *logSink) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.partial = append(s.partial, p...)
-	for {
-		i := bytes.IndexByte(s.partial, '\n')
-		if i < 0 {
-			break
-		}
-		if !s.closed {
-			s.tb.Logf("%s: %s", s.prefix, s.partial[:i])
-		}
-		s.partial = s.partial[i+1:]
-	}
-	return len(p), nil
-}
-
-func (s *logSink) close() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if len(s.partial) > 0 && !s.closed {
-		s.tb.Logf("%s: %s", s.prefix, s.partial)
-	}
-	s.closed = true
-}
 
 // procStat reads a process's CPU time (utime+stime) and resident set.
 type procSample struct {

@@ -496,20 +496,10 @@ func (p *podman) start(t *testing.T, l *lab.Lab, o runOpts) *agentContainer {
 			t.Fatal(err)
 		}
 	}
-	var cfg strings.Builder
-	fmt.Fprintf(&cfg, "node:\n  name: deploytest-%s\n", l.Prefix)
-	fmt.Fprintf(&cfg, "dataplane:\n  interfaces: [%s]\n  xdp_mode: native\n  conntrack_size: 65536\n", l.Balancer.IfName)
-	fmt.Fprintf(&cfg, "api:\n  listen: \"127.0.0.1:%d\"\n", c.apiPort)
-	fmt.Fprintf(&cfg, "metrics:\n  listen: \"127.0.0.1:%d\"\n", c.metricsPort)
-	fmt.Fprintf(&cfg, "proxy:\n  enabled: true\n  http_listen: \"127.0.0.1:%d\"\n", c.proxyPort)
-	cfg.WriteString("pools:\n  - name: web\n    backends:\n")
-	for _, b := range l.Backends {
-		fmt.Fprintf(&cfg, "      - {address: %s, port: %d}\n", b.Addr4, lab.HTTPPort)
-	}
-	cfg.WriteString("    health_check: {type: http, path: /healthz, interval: 500ms, timeout: 200ms, rise: 1, fall: 2}\n")
-	fmt.Fprintf(&cfg, "vips:\n  - {address: %s, port: %d, protocol: tcp, mode: dsr, pool: web}\n", containerVIP, lab.HTTPPort)
-	cfg.WriteString("routes:\n  - {path_prefix: /, pool: web}\n")
-	if err := os.WriteFile(filepath.Join(dir, "etc", "veloflux.yaml"), []byte(cfg.String()), 0o600); err != nil {
+	loopback := func(port int) string { return fmt.Sprintf("127.0.0.1:%d", port) }
+	cfg := agentConfig(agentSpec{name: "deploytest-" + l.Prefix, lab: l, vip: containerVIP,
+		api: loopback(c.apiPort), metrics: loopback(c.metricsPort), proxy: loopback(c.proxyPort)})
+	if err := os.WriteFile(filepath.Join(dir, "etc", "veloflux.yaml"), []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	c.create(t)

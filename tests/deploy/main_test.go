@@ -2,6 +2,8 @@ package deploy
 
 import (
 	"context"
+	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -78,4 +80,36 @@ func run(t testing.TB, dir string, timeout time.Duration, name string, args ...s
 	cmd.WaitDelay = 5 * time.Second
 	out, err := cmd.CombinedOutput()
 	return strings.TrimSpace(string(out)), err
+}
+
+// agentSpec is what differs between the agents the tests run: one dsr VIP
+// over the lab's backends, http-checked, and the L7 proxy routing / to them.
+type agentSpec struct {
+	name                string
+	lab                 *lab.Lab
+	vip                 netip.Addr
+	api, metrics, proxy string // listen addresses
+	tokenFile           string // "" keeps the default
+}
+
+// agentConfig is the agent's configuration file for s, attached to the lab's
+// balancer veth.
+func agentConfig(s agentSpec) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "node:\n  name: %s\n", s.name)
+	fmt.Fprintf(&b, "dataplane:\n  interfaces: [%s]\n  xdp_mode: native\n  conntrack_size: 65536\n", s.lab.Balancer.IfName)
+	fmt.Fprintf(&b, "api:\n  listen: %q\n", s.api)
+	if s.tokenFile != "" {
+		fmt.Fprintf(&b, "  token_file: %s\n", s.tokenFile)
+	}
+	fmt.Fprintf(&b, "metrics:\n  listen: %q\n", s.metrics)
+	fmt.Fprintf(&b, "proxy:\n  enabled: true\n  http_listen: %q\n", s.proxy)
+	b.WriteString("pools:\n  - name: web\n    backends:\n")
+	for _, be := range s.lab.Backends {
+		fmt.Fprintf(&b, "      - {address: %s, port: %d}\n", be.Addr4, lab.HTTPPort)
+	}
+	b.WriteString("    health_check: {type: http, path: /healthz, interval: 500ms, timeout: 200ms, rise: 1, fall: 2}\n")
+	fmt.Fprintf(&b, "vips:\n  - {address: %s, port: %d, protocol: tcp, mode: dsr, pool: web}\n", s.vip, lab.HTTPPort)
+	b.WriteString("routes:\n  - {path_prefix: /, pool: web}\n")
+	return b.String()
 }

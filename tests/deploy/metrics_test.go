@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -231,27 +230,16 @@ func TestAlertMetricsExist(t *testing.T) {
 	metricsAddr := fmt.Sprintf("127.0.0.1:%d", ports[1])
 	proxyAddr := fmt.Sprintf("127.0.0.1:%d", ports[2])
 
-	var cfg strings.Builder
-	fmt.Fprintf(&cfg, "node:\n  name: deploy-%s\n", l.Prefix)
-	fmt.Fprintf(&cfg, "dataplane:\n  interfaces: [%s]\n  xdp_mode: native\n  conntrack_size: 65536\n", l.Balancer.IfName)
-	fmt.Fprintf(&cfg, "api:\n  listen: %q\n  token_file: %s\n", apiAddr, filepath.Join(dir, "state", "api.token"))
-	fmt.Fprintf(&cfg, "metrics:\n  listen: %q\n", metricsAddr)
-	fmt.Fprintf(&cfg, "proxy:\n  enabled: true\n  http_listen: %q\n", proxyAddr)
-	cfg.WriteString("pools:\n  - name: web\n    backends:\n")
-	for _, b := range l.Backends {
-		fmt.Fprintf(&cfg, "      - {address: %s, port: %d}\n", b.Addr4, lab.HTTPPort)
-	}
-	cfg.WriteString("    health_check: {type: http, path: /healthz, interval: 500ms, timeout: 200ms, rise: 1, fall: 2}\n")
-	fmt.Fprintf(&cfg, "vips:\n  - {address: %s, port: %d, protocol: tcp, mode: dsr, pool: web}\n", metricsVIP, lab.HTTPPort)
-	cfg.WriteString("routes:\n  - {path_prefix: /, pool: web}\n")
+	cfg := agentConfig(agentSpec{name: "deploy-" + l.Prefix, lab: l, vip: metricsVIP,
+		api: apiAddr, metrics: metricsAddr, proxy: proxyAddr, tokenFile: filepath.Join(dir, "state", "api.token")})
 	cfgPath := filepath.Join(dir, "veloflux.yaml")
-	if err := os.WriteFile(cfgPath, []byte(cfg.String()), 0o600); err != nil {
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
 
 	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: l.Balancer.DialContext}}
 	t.Cleanup(hc.CloseIdleConnections) // idle sockets would keep the namespace alive
-	startAgentIn(t, l.Balancer, bin, dir, "--config", cfgPath, "--pin-path", pin,
+	startAgentIn(t, l.Balancer, bin, "--config", cfgPath, "--pin-path", pin,
 		"--state-dir", filepath.Join(dir, "state"), "--log-format", "text")
 	waitHTTP(t, hc, "http://"+apiAddr+"/health", 30*time.Second, func(code int, _ []byte) bool { return code == http.StatusOK })
 
@@ -340,40 +328,17 @@ func freePortIn(t testing.TB, h *lab.Host) int {
 	return ln.Addr().(*net.TCPAddr).Port
 }
 
-// startAgentIn runs the agent in h's namespace with its output in
-// dir/agent.log, and stops it with SIGTERM in the test's cleanup, logging
-// the output then.
-func startAgentIn(t *testing.T, h *lab.Host, bin, dir string, args ...string) {
+// startAgentIn runs the agent in h's namespace; it must exit cleanly on the
+// SIGTERM of the test's cleanup.
+func startAgentIn(t *testing.T, h *lab.Host, bin string, args ...string) {
 	t.Helper()
-	logPath := filepath.Join(dir, "agent.log")
-	logf, err := os.Create(logPath)
+	p, err := agenttest.Start(t, "agent", h.Command(context.Background(), bin, args...))
 	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := h.Command(context.Background(), bin, args...)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.WaitDelay = 5 * time.Second
-	if err := cmd.Start(); err != nil {
-		logf.Close()
 		t.Fatalf("start %s: %v", bin, err)
 	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
 	t.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("agent exited after SIGTERM: %v", err)
-			}
-		case <-time.After(15 * time.Second):
-			t.Errorf("agent: no exit 15s after SIGTERM; killing it")
-			_ = cmd.Process.Kill()
-			<-done
-		}
-		logf.Close()
-		if out, err := os.ReadFile(logPath); err == nil {
-			t.Logf("agent log:\n%s", out)
+		if code := p.Stop(); code != 0 {
+			t.Errorf("agent exited with %d after SIGTERM (%v)", code, p.Err())
 		}
 	})
 }

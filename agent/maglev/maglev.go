@@ -23,6 +23,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
 )
@@ -258,6 +259,20 @@ func hashKey(seed uint64, key string) uint64 {
 	}
 	for i := 0; i < len(key); i++ {
 		h ^= uint64(key[i])
+		h *= fnvPrime
+	}
+	return mix64(h)
+}
+
+// HashAddr is a fixed (unseeded) hash of an address for picking a slot in a
+// table by client, as the L7 proxy's ip_hash does: FNV-1a over the 16-byte
+// form of the address, finished with mix64. Being fixed, it sends a client
+// to the same slot on every node and after every restart.
+func HashAddr(a netip.Addr) uint64 {
+	b := a.Unmap().As16()
+	h := uint64(fnvOffset)
+	for _, x := range b {
+		h ^= uint64(x)
 		h *= fnvPrime
 	}
 	return mix64(h)

@@ -299,10 +299,11 @@ func (p *pool) p2c(c []*member, now int64) *member {
 // current candidates, so that a backend leaving or returning moves only about
 // its share of clients. The table is cached until the candidate set changes.
 func (p *pool) ipHash(c []*member, client netip.Addr) *member {
-	sig := uint64(fnvOffset64)
+	// The candidate set's fingerprint: FNV-1a over the members' indices.
+	sig := uint64(0xcbf29ce484222325)
 	for _, m := range c {
 		sig ^= uint64(m.idx) + 1
-		sig *= fnvPrime64
+		sig *= 0x100000001b3
 	}
 	r := p.ring.Load()
 	if r == nil || r.sig != sig {
@@ -311,7 +312,7 @@ func (p *pool) ipHash(c []*member, client netip.Addr) *member {
 			return p.roundRobin(c)
 		}
 	}
-	id := r.table[hashAddr(client)%uint64(len(r.table))]
+	id := r.table[maglev.HashAddr(client)%uint64(len(r.table))]
 	if id == 0 {
 		return p.roundRobin(c)
 	}
@@ -356,28 +357,6 @@ func ringSize(n int) uint32 {
 	default:
 		return maglev.DefaultTableSize
 	}
-}
-
-const (
-	fnvOffset64 = 0xcbf29ce484222325
-	fnvPrime64  = 0x100000001b3
-)
-
-// hashAddr is a fixed (unseeded) hash of a client address, so every node and
-// every restart sends a client to the same backend.
-func hashAddr(a netip.Addr) uint64 {
-	b := a.Unmap().As16()
-	h := uint64(fnvOffset64)
-	for _, x := range b {
-		h ^= uint64(x)
-		h *= fnvPrime64
-	}
-	h ^= h >> 33
-	h *= 0xff51afd7ed558ccd
-	h ^= h >> 33
-	h *= 0xc4ceb9fe1a85ec53
-	h ^= h >> 33
-	return h
 }
 
 // pick chooses a backend for a request: the sticky member when it is still a

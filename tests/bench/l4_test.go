@@ -425,7 +425,7 @@ func measureReloads(ctx context.Context, e *env) (rl reloads, err error) {
 	}
 	defer func() { err = errors.Join(err, e.stopAgent(a)) }()
 	if err := e.waitAllBackends(ctx, "http://"+vfVIP.String()+"/", a.process); err != nil {
-		return rl, fmt.Errorf("%w\n%s", err, tail(a.logPath, 20))
+		return rl, fmt.Errorf("%w\n%s", err, logTail(a.logPath, 20))
 	}
 	if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", a.pid())); strings.TrimSpace(string(comm)) != "veloflux" {
 		return rl, fmt.Errorf("pid %d is %q, not the agent", a.pid(), comm)
@@ -496,7 +496,7 @@ func measureReloads(ctx context.Context, e *env) (rl reloads, err error) {
 				break
 			}
 			if time.Now().After(deadline) || a.exited() || ctx.Err() != nil {
-				return t, fmt.Errorf("maps not updated %v after SIGHUP\n%s", time.Since(t0), tail(a.logPath, 20))
+				return t, fmt.Errorf("maps not updated %v after SIGHUP\n%s", time.Since(t0), logTail(a.logPath, 20))
 			}
 			// Poll at most a fifth of the time, so that reading the maps
 			// (up to 1,000 VIPs) takes little CPU from the agent.
@@ -505,7 +505,7 @@ func measureReloads(ctx context.Context, e *env) (rl reloads, err error) {
 		// The agent logs its reconcile right after the last write.
 		for countReloads(a.logPath) == logged {
 			if time.Since(t0) > reloadTimeout+10*time.Second {
-				return t, fmt.Errorf("no reload reconcile in the agent log\n%s", tail(a.logPath, 20))
+				return t, fmt.Errorf("no reload reconcile in the agent log\n%s", logTail(a.logPath, 20))
 			}
 			time.Sleep(10 * time.Millisecond)
 		}

@@ -270,7 +270,7 @@ func startVeloFlux(ctx context.Context, e *env, url string) (func() error, int, 
 	}
 	stop := func() error { return e.stopAgent(a) }
 	if err := e.waitAllBackends(ctx, url, a.process); err != nil {
-		return nil, 0, errors.Join(fmt.Errorf("%w (agent log %s:\n%s)", err, a.logPath, tail(a.logPath, 20)), stop())
+		return nil, 0, errors.Join(fmt.Errorf("%w (agent log %s:\n%s)", err, a.logPath, logTail(a.logPath, 20)), stop())
 	}
 	// The agent's own CPU time (control plane: health checks, telemetry)
 	// is accounted like HAProxy's; the XDP program's runs in softirq and
@@ -450,7 +450,7 @@ backend web
 	// SIGTERM is not looked at) or ignored SIGTERM.
 	stop := p.stop
 	if err := e.waitAllBackends(ctx, url, p); err != nil {
-		return nil, 0, errors.Join(fmt.Errorf("%w (haproxy log:\n%s)", err, tail(filepath.Join(e.dir, "haproxy.log"), 20)), stop())
+		return nil, 0, errors.Join(fmt.Errorf("%w (haproxy log:\n%s)", err, logTail(filepath.Join(e.dir, "haproxy.log"), 20)), stop())
 	}
 	return stop, p.pid(), nil
 }
@@ -504,17 +504,4 @@ func keys(m map[string]bool) []string {
 		out = append(out, k)
 	}
 	return out
-}
-
-// tail returns the last n lines of a file, for error messages.
-func tail(path string, n int) string {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return err.Error()
-	}
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
 }

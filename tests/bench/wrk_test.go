@@ -311,9 +311,8 @@ func procStatus(pid int, key string) (int64, error) {
 	return 0, fmt.Errorf("/proc/%d/status: no %s", pid, key)
 }
 
-// TestParseWrk checks the parser on wrk 4.1's report; it needs no root.
-func TestParseWrk(t *testing.T) {
-	const out = `Running 5s test @ http://198.18.0.100/
+// wrkReport is wrk 4.1's report of a run, for the parser tests.
+const wrkReport = `Running 5s test @ http://198.18.0.100/
   1 threads and 32 connections
   Thread Stats   Avg      Stdev     Max   +/- Stdev
     Latency     2.31ms  812.44us  21.05ms   88.12%
@@ -329,6 +328,10 @@ func TestParseWrk(t *testing.T) {
 Requests/sec:  13739.52
 Transfer/sec:      1.91MB
 `
+
+// TestParseWrk checks the parser on wrk 4.1's report; it needs no root.
+func TestParseWrk(t *testing.T) {
+	out := wrkReport
 	r, err := parseWrk(out)
 	if err != nil {
 		t.Fatal(err)

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io/fs"
 	"maps"
 	"net/netip"
 	"os"
@@ -211,6 +212,11 @@ func (d *Dataplane) newRing(ring []uint32) (*ebpf.Map, error) {
 	return inner, nil
 }
 
+// ErrRingUnreadable is what Ring returns when the kernel refuses to open an
+// installed ring: opening a map by id (BPF_MAP_GET_FD_BY_ID) needs
+// CAP_SYS_ADMIN, which a container given CAP_BPF alone lacks.
+var ErrRingUnreadable = errors.New("opening a map by id needs CAP_SYS_ADMIN")
+
 // Ring reads a VIP's installed ring, or nil when it has none.
 func (d *Dataplane) Ring(vipID uint32) ([]uint32, error) {
 	var innerID ebpf.MapID
@@ -221,6 +227,9 @@ func (d *Dataplane) Ring(vipID uint32) ([]uint32, error) {
 		return nil, fmt.Errorf("look up ring of VIP %d: %w", vipID, err)
 	}
 	inner, err := ebpf.NewMapFromID(innerID)
+	if errors.Is(err, fs.ErrPermission) {
+		return nil, fmt.Errorf("open ring of VIP %d: %w (%w)", vipID, ErrRingUnreadable, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("open ring of VIP %d: %w", vipID, err)
 	}

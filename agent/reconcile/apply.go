@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"io/fs"
 	"slices"
 	"strings"
 
@@ -59,8 +58,8 @@ func (r *Reconciler) apply(p *plan, res *Result) error {
 	}
 	if batch.unreadable > 0 {
 		res.Warnings = append(res.Warnings, fmt.Sprintf(
-			"%d installed rings could not be read back (opening a map by id needs CAP_SYS_ADMIN) and were reinstalled with the same content",
-			batch.unreadable))
+			"%d installed rings could not be read back (%v) and were reinstalled with the same content",
+			batch.unreadable, dataplane.ErrRingUnreadable))
 	}
 	for _, rp := range leaving {
 		if err := r.applyReal(rp, res); err != nil {
@@ -175,11 +174,9 @@ func (r *Reconciler) applyRing(vp *vipPlan, batch *ringBatch) error {
 	// so that a restarted agent leaves correct rings alone instead of
 	// swapping every one of them.
 	installed, err := r.dp.Ring(vp.id)
-	if errors.Is(err, fs.ErrPermission) {
-		// The kernel opens an inner map by id only for CAP_SYS_ADMIN,
-		// which a container with CAP_BPF alone lacks. Installing the
-		// ring again is safe: a ring of the same backend set has the
-		// same content, so no flow moves.
+	if errors.Is(err, dataplane.ErrRingUnreadable) {
+		// Installing the ring again is safe: a ring of the same
+		// backend set has the same content, so no flow moves.
 		batch.unreadable++
 		return r.queueRing(vp, batch)
 	}

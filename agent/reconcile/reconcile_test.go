@@ -381,7 +381,7 @@ func TestRestartWithUnreadableRings(t *testing.T) {
 	e.reconcile()
 	before := map[uint32][]uint32{1: slices.Clone(e.dp.rings[1]), 2: slices.Clone(e.dp.rings[2])}
 
-	e.dp.ringReadErr = fmt.Errorf("open ring of VIP 1: %w", syscall.EPERM)
+	e.dp.ringReadErr = fmt.Errorf("open ring of VIP 1: %w (%w)", dataplane.ErrRingUnreadable, syscall.EPERM)
 	e.r = e.newReconciler()
 	res, calls := e.reconcile()
 	if got := writes(calls); !slices.Equal(got, []string{"SetRing 1", "SetRing 2"}) {

@@ -15,7 +15,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"io/fs"
 	"net/netip"
 	"os"
 	"slices"
@@ -346,10 +345,8 @@ func gatherVIPs(src source) (vipTable, error) {
 		r := vipRow{Address: vip.Addr, Port: vip.Port, Proto: vip.Proto.String(), Mode: meta.Mode.String(),
 			ID: meta.ID, SourceAffinity: meta.SourceAffinity, Packets: st.Packets, Bytes: st.Bytes, NewFlows: st.NewFlows}
 		ring, err := src.Ring(meta.ID)
-		if errors.Is(err, fs.ErrPermission) {
-			// Opening a ring (an inner map) by id needs CAP_SYS_ADMIN,
-			// which a container given CAP_BPF alone does not have; the
-			// rest of the row is still worth showing.
+		if errors.Is(err, dataplane.ErrRingUnreadable) {
+			// The rest of the row is still worth showing.
 			r.RingError = ringPermissionNote
 			out = append(out, r)
 			continue
@@ -407,7 +404,8 @@ func (t vipTable) table(w io.Writer) error {
 	return nil
 }
 
-const ringPermissionNote = "the ring could not be read: opening a map by id needs CAP_SYS_ADMIN; GET /api/backends shows every backend with its state"
+var ringPermissionNote = "the ring could not be read: " + dataplane.ErrRingUnreadable.Error() +
+	"; GET /api/backends shows every backend with its state"
 
 type realRow struct {
 	ID      uint32     `json:"id"`

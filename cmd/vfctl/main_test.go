@@ -137,7 +137,7 @@ func TestVIPs(t *testing.T) {
 // opened: the VIPs are still listed, their ring columns marked unknown.
 func TestVIPsWithUnreadableRings(t *testing.T) {
 	f := newFake()
-	f.ringErr = fmt.Errorf("open ring of VIP 1: %w", unix.EPERM)
+	f.ringErr = fmt.Errorf("open ring of VIP 1: %w (%w)", dataplane.ErrRingUnreadable, unix.EPERM)
 	v, err := gatherVIPs(f)
 	if err != nil {
 		t.Fatalf("gatherVIPs: %v", err)

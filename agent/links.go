@@ -79,9 +79,8 @@ func (a *Agent) onLinkChange(ctx context.Context, seen map[string]linkChange, lc
 	}
 	a.log.Info("interface state changed", "interface", lc.Name, "up", lc.Up, "ifindex", lc.Index)
 	if known && prev.Index != lc.Index && lc.Index != 0 {
-		if err := a.dp.Detach(lc.Name); err != nil {
-			a.log.Warn("drop the stale attachment of a re-created interface", "interface", lc.Name, "err", err)
-		}
+		// The old link went with the old interface; Attach replaces a
+		// severed link by itself.
 		if err := a.syncAttachments(cfg); err != nil {
 			a.log.Error("re-attach to a re-created interface", "interface", lc.Name, "err", err)
 		}

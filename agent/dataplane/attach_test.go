@@ -261,6 +261,39 @@ func TestAttachReplacesSeveredLink(t *testing.T) {
 	})
 }
 
+// An interface deleted and made again under the same name leaves the
+// agent's link severed; the next Attach (the agent's answer to the new
+// interface index) replaces it.
+func TestAttachAfterInterfaceRecreated(t *testing.T) {
+	requirePrivileged(t)
+	pin := testPinPath(t)
+	inNewNetns(t, func() {
+		veth := vethPair(t, "vfrec0")
+		dp, err := Load(Options{PinPath: pin, RingSize: testRingSize, ConntrackSize: 4096, MaxVIPs: 64, MaxReals: 64})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer dp.Close()
+		if err := dp.Attach("vfrec0", XDPNative); err != nil {
+			t.Fatal(err)
+		}
+		if err := netlink.LinkDel(veth); err != nil {
+			t.Fatalf("delete %s: %v", veth.Attrs().Name, err)
+		}
+		veth = vethPair(t, "vfrec0")
+		if err := dp.Attach("vfrec0", XDPNative); err != nil {
+			t.Fatalf("attach to the re-created interface: %v", err)
+		}
+		id, err := dp.ProgramID()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if xdp := linkXDP(t, veth); xdp == nil || !xdp.Attached || xdp.ProgId != id {
+			t.Fatalf("XDP on the re-created interface is %+v, want program %d", xdp, id)
+		}
+	})
+}
+
 func linkXDP(t *testing.T, l netlink.Link) *netlink.LinkXdp {
 	t.Helper()
 	fresh, err := netlink.LinkByIndex(l.Attrs().Index)

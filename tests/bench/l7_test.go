@@ -692,31 +692,6 @@ type l7CPUSample struct {
 	foreign map[int]time.Duration // user processes not descended from this one
 }
 
-var l7ClkTck = time.Second / 100 // USER_HZ
-
-// l7ProcStat reads pid, ppid, flags and utime+stime from /proc/<pid>/stat.
-func l7ProcStat(pid string) (ppid int, kthread bool, cpu time.Duration, ok bool) {
-	b, err := os.ReadFile("/proc/" + pid + "/stat")
-	if err != nil {
-		return 0, false, 0, false
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return 0, false, 0, false
-	}
-	f := strings.Fields(s[i+1:])
-	if len(f) < 13 {
-		return 0, false, 0, false
-	}
-	ppid, _ = strconv.Atoi(f[1])
-	flags, _ := strconv.ParseUint(f[6], 10, 64)
-	ut, _ := strconv.ParseInt(f[11], 10, 64)
-	st, _ := strconv.ParseInt(f[12], 10, 64)
-	const pfKthread = 0x00200000
-	return ppid, flags&pfKthread != 0, time.Duration(ut+st) * l7ClkTck, true
-}
-
 func l7SampleCPU(proxyPID int) l7CPUSample {
 	s := l7CPUSample{at: time.Now(), cpu: map[string][10]int64{}, foreign: map[int]time.Duration{}}
 	if b, err := os.ReadFile("/proc/stat"); err == nil {
@@ -733,7 +708,9 @@ func l7SampleCPU(proxyPID int) l7CPUSample {
 		}
 	}
 	if proxyPID != 0 {
-		_, _, s.proxy, _ = l7ProcStat(strconv.Itoa(proxyPID))
+		if st, err := readProcStat(proxyPID); err == nil {
+			s.proxy = st.cpu
+		}
 	}
 	// Foreign: user processes that do not descend from this one.
 	self := os.Getpid()
@@ -745,11 +722,11 @@ func l7SampleCPU(proxyPID int) l7CPUSample {
 		if err != nil {
 			continue
 		}
-		ppid, kthread, c, ok := l7ProcStat(e.Name())
-		if !ok || kthread {
+		st, err := readProcStat(pid)
+		if err != nil || st.kthread {
 			continue
 		}
-		parent[pid], cpu[pid] = ppid, c
+		parent[pid], cpu[pid] = st.ppid, st.cpu
 	}
 	for pid, c := range cpu {
 		ours := false
@@ -889,7 +866,7 @@ func BenchmarkL7(b *testing.B) {
 		tlsInfo[name] = l7TLSInfo(ctx, e.ports[name][1])
 	}
 	b.Logf("setup: %s, %d CPUs; proxies pinned to CPU %d, wrk and backends to CPU %d; %s; TLS: haproxy %s, nginx %s, veloflux %s",
-		l7Kernel(), runtime.NumCPU(), l7ProxyCPU, l7LoadCPU, strings.Join(l7WrkArgs("URL", l7WrkDuration), " "),
+		kernelRelease(), runtime.NumCPU(), l7ProxyCPU, l7LoadCPU, strings.Join(l7WrkArgs("URL", l7WrkDuration), " "),
 		tlsInfo["haproxy"], tlsInfo["nginx"], tlsInfo["veloflux"])
 
 	// Warm-up: connections to the backends, Go's heap, caches.
@@ -961,8 +938,8 @@ func BenchmarkL7(b *testing.B) {
 				h := sum.by["haproxy"][mode]
 				b.ReportMetric(0, "ns/op")
 				b.ReportMetric(s.rps, "req/s")
-				b.ReportMetric(l7ms(s.p50), "p50-ms")
-				b.ReportMetric(l7ms(s.p99), "p99-ms")
+				b.ReportMetric(ms(s.p50), "p50-ms")
+				b.ReportMetric(ms(s.p99), "p99-ms")
 				b.ReportMetric(s.proxyCPU, "proxy-cpu-us/req")
 				b.ReportMetric(s.rps/h.rps, "req/s-x-haproxy")
 				b.ReportMetric(float64(s.p99)/float64(h.p99), "p99-x-haproxy")
@@ -970,16 +947,6 @@ func BenchmarkL7(b *testing.B) {
 		}
 	}
 }
-
-func l7Kernel() string {
-	b, err := os.ReadFile("/proc/sys/kernel/osrelease")
-	if err != nil {
-		return "Linux ?"
-	}
-	return "Linux " + strings.TrimSpace(string(b))
-}
-
-func l7ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
 func l7PerReq(d time.Duration, n int64) float64 {
 	if n == 0 {
@@ -1005,15 +972,6 @@ type l7Sum struct {
 	by map[string]map[string]l7Summary
 }
 
-func l7Median[T int64 | float64 | time.Duration](v []T) T {
-	s := slices.Clone(v)
-	slices.Sort(s)
-	if len(s)%2 == 1 {
-		return s[len(s)/2]
-	}
-	return (s[len(s)/2-1] + s[len(s)/2]) / 2
-}
-
 func l7Summarize(results map[string]map[string][]l7Result) l7Sum {
 	s := l7Sum{by: map[string]map[string]l7Summary{}}
 	for name, modes := range results {
@@ -1035,10 +993,10 @@ func l7Summarize(results map[string]map[string][]l7Result) l7Sum {
 					m.loud++
 				}
 			}
-			m.rps, m.rpsMin, m.rpsMax = l7Median(rps), slices.Min(rps), slices.Max(rps)
-			m.p50, m.p99, m.p99Min, m.p99Max = l7Median(p50), l7Median(p99), slices.Min(p99), slices.Max(p99)
-			m.proxyCPU = l7Median(cpu)
-			m.busy = [2]float64{l7Median(busy0), l7Median(busy1)}
+			m.rps, m.rpsMin, m.rpsMax = median(rps), slices.Min(rps), slices.Max(rps)
+			m.p50, m.p99, m.p99Min, m.p99Max = median(p50), median(p99), slices.Min(p99), slices.Max(p99)
+			m.proxyCPU = median(cpu)
+			m.busy = [2]float64{median(busy0), median(busy1)}
 			m.runs = rs
 			s.by[name][mode] = m
 		}
@@ -1057,7 +1015,7 @@ func (s l7Sum) table(tlsInfo map[string]string) string {
 		for _, name := range l7Proxies {
 			m := s.by[name][mode]
 			fmt.Fprintf(&b, "%-9s %-5s | %7.0f (%7.0f-%7.0f) | x%5.2f | %8.2f | %5.2f (%5.2f-%5.2f) | x%5.2f | %9.1f | %3.0f%%/%3.0f%%\n",
-				name, mode, m.rps, m.rpsMin, m.rpsMax, m.rps/h.rps, l7ms(m.p50), l7ms(m.p99), l7ms(m.p99Min), l7ms(m.p99Max),
+				name, mode, m.rps, m.rpsMin, m.rpsMax, m.rps/h.rps, ms(m.p50), ms(m.p99), ms(m.p99Min), ms(m.p99Max),
 				float64(m.p99)/float64(h.p99), m.proxyCPU, 100*m.busy[0], 100*m.busy[1])
 		}
 		v := s.by["veloflux"][mode]
@@ -1082,7 +1040,7 @@ func (s l7Sum) table(tlsInfo map[string]string) string {
 	}
 	if d, ok := s.by["direct"]["plain"]; ok {
 		fmt.Fprintf(&b, "%-9s %-5s | %7.0f %17s | %6s | %8.2f | %5.2f %13s | %6s | %9s | %3.0f%%/%3.0f%%  (one %s run)\n",
-			"direct", "plain", d.rps, "", "", l7ms(d.p50), l7ms(d.p99), "", "", "", 100*d.busy[0], 100*d.busy[1], l7DirectRun)
+			"direct", "plain", d.rps, "", "", ms(d.p50), ms(d.p99), "", "", "", 100*d.busy[0], 100*d.busy[1], l7DirectRun)
 	}
 	for _, g := range goals {
 		b.WriteString(g + "\n")
@@ -1232,8 +1190,8 @@ func BenchmarkProfileL7(b *testing.B) {
 				l7ProxyCPU, 100*res.CPUBusy[1], 100*res.Foreign.Seconds()/res.Wall.Seconds())
 			b.ReportMetric(0, "ns/op")
 			b.ReportMetric(res.ReqPerSec, "req/s")
-			b.ReportMetric(l7ms(res.P50), "p50-ms")
-			b.ReportMetric(l7ms(res.P99), "p99-ms")
+			b.ReportMetric(ms(res.P50), "p50-ms")
+			b.ReportMetric(ms(res.P99), "p99-ms")
 			b.ReportMetric(l7PerReq(cpu, res.Requests), "cpu-us/req")
 		})
 	}

@@ -193,32 +193,17 @@ func foreignProcs() (map[int]time.Duration, time.Duration) {
 		if err != nil || pid == self {
 			continue
 		}
-		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		st, err := readProcStat(pid)
 		if err != nil {
 			continue
 		}
-		st := string(b)
-		i := strings.LastIndexByte(st, ')')
-		if i < 0 {
-			continue
-		}
-		f := strings.Fields(st[i+1:])
-		if len(f) < 13 {
-			continue
-		}
-		ppid, _ := strconv.Atoi(f[1])
-		flags, _ := strconv.ParseUint(f[6], 10, 64)
-		ut, _ := strconv.ParseInt(f[11], 10, 64)
-		stime, _ := strconv.ParseInt(f[12], 10, 64)
-		cpu := time.Duration(ut+stime) * clkTck
-		const pfKthread = 0x00200000
 		switch {
-		case flags&pfKthread != 0:
-			if strings.HasPrefix(st[strings.IndexByte(st, '(')+1:i], "ksoftirqd/") {
-				softirqd += cpu
+		case st.kthread:
+			if strings.HasPrefix(st.comm, "ksoftirqd/") {
+				softirqd += st.cpu
 			}
-		case ppid != self:
-			out[pid] = cpu
+		case st.ppid != self:
+			out[pid] = st.cpu
 		}
 	}
 	return out, softirqd
@@ -257,33 +242,45 @@ func sampleCPU(balancerPID int) (cpuUse, error) {
 	}
 	c.TestProc = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 	if balancerPID != 0 {
-		c.Balancer, err = procCPU(balancerPID)
+		st, err := readProcStat(balancerPID)
 		if err != nil {
 			return c, err
 		}
+		c.Balancer = st.cpu
 	}
 	return c, nil
 }
 
-// procCPU is a process's utime+stime from /proc/<pid>/stat.
-func procCPU(pid int) (time.Duration, error) {
+// procStat is what the benchmarks read of /proc/<pid>/stat.
+type procStat struct {
+	comm    string // the command name, without its parentheses
+	ppid    int
+	kthread bool          // PF_KTHREAD
+	cpu     time.Duration // utime + stime
+}
+
+func readProcStat(pid int) (procStat, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
-		return 0, err
+		return procStat{}, err
 	}
 	s := string(b)
 	// Fields after the command name, which is in parentheses and may hold spaces.
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return 0, fmt.Errorf("/proc/%d/stat: unexpected format", pid)
+	open, end := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
+	if open < 0 || end < open {
+		return procStat{}, fmt.Errorf("/proc/%d/stat: unexpected format", pid)
 	}
-	f := strings.Fields(s[i+1:])
+	f := strings.Fields(s[end+1:])
 	if len(f) < 13 {
-		return 0, fmt.Errorf("/proc/%d/stat: too few fields", pid)
+		return procStat{}, fmt.Errorf("/proc/%d/stat: too few fields", pid)
 	}
-	ut, _ := strconv.ParseInt(f[11], 10, 64) // field 14
-	st, _ := strconv.ParseInt(f[12], 10, 64) // field 15
-	return time.Duration(ut+st) * clkTck, nil
+	ppid, _ := strconv.Atoi(f[1])               // field 4
+	flags, _ := strconv.ParseUint(f[6], 10, 64) // field 9
+	ut, _ := strconv.ParseInt(f[11], 10, 64)    // field 14
+	st, _ := strconv.ParseInt(f[12], 10, 64)    // field 15
+	const pfKthread = 0x00200000
+	return procStat{comm: s[open+1 : end], ppid: ppid, kthread: flags&pfKthread != 0,
+		cpu: time.Duration(ut+st) * clkTck}, nil
 }
 
 func tvDur(tv syscall.Timeval) time.Duration {

@@ -74,9 +74,12 @@ type Config struct {
 	Metrics   MetricsConfig   `yaml:"metrics"`
 	Proxy     ProxyConfig     `yaml:"proxy"`
 	Pools     []Pool          `yaml:"pools,omitempty"`
-	VIPs      []VIP           `yaml:"vips,omitempty"`
-	Routes    []Route         `yaml:"routes,omitempty"`
-	Security  SecurityConfig  `yaml:"security"`
+	// VIPs has no omitempty: a saved file always says `vips: []` when it
+	// has none, because a reload refuses a file that would withdraw every
+	// VIP without saying so (one cut short while an editor wrote it).
+	VIPs     []VIP          `yaml:"vips"`
+	Routes   []Route        `yaml:"routes,omitempty"`
+	Security SecurityConfig `yaml:"security"`
 }
 
 // NodeConfig identifies this agent.

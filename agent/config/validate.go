@@ -47,6 +47,7 @@ func (c *Config) validate() []FieldError {
 	c.validateProxy(v)
 	pools := c.validatePools(v)
 	c.validateVIPs(v, pools)
+	c.validateCapacity(v)
 	c.validateRoutes(v, pools)
 	c.validateSecurity(v)
 	return v.errs
@@ -648,4 +649,35 @@ func isHostname(s string) bool {
 
 func isSpaceOrControl(r rune) bool {
 	return r <= ' ' || r == 0x7f
+}
+
+// The data plane's capacity. Its VIP and real maps hold 4,096 and 16,384
+// ids (bpf/include/vf_types.h), and id 0 is reserved in both: it means "no
+// real" in a ring and is never given to a VIP. A configuration beyond these
+// would validate, be accepted, and then fail every reconcile, so it is
+// refused here, where the operator sees it first. A test in
+// agent/reconcile checks these against the data plane's own sizes.
+const (
+	VIPCapacity  = 4095
+	RealCapacity = 16383
+)
+
+// validateCapacity refuses more VIPs, or more distinct backend addresses,
+// than the data plane holds. Reals are counted over every pool, as the data
+// plane keeps one real per address that any pool lists.
+func (c *Config) validateCapacity(v *collector) {
+	if n := len(c.VIPs); n > VIPCapacity {
+		v.add("vips", "%d VIPs configured; the data plane holds at most %d", n, VIPCapacity)
+	}
+	addrs := map[netip.Addr]bool{}
+	for _, p := range c.Pools {
+		for _, b := range p.Backends {
+			if a, err := netip.ParseAddr(b.Address); err == nil {
+				addrs[a.Unmap()] = true
+			}
+		}
+	}
+	if n := len(addrs); n > RealCapacity {
+		v.add("pools", "%d distinct backend addresses configured; the data plane holds at most %d reals", n, RealCapacity)
+	}
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/gopacket/gopacket/layers"
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
@@ -356,3 +357,53 @@ func TestIPIPNextHopFromFIB(t *testing.T) {
 }
 
 func equalMAC(a []byte, b net.HardwareAddr) bool { return net.HardwareAddr(a).String() == b.String() }
+
+// A change of xdp_mode takes effect: on the link the agent holds (a reload)
+// and on a pinned link a new agent adopts (a restart), which used to keep
+// the mode it was created in until `veloflux detach`. The maps are the
+// same throughout, so flows stay where they were.
+func TestAttachSwitchesXDPMode(t *testing.T) {
+	requirePrivileged(t)
+	pin := testPinPath(t)
+	inNewNetns(t, func() {
+		veth := vethPair(t, "vfmode0")
+		opts := Options{PinPath: pin, RingSize: testRingSize, ConntrackSize: 4096, MaxVIPs: 64, MaxReals: 64}
+		wantMode := func(step string, mode uint32) {
+			t.Helper()
+			xdp := linkXDP(t, veth)
+			if xdp == nil || !xdp.Attached || xdp.AttachMode != mode {
+				t.Fatalf("%s: XDP on the link is %+v, want attach mode %d", step, xdp, mode)
+			}
+		}
+		first, err := Load(opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		h := &harness{tb: t, dp: first}
+		h.must(first.Attach("vfmode0", XDPGeneric))
+		wantMode("generic", nl.XDP_ATTACHED_SKB)
+		h.must(first.Attach("vfmode0", XDPNative)) // a reload with the new mode
+		wantMode("reload to native", nl.XDP_ATTACHED_DRV)
+		h.must(first.Attach("vfmode0", XDPAuto)) // auto keeps what runs
+		wantMode("auto", nl.XDP_ATTACHED_DRV)
+		h.must(first.Close())
+
+		second, err := Load(opts) // a restart with the mode changed in the file
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer second.Close()
+		h = &harness{tb: t, dp: second}
+		h.must(second.Attach("vfmode0", XDPGeneric))
+		wantMode("restart to generic", nl.XDP_ATTACHED_SKB)
+		links, err := second.PinnedLinks()
+		h.must(err)
+		if len(links) != 1 || links[0].Detached {
+			t.Fatalf("pinned links after the switch: %+v, want one live link", links)
+		}
+		h.must(second.Detach("vfmode0"))
+	})
+	if err := RemovePins(pin); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -11,6 +11,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 )
 
@@ -208,7 +210,7 @@ func (d *Dataplane) Attach(ifname string, mode XDPMode) error {
 	if old, ok := d.links[ifname]; ok {
 		err := old.Update(d.objs.VfBalancer)
 		if err == nil {
-			return nil
+			return d.keepOrSwitchMode(ifname, iface.Index, old, mode)
 		}
 		if !errors.Is(err, unix.ENOLINK) {
 			return fmt.Errorf("replace program on %s: %w", ifname, err)
@@ -226,7 +228,7 @@ func (d *Dataplane) Attach(ifname string, mode XDPMode) error {
 			err := pinned.Update(d.objs.VfBalancer)
 			if err == nil {
 				d.links[ifname] = pinned
-				return nil
+				return d.keepOrSwitchMode(ifname, iface.Index, pinned, mode)
 			}
 			if !errors.Is(err, unix.ENOLINK) {
 				pinned.Close()
@@ -241,7 +243,12 @@ func (d *Dataplane) Attach(ifname string, mode XDPMode) error {
 			return fmt.Errorf("open pinned link %s: %w", d.linkPin(ifname), err)
 		}
 	}
-	l, err := link.AttachXDP(link.XDPOptions{Program: d.objs.VfBalancer, Interface: iface.Index, Flags: flags})
+	return d.attachNewLocked(ifname, iface.Index, mode, flags)
+}
+
+// attachNewLocked creates and pins a new XDP link. Called with d.mu held.
+func (d *Dataplane) attachNewLocked(ifname string, ifindex int, mode XDPMode, flags link.XDPAttachFlags) error {
+	l, err := link.AttachXDP(link.XDPOptions{Program: d.objs.VfBalancer, Interface: ifindex, Flags: flags})
 	if err != nil {
 		return fmt.Errorf("attach XDP (%s) to %s: %w", mode, ifname, err)
 	}
@@ -253,6 +260,65 @@ func (d *Dataplane) Attach(ifname string, mode XDPMode) error {
 	}
 	d.links[ifname] = l
 	return nil
+}
+
+// keepOrSwitchMode checks that a link whose program was just swapped runs in
+// the mode asked for. A link keeps the mode it was created in, and the
+// kernel lets a program run natively or generically on an interface but
+// never both, so a change of xdp_mode (by reload, or across a restart that
+// adopted the pins) means a new link: the old one goes, then the new one is
+// created. Packets arriving between the two take the host's stack; the
+// maps, and so every flow, stay. If the new mode fails, the old mode is put
+// back. "auto" accepts whatever mode the link has. Called with d.mu held.
+func (d *Dataplane) keepOrSwitchMode(ifname string, ifindex int, l link.Link, mode XDPMode) error {
+	if mode == XDPAuto || mode == "" {
+		return nil
+	}
+	have, err := attachedMode(ifindex)
+	if err != nil {
+		return fmt.Errorf("read the XDP mode of %s: %w", ifname, err)
+	}
+	if have == mode {
+		return nil
+	}
+	flags, err := mode.flags()
+	if err != nil {
+		return err
+	}
+	delete(d.links, ifname)
+	if err := d.dropSeveredLink(ifname, l); err != nil {
+		return fmt.Errorf("switch %s from %s to %s XDP: %w", ifname, have, mode, err)
+	}
+	err = d.attachNewLocked(ifname, ifindex, mode, flags)
+	if err == nil {
+		return nil
+	}
+	if oldFlags, ferr := have.flags(); ferr == nil {
+		if rerr := d.attachNewLocked(ifname, ifindex, have, oldFlags); rerr != nil {
+			return fmt.Errorf("switch %s from %s to %s XDP: %w; restoring %s failed too, the interface has no program: %w",
+				ifname, have, mode, err, have, rerr)
+		}
+	}
+	return fmt.Errorf("switch %s from %s to %s XDP (kept %s): %w", ifname, have, mode, have, err)
+}
+
+// attachedMode asks the kernel in which mode an interface runs XDP now.
+func attachedMode(ifindex int) (XDPMode, error) {
+	l, err := netlink.LinkByIndex(ifindex)
+	if err != nil {
+		return "", err
+	}
+	x := l.Attrs().Xdp
+	if x == nil || !x.Attached {
+		return "", fmt.Errorf("no XDP program on ifindex %d", ifindex)
+	}
+	switch x.AttachMode {
+	case nl.XDP_ATTACHED_DRV:
+		return XDPNative, nil
+	case nl.XDP_ATTACHED_SKB:
+		return XDPGeneric, nil
+	}
+	return "", fmt.Errorf("XDP on ifindex %d is attached in kernel mode %d, neither native nor generic", ifindex, x.AttachMode)
 }
 
 // dropSeveredLink unpins and closes a link that no longer holds an

@@ -278,11 +278,22 @@ func (r *Reconciler) Resync() {
 // keeps every intermediate state consistent), and the next reconcile retries
 // the rest. An invalid Desired is rejected before anything is written.
 func (r *Reconciler) Reconcile(ctx context.Context, d Desired) (Result, error) {
+	return r.ReconcileLatest(ctx, func() Desired { return d })
+}
+
+// ReconcileLatest is Reconcile with the desired state read by desired once
+// this reconcile holds the lock, not before it waits for one in progress.
+// Callers that reconcile after changing shared state (a drain, a new
+// configuration) use it so that, however their calls interleave, the
+// reconcile that runs last installs the newest state: a snapshot taken
+// before waiting could be older than the one a concurrent caller already
+// installed, and would undo it until the next trigger.
+func (r *Reconciler) ReconcileLatest(ctx context.Context, desired func() Desired) (Result, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	start := time.Now()
 	var res Result
-	err := r.reconcile(ctx, d, &res)
+	err := r.reconcile(ctx, desired(), &res)
 	res.Duration = time.Since(start)
 	if err == nil && r.synced {
 		r.installed.Store(&Installed{VIPs: maps.Clone(r.vips), Reals: maps.Clone(r.reals)})

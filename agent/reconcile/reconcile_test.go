@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -1191,4 +1193,79 @@ func BenchmarkReconcile1000VIPs(b *testing.B) {
 			}
 		}
 	})
+}
+
+// Three undrains racing used to leave a backend draining: each caller took
+// its snapshot of the drain set before waiting for the reconcile in
+// progress, so an older snapshot could run last. ReconcileLatest reads the
+// state only once it holds the lock, so the last reconcile installs the
+// newest state whatever the order.
+func TestReconcileLatestReadsStateUnderLock(t *testing.T) {
+	e := newEnv(t)
+	e.reconcile()
+	key := "web/10.0.0.2:80"
+
+	var mu sync.Mutex // guards drained, shared with the reconciling goroutines
+	drained := map[string]bool{key: true}
+	latest := func() Desired {
+		mu.Lock()
+		defer mu.Unlock()
+		return Desired{Config: e.cfg, Healthy: e.desired().Healthy, Drained: maps.Clone(drained)}
+	}
+
+	// The first reconcile (the drain) stalls in its ring write while the
+	// others queue behind it.
+	release := make(chan struct{})
+	var stalled sync.Once
+	inWrite := make(chan struct{})
+	e.dp.fail = func(call string) error {
+		if strings.HasPrefix(call, "SetRing") {
+			stalled.Do(func() { close(inWrite); <-release })
+		}
+		return nil
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		if _, err := e.r.ReconcileLatest(context.Background(), latest); err != nil {
+			t.Error(err)
+		}
+	})
+	<-inWrite
+
+	var asked atomic.Int32
+	counted := func() Desired { asked.Add(1); return latest() }
+	for range 3 {
+		wg.Go(func() {
+			if _, err := e.r.ReconcileLatest(context.Background(), counted); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	// The undrain lands while every queued reconcile still waits: none of
+	// them may have read the state yet.
+	time.Sleep(50 * time.Millisecond)
+	if n := asked.Load(); n != 0 {
+		t.Errorf("%d queued reconciles read the desired state before taking the lock", n)
+	}
+	mu.Lock()
+	delete(drained, key)
+	mu.Unlock()
+	close(release)
+	wg.Wait()
+
+	if got := e.real("10.0.0.2").State; got != dataplane.RealUp {
+		t.Errorf("after the undrain the real is %s, want up", got)
+	}
+	if got := e.ringIDs(webVIP); !slices.Equal(got, []uint32{1, 2}) {
+		t.Errorf("after the undrain the ring holds %v, want [1 2]", got)
+	}
+}
+
+// config refuses what the data plane cannot hold without loading it; its
+// limits must be the data plane's sizes less the reserved id 0.
+func TestConfigCapacityMatchesDataplane(t *testing.T) {
+	if config.VIPCapacity != dataplane.DefaultMaxVIPs-1 || config.RealCapacity != dataplane.DefaultMaxReals-1 {
+		t.Fatalf("config capacity %d VIPs / %d reals, the data plane holds %d / %d less id 0",
+			config.VIPCapacity, config.RealCapacity, dataplane.DefaultMaxVIPs, dataplane.DefaultMaxReals)
+	}
 }

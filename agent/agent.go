@@ -12,7 +12,6 @@ import (
 	"log/slog"
 	"maps"
 	"net"
-	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -61,8 +60,11 @@ type Agent struct {
 	checker *health.Checker
 	rec     *reconcile.Reconciler
 
-	hub     *api.Hub
-	metrics *metrics.Metrics
+	hub         *api.Hub
+	api         *api.Server
+	apiSlot     *httpSlot // the API's listener, movable by a reload
+	metricsSlot *httpSlot // the metrics listener, movable by a reload
+	metrics     *metrics.Metrics
 	// proxy is set once startProxy has built it (nil unless
 	// proxy.enabled); the API and telemetry goroutines already run then.
 	proxy     atomic.Pointer[proxy.Proxy]
@@ -262,9 +264,11 @@ func (a *Agent) startServices(ctx context.Context, cfg *config.Config) error {
 	}
 	a.hub = api.NewHub(api.HubOptions{AllowedOrigins: cfg.API.AllowedOrigins, OnConnect: a.onConnect,
 		Logger: a.log.With("component", "websocket")})
-	server := api.New(api.Options{Controller: a, Hub: a.hub, Token: token, ProtectReads: cfg.API.ProtectReads,
+	a.api = api.New(api.Options{Controller: a, Hub: a.hub, Token: token, ProtectReads: cfg.API.ProtectReads,
 		Version: a.opts.Version, Logger: a.log.With("component", "api"), SecurityEvents: a.onAuthFailure,
 		Pages: web.Handler()})
+	a.apiSlot = newHTTPSlot("API", "api.listen", a.api.Handler(), a.log.With("component", "api"))
+	a.metricsSlot = newHTTPSlot("metrics", "metrics.listen", a.metrics.Handler(), a.log.With("component", "metrics"))
 
 	healthEvents, unsubscribe := a.checker.Subscribe(256)
 	go func() { defer unsubscribe(); a.forwardHealth(ctx, healthEvents) }()
@@ -273,36 +277,21 @@ func (a *Agent) startServices(ctx context.Context, cfg *config.Config) error {
 	go func() {
 		<-ctx.Done()
 		a.hub.Close()
+		a.apiSlot.close()
+		a.metricsSlot.close()
 	}()
-	go a.serve(ctx, "API", func(ctx context.Context) error { return server.Serve(ctx, cfg.API.Listen) })
-	go a.serve(ctx, "metrics", func(ctx context.Context) error {
-		return serveHTTP(ctx, cfg.Metrics.Listen, a.metrics.Handler())
-	})
-	return nil
-}
-
-// serve runs a listener for the agent's lifetime. A listener that fails is
-// logged, not fatal: the data path matters more than the API.
-func (a *Agent) serve(ctx context.Context, what string, run func(context.Context) error) {
-	if err := run(ctx); err != nil && ctx.Err() == nil {
-		a.log.Error(what+" server stopped", "err", err)
-	}
-}
-
-func serveHTTP(ctx context.Context, addr string, h http.Handler) error {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return fmt.Errorf("listen on %s: %w", addr, err)
-	}
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
-	go func() {
-		<-ctx.Done()
-		shutdown, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		srv.Shutdown(shutdown)
-	}()
-	if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-		return err
+	// A listener that cannot bind at start is logged, not fatal: the data
+	// path matters more than the API. A reload binds it again.
+	for _, bind := range []struct {
+		slot *httpSlot
+		addr string
+	}{{a.apiSlot, cfg.API.Listen}, {a.metricsSlot, cfg.Metrics.Listen}} {
+		change, err := bind.slot.prepare(bind.addr)
+		if err != nil {
+			a.log.Error("listener not started", "err", err)
+			continue
+		}
+		change.commit()
 	}
 	return nil
 }
@@ -362,9 +351,10 @@ func (a *Agent) desired() reconcile.Desired {
 }
 
 // reconcileNow writes the difference between the desired state and the
-// maps. Failures are logged and retried on the next trigger.
-func (a *Agent) reconcileNow(ctx context.Context, why string) {
-	res, err := a.rec.Reconcile(ctx, a.desired())
+// maps, reading the desired state only once no other reconcile runs. A
+// failure is logged, retried on the next trigger, and returned.
+func (a *Agent) reconcileNow(ctx context.Context, why string) error {
+	res, err := a.rec.ReconcileLatest(ctx, a.desired)
 	end := time.Now()
 	a.mu.Lock()
 	a.lastResult, a.lastErr, a.lastReconcileAt = res, err, end
@@ -379,40 +369,68 @@ func (a *Agent) reconcileNow(ctx context.Context, why string) {
 	for _, w := range res.Warnings {
 		a.log.Warn("reconcile warning", "trigger", why, "warning", w)
 	}
-}
-
-// restartOnlyChanges names settings that size or shape the loaded maps.
-func restartOnlyChanges(cur, next *config.Config) error {
-	var errs []error
-	if cur.Dataplane.RingSize != next.Dataplane.RingSize {
-		errs = append(errs, fmt.Errorf("dataplane.ring_size: changing %d to %d needs `veloflux detach` and a restart",
-			cur.Dataplane.RingSize, next.Dataplane.RingSize))
-	}
-	if cur.Proxy.Enabled != next.Proxy.Enabled {
-		errs = append(errs, fmt.Errorf("proxy.enabled: turning the L7 proxy on or off needs a restart"))
-	}
-	if cur.Dataplane.ConntrackSize != next.Dataplane.ConntrackSize {
-		errs = append(errs, fmt.Errorf("dataplane.conntrack_size: changing %d to %d needs `veloflux detach` and a restart",
-			cur.Dataplane.ConntrackSize, next.Dataplane.ConntrackSize))
-	}
-	return errors.Join(errs...)
+	return err
 }
 
 // syncAttachments attaches to every configured interface (swapping the
 // program onto links a previous agent pinned) and detaches from interfaces
 // no longer configured.
 func (a *Agent) syncAttachments(cfg *config.Config) error {
+	if _, err := a.attachAll(cfg); err != nil {
+		return err
+	}
+	return a.detachUnconfigured(cfg)
+}
+
+// attachAll attaches to every interface of cfg in its mode. It is all or
+// nothing: when one interface fails (it does not exist, or refuses the
+// mode), the interfaces it newly attached are detached again and those it
+// switched to another mode are put back, and the error names every
+// failure. It returns the interfaces it newly attached.
+func (a *Agent) attachAll(cfg *config.Config) ([]string, error) {
 	mode := dataplane.XDPMode(cfg.Dataplane.XDPMode)
+	before := a.dp.Attached()
+	var added []string
 	var errs []error
 	for _, ifname := range cfg.Dataplane.Interfaces {
 		if err := a.dp.Attach(ifname, mode); err != nil {
 			errs = append(errs, err)
+			continue
+		}
+		if !slices.Contains(before, ifname) {
+			added = append(added, ifname)
 		}
 	}
+	if len(errs) == 0 {
+		return added, nil
+	}
+	a.undoAttach(a.config(), added)
+	return nil, errors.Join(errs...)
+}
+
+// undoAttach detaches the interfaces added and re-attaches those of prev
+// in prev's mode, after a change that did not go through.
+func (a *Agent) undoAttach(prev *config.Config, added []string) {
+	for _, ifname := range added {
+		if err := a.dp.Detach(ifname); err != nil {
+			a.log.Error("roll back: detach", "interface", ifname, "err", err)
+		}
+	}
+	mode := dataplane.XDPMode(prev.Dataplane.XDPMode)
+	for _, ifname := range prev.Dataplane.Interfaces {
+		if err := a.dp.Attach(ifname, mode); err != nil {
+			a.log.Error("roll back: re-attach", "interface", ifname, "mode", mode, "err", err)
+		}
+	}
+}
+
+// detachUnconfigured detaches from pinned interfaces cfg does not list.
+func (a *Agent) detachUnconfigured(cfg *config.Config) error {
 	pinned, err := a.dp.AdoptPinnedLinks()
 	if err != nil {
-		errs = append(errs, err)
+		return err
 	}
+	var errs []error
 	for _, ifname := range pinned {
 		if !slices.Contains(cfg.Dataplane.Interfaces, ifname) {
 			a.log.Info("detaching from an interface no longer configured", "interface", ifname)

@@ -35,13 +35,13 @@ func (a *Agent) ValidateConfig(data []byte) (*config.Config, error) {
 	if err != nil {
 		return nil, err
 	}
-	return next, restartOnlyChanges(a.config(), next)
+	return next, config.RestartOnlyChanges(a.config(), next)
 }
 
-// Update applies a change the way the file would: the whole result is
-// validated, saved atomically (the previous file kept as .bak), and only
-// then put in force and reconciled. A change that fails any step leaves
-// both the file and the running state as they were.
+// Update applies a change the way the file would, all or nothing: the
+// whole result is validated, put in force, and only then saved atomically
+// (the previous file kept as .bak). A change that fails any step, saving
+// included, leaves both the file and the running state as they were.
 func (a *Agent) Update(ctx context.Context, mutate func(*config.Config) error) (*config.Config, error) {
 	a.writeMu.Lock()
 	defer a.writeMu.Unlock()
@@ -50,33 +50,38 @@ func (a *Agent) Update(ctx context.Context, mutate func(*config.Config) error) (
 	if err != nil {
 		return nil, err
 	}
-	if err := restartOnlyChanges(cur, next); err != nil {
+	if err := config.RestartOnlyChanges(cur, next); err != nil {
+		return nil, err
+	}
+	if err := a.apply(ctx, cur, next, "api"); err != nil {
 		return nil, err
 	}
 	if err := config.Save(a.opts.ConfigPath, next); err != nil {
-		return nil, fmt.Errorf("save configuration: %w", err)
-	}
-	if err := a.apply(ctx, next, "api"); err != nil {
-		return nil, err
+		err = fmt.Errorf("save configuration: %w", err)
+		if rerr := a.apply(context.WithoutCancel(ctx), next, cur, "rollback"); rerr != nil {
+			return nil, fmt.Errorf("%w; rolling the running state back failed too: %w", err, rerr)
+		}
+		return nil, fmt.Errorf("%w (nothing changed)", err)
 	}
 	return next, nil
 }
 
-// Reload re-reads the configuration file. A file that does not validate, or
-// asks for a change only a restart can make, leaves the running state as it
-// is and returns every error.
+// Reload re-reads the configuration file once it has stopped changing. A
+// file that does not validate, asks for a change only a restart can make,
+// withdraws every VIP without saying so, or fails to apply leaves the
+// running state as it was and returns every error.
 func (a *Agent) Reload(ctx context.Context) error {
 	a.writeMu.Lock()
 	defer a.writeMu.Unlock()
-	next, err := config.Load(a.opts.ConfigPath)
+	cur := a.config()
+	next, err := config.LoadSettled(ctx, a.opts.ConfigPath, config.DefaultSettle, config.DefaultSettleMax)
 	if err == nil {
-		err = restartOnlyChanges(a.config(), next)
+		err = config.CheckReplacement(cur, next)
+	}
+	if err == nil {
+		err = a.apply(ctx, cur, next, "reload")
 	}
 	if err != nil {
-		a.reloadResult("failure")
-		return err
-	}
-	if err := a.apply(ctx, next, "reload"); err != nil {
 		a.reloadResult("failure")
 		return err
 	}
@@ -90,31 +95,121 @@ func (a *Agent) reloadResult(result string) {
 	}
 }
 
-// apply puts a validated configuration in force.
-func (a *Agent) apply(ctx context.Context, next *config.Config, why string) error {
-	if err := a.dp.SetSettings(settingsFrom(next)); err != nil {
-		return err
-	}
-	if err := a.applyHealthTargets(next); err != nil {
-		return err
-	}
-	if p := a.proxy.Load(); p != nil {
-		if err := p.Apply(next); err != nil {
+// apply replaces the configuration in force, cur, by next, all or nothing.
+// What can fail without side effects comes first (binding moved listeners,
+// reading the API token file), then attaching XDP to every interface, then
+// the data path's settings, the health targets, the L7 proxy and the
+// reconcile of the maps. A failure at any step undoes the steps before it,
+// so the running state is cur's again; the moved listeners and the new API
+// access take over only once everything else succeeded.
+func (a *Agent) apply(ctx context.Context, cur, next *config.Config, why string) error {
+	var commits []func()
+	abort := func() {}
+	if a.apiSlot != nil {
+		access, err := a.apiAccess(next)
+		if err != nil {
 			return err
 		}
+		apiMove, err := a.apiSlot.prepare(next.API.Listen)
+		if err != nil {
+			return err
+		}
+		metricsMove, err := a.metricsSlot.prepare(next.Metrics.Listen)
+		if err != nil {
+			apiMove.abort()
+			return err
+		}
+		abort = func() { apiMove.abort(); metricsMove.abort() }
+		commits = append(commits, apiMove.commit, metricsMove.commit, func() {
+			a.api.SetAccess(access)
+			a.hub.SetAllowedOrigins(next.API.AllowedOrigins)
+		})
+	}
+
+	added, err := a.attachAll(next)
+	if err != nil {
+		abort()
+		return err
+	}
+	// restore puts cur's data path, checks and proxy back, step by step
+	// in reverse; steps is how far the change got.
+	steps := 0
+	restore := func() {
+		if steps >= 3 {
+			if p := a.proxy.Load(); p != nil {
+				if err := p.Apply(cur); err != nil {
+					a.log.Error("roll back: L7 proxy", "err", err)
+				}
+			}
+		}
+		if steps >= 2 {
+			if err := a.applyHealthTargets(cur); err != nil {
+				a.log.Error("roll back: health targets", "err", err)
+			}
+		}
+		if steps >= 1 {
+			if err := a.dp.SetSettings(settingsFrom(cur)); err != nil {
+				a.log.Error("roll back: data path settings", "err", err)
+			}
+		}
+		a.undoAttach(cur, added)
+		abort()
+	}
+	err = a.dp.SetSettings(settingsFrom(next))
+	if err == nil {
+		steps = 1
+		err = a.applyHealthTargets(next)
+	}
+	if err == nil {
+		steps = 2
+		if p := a.proxy.Load(); p != nil {
+			err = p.Apply(next)
+		}
+	}
+	if err != nil {
+		restore()
+		return err
+	}
+	steps = 3
+
+	a.setConfig(next)
+	if err := a.reconcileNow(ctx, why); err != nil {
+		a.setConfig(cur)
+		restore()
+		if rerr := a.reconcileNow(context.WithoutCancel(ctx), "rollback"); rerr != nil {
+			return fmt.Errorf("apply the configuration: %w; restoring the previous one failed too, will retry: %w", err, rerr)
+		}
+		return fmt.Errorf("apply the configuration (the previous one stays in force): %w", err)
+	}
+	for _, commit := range commits {
+		commit()
+	}
+	if err := a.detachUnconfigured(next); err != nil {
+		a.log.Error("detach from interfaces no longer configured", "err", err)
 	}
 	a.mu.Lock()
-	a.cfg = next
 	a.generation++
 	gen := a.generation
 	a.mu.Unlock()
-	a.reconcileNow(ctx, why)
-	if err := a.syncAttachments(next); err != nil {
-		return err
-	}
 	a.log.Info("configuration applied", "trigger", why, "generation", gen, "vips", len(next.VIPs), "pools", len(next.Pools))
 	a.publishStatus()
 	return nil
+}
+
+func (a *Agent) setConfig(c *config.Config) {
+	a.mu.Lock()
+	a.cfg = c
+	a.mu.Unlock()
+}
+
+// apiAccess reads the API token for cfg: the one in force when the token
+// file did not change, else the new file's (created if missing).
+func (a *Agent) apiAccess(cfg *config.Config) (api.Access, error) {
+	token, err := api.LoadOrCreateToken(cfg.API.TokenFile)
+	if err != nil {
+		return api.Access{}, fmt.Errorf("api.token_file: %w", err)
+	}
+	return api.Access{Token: token, ProtectReads: cfg.API.ProtectReads}, nil
 }
 
 // SetDrained drains or undrains a backend ("address:port" in pool). A
@@ -164,7 +259,9 @@ func (a *Agent) SetDrained(ctx context.Context, pool, backend string, drained bo
 		return err
 	}
 	a.log.Info("backend drain changed", "backend", key, "drained", drained)
-	a.reconcileNow(ctx, "drain")
+	// The drain set is saved and in force; a failed reconcile is retried
+	// on the next trigger, as any other.
+	_ = a.reconcileNow(ctx, "drain")
 	return nil
 }
 

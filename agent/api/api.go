@@ -6,11 +6,9 @@ package api
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
+	"sync/atomic"
 	"time"
 
 	"github.com/labstack/echo/v4"
@@ -68,7 +66,18 @@ type Server struct {
 	echo   *echo.Echo
 	log    *slog.Logger
 	routes []route
+	access atomic.Pointer[Access]
 }
+
+// Access is who may do what: the token that writes (and reads when
+// ProtectReads). A reload changes it with SetAccess, for the next request.
+type Access struct {
+	Token        string
+	ProtectReads bool
+}
+
+// SetAccess puts a new token and read protection in force.
+func (s *Server) SetAccess(a Access) { s.access.Store(&a) }
 
 // route is one REST endpoint; the table drives both the router and the
 // OpenAPI document, so the two cannot disagree.
@@ -91,13 +100,10 @@ func New(opts Options) *Server {
 	e.IPExtractor = echo.ExtractIPDirect() // never trust client-sent forwarding headers here
 	e.HTTPErrorHandler = errorHandler(opts.Logger)
 	s := &Server{opts: opts, echo: e, log: opts.Logger}
+	s.SetAccess(Access{Token: opts.Token, ProtectReads: opts.ProtectReads})
 	s.routes = s.routeTable()
 	for _, r := range s.routes {
-		h := r.handler
-		if r.write || opts.ProtectReads {
-			h = s.requireToken(h)
-		}
-		e.Add(r.method, r.path, h)
+		e.Add(r.method, r.path, s.requireToken(r.handler, r.write))
 	}
 	if opts.Pages != nil {
 		page := echo.WrapHandler(opts.Pages)
@@ -111,30 +117,3 @@ func New(opts Options) *Server {
 
 // Handler is the server's http.Handler (for tests and embedding).
 func (s *Server) Handler() http.Handler { return s.echo }
-
-// Serve listens on addr until ctx ends, then shuts down gracefully.
-func (s *Server) Serve(ctx context.Context, addr string) error {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return fmt.Errorf("API listen on %s: %w", addr, err)
-	}
-	srv := &http.Server{
-		Handler:           s.echo,
-		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       120 * time.Second,
-	}
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
-	s.log.Info("API listening", "addr", ln.Addr().String())
-	select {
-	case err := <-errc:
-		return fmt.Errorf("API server on %s: %w", addr, err)
-	case <-ctx.Done():
-	}
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := srv.Shutdown(shutdownCtx); err != nil && !errors.Is(err, context.DeadlineExceeded) {
-		return fmt.Errorf("API shutdown: %w", err)
-	}
-	return nil
-}

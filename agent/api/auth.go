@@ -68,12 +68,17 @@ func LoadOrCreateToken(path string) (string, error) {
 	return token, nil
 }
 
-// requireToken admits a request only with "Authorization: Bearer <token>",
-// compared in constant time. A failure is answered 401 and reported as a
-// security event.
-func (s *Server) requireToken(next echo.HandlerFunc) echo.HandlerFunc {
-	want := []byte(s.opts.Token)
+// requireToken admits a write, or a read while reads are protected, only
+// with "Authorization: Bearer <token>", compared in constant time. A
+// failure is answered 401 and reported as a security event. The access
+// rules in force are read per request, so a reload changes them at once.
+func (s *Server) requireToken(next echo.HandlerFunc, write bool) echo.HandlerFunc {
 	return func(c echo.Context) error {
+		access := s.access.Load()
+		if !write && !access.ProtectReads {
+			return next(c)
+		}
+		want := []byte(access.Token)
 		got, ok := strings.CutPrefix(c.Request().Header.Get(echo.HeaderAuthorization), "Bearer ")
 		if !ok {
 			got, ok = webSocketToken(c.Request())

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -57,6 +58,7 @@ type Hub struct {
 	opts     HubOptions
 	log      *slog.Logger
 	upgrader websocket.Upgrader
+	origins  atomic.Pointer[[]string] // AllowedOrigins in force
 
 	mu      sync.Mutex
 	clients map[string]map[*client]struct{}
@@ -89,6 +91,7 @@ func NewHub(opts HubOptions) *Hub {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	h := &Hub{opts: opts, log: opts.Logger, clients: map[string]map[*client]struct{}{}}
+	h.SetAllowedOrigins(opts.AllowedOrigins)
 	for _, ch := range Channels {
 		h.clients[ch] = map[*client]struct{}{}
 	}
@@ -116,7 +119,7 @@ func (h *Hub) checkOrigin(r *http.Request) bool {
 	if strings.EqualFold(u.Host, r.Host) {
 		return true
 	}
-	for _, allowed := range h.opts.AllowedOrigins {
+	for _, allowed := range h.AllowedOrigins() {
 		if allowed == "*" || strings.EqualFold(strings.TrimSuffix(allowed, "/"), origin) {
 			return true
 		}
@@ -307,4 +310,18 @@ func (h *Hub) Close() {
 			delete(set, c)
 		}
 	}
+}
+
+// SetAllowedOrigins replaces the origins allowed besides the same host; a
+// reload changes them for the next upgrade.
+func (h *Hub) SetAllowedOrigins(origins []string) {
+	h.origins.Store(&origins)
+}
+
+// AllowedOrigins are the origins allowed besides the same host.
+func (h *Hub) AllowedOrigins() []string {
+	if p := h.origins.Load(); p != nil {
+		return *p
+	}
+	return nil
 }

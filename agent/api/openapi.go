@@ -44,7 +44,7 @@ func (s *Server) OpenAPI() map[string]any {
 		if r.body != "" {
 			op["requestBody"] = map[string]any{"required": true, "content": jsonSchema("#/components/schemas/" + r.body)}
 		}
-		if r.write || s.opts.ProtectReads {
+		if r.write || s.access.Load().ProtectReads {
 			op["security"] = []any{map[string]any{"bearer": []any{}}}
 		}
 		item[strings.ToLower(r.method)] = op

@@ -193,19 +193,22 @@ type verdictCount struct {
 }
 
 type statusView struct {
-	Links         []linkRow      `json:"links"`
-	RingSize      uint32         `json:"ring_size"`
-	ConntrackSize uint32         `json:"conntrack_size_per_family"` // 0: not known
-	MaxVIPs       uint32         `json:"max_vips"`
-	MaxReals      uint32         `json:"max_reals"`
-	TCPIdleMs     int64          `json:"tcp_idle_timeout_ms"`
-	UDPIdleMs     int64          `json:"udp_idle_timeout_ms"`
-	VIPs          int            `json:"vips"`
-	Reals         int            `json:"reals"`
-	FlowsSampled  int            `json:"flows_sampled"`
-	FlowSample    int            `json:"flow_sample_limit"`
-	DenyPrefixes  int            `json:"deny_prefixes"`
-	Packets       []verdictCount `json:"packets_by_verdict"`
+	Links         []linkRow `json:"links"`
+	RingSize      uint32    `json:"ring_size"`
+	ConntrackSize uint32    `json:"conntrack_size_per_family"` // 0: not known
+	MaxVIPs       uint32    `json:"max_vips"`                  // map entries
+	MaxReals      uint32    `json:"max_reals"`                 // map entries
+	// What fits: id 0 is reserved in both maps.
+	VIPCapacity  uint32         `json:"vip_capacity"`
+	RealCapacity uint32         `json:"real_capacity"`
+	TCPIdleMs    int64          `json:"tcp_idle_timeout_ms"`
+	UDPIdleMs    int64          `json:"udp_idle_timeout_ms"`
+	VIPs         int            `json:"vips"`
+	Reals        int            `json:"reals"`
+	FlowsSampled int            `json:"flows_sampled"`
+	FlowSample   int            `json:"flow_sample_limit"`
+	DenyPrefixes int            `json:"deny_prefixes"`
+	Packets      []verdictCount `json:"packets_by_verdict"`
 }
 
 func gatherStatus(src source) (*statusView, error) {
@@ -239,6 +242,7 @@ func gatherStatus(src source) (*statusView, error) {
 	}
 	v := &statusView{
 		Links: []linkRow{}, RingSize: src.RingSize(), MaxVIPs: src.MaxVIPs(), MaxReals: src.MaxReals(),
+		VIPCapacity: max(src.MaxVIPs(), 1) - 1, RealCapacity: max(src.MaxReals(), 1) - 1,
 		TCPIdleMs: time.Duration(set.TCPIdleTimeoutNs).Milliseconds(),
 		UDPIdleMs: time.Duration(set.UDPIdleTimeoutNs).Milliseconds(),
 		VIPs:      len(vips), Reals: len(reals), FlowsSampled: len(flows), FlowSample: statusFlowSample,
@@ -279,7 +283,8 @@ func (v *statusView) table(w io.Writer) error {
 	}
 	row(w, "ring size:", v.RingSize)
 	row(w, "conntrack size:", ct)
-	row(w, "max VIPs / reals:", fmt.Sprintf("%d / %d", v.MaxVIPs, v.MaxReals))
+	row(w, "capacity:", fmt.Sprintf("%d VIPs, %d reals (maps of %d and %d; id 0 is reserved)",
+		v.VIPCapacity, v.RealCapacity, v.MaxVIPs, v.MaxReals))
 	row(w, "idle timeouts:", fmt.Sprintf("tcp %v, udp %v", millis(v.TCPIdleMs), millis(v.UDPIdleMs)))
 	row(w, "VIPs:", v.VIPs)
 	row(w, "reals:", v.Reals)

@@ -226,7 +226,7 @@ func TestStatus(t *testing.T) {
 	if err := json.Unmarshal([]byte(renderString(t, v, "json")), &doc); err != nil {
 		t.Fatal(err)
 	}
-	for k, w := range map[string]any{"ring_size": 7.0, "conntrack_size_per_family": 4096.0, "max_vips": 64.0,
+	for k, w := range map[string]any{"ring_size": 7.0, "conntrack_size_per_family": 4096.0, "max_vips": 64.0, "vip_capacity": 63.0,
 		"max_reals": 128.0, "tcp_idle_timeout_ms": 300000.0, "udp_idle_timeout_ms": 30000.0,
 		"vips": 4.0, "reals": 3.0, "flows_sampled": 1.0, "deny_prefixes": 2.0} {
 		if doc[k] != w {
@@ -360,7 +360,7 @@ func TestPinned(t *testing.T) {
 		}
 	}
 	expect(cmd("status"), `(?m)^ring size: +251$`, `(?m)^VIPs: +1$`, `(?m)^reals: +2$`, `(?m)^deny prefixes: +1$`,
-		`max VIPs / reals: +64 / 64`, `no XDP links pinned`)
+		`capacity: +63 VIPs, 63 reals`, `no XDP links pinned`)
 	expect(cmd("vips"), `(?m)^10\.9\.9\.9 +\* +tcp +dsr +5 +flow +0 +0 +0 +2 +1 +1 +0$`)
 	expect(cmd("reals"), `(?m)^1 +192\.0\.2\.11 +up +02:00:00:00:00:0b`, `(?m)^2 +192\.0\.2\.12 +draining +-`)
 	expect(cmd("flows", "-n", "10"), `(?m)^CLIENT`)

@@ -136,11 +136,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 
-	var resolver reconcile.MACResolver
-	if len(cfg.Dataplane.Interfaces) > 0 {
-		resolver = &reconcile.NeighborResolver{Interface: cfg.Dataplane.Interfaces[0]}
-	}
-	if a.rec, err = reconcile.New(dp, resolver, reconcile.Options{}); err != nil {
+	if a.rec, err = reconcile.New(dp, dsrNeighbors{a}, reconcile.Options{}); err != nil {
 		return err
 	}
 
@@ -462,4 +458,17 @@ func settingsFrom(cfg *config.Config) dataplane.Settings {
 		s.EncapSource6, _ = netip.ParseAddr(d.EncapSourceV6)
 	}
 	return s
+}
+
+// dsrNeighbors resolves the MACs of dsr reals in the neighbour table of the
+// first interface of the configuration in force, so that a reload that
+// changes the interfaces moves resolution with them.
+type dsrNeighbors struct{ a *Agent }
+
+func (n dsrNeighbors) Resolve(ctx context.Context, addr netip.Addr) (net.HardwareAddr, error) {
+	ifaces := n.a.config().Dataplane.Interfaces
+	if len(ifaces) == 0 {
+		return nil, fmt.Errorf("resolve MAC of %s: no interface is configured", addr)
+	}
+	return (&reconcile.NeighborResolver{Interface: ifaces[0]}).Resolve(ctx, addr)
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# VeloFlux API and WebSocket validation: the script the API sheet
-# (seeds/000_7c7449d5dd389d13.txt, "Validação Completa") names.
+# VeloFlux API and WebSocket validation: checks a running agent against the
+# API and WebSocket contract of docs/ARCHITECTURE.md, for operators after an
+# install or upgrade (README, "API and live data"); tests/live runs it too.
 #
 #   tests/test_websockets_validation.sh [--token-file F] [--drain-proxy] [BASE_URL] [METRICS_URL]
 #

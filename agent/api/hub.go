@@ -16,7 +16,8 @@ import (
 	"github.com/gorilla/websocket"
 )
 
-// Channels are the WebSocket channels of the seed's contract, served at
+// Channels are the WebSocket channels of the API contract
+// (docs/ARCHITECTURE.md), served at
 // /api/ws/<channel>.
 var Channels = []string{"backends", "metrics", "status", "health", "security", "billing", "ai"}
 
@@ -288,7 +289,7 @@ func (h *Hub) writer(c *client) {
 	}
 }
 
-// newClientID is the seed's form: YYYYMMDDhhmmss-xxxxxx.
+// newClientID is the contract's form: YYYYMMDDhhmmss-xxxxxx.
 func newClientID(now time.Time) string {
 	const alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
 	var b [6]byte

@@ -14,7 +14,7 @@ import (
 )
 
 // The per-packet cost is the kernel's own measurement from BPF_PROG_RUN
-// (ARCHITECTURE.md, "Measuring"). Paths that leave the packet as it is run
+// (docs/ARCHITECTURE.md, "Measuring"). Paths that leave the packet as it is run
 // with Repeat; paths that rewrite it (encapsulation) or need a new packet
 // per call (new flows) run many Repeat=1 calls and average the kernel's
 // durations, because a repeated run would process its own output. A trivial

@@ -1,11 +1,11 @@
-// Package live is the live proof of VeloFlux's API contract (the seed's
-// WebSocket/API sheet, ARCHITECTURE.md "API contract"): one namespace lab
+// Package live is the live proof of VeloFlux's API contract (docs/ARCHITECTURE.md,
+// "API and WebSocket contract"): one namespace lab
 // (tests/lab), one real `veloflux` agent on the balancer veth with traffic
 // flowing through a dsr VIP, and clients nobody here wrote talking to it:
 //
-//   - the seed's "Teste Rápido" python snippet, verbatim, with
+//   - the original project's quick-test python snippet, verbatim, with
 //     /usr/bin/python3 and python3-websockets, on each of the seven channels;
-//   - tests/test_websockets_validation.sh (the script the seed names), run
+//   - tests/test_websockets_validation.sh (the operator's validation script), run
 //     inside the balancer namespace, which must pass 100%;
 //   - :8080/metrics parsed with prometheus/common/expfmt and linted with
 //     client_golang's promlint;

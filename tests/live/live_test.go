@@ -35,12 +35,12 @@ import (
 // client's routes.
 var vip = netip.MustParseAddr("198.51.100.10")
 
-// channels are the seven WebSocket channels of the seed's sheet.
+// channels are the seven WebSocket channels of the API contract.
 var channels = []string{"backends", "metrics", "status", "health", "security", "billing", "ai"}
 
-// seedQuickTest is the seed's "Teste Rápido", verbatim but for the channel,
+// quickTest is the original project's quick test ("Teste Rápido"), verbatim but for the channel,
 // which each run substitutes for "metrics".
-const seedQuickTest = `
+const quickTest = `
 import asyncio
 import websockets
 
@@ -96,7 +96,7 @@ func TestLive(t *testing.T) {
 	t.Logf("traffic: 10 GET/s on new connections to %s", url)
 	mw := watchMetrics(t, e)
 
-	t.Run("SeedQuickTest", func(t *testing.T) { testSeedQuickTest(t, e) })
+	t.Run("QuickTest", func(t *testing.T) { testQuickTest(t, e) })
 	t.Run("ValidationScript", func(t *testing.T) { testValidationScript(t, e) })
 	t.Run("ValidationScriptInterrupted", func(t *testing.T) { testValidationScriptInterrupted(t, e) })
 	t.Run("PrometheusLint", func(t *testing.T) { testPrometheusLint(t, e) })
@@ -111,12 +111,12 @@ func TestLive(t *testing.T) {
 	}
 }
 
-// testSeedQuickTest runs the seed's snippet with Debian's python3 and
+// testQuickTest runs that snippet with Debian's python3 and
 // python3-websockets in the balancer namespace, once per channel.
-func testSeedQuickTest(t *testing.T, e *env) {
+func testQuickTest(t *testing.T, e *env) {
 	for _, ch := range channels {
 		t.Run(ch, func(t *testing.T) {
-			code := strings.Replace(seedQuickTest, "/api/ws/metrics", "/api/ws/"+ch, 1)
+			code := strings.Replace(quickTest, "/api/ws/metrics", "/api/ws/"+ch, 1)
 			ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 			defer cancel()
 			out, err := e.lab.Balancer.Command(ctx, python, "-c", code).CombinedOutput()

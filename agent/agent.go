@@ -241,7 +241,7 @@ func (a *Agent) Kick() {
 // API and WebSocket hub on :9090, Prometheus on :8080, and the telemetry
 // feeding the channels. They stop with ctx.
 func (a *Agent) startServices(ctx context.Context, cfg *config.Config) error {
-	token, err := api.LoadOrCreateToken(cfg.API.TokenFile)
+	token, err := api.LoadOrCreateToken(cfg.API.TokenFile, a.log)
 	if err != nil {
 		return err
 	}

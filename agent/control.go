@@ -205,7 +205,7 @@ func (a *Agent) setConfig(c *config.Config) {
 // apiAccess reads the API token for cfg: the one in force when the token
 // file did not change, else the new file's (created if missing).
 func (a *Agent) apiAccess(cfg *config.Config) (api.Access, error) {
-	token, err := api.LoadOrCreateToken(cfg.API.TokenFile)
+	token, err := api.LoadOrCreateToken(cfg.API.TokenFile, a.log)
 	if err != nil {
 		return api.Access{}, fmt.Errorf("api.token_file: %w", err)
 	}

@@ -6,6 +6,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io/fs"
+	"log/slog"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -14,6 +16,8 @@ import (
 
 	"github.com/gorilla/websocket"
 	"github.com/labstack/echo/v4"
+
+	"github.com/veloflux/veloflux/agent/statefile"
 )
 
 // webSocketProtocol is the subprotocol the hub answers with; a browser
@@ -31,19 +35,32 @@ func webSocketToken(r *http.Request) (string, bool) {
 	return "", false
 }
 
+// minTokenLength is the shortest token a token file may hold.
+const minTokenLength = 16
+
 // LoadOrCreateToken reads the API token from path, creating it (mode 0600,
-// 32 random bytes as hex) when the file does not exist.
-func LoadOrCreateToken(path string) (string, error) {
-	data, err := os.ReadFile(path)
-	if err == nil {
-		token := strings.TrimSpace(string(data))
-		if len(token) < 16 {
-			return "", fmt.Errorf("API token file %s holds %d characters; want at least 16", path, len(token))
+// 32 random bytes as hex) when the file does not exist. A file holding no
+// usable token (empty after a crash, or too short to be a secret) is moved
+// aside, logged, and replaced by a new token rather than keeping the agent
+// from starting.
+func LoadOrCreateToken(path string, log *slog.Logger) (string, error) {
+	read := func() (string, bool, error) {
+		var token string
+		found, err := statefile.Read(path, log, func(data []byte) error {
+			token = strings.TrimSpace(string(data))
+			if len(token) < minTokenLength {
+				return fmt.Errorf("%w: API token file holds %d characters; want at least %d",
+					statefile.ErrCorrupt, len(token), minTokenLength)
+			}
+			return nil
+		})
+		if err != nil {
+			return "", false, fmt.Errorf("read API token file: %w", err)
 		}
-		return token, nil
+		return token, found, nil
 	}
-	if !errors.Is(err, os.ErrNotExist) {
-		return "", fmt.Errorf("read API token file %s: %w", path, err)
+	if token, found, err := read(); err != nil || found {
+		return token, err
 	}
 	var raw [32]byte
 	if _, err := rand.Read(raw[:]); err != nil {
@@ -53,17 +70,16 @@ func LoadOrCreateToken(path string) (string, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return "", fmt.Errorf("create directory of API token file %s: %w", path, err)
 	}
-	// O_EXCL: two agents starting at once must not overwrite each other's token.
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	// Exclusive: two agents starting at once must not overwrite each
+	// other's token; the second one uses the first one's.
+	err := statefile.Write(path, []byte(token+"\n"), statefile.Options{Exclusive: true})
+	if errors.Is(err, fs.ErrExist) {
+		if token, found, err := read(); err != nil || found {
+			return token, err
+		}
+	}
 	if err != nil {
-		return "", fmt.Errorf("create API token file %s: %w", path, err)
-	}
-	if _, err := f.WriteString(token + "\n"); err != nil {
-		f.Close()
-		return "", fmt.Errorf("write API token file %s: %w", path, err)
-	}
-	if err := f.Close(); err != nil {
-		return "", fmt.Errorf("write API token file %s: %w", path, err)
+		return "", fmt.Errorf("create API token file: %w", err)
 	}
 	return token, nil
 }

@@ -248,7 +248,7 @@ func (a *Agent) startServices(ctx context.Context, cfg *config.Config) error {
 	a.security = newSecurityStats(time.Now())
 	a.analyzer = insights.New(insights.Config{})
 	if a.opts.StateDir != "" {
-		if a.ledger, err = billing.Open(filepath.Join(a.opts.StateDir, "billing.json"), time.Now()); err != nil {
+		if a.ledger, err = billing.Open(filepath.Join(a.opts.StateDir, "billing.json"), time.Now(), a.log); err != nil {
 			return err
 		}
 		go func() {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -46,7 +47,7 @@ func l4(p, b, f uint64) Usage { return Usage{Packets: p, Bytes: b, NewFlows: f} 
 
 func open(t *testing.T, path string, now time.Time) *Ledger {
 	t.Helper()
-	l, err := Open(path, now)
+	l, err := Open(path, now, nil)
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
@@ -375,7 +376,12 @@ func TestOpenArchivesEarlierMonth(t *testing.T) {
 	})
 }
 
+// TestOpenCorrupt: a state file that cannot be used used to stop the agent
+// from starting. It is moved aside (kept for whoever bills) and logged, and
+// a fresh period starts. A file of a newer version is good data this agent
+// cannot read: that stays an error and the file is left alone.
 func TestOpenCorrupt(t *testing.T) {
+	now := at(t, "2026-10-05T00:00:00Z")
 	for _, tc := range []struct {
 		name, content string
 		corrupt       bool
@@ -394,28 +400,48 @@ func TestOpenCorrupt(t *testing.T) {
 			if err := os.WriteFile(path, []byte(tc.content), 0o600); err != nil {
 				t.Fatal(err)
 			}
-			l, err := Open(path, at(t, "2026-10-05T00:00:00Z"))
-			if err == nil {
-				t.Fatalf("Open succeeded: %+v", l.Snapshot(at(t, "2026-10-05T00:00:00Z")))
+			var logs strings.Builder
+			l, err := Open(path, now, slog.New(slog.NewTextHandler(&logs, nil)))
+			if !tc.corrupt {
+				if err == nil || !strings.Contains(err.Error(), path) {
+					t.Fatalf("Open = %v, want an error naming the file", err)
+				}
+				if got, _ := os.ReadFile(path); string(got) != tc.content {
+					t.Errorf("file modified: %q", got)
+				}
+				if entries, _ := os.ReadDir(dir); len(entries) != 1 {
+					t.Errorf("files created next to the file: %v", entries)
+				}
+				return
 			}
-			if errors.Is(err, ErrCorrupt) != tc.corrupt {
-				t.Errorf("errors.Is(%v, ErrCorrupt) = %v, want %v", err, !tc.corrupt, tc.corrupt)
+			if err != nil {
+				t.Fatalf("Open: %v", err)
 			}
-			if !strings.Contains(err.Error(), path) {
-				t.Errorf("error %q does not name the file", err)
+			if snap := l.Snapshot(now); len(snap.Subjects) != 0 || !snap.PeriodStart.Equal(at(t, "2026-10-01T00:00:00Z")) {
+				t.Errorf("ledger after a corrupt file = %+v, want a fresh October", snap)
 			}
-			if got, _ := os.ReadFile(path); string(got) != tc.content {
-				t.Errorf("file modified: %q", got)
+			aside, _ := filepath.Glob(path + ".corrupt-*")
+			if len(aside) != 1 {
+				t.Fatalf("moved-aside files = %q, want one", aside)
 			}
-			if entries, _ := os.ReadDir(dir); len(entries) != 1 {
-				t.Errorf("files created next to a corrupt file: %v", entries)
+			if got, _ := os.ReadFile(aside[0]); string(got) != tc.content {
+				t.Errorf("moved-aside file = %q, want the original content", got)
+			}
+			if !strings.Contains(logs.String(), "level=ERROR") {
+				t.Errorf("nothing logged: %q", logs.String())
+			}
+			if err := l.Save(); err != nil {
+				t.Fatalf("Save after a corrupt file: %v", err)
+			}
+			if st := readState(t, path); st.Version != fileVersion {
+				t.Errorf("new state file = %+v", st)
 			}
 		})
 	}
 
 	t.Run("unreadable", func(t *testing.T) {
 		path := t.TempDir() // a directory cannot be read as a file
-		if _, err := Open(path, at(t, "2026-10-05T00:00:00Z")); err == nil || !strings.Contains(err.Error(), path) {
+		if _, err := Open(path, now, nil); err == nil || !strings.Contains(err.Error(), path) {
 			t.Errorf("Open(directory) = %v, want an error naming it", err)
 		}
 	})

@@ -6,10 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
-	"path/filepath"
 	"slices"
 	"time"
+
+	"github.com/veloflux/veloflux/agent/statefile"
 )
 
 // fileVersion is the version of the state and archive file format this
@@ -24,9 +26,10 @@ const fileMode fs.FileMode = 0o600
 // than a handful means something other than a crash is writing them.
 const maxArchiveCopies = 100
 
-// ErrCorrupt is wrapped by the error Open returns when the state file
-// exists but cannot be used. The file is left untouched.
-var ErrCorrupt = errors.New("corrupt billing state file")
+// ErrCorrupt is wrapped by the error decodeState returns for a file that
+// cannot be used. It wraps statefile.ErrCorrupt, so that Open moves such a
+// state file aside instead of failing.
+var ErrCorrupt = fmt.Errorf("billing state file: %w", statefile.ErrCorrupt)
 
 // stateFile is the persisted form of a period: the state file holds the
 // current one, an archive a finished one.
@@ -59,24 +62,28 @@ type fileSubject struct {
 //     the new period by the first Record.
 //   - A file of a later month (the clock went back) is resumed as is: the
 //     ledger never returns to an earlier period.
-//   - A file that cannot be parsed, or fails validation, is an error
-//     wrapping ErrCorrupt; a file of an unknown version is an error too.
-//     Neither is modified.
-func Open(path string, now time.Time) (*Ledger, error) {
+//   - A file that cannot be parsed, or fails validation, is moved aside as
+//     path+".corrupt-<timestamp>" and logged, and a fresh period starts as
+//     for a missing file: the agent must not stay down over its ledger.
+//   - A file of an unknown version (written by a newer agent) is an error
+//     and is left as it is: its data is good, this agent cannot read it,
+//     and starting a second ledger for the month beside it would split
+//     the bill.
+func Open(path string, now time.Time, log *slog.Logger) (*Ledger, error) {
 	now = now.UTC()
 	l := &Ledger{path: path, subjects: map[string]*subject{}, updated: now}
-	data, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
+	var st *stateFile
+	found, err := statefile.Read(path, log, func(data []byte) (err error) {
+		st, err = decodeState(data)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("billing: open: %w", err)
+	}
+	if !found {
 		l.periodStart, _ = PeriodOf(now)
 		l.gen = 1 // so that the first Save creates the file
 		return l, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("billing: open %s: %w", path, err)
-	}
-	st, err := decodeState(data)
-	if err != nil {
-		return nil, fmt.Errorf("billing: open %s: %w", path, err)
 	}
 	l.load(st)
 	if l.rollover(now) {
@@ -95,8 +102,7 @@ func Open(path string, now time.Time) (*Ledger, error) {
 // archives, then the current period to the state file. It does nothing if
 // nothing changed since the last successful Save.
 //
-// Every file is written atomically: to a temporary file in the same
-// directory, fsynced, renamed over the target, and the directory fsynced.
+// Every file is written with statefile.Write: atomically, and durably.
 // Archives come first, so the state file never moves to a new period while
 // the old one exists nowhere on disk; a failed archive is retried by the
 // next Save.
@@ -136,7 +142,7 @@ func (l *Ledger) Save() error {
 	if err != nil {
 		return fmt.Errorf("billing: save %s: %w", l.path, err)
 	}
-	if err := writeFileAtomic(l.path, data); err != nil {
+	if err := statefile.Write(l.path, data, statefile.Options{Perm: fileMode}); err != nil {
 		return fmt.Errorf("billing: save %s: %w", l.path, err)
 	}
 	l.mu.Lock()
@@ -262,7 +268,7 @@ func (l *Ledger) writeArchive(st *stateFile) error {
 		}
 		existing, err := os.ReadFile(name)
 		if errors.Is(err, fs.ErrNotExist) {
-			if err := writeFileAtomic(name, data); err != nil {
+			if err := statefile.Write(name, data, statefile.Options{Perm: fileMode, Exclusive: true}); err != nil {
 				return fmt.Errorf("billing: archive %s: %w", name, err)
 			}
 			return nil
@@ -293,52 +299,4 @@ func covers(old, st *stateFile) bool {
 		}
 	}
 	return true
-}
-
-// writeFileAtomic replaces path with data so that readers, and the next
-// Open after a crash, see either the old or the new file, never a partial
-// one. The temporary file is in the same directory because rename is only
-// atomic within a file system.
-func writeFileAtomic(path string, data []byte) (err error) {
-	dir, base := filepath.Split(path)
-	if dir == "" {
-		dir = "."
-	}
-	f, err := os.CreateTemp(dir, "."+base+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("create temporary file: %w", err)
-	}
-	tmp := f.Name()
-	defer func() {
-		if err != nil {
-			_ = f.Close() // may already be closed; the error is not news
-			_ = os.Remove(tmp)
-		}
-	}()
-	// Chmod on the open file is not subject to the umask.
-	if err := f.Chmod(fileMode); err != nil {
-		return fmt.Errorf("chmod %s: %w", tmp, err)
-	}
-	if _, err := f.Write(data); err != nil {
-		return fmt.Errorf("write %s: %w", tmp, err)
-	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", tmp, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("close %s: %w", tmp, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("rename %s to %s: %w", tmp, path, err)
-	}
-	// Without this the rename may not survive a power loss.
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("open directory %s to fsync: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("fsync directory %s: %w", dir, err)
-	}
-	return nil
 }

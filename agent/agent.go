@@ -74,6 +74,7 @@ type Agent struct {
 	security  *securityStats
 
 	writeMu sync.Mutex // serializes configuration changes (API, SIGHUP)
+	drainMu sync.Mutex // serializes drain changes with their save
 
 	mu              sync.Mutex
 	cfg             *config.Config

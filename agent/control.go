@@ -3,10 +3,9 @@ package agent
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"slices"
 
@@ -14,6 +13,7 @@ import (
 	"github.com/veloflux/veloflux/agent/config"
 	"github.com/veloflux/veloflux/agent/model"
 	"github.com/veloflux/veloflux/agent/reconcile"
+	"github.com/veloflux/veloflux/agent/statefile"
 )
 
 // The agent is the API's Controller.
@@ -235,6 +235,10 @@ func (a *Agent) SetDrained(ctx context.Context, pool, backend string, drained bo
 	if key == "" {
 		return &api.Error{Status: 404, Code: "not_found", Message: fmt.Sprintf("pool %q has no backend %s", pool, backend)}
 	}
+	// drainMu makes the change and its save one step: without it, two
+	// requests could save their snapshots in the other order and leave a
+	// file that disagrees with the set in force.
+	a.drainMu.Lock()
 	a.mu.Lock()
 	prev := a.drained[key]
 	if drained {
@@ -242,13 +246,10 @@ func (a *Agent) SetDrained(ctx context.Context, pool, backend string, drained bo
 	} else {
 		delete(a.drained, key)
 	}
-	keys := make([]string, 0, len(a.drained))
-	for k := range a.drained {
-		keys = append(keys, k)
-	}
+	keys := slices.Sorted(maps.Keys(a.drained))
 	a.mu.Unlock()
-	slices.Sort(keys)
-	if err := a.saveDrained(keys); err != nil {
+	err = a.saveDrained(keys)
+	if err != nil {
 		a.mu.Lock()
 		if prev {
 			a.drained[key] = true
@@ -256,6 +257,9 @@ func (a *Agent) SetDrained(ctx context.Context, pool, backend string, drained bo
 			delete(a.drained, key)
 		}
 		a.mu.Unlock()
+	}
+	a.drainMu.Unlock()
+	if err != nil {
 		return err
 	}
 	a.log.Info("backend drain changed", "backend", key, "drained", drained)
@@ -265,42 +269,42 @@ func (a *Agent) SetDrained(ctx context.Context, pool, backend string, drained bo
 	return nil
 }
 
+// drainedState is the form of drainedFile.
+type drainedState struct {
+	Version int      `json:"version"`
+	Drained []string `json:"drained"`
+}
+
 func (a *Agent) saveDrained(keys []string) error {
 	if a.opts.StateDir == "" {
 		return nil
 	}
-	data, err := json.Marshal(map[string]any{"version": 1, "drained": keys})
+	data, err := json.Marshal(drainedState{Version: 1, Drained: keys})
 	if err != nil {
 		return err
 	}
 	path := filepath.Join(a.opts.StateDir, drainedFile)
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, data, 0o600); err != nil {
-		return fmt.Errorf("save drained backends to %s: %w", tmp, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("save drained backends to %s: %w", path, err)
+	if err := statefile.Write(path, data, statefile.Options{}); err != nil {
+		return fmt.Errorf("save drained backends: %w", err)
 	}
 	return nil
 }
 
+// loadDrained restores the drained set. A file that does not parse is moved
+// aside by statefile.Read and the agent starts with nothing drained.
 func (a *Agent) loadDrained() error {
 	if a.opts.StateDir == "" {
 		return nil
 	}
-	path := filepath.Join(a.opts.StateDir, drainedFile)
-	data, err := os.ReadFile(path)
-	if errors.Is(err, os.ErrNotExist) {
+	var st drainedState
+	_, err := statefile.Read(filepath.Join(a.opts.StateDir, drainedFile), a.log, func(data []byte) error {
+		if err := json.Unmarshal(data, &st); err != nil {
+			return fmt.Errorf("%w: drained backends: %w", statefile.ErrCorrupt, err)
+		}
 		return nil
-	}
+	})
 	if err != nil {
-		return fmt.Errorf("read drained backends from %s: %w", path, err)
-	}
-	var st struct {
-		Drained []string `json:"drained"`
-	}
-	if err := json.Unmarshal(data, &st); err != nil {
-		return fmt.Errorf("read drained backends from %s: %w", path, err)
+		return fmt.Errorf("load drained backends: %w", err)
 	}
 	a.mu.Lock()
 	for _, k := range st.Drained {

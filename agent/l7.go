@@ -5,7 +5,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
-	"os"
+	"io/fs"
 	"path/filepath"
 	"time"
 
@@ -13,11 +13,15 @@ import (
 	"github.com/veloflux/veloflux/agent/config"
 	"github.com/veloflux/veloflux/agent/metrics"
 	"github.com/veloflux/veloflux/agent/proxy"
+	"github.com/veloflux/veloflux/agent/statefile"
 )
 
 // stickyKeyFile holds the HMAC key of sticky cookies, so that cookies stay
 // valid across restarts.
 const stickyKeyFile = "sticky.key"
+
+// stickyKeySize is the length of the sticky-cookie HMAC key in bytes.
+const stickyKeySize = 32
 
 // startProxy runs the L7 proxy when the configuration enables it. Its
 // listeners close, and its in-flight requests finish, when ctx ends.
@@ -154,29 +158,43 @@ func l7Rates(prev, cur proxy.Stats, dt float64) map[string]any {
 }
 
 // stickyKey loads the sticky-cookie key from the state dir, creating it on
-// first use; without a state dir it lives as long as the process.
+// first use; without a state dir it lives as long as the process. A key
+// file of the wrong size is moved aside and replaced: cookies issued with
+// it stop pinning, which costs one re-balance per client and nothing else.
 func (a *Agent) stickyKey() ([]byte, error) {
-	key := make([]byte, 32)
 	if a.opts.StateDir == "" {
+		key := make([]byte, stickyKeySize)
 		_, err := rand.Read(key)
 		return key, err
 	}
 	path := filepath.Join(a.opts.StateDir, stickyKeyFile)
-	data, err := os.ReadFile(path)
-	if err == nil && len(data) == len(key) {
-		return data, nil
+	read := func() ([]byte, bool, error) {
+		var key []byte
+		found, err := statefile.Read(path, a.log, func(data []byte) error {
+			if len(data) != stickyKeySize {
+				return fmt.Errorf("%w: sticky cookie key holds %d bytes, want %d", statefile.ErrCorrupt, len(data), stickyKeySize)
+			}
+			key = data
+			return nil
+		})
+		return key, found, err
 	}
-	if err == nil {
-		return nil, fmt.Errorf("sticky cookie key %s holds %d bytes, want %d", path, len(data), len(key))
+	if key, found, err := read(); err != nil || found {
+		return key, err
 	}
-	if !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("read sticky cookie key %s: %w", path, err)
-	}
+	key := make([]byte, stickyKeySize)
 	if _, err := rand.Read(key); err != nil {
 		return nil, err
 	}
-	if err := os.WriteFile(path, key, 0o600); err != nil {
-		return nil, fmt.Errorf("write sticky cookie key %s: %w", path, err)
+	err := statefile.Write(path, key, statefile.Options{Exclusive: true})
+	if errors.Is(err, fs.ErrExist) {
+		// Another agent sharing the state dir made one first: use it.
+		if key, found, err := read(); err != nil || found {
+			return key, err
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("create sticky cookie key: %w", err)
 	}
 	return key, nil
 }

@@ -1,29 +1,34 @@
 package config
 
 import (
-	"errors"
+	"bytes"
 	"fmt"
-	"io"
 	"io/fs"
-	"os"
-	"path/filepath"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/veloflux/veloflux/agent/config/yamledit"
+	"github.com/veloflux/veloflux/agent/statefile"
 )
 
 // newFileMode is used when Save creates the file: the config names the API
 // token file and describes the network, so it is not world-readable.
 const newFileMode fs.FileMode = 0o600
 
-// Save validates c and writes it to path atomically: readers see either the
-// old or the new file, never a partial one, and a crash leaves one of the
-// two in place.
+// Save validates c and writes it to path with statefile (atomically, and
+// serialised with any other writer of the directory).
 //
-// The data goes to a temporary file in the same directory (rename is only
-// atomic within a file system), which is fsynced and then renamed over
-// path; the directory is fsynced afterwards so the rename itself is durable.
-// The previous file, if any, is kept as path+".bak". An existing file's
-// permission bits are preserved; a new file gets mode 0600. If path is a
-// symbolic link, the file it points to is replaced (and backed up next to
-// it) so that the link keeps working.
+// An existing file is the operator's: it is edited, not regenerated. Save
+// reads it, works out how the configuration it holds differs from c, and
+// changes only that in the text, so comments, blank lines, key order and
+// quoting stay, and defaults the file leaves out are written only when
+// they change (see yamledit.Apply). The edited text must parse to exactly
+// c; if it would not, nor if the file on disk no longer parses, nothing is
+// written and the error says why. A new file gets c in full.
+//
+// The previous file is kept as path+".bak". An existing file's permission
+// bits are preserved; a new file gets mode 0600. If path is a symbolic
+// link, the file it points to is replaced, so that the link keeps working.
 func Save(path string, c *Config) error {
 	if c == nil {
 		return fmt.Errorf("config: save %s: nil config", path)
@@ -37,134 +42,69 @@ func Save(path string, c *Config) error {
 	if err != nil {
 		return fmt.Errorf("config: save %s: %w", path, err)
 	}
-
-	target := path
-	if resolved, err := filepath.EvalSymlinks(path); err == nil {
-		target = resolved
-	} else if !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("config: save %s: %w", path, err)
-	}
-
-	mode := newFileMode
-	existed := false
-	switch fi, err := os.Stat(target); {
-	case err == nil:
-		if !fi.Mode().IsRegular() {
-			return fmt.Errorf("config: save %s: not a regular file", target)
-		}
-		mode, existed = fi.Mode().Perm(), true
-	case !errors.Is(err, fs.ErrNotExist):
-		return fmt.Errorf("config: save %s: %w", path, err)
-	}
-
-	dir := filepath.Dir(target)
-	tmpName, err := writeTemp(dir, filepath.Base(target), data, mode)
+	// c in the form Load returns it (defaults filled, values canonical):
+	// what the written file must parse to.
+	want, err := Parse(data)
 	if err != nil {
-		return fmt.Errorf("config: save %s: %w", target, err)
+		return fmt.Errorf("config: save %s: %w", path, err)
 	}
-	// Until the rename succeeds the temporary file is garbage.
-	renamed := false
-	defer func() {
-		if !renamed {
-			_ = os.Remove(tmpName)
-		}
-	}()
-
-	if existed {
-		if err := backup(target, tmpName+".bak", mode); err != nil {
-			return fmt.Errorf("config: save %s: keep previous version as %s: %w", target, target+".bak", err)
-		}
-	}
-	if err := os.Rename(tmpName, target); err != nil {
-		return fmt.Errorf("config: save %s: %w", target, err)
-	}
-	renamed = true
-	if err := syncDir(dir); err != nil {
-		return fmt.Errorf("config: saved %s but could not make the rename durable: %w", target, err)
+	err = statefile.Edit(path, statefile.Options{Perm: newFileMode, Backup: true},
+		func(current []byte, exists bool) ([]byte, error) {
+			if !exists {
+				return data, nil
+			}
+			return editFile(current, want)
+		})
+	if err != nil {
+		return fmt.Errorf("config: save %s: %w", path, err)
 	}
 	return nil
 }
 
-// writeTemp writes data to a new hidden temporary file in dir, fsyncs it
-// and returns its name.
-func writeTemp(dir, base string, data []byte, mode fs.FileMode) (name string, err error) {
-	f, err := os.CreateTemp(dir, "."+base+".tmp-*")
+// editFile returns the text of a configuration file changed to say want.
+func editFile(current []byte, want *Config) ([]byte, error) {
+	was, err := Parse(current)
 	if err != nil {
-		return "", fmt.Errorf("create temporary file: %w", err)
+		return nil, fmt.Errorf("the file on disk no longer parses, so it cannot be edited "+
+			"without losing what is in it; fix it (or reload it) first: %w", err)
 	}
-	name = f.Name()
-	defer func() {
-		if err != nil {
-			_ = f.Close()
-			_ = os.Remove(name)
-		}
-	}()
-	// Chmod on the open file is not subject to the umask, so the mode is
-	// exactly what we ask for.
-	if err := f.Chmod(mode); err != nil {
-		return "", fmt.Errorf("chmod %s: %w", name, err)
+	var from, to yaml.Node
+	if err := from.Encode(was); err != nil {
+		return nil, fmt.Errorf("encode the configuration on disk: %w", err)
 	}
-	if _, err := f.Write(data); err != nil {
-		return "", fmt.Errorf("write %s: %w", name, err)
+	if err := to.Encode(want); err != nil {
+		return nil, fmt.Errorf("encode the new configuration: %w", err)
 	}
-	if err := f.Sync(); err != nil {
-		return "", fmt.Errorf("fsync %s: %w", name, err)
+	edited, err := yamledit.Apply(current, &from, &to)
+	if err != nil {
+		return nil, fmt.Errorf("edit the file keeping its comments: %w", err)
 	}
-	if err := f.Close(); err != nil {
-		return "", fmt.Errorf("close %s: %w", name, err)
+	got, err := Parse(edited)
+	if err != nil {
+		return nil, fmt.Errorf("edit the file keeping its comments: the result would not load: %w", err)
 	}
-	return name, nil
+	// Compared in their encoded form, in which an empty list and a missing
+	// one ("denylist: []" or no denylist) are the same, as for the agent.
+	if same, err := sameConfig(got, want); err != nil || !same {
+		return nil, fmt.Errorf("edit the file keeping its comments: the result would load as a different configuration (%v)", err)
+	}
+	// A reload refuses a file that withdraws every VIP without saying
+	// "vips: []" (it may be cut short), so an edit that removes the last
+	// VIP must say it.
+	if len(was.VIPs) > 0 && len(want.VIPs) == 0 && got.VIPs == nil {
+		return nil, fmt.Errorf("edit the file keeping its comments: the result would not say `vips: []`")
+	}
+	return edited, nil
 }
 
-// backup makes target+".bak" a copy of the current target. It links (or
-// copies) to a unique temporary name first and renames that over the old
-// backup, so concurrent saves never observe a half-written backup and the
-// config file itself is never missing.
-func backup(target, tmpBak string, mode fs.FileMode) error {
-	// A hard link costs nothing and preserves the old file exactly; fall
-	// back to copying on file systems without hard links.
-	if err := os.Link(target, tmpBak); err != nil {
-		if err := copyFile(target, tmpBak, mode); err != nil {
-			_ = os.Remove(tmpBak)
-			return err
-		}
-	}
-	if err := os.Rename(tmpBak, target+".bak"); err != nil {
-		_ = os.Remove(tmpBak)
-		return err
-	}
-	return nil
-}
-
-func copyFile(src, dst string, mode fs.FileMode) (err error) {
-	in, err := os.Open(src)
+func sameConfig(a, b *Config) (bool, error) {
+	x, err := a.Marshal()
 	if err != nil {
-		return err
+		return false, err
 	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode)
+	y, err := b.Marshal()
 	if err != nil {
-		return err
+		return false, err
 	}
-	defer func() {
-		if cerr := out.Close(); err == nil {
-			err = cerr
-		}
-	}()
-	if err := out.Chmod(mode); err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		return err
-	}
-	return out.Sync()
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return bytes.Equal(x, y), nil
 }

@@ -1,8 +1,10 @@
 // Command demo runs VeloFlux on the namespace lab for `make demo`: it builds
 // the lab with the balancer's end in this host's namespace, starts the agent
-// with deploy/demo.yaml, drives light and bounded client traffic through the
-// VIP, and prints what to look at. It runs until SIGINT/SIGTERM, or for
-// DEMO_SECONDS when that is set, and then removes everything it created.
+// with a copy of deploy/demo.yaml in a temporary directory (API writes change
+// the copy, never the repository's file), drives light and bounded client
+// traffic through the VIP, and prints what to look at. It runs until
+// SIGINT/SIGTERM, or for DEMO_SECONDS when that is set, and then removes
+// everything it created.
 package main
 
 import (
@@ -96,13 +98,19 @@ func run(log *slog.Logger, agentBin, vfctlBin, cfgPath string) error {
 		return err
 	}
 
-	stateDir, err := os.MkdirTemp("", "veloflux-demo-")
+	// The agent saves API changes into its configuration file (and a .bak
+	// beside it): it gets a copy, so the repository's file stays as it is.
+	rd, err := prepareRunDir(cfgPath)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(stateDir)
-	agent := exec.Command(agentBin, "--config", cfgPath, "--pin-path", pinPath,
-		"--state-dir", stateDir, "--log-format", "text")
+	defer func() {
+		if err := rd.remove(); err != nil {
+			log.Warn("remove the demo's run directory", "dir", rd.root, "err", err)
+		}
+	}()
+	agent := exec.Command(agentBin, "--config", rd.config, "--pin-path", pinPath,
+		"--state-dir", rd.state, "--log-format", "text")
 	agent.Stdout, agent.Stderr = os.Stderr, os.Stderr
 	if err := agent.Start(); err != nil {
 		return fmt.Errorf("start the agent %s: %w", agentBin, err)
@@ -142,6 +150,41 @@ func run(log *slog.Logger, agentBin, vfctlBin, cfgPath string) error {
 		}
 	}
 }
+
+// runDir is the demo agent's own directory: a copy of the configuration,
+// which API writes may change, and the state directory.
+type runDir struct {
+	root, config, state string
+}
+
+// prepareRunDir makes a fresh temporary directory holding a copy of the
+// configuration at cfgPath (mode 0600, as the agent would create it) and an
+// empty state directory.
+func prepareRunDir(cfgPath string) (rd *runDir, err error) {
+	data, err := os.ReadFile(cfgPath)
+	if err != nil {
+		return nil, fmt.Errorf("read the demo configuration: %w", err)
+	}
+	root, err := os.MkdirTemp("", "veloflux-demo-")
+	if err != nil {
+		return nil, fmt.Errorf("create the demo's run directory: %w", err)
+	}
+	rd = &runDir{root: root, config: filepath.Join(root, filepath.Base(cfgPath)), state: filepath.Join(root, "state")}
+	defer func() {
+		if err != nil {
+			_ = rd.remove()
+		}
+	}()
+	if err := os.WriteFile(rd.config, data, 0o600); err != nil {
+		return nil, fmt.Errorf("copy the demo configuration: %w", err)
+	}
+	if err := os.Mkdir(rd.state, 0o700); err != nil {
+		return nil, fmt.Errorf("create the demo's state directory: %w", err)
+	}
+	return rd, nil
+}
+
+func (rd *runDir) remove() error { return os.RemoveAll(rd.root) }
 
 func detach(agentBin string) {
 	exec.Command(agentBin, "detach", "--pin-path", pinPath).Run()

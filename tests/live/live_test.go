@@ -102,6 +102,7 @@ func TestLive(t *testing.T) {
 	t.Run("PrometheusLint", func(t *testing.T) { testPrometheusLint(t, e) })
 	t.Run("CountersMatchTraffic", func(t *testing.T) { testCountersMatchTraffic(t, e, mw) })
 	t.Run("BadBodyChangesNothing", func(t *testing.T) { testBadBodyChangesNothing(t, e) })
+	t.Run("ConcurrentDrains", func(t *testing.T) { testConcurrentDrains(t, e) })
 	t.Run("WritesSurviveRestart", func(t *testing.T) { testWritesSurviveRestart(t, e, tr) })
 
 	tr.finish()

@@ -237,25 +237,22 @@ func (a *Agent) SetDrained(ctx context.Context, pool, backend string, drained bo
 	}
 	// drainMu makes the change and its save one step: without it, two
 	// requests could save their snapshots in the other order and leave a
-	// file that disagrees with the set in force.
+	// file that disagrees with the set in force. The new set is put in
+	// force only once saved, so no reconcile ever sees a change whose
+	// save failed.
 	a.drainMu.Lock()
 	a.mu.Lock()
-	prev := a.drained[key]
-	if drained {
-		a.drained[key] = true
-	} else {
-		delete(a.drained, key)
-	}
-	keys := slices.Sorted(maps.Keys(a.drained))
+	next := maps.Clone(a.drained)
 	a.mu.Unlock()
-	err = a.saveDrained(keys)
-	if err != nil {
+	if drained {
+		next[key] = true
+	} else {
+		delete(next, key)
+	}
+	err = a.saveDrained(slices.Sorted(maps.Keys(next)))
+	if err == nil {
 		a.mu.Lock()
-		if prev {
-			a.drained[key] = true
-		} else {
-			delete(a.drained, key)
-		}
+		a.drained = next
 		a.mu.Unlock()
 	}
 	a.drainMu.Unlock()

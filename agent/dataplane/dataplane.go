@@ -410,29 +410,49 @@ func (d *Dataplane) Close() error {
 	return errors.Join(errs...)
 }
 
-// RemovePins detaches every pinned XDP link and deletes every pinned map
-// under pinPath. It needs no loaded Dataplane, so it works after a crash.
+// RemovePins detaches every XDP link and deletes every map VeloFlux pinned
+// under pinPath, then the directory itself once nothing else is in it. It
+// needs no loaded Dataplane, so it works after a crash. A directory that is
+// not on a BPF filesystem is refused untouched: a mistyped --pin-path must
+// not empty /etc. Entries VeloFlux did not pin stay where they are and are
+// named in a *ForeignPinsError.
 func RemovePins(pinPath string) error {
-	if pinPath == "" || pinPath == "/" {
-		return fmt.Errorf("refusing to remove pins under %q", pinPath)
+	if pinPath == "" {
+		return errors.New("refusing to remove pins: no pin path given")
 	}
-	entries, err := os.ReadDir(pinPath)
-	if errors.Is(err, os.ErrNotExist) {
+	if _, err := os.Stat(pinPath); errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
+	if _, err := checkBPFFS(pinPath); err != nil {
+		return fmt.Errorf("refusing to remove pins under %s: %w", pinPath, err)
+	}
+	entries, err := os.ReadDir(pinPath)
 	if err != nil {
 		return fmt.Errorf("list pins in %s: %w", pinPath, err)
 	}
 	var errs []error
+	var foreign []string
 	for _, e := range entries {
+		if !isOwnPin(e) {
+			foreign = append(foreign, e.Name())
+			continue
+		}
 		// Unlinking a link's last pin destroys the link, which detaches
 		// the program from its interface.
 		if err := os.Remove(filepath.Join(pinPath, e.Name())); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	if err := os.Remove(pinPath); err != nil && !errors.Is(err, os.ErrNotExist) {
-		errs = append(errs, err)
+	if len(errs) > 0 {
+		return errors.Join(errs...)
 	}
-	return errors.Join(errs...)
+	if len(foreign) > 0 {
+		return &ForeignPinsError{Dir: pinPath, Names: foreign}
+	}
+	// A BPF filesystem mounted right at the pin path stays mounted (EBUSY):
+	// emptying it is all detaching asks for.
+	if err := os.Remove(pinPath); err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, unix.EBUSY) {
+		return fmt.Errorf("remove pin directory %s: %w", pinPath, err)
+	}
+	return nil
 }

@@ -97,3 +97,30 @@ func (d *Dataplane) PinnedLinks() ([]AttachedLink, error) {
 	}
 	return out, nil
 }
+
+// mapPinPrefix starts the name of every map the balancer pins (its
+// LIBBPF_PIN_BY_NAME maps are all called vf_*).
+const mapPinPrefix = "vf_"
+
+// isOwnPin reports whether a directory entry under the pin path is one
+// VeloFlux pins: a vf_* map or a link_xdp_<ifname> link. Pins are regular
+// files on a BPF filesystem; a subdirectory is never ours.
+func isOwnPin(e os.DirEntry) bool {
+	if !e.Type().IsRegular() {
+		return false
+	}
+	return strings.HasPrefix(e.Name(), mapPinPrefix) || strings.HasPrefix(e.Name(), linkPinPrefix)
+}
+
+// ForeignPinsError reports entries RemovePins found under the pin path and
+// left alone because VeloFlux did not pin them. Every VeloFlux pin was
+// removed; the directory stays because it is not empty.
+type ForeignPinsError struct {
+	Dir   string
+	Names []string
+}
+
+func (e *ForeignPinsError) Error() string {
+	return fmt.Sprintf("left %d entries under %s that VeloFlux did not pin, and the directory with them: %s",
+		len(e.Names), e.Dir, strings.Join(e.Names, ", "))
+}

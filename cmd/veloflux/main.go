@@ -4,7 +4,7 @@
 //
 //	veloflux [run] [--config F] [--pin-path P] [--state-dir D] [--log-level L] [--log-format json|text]
 //	veloflux validate --config F     exit 0, or 2 with every error listed
-//	veloflux detach [--pin-path P]   remove every attachment and pin
+//	veloflux detach [--pin-path P]   remove every VeloFlux attachment and pin
 //	veloflux version
 package main
 
@@ -178,10 +178,17 @@ func detach(args []string, stdout, stderr io.Writer) int {
 	if err := fs.Parse(args); err != nil {
 		return exitConfig
 	}
-	if err := dataplane.RemovePins(*pinPath); err != nil {
+	err := dataplane.RemovePins(*pinPath)
+	var foreign *dataplane.ForeignPinsError
+	if err != nil && !errors.As(err, &foreign) {
 		fmt.Fprintln(stderr, "veloflux detach:", err)
 		return 1
 	}
-	fmt.Fprintf(stdout, "detached: removed every link and map pinned under %s\n", *pinPath)
+	fmt.Fprintf(stdout, "detached: removed every link and map VeloFlux pinned under %s\n", *pinPath)
+	if foreign != nil {
+		// The data path is down, which is what detach is for; what others
+		// pinned beside it is theirs to remove.
+		fmt.Fprintln(stderr, "veloflux detach:", foreign)
+	}
 	return 0
 }

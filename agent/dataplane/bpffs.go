@@ -27,7 +27,7 @@ func checkBPFFS(pinPath string) (string, error) {
 		if _, err := os.Stat(dir); err == nil {
 			break
 		} else if !errors.Is(err, os.ErrNotExist) {
-			return "", fmt.Errorf("check pin path %s: %w", pinPath, err)
+			return "", explainPrivilege(fmt.Errorf("check pin path %s: %w", pinPath, err))
 		}
 		parent := filepath.Dir(dir)
 		if parent == dir {
@@ -37,7 +37,7 @@ func checkBPFFS(pinPath string) (string, error) {
 	}
 	var st unix.Statfs_t
 	if err := unix.Statfs(dir, &st); err != nil {
-		return dir, fmt.Errorf("statfs %s: %w", dir, err)
+		return dir, explainPrivilege(fmt.Errorf("statfs %s: %w", dir, err))
 	}
 	if st.Type != unix.BPF_FS_MAGIC {
 		return dir, fmt.Errorf("pin path %s is %w (mount one with `mount -t bpf bpf DIR`)", pinPath, errNotBPFFS)
@@ -57,7 +57,7 @@ func ensureBPFFS(pinPath string) error {
 		return err
 	}
 	if err := unix.Mount("bpf", defaultBPFFS, "bpf", 0, "mode=0700"); err != nil {
-		return fmt.Errorf("mount the BPF filesystem at %s: %w", defaultBPFFS, err)
+		return explainPrivilege(fmt.Errorf("mount the BPF filesystem at %s: %w", defaultBPFFS, err))
 	}
 	return nil
 }

@@ -120,7 +120,7 @@ func Load(opts Options) (*Dataplane, error) {
 			return nil, err
 		}
 		if err := os.MkdirAll(opts.PinPath, 0o700); err != nil {
-			return nil, fmt.Errorf("create pin directory %s: %w", opts.PinPath, err)
+			return nil, explainPrivilege(fmt.Errorf("create pin directory %s: %w", opts.PinPath, err))
 		}
 	}
 
@@ -135,7 +135,7 @@ func Load(opts Options) (*Dataplane, error) {
 		if errors.As(err, &verr) {
 			return nil, fmt.Errorf("load balancer program: %+v", verr)
 		}
-		return nil, fmt.Errorf("load balancer objects: %w", err)
+		return nil, explainPrivilege(fmt.Errorf("load balancer objects: %w", err))
 	}
 	if err := d.initSettings(); err != nil {
 		d.objs.Close()
@@ -428,7 +428,7 @@ func RemovePins(pinPath string) error {
 	}
 	entries, err := os.ReadDir(pinPath)
 	if err != nil {
-		return fmt.Errorf("list pins in %s: %w", pinPath, err)
+		return explainPrivilege(fmt.Errorf("list pins in %s: %w", pinPath, err))
 	}
 	var errs []error
 	var foreign []string
@@ -440,7 +440,7 @@ func RemovePins(pinPath string) error {
 		// Unlinking a link's last pin destroys the link, which detaches
 		// the program from its interface.
 		if err := os.Remove(filepath.Join(pinPath, e.Name())); err != nil {
-			errs = append(errs, err)
+			errs = append(errs, explainPrivilege(err))
 		}
 	}
 	if len(errs) > 0 {

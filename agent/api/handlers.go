@@ -645,15 +645,14 @@ func (s *Server) getDenylist(c echo.Context) error {
 	return c.JSON(http.StatusOK, map[string]any{"prefixes": nonNil(s.opts.Controller.Config().Security.Denylist)})
 }
 
+// canonicalPrefix is a denylist entry as the configuration stores it, so
+// that adding and lifting compare like with like.
 func canonicalPrefix(in string) (string, error) {
-	in = strings.TrimSpace(in)
-	if p, err := netip.ParsePrefix(in); err == nil {
-		return p.Masked().String(), nil
+	p, err := config.ParseDenyPrefix(strings.TrimSpace(in))
+	if err != nil {
+		return "", err
 	}
-	if a, err := netip.ParseAddr(in); err == nil {
-		return netip.PrefixFrom(a, a.BitLen()).String(), nil
-	}
-	return "", fmt.Errorf("%q is not an IP prefix (e.g. 192.0.2.0/24) or address", in)
+	return p.String(), nil
 }
 
 func (s *Server) addDeny(c echo.Context) error {

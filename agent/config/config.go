@@ -316,7 +316,8 @@ type Route struct {
 // SecurityConfig holds source filtering applied in the dataplane.
 type SecurityConfig struct {
 	// Denylist holds IPv4/IPv6 CIDRs (a bare IP means a single host). After
-	// Parse they are masked to their network address and deduplicated.
+	// Parse they are masked to their network address, IPv4-mapped ones are
+	// IPv4 (see ParseDenyPrefix), and duplicates are gone.
 	Denylist []string `yaml:"denylist,omitempty"`
 }
 
@@ -454,7 +455,7 @@ func (c *Config) normalize() {
 	canon := make([]string, 0, len(c.Security.Denylist))
 	seen := make(map[string]bool, len(c.Security.Denylist))
 	for _, s := range c.Security.Denylist {
-		p, err := parseCIDR(s)
+		p, err := ParseDenyPrefix(s)
 		if err != nil {
 			return
 		}
@@ -483,6 +484,32 @@ func parseCIDR(s string) (netip.Prefix, error) {
 		return netip.Prefix{}, fmt.Errorf("invalid CIDR %q (want e.g. \"192.0.2.0/24\" or \"2001:db8::/32\")", s)
 	}
 	return p.Masked(), nil
+}
+
+// ParseDenyPrefix parses a denylist entry as the data path matches it: a
+// CIDR or a bare IP (one host), masked. An IPv4-mapped IPv6 entry becomes
+// the IPv4 prefix it means ("::ffff:10.1.2.3" is 10.1.2.3/32,
+// "::ffff:10.1.0.0/112" is 10.1.0.0/16), because IPv4 clients are matched
+// against the IPv4 table only: left mapped, the entry would deny nobody. A
+// mapped prefix shorter than /96 reaches past the IPv4 range and is refused.
+func ParseDenyPrefix(s string) (netip.Prefix, error) {
+	p, err := parseCIDR(s)
+	if err != nil {
+		return netip.Prefix{}, err
+	}
+	// Masking zeroes the ::ffff: marker of a prefix shorter than /96, so
+	// look at the address as written.
+	raw, _, _ := strings.Cut(s, "/")
+	a, err := netip.ParseAddr(raw)
+	if err != nil || !a.Is4In6() {
+		return p, nil
+	}
+	if p.Bits() < 96 {
+		return netip.Prefix{}, fmt.Errorf("%q is an IPv4-mapped prefix shorter than /96, which also covers IPv6 "+
+			"addresses: write IPv4 clients as IPv4 (e.g. %s) and IPv6 ones without ::ffff:", s,
+			netip.PrefixFrom(a.Unmap(), 32))
+	}
+	return netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96).Masked(), nil
 }
 
 // Load reads the configuration file at path and parses it with Parse.

@@ -509,7 +509,7 @@ func (c *Config) validateRoutes(v *collector, pools poolIndex) {
 
 func (c *Config) validateSecurity(v *collector) {
 	for i, s := range c.Security.Denylist {
-		if _, err := parseCIDR(s); err != nil {
+		if _, err := ParseDenyPrefix(s); err != nil {
 			v.add(fmt.Sprintf("security.denylist[%d]", i), "%s", err)
 		}
 	}

@@ -3,7 +3,6 @@ package reconcile
 import (
 	"fmt"
 	"net/netip"
-	"strings"
 
 	"github.com/veloflux/veloflux/agent/config"
 	"github.com/veloflux/veloflux/agent/dataplane"
@@ -145,7 +144,7 @@ func buildModel(d Desired) (*model, error) {
 	}
 
 	for i, s := range c.Security.Denylist {
-		p, err := parsePrefix(s)
+		p, err := config.ParseDenyPrefix(s)
 		if err != nil {
 			return nil, fmt.Errorf("reconcile: security.denylist[%d]: %w", i, err)
 		}
@@ -195,21 +194,4 @@ func parseAddr(s string) (netip.Addr, error) {
 		return netip.Addr{}, fmt.Errorf("invalid IP address %q", s)
 	}
 	return a.Unmap(), nil
-}
-
-// parsePrefix parses a denylist entry, a CIDR or a bare address meaning one
-// host, masked the way the data plane reports it back.
-func parsePrefix(s string) (netip.Prefix, error) {
-	if !strings.Contains(s, "/") {
-		a, err := netip.ParseAddr(s)
-		if err != nil || a.Zone() != "" {
-			return netip.Prefix{}, fmt.Errorf("invalid CIDR %q", s)
-		}
-		return netip.PrefixFrom(a, a.BitLen()), nil
-	}
-	p, err := netip.ParsePrefix(s)
-	if err != nil {
-		return netip.Prefix{}, fmt.Errorf("invalid CIDR %q", s)
-	}
-	return p.Masked(), nil
 }

@@ -255,7 +255,7 @@ func TestDashboard(t *testing.T) {
 	}
 	p.sendKeys("#deny-prefix", "not-a-prefix")
 	p.click("#deny-add")
-	p.waitToast("error", `"not-a-prefix" is not an IP prefix`)
+	p.waitToast("error", `invalid CIDR "not-a-prefix"`)
 	const denied = "192.0.2.0/24"
 	p.retype("#deny-prefix", denied)
 	p.click("#deny-add")

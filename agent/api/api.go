@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/labstack/echo/v4"
+	"github.com/labstack/echo/v4/middleware"
 
 	"github.com/veloflux/veloflux/agent/config"
 )
@@ -101,6 +102,9 @@ func New(opts Options) *Server {
 	e.HTTPErrorHandler = errorHandler(opts.Logger)
 	s := &Server{opts: opts, echo: e, log: opts.Logger}
 	s.SetAccess(Access{Token: opts.Token, ProtectReads: opts.ProtectReads})
+	if opts.Hub != nil {
+		e.Use(corsMiddleware(opts.Hub))
+	}
 	s.routes = s.routeTable()
 	for _, r := range s.routes {
 		e.Add(r.method, r.path, s.requireToken(r.handler, r.write))
@@ -113,6 +117,27 @@ func New(opts Options) *Server {
 		}
 	}
 	return s
+}
+
+// corsPreflightMaxAge is how long a browser may cache a preflight answer.
+// An origin a reload removes loses access at once all the same: the
+// responses themselves stop carrying its Access-Control-Allow-Origin.
+const corsPreflightMaxAge = 10 * time.Minute
+
+// corsMiddleware lets pages of the hub's allowed origins (those in force,
+// reloads included) call the REST API
+// from a browser. A preflight is answered with the methods the router has
+// for the path and the two request headers the API reads; it never reaches
+// a handler, so it needs no token. An origin that is not listed gets no
+// Access-Control-Allow-* header, and the browser keeps the response from
+// the page.
+func corsMiddleware(hub *Hub) echo.MiddlewareFunc {
+	return middleware.CORSWithConfig(middleware.CORSConfig{
+		// Decides alone, so echo's default of "*" for an empty list never applies.
+		AllowOriginFunc: func(origin string) (bool, error) { return hub.listsOrigin(origin), nil },
+		AllowHeaders:    []string{echo.HeaderAuthorization, echo.HeaderContentType},
+		MaxAge:          int(corsPreflightMaxAge / time.Second),
+	})
 }
 
 // Handler is the server's http.Handler (for tests and embedding).

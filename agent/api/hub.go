@@ -120,6 +120,13 @@ func (h *Hub) checkOrigin(r *http.Request) bool {
 	if strings.EqualFold(u.Host, r.Host) {
 		return true
 	}
+	return h.listsOrigin(origin)
+}
+
+// listsOrigin reports whether origin is one of the allowed origins in force
+// (api.allowed_origins), which admit browser pages to the REST API (CORS)
+// as well as to the channels.
+func (h *Hub) listsOrigin(origin string) bool {
 	for _, allowed := range h.AllowedOrigins() {
 		if allowed == "*" || strings.EqualFold(strings.TrimSuffix(allowed, "/"), origin) {
 			return true

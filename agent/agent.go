@@ -275,6 +275,7 @@ func (a *Agent) startServices(ctx context.Context, cfg *config.Config) error {
 		<-ctx.Done()
 		a.hub.Close()
 		a.apiSlot.close()
+		a.api.Close()
 		a.metricsSlot.close()
 	}()
 	// A listener that cannot bind at start is logged, not fatal: the data

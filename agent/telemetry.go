@@ -49,10 +49,11 @@ func (s *securityStats) dropEvent(reason string) {
 	s.mu.Unlock()
 }
 
-func (s *securityStats) authEvent() {
+// authEvents counts n failed API authentications.
+func (s *securityStats) authEvents(n int) {
 	s.mu.Lock()
-	s.authFailure++
-	s.windowAuth++
+	s.authFailure += uint64(n)
+	s.windowAuth += uint64(n)
 	s.mu.Unlock()
 }
 
@@ -238,12 +239,13 @@ func (a *Agent) forwardDropEvents(ctx context.Context) {
 }
 
 // onAuthFailure reports a failed API authentication on the security channel.
+// The API server has logged it already, and calls at a bounded rate with
+// the number of failures each event stands for.
 func (a *Agent) onAuthFailure(e api.SecurityEvent) {
-	a.security.authEvent()
-	a.log.Warn("API authentication failed", "remote", e.Remote, "method", e.Method, "path", e.Path, "reason", e.Reason)
+	a.security.authEvents(e.Count)
 	a.hub.Publish("security", api.NewMessage("security_event", map[string]any{
 		"kind": e.Kind, "remote": e.Remote, "method": e.Method, "path": e.Path, "reason": e.Reason,
-		"severity": "warning", "at": e.At,
+		"severity": "warning", "at": e.At, "count": e.Count,
 	}))
 }
 

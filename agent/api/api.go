@@ -46,12 +46,13 @@ type Options struct {
 	ProtectReads   bool
 	Version        string
 	Logger         *slog.Logger
-	SecurityEvents func(SecurityEvent) // API auth failures; may be nil
+	SecurityEvents func(SecurityEvent) // auth failures, at most one event per 10 s with a count; may be nil
 	// Pages, when set, serves the landing page at / and the dashboard.
 	Pages http.Handler
 }
 
-// SecurityEvent is an API-side security event (failed authentication).
+// SecurityEvent is an API-side security event (failed authentication): the
+// latest failure of a burst, with the number of failures it stands for.
 type SecurityEvent struct {
 	Kind   string    `json:"kind"` // "auth_failure"
 	Remote string    `json:"remote"`
@@ -59,15 +60,17 @@ type SecurityEvent struct {
 	Path   string    `json:"path"`
 	Reason string    `json:"reason"`
 	At     time.Time `json:"at"`
+	Count  int       `json:"count"` // failures reported by this event, at least 1
 }
 
 // Server is the :9090 HTTP server.
 type Server struct {
-	opts   Options
-	echo   *echo.Echo
-	log    *slog.Logger
-	routes []route
-	access atomic.Pointer[Access]
+	opts         Options
+	echo         *echo.Echo
+	log          *slog.Logger
+	routes       []route
+	access       atomic.Pointer[Access]
+	authFailures *authFailureReporter
 }
 
 // Access is who may do what: the token that writes (and reads when
@@ -100,7 +103,8 @@ func New(opts Options) *Server {
 	e.HideBanner, e.HidePort = true, true
 	e.IPExtractor = echo.ExtractIPDirect() // never trust client-sent forwarding headers here
 	e.HTTPErrorHandler = errorHandler(opts.Logger)
-	s := &Server{opts: opts, echo: e, log: opts.Logger}
+	s := &Server{opts: opts, echo: e, log: opts.Logger,
+		authFailures: newAuthFailureReporter(authFailureInterval, opts.Logger, opts.SecurityEvents)}
 	s.SetAccess(Access{Token: opts.Token, ProtectReads: opts.ProtectReads})
 	if opts.Hub != nil {
 		e.Use(corsMiddleware(opts.Hub))
@@ -142,3 +146,8 @@ func corsMiddleware(hub *Hub) echo.MiddlewareFunc {
 
 // Handler is the server's http.Handler (for tests and embedding).
 func (s *Server) Handler() http.Handler { return s.echo }
+
+// Close reports the failed authentications still held back by the rate
+// bound, so that a stopping agent logs every failure. Call it once no
+// request is served any more.
+func (s *Server) Close() { s.authFailures.close() }

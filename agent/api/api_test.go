@@ -124,7 +124,7 @@ func newTestServer(t *testing.T, protectReads bool, hubOpts HubOptions) *testSer
 	srv := New(Options{Controller: ctl, Hub: hub, Token: testToken, ProtectReads: protectReads, Version: "test",
 		SecurityEvents: func(e SecurityEvent) { events <- e }})
 	ts := httptest.NewServer(srv.Handler())
-	t.Cleanup(func() { hub.Close(); ts.Close() })
+	t.Cleanup(func() { hub.Close(); ts.Close(); srv.Close() })
 	return &testServer{Server: ts, ctl: ctl, srv: srv, hub: hub, events: events}
 }
 

@@ -84,10 +84,22 @@ func LoadOrCreateToken(path string, log *slog.Logger) (string, error) {
 	return token, nil
 }
 
+// bearerToken returns the credentials of an "Authorization: Bearer <token>"
+// header. The scheme is case-insensitive and may be followed by more than
+// one space (RFC 7235 section 2.1).
+func bearerToken(header string) (string, bool) {
+	scheme, token, ok := strings.Cut(header, " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return "", false
+	}
+	return strings.TrimLeft(token, " "), true
+}
+
 // requireToken admits a write, or a read while reads are protected, only
 // with "Authorization: Bearer <token>", compared in constant time. A
-// failure is answered 401 and reported as a security event. The access
-// rules in force are read per request, so a reload changes them at once.
+// failure is answered 401, logged and reported as a security event at a
+// bounded rate (authFailureReporter). The access rules in force are read
+// per request, so a reload changes them at once.
 func (s *Server) requireToken(next echo.HandlerFunc, write bool) echo.HandlerFunc {
 	return func(c echo.Context) error {
 		access := s.access.Load()
@@ -95,7 +107,7 @@ func (s *Server) requireToken(next echo.HandlerFunc, write bool) echo.HandlerFun
 			return next(c)
 		}
 		want := []byte(access.Token)
-		got, ok := strings.CutPrefix(c.Request().Header.Get(echo.HeaderAuthorization), "Bearer ")
+		got, ok := bearerToken(c.Request().Header.Get(echo.HeaderAuthorization))
 		if !ok {
 			got, ok = webSocketToken(c.Request())
 		}
@@ -109,10 +121,8 @@ func (s *Server) requireToken(next echo.HandlerFunc, write bool) echo.HandlerFun
 		if reason == "" {
 			return next(c)
 		}
-		if s.opts.SecurityEvents != nil {
-			s.opts.SecurityEvents(SecurityEvent{Kind: "auth_failure", Remote: c.RealIP(), Method: c.Request().Method,
-				Path: c.Request().URL.Path, Reason: reason, At: time.Now().UTC()})
-		}
+		s.authFailures.failed(SecurityEvent{Kind: "auth_failure", Remote: c.RealIP(), Method: c.Request().Method,
+			Path: c.Request().URL.Path, Reason: reason, At: time.Now().UTC()})
 		c.Response().Header().Set(echo.HeaderWWWAuthenticate, `Bearer realm="veloflux"`)
 		return newError(http.StatusUnauthorized, "unauthorized", "%s: send Authorization: Bearer <token from the API token file>", reason)
 	}

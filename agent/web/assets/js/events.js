@@ -45,6 +45,7 @@ export function onSecurity(msg) {
   let detail;
   if (d.kind === "auth_failure") {
     detail = `${d.method || ""} ${d.path || ""} from ${d.remote || "?"}: ${d.reason || ""}`;
+    if (d.count > 1) detail += ` (latest of ${d.count} failures)`;
   } else {
     const parts = [];
     if (d.source) parts.push(`${d.source} → ${d.destination || "?"}`);

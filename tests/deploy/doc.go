@@ -28,6 +28,11 @@
 //     "without" subtests drop one capability each, under a seccomp profile
 //     like Docker's, and check the failure compose.yaml gives as the reason
 //     for that capability.
+//   - TestInstallScript runs deploy/install.sh (with DESTDIR, on binaries
+//     built here) in a private mount namespace whose /run says whether the
+//     host runs systemd, with a stand-in systemctl: without systemd it
+//     installs and prints the unit's command line instead of pointing at
+//     systemctl; with it, a failing daemon-reload is shown and fails it.
 //
 // A missing promtool or amtool skips its test, or
 // fails it when VELOFLUX_REQUIRE_PRIV=1 (as CI sets it). A missing podman

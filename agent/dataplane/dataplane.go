@@ -133,7 +133,7 @@ func Load(opts Options) (*Dataplane, error) {
 	if err != nil {
 		var verr *ebpf.VerifierError
 		if errors.As(err, &verr) {
-			return nil, fmt.Errorf("load balancer program: %+v", verr)
+			return nil, explainPrivilege(&programError{name: "balancer", verr: verr})
 		}
 		return nil, explainPrivilege(fmt.Errorf("load balancer objects: %w", err))
 	}

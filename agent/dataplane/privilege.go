@@ -6,6 +6,7 @@ import (
 	"os"
 	"strings"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 )
 
@@ -64,9 +65,10 @@ type PrivilegeError struct {
 	Missing []string // required capabilities not in the effective set
 }
 
+// Error leads with what is missing: the cause may end in a long verifier log.
 func (e *PrivilegeError) Error() string {
-	return fmt.Sprintf("%v: the data path needs root or the capabilities %s; this process (uid %d) lacks %s",
-		e.Err, joinNames(requiredNames()), e.UID, joinNames(e.Missing))
+	return fmt.Sprintf("the data path needs root or the capabilities %s, and this process (uid %d) lacks %s: %v",
+		joinNames(requiredNames()), e.UID, joinNames(e.Missing), e.Err)
 }
 
 func (e *PrivilegeError) Unwrap() error { return e.Err }
@@ -108,3 +110,15 @@ func joinNames(names []string) string {
 	}
 	return strings.Join(names[:len(names)-1], ", ") + " and " + names[len(names)-1]
 }
+
+// programError is a program the verifier rejected, with its whole log
+// (which says why), still unwrapping to the errno: without CAP_PERFMON the
+// verifier refuses with EACCES what it accepts from a trusted loader.
+type programError struct {
+	name string
+	verr *ebpf.VerifierError
+}
+
+func (e *programError) Error() string { return fmt.Sprintf("load %s program: %+v", e.name, e.verr) }
+
+func (e *programError) Unwrap() error { return e.verr }

@@ -6,6 +6,9 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 )
 
 // `veloflux detach --pin-path /etc/veloflux` (or any directory that is not
@@ -32,5 +35,51 @@ func TestDetachRefusesDirectoryOffBPFFS(t *testing.T) {
 		if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
 			t.Errorf("%s after the refused detach: %v", name, err)
 		}
+	}
+}
+
+// On a BPF filesystem, detach removes VeloFlux's pins, leaves what others
+// pinned beside them, names it on stderr, and exits 0: the data path is
+// down, which is what detach is for.
+func TestDetachLeavesForeignPins(t *testing.T) {
+	if os.Geteuid() != 0 {
+		if os.Getenv("VELOFLUX_REQUIRE_PRIV") == "1" {
+			t.Fatal("VELOFLUX_REQUIRE_PRIV=1 but not running as root: pinning BPF maps needs it")
+		}
+		t.Skip("needs root to mount a BPF filesystem and pin maps (set VELOFLUX_REQUIRE_PRIV=1 to make this a failure)")
+	}
+	mnt := t.TempDir()
+	if err := unix.Mount("bpf", mnt, "bpf", 0, "mode=0700"); err != nil {
+		t.Fatalf("mount bpffs on %s: %v", mnt, err)
+	}
+	t.Cleanup(func() { unix.Unmount(mnt, unix.MNT_DETACH) })
+	pin := filepath.Join(mnt, "veloflux")
+	if err := os.Mkdir(pin, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"vf_vips", "other_map"} {
+		m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = m.Pin(filepath.Join(pin, name))
+		m.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	var stdout, stderr bytes.Buffer
+	if code := run([]string{"detach", "--pin-path", pin}, &stdout, &stderr); code != 0 {
+		t.Errorf("exit code %d, want 0 (stderr %q)", code, stderr.String())
+	}
+	if !strings.HasPrefix(stdout.String(), "detached:") || !strings.Contains(stderr.String(), "other_map") {
+		t.Errorf("stdout %q, stderr %q: want the detach reported and other_map named", stdout.String(), stderr.String())
+	}
+	if _, err := os.Stat(filepath.Join(pin, "vf_vips")); !os.IsNotExist(err) {
+		t.Errorf("vf_vips after detach: %v, want it removed", err)
+	}
+	if _, err := os.Stat(filepath.Join(pin, "other_map")); err != nil {
+		t.Errorf("other_map after detach: %v, want it left", err)
 	}
 }

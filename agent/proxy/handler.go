@@ -46,7 +46,17 @@ type reqState struct {
 	deadline *time.Timer // the request timeout; nil when none applies
 	timedOut atomic.Bool // the request timeout fired
 
-	tooLarge atomic.Bool
+	// bodyFault is what went wrong reading the client's request body
+	// (a bodyFault value); the first fault sticks. A failed exchange with
+	// a body fault is the client's doing and never counts against the
+	// backend.
+	bodyFault   atomic.Uint32
+	readingBody atomic.Bool // a read of the client's body is waiting for the client
+	// handlerMu orders the request timer's last word on the client
+	// connection before the handler returns (handlerDone).
+	handlerMu   sync.Mutex
+	handlerDone bool
+
 	bytesIn  atomic.Int64
 	bytesOut atomic.Int64
 
@@ -54,6 +64,17 @@ type reqState struct {
 	body countingBody
 	ctx  reqCtx
 }
+
+// Client body faults, the values of reqState.bodyFault.
+const (
+	bodyOK        uint32 = iota
+	bodyTooLarge         // over max_body_bytes: 413
+	bodyMalformed        // the client's framing is broken (bad chunked encoding, short body): 400
+	bodyTooSlow          // the request timeout ended while waiting for the client's body: 408
+)
+
+// noteBodyFault records the first fault of the client's body.
+func (rs *reqState) noteBodyFault(f uint32) { rs.bodyFault.CompareAndSwap(bodyOK, f) }
 
 type ctxKey struct{}
 
@@ -94,6 +115,7 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request) {
 
 	st := rs.st
 	if st == nil {
+		refuseUnreadBody(rw, r)
 		writeError(rw, http.StatusServiceUnavailable, "not_configured", "the proxy has no configuration yet")
 		return
 	}
@@ -114,15 +136,18 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 
 	if r.Method == http.MethodConnect {
+		refuseUnreadBody(rw, r)
 		writeError(rw, http.StatusMethodNotAllowed, "method_not_allowed", "CONNECT is not supported by this reverse proxy")
 		return
 	}
 	if !rs.https && st.cfg.RedirectHTTPS {
+		refuseUnreadBody(rw, r)
 		p.redirect(rw, r, st)
 		return
 	}
 	if st.limiter != nil {
 		if v := st.limiter.allow(rs.client, start); !v.ok {
+			refuseUnreadBody(rw, r)
 			p.rateLimited(rw, r, rs, v)
 			return
 		}
@@ -130,12 +155,16 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request) {
 
 	rs.route = st.routes.match(routeHost(r.Host), routePath(r.URL.Path))
 	if rs.route == nil {
+		refuseUnreadBody(rw, r)
 		writeError(rw, http.StatusNotFound, "no_route", "no route for host "+strconv.Quote(routeHost(r.Host))+" and path "+strconv.Quote(r.URL.Path))
 		return
 	}
 
 	maxBody := st.cfg.MaxBodyBytes
 	if maxBody > 0 && r.ContentLength > maxBody {
+		// Before any "100 Continue": the client is told at once, and
+		// the body it announced is not waited for.
+		refuseUnreadBody(rw, r)
 		writeError(rw, http.StatusRequestEntityTooLarge, "body_too_large", "request body exceeds "+strconv.FormatInt(maxBody, 10)+" bytes")
 		return
 	}
@@ -158,12 +187,20 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		// "timeout tunnel". Hence a timer rather than context.WithTimeout.
 		cctx, cancel := context.WithCancel(ctx)
 		rs.deadline = time.AfterFunc(d, func() {
+			if rs.readingBody.Load() {
+				// We are waiting for the client, not the backend.
+				rs.noteBodyFault(bodyTooSlow)
+				rs.stopBodyRead(w)
+			}
 			rs.timedOut.Store(true)
 			cancel()
 		})
 		defer func() {
 			rs.deadline.Stop()
 			cancel()
+			rs.handlerMu.Lock()
+			rs.handlerDone = true
+			rs.handlerMu.Unlock()
 		}()
 		ctx = cctx
 	}
@@ -495,23 +532,81 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 	return nil
 }
 
-// errorHandler answers a failed exchange: 413 for a body over the limit,
-// 503 when no backend could take the request, 504 for timeouts, 502 for
-// anything else; nothing (logged as 499) when the client went away.
+// errorHandler answers a failed exchange. The client's own faults: 413 for
+// a body over the limit, 400 for a body whose framing is broken, 408 for a
+// body the client did not send within the request timeout, nothing (logged
+// as 499) when the client went away. The backend's: 503 when no backend
+// could take the request, 504 for timeouts, 502 for anything else.
 func (p *Proxy) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
 	rs := stateOf(r.Context())
 	var mbe *http.MaxBytesError
+	fault := rs.bodyFault.Load()
 	switch {
-	case rs.tooLarge.Load() || errors.As(err, &mbe):
+	case fault == bodyTooLarge || errors.As(err, &mbe):
 		writeError(w, http.StatusRequestEntityTooLarge, "body_too_large", "request body exceeds "+strconv.FormatInt(rs.st.cfg.MaxBodyBytes, 10)+" bytes")
 	case errors.Is(err, errNoBackend):
 		writeError(w, http.StatusServiceUnavailable, "no_backend", "no healthy backend in pool "+strconv.Quote(rs.route.pool.name))
+	case fault == bodyTooSlow:
+		// Before the client-gone case: the read deadline that ended the
+		// wait also cancels the request's context. The rest of the body
+		// is not coming, so the connection cannot carry another request.
+		closeConnection(w, r)
+		writeError(w, http.StatusRequestTimeout, "request_timeout", "the request body was not received within the request timeout")
+	case fault == bodyMalformed:
+		closeConnection(w, r)
+		writeError(w, http.StatusBadRequest, "bad_request", "the request body could not be read: its framing is invalid or it ended early")
 	case rs.inCtx.Err() != nil:
 		// The client is gone; there is nobody to answer.
 	case rs.timedOut.Load() || isTimeout(err):
 		writeError(w, http.StatusGatewayTimeout, "gateway_timeout", "the backend did not answer in time")
 	default:
 		writeError(w, http.StatusBadGateway, "bad_gateway", "the backend could not be reached or failed")
+	}
+}
+
+// refusedBodyLinger bounds how long the body of a refused HTTP/1 request is
+// read (and discarded) after the answer, so that a client still sending it
+// reads the answer before the connection closes, as nginx's lingering close
+// does, while a client that sends nothing (say, waiting for "100 Continue")
+// cannot hold the connection.
+const refusedBodyLinger = time.Second
+
+// refuseUnreadBody prepares the answer to a request the proxy turns down
+// before reading its body. Left alone, net/http would read and discard up
+// to 256 KiB of that body, with no deadline, before the answer, or after it
+// for a client that sent "Expect: 100-continue" and waits: an HTTP/1
+// request with a body gets "Connection: close" instead, and its connection
+// closes at most refusedBodyLinger after the answer. Call it before the
+// answer's headers are written.
+func refuseUnreadBody(w http.ResponseWriter, r *http.Request) {
+	if r.ProtoMajor != 1 || r.Body == nil || r.Body == http.NoBody {
+		return
+	}
+	w.Header().Set("Connection", "close")
+	http.NewResponseController(w).SetReadDeadline(time.Now().Add(refusedBodyLinger))
+}
+
+// closeConnection asks for the client's HTTP/1 connection to be closed
+// after this response. (On HTTP/2 "Connection: close" would make net/http
+// send GOAWAY for every stream of the connection, so it is not used there.)
+func closeConnection(w http.ResponseWriter, r *http.Request) {
+	if r.ProtoMajor == 1 {
+		w.Header().Set("Connection", "close")
+	}
+}
+
+// stopBodyRead ends a read of the client's body that waits for the client:
+// it fails with a timeout, so the exchange ends now rather than whenever the
+// client sends more (cancelling the outgoing request is not enough, as the
+// transport's close of the body waits for the read). Only while the handler
+// runs, and only while a body read is pending: on an HTTP/1 connection the
+// deadline would otherwise hit net/http's background read, which takes it
+// for a client gone away.
+func (rs *reqState) stopBodyRead(w http.ResponseWriter) {
+	rs.handlerMu.Lock()
+	defer rs.handlerMu.Unlock()
+	if !rs.handlerDone {
+		http.NewResponseController(w).SetReadDeadline(time.Now())
 	}
 }
 
@@ -626,8 +721,9 @@ func (rs *reqState) roundTrip(req *http.Request) (*http.Response, error) {
 		}
 		m.inflight.Add(-1)
 		lastErr = err
-		if rs.tooLarge.Load() || rs.inCtx.Err() != nil {
-			// Our client's fault, not the backend's.
+		if rs.bodyFault.Load() != bodyOK || rs.inCtx.Err() != nil {
+			// Our client's fault, not the backend's: a body over the
+			// limit, broken or too slow, or a client gone away.
 			return nil, err
 		}
 		reason := classify(err)
@@ -669,21 +765,34 @@ func (p *Proxy) passiveFail(m *member, now time.Time, threshold int, ejection ti
 	}
 }
 
-// countingBody counts request body bytes and notices the body limit.
+// countingBody counts request body bytes and records why reading the
+// client's body failed, so that the failure is laid at the client's door
+// rather than the backend's.
 type countingBody struct {
 	rc io.ReadCloser
 	rs *reqState
 }
 
 func (b *countingBody) Read(p []byte) (int, error) {
+	b.rs.readingBody.Store(true)
 	n, err := b.rc.Read(p)
+	b.rs.readingBody.Store(false)
 	if n > 0 {
 		b.rs.bytesIn.Add(int64(n))
 	}
 	if err != nil && err != io.EOF {
 		var mbe *http.MaxBytesError
-		if errors.As(err, &mbe) {
-			b.rs.tooLarge.Store(true)
+		switch {
+		case errors.As(err, &mbe):
+			b.rs.noteBodyFault(bodyTooLarge)
+		case isTimeout(err):
+			// Only the request timer sets a read deadline on the
+			// client's connection (stopBodyRead).
+			b.rs.noteBodyFault(bodyTooSlow)
+		case b.rs.inCtx.Err() == nil:
+			// Bad chunked encoding, a body shorter than its
+			// Content-Length, an HTTP/2 stream error.
+			b.rs.noteBodyFault(bodyMalformed)
 		}
 	}
 	return n, err

@@ -173,6 +173,22 @@ type ProxyConfig struct {
 	// DrainTimeout bounds how long in-flight requests may take to finish
 	// when the proxy drains (SIGTERM or POST /api/system/drain).
 	DrainTimeout Duration `yaml:"drain_timeout"`
+	// HTTP2 bounds what one HTTP/2 client connection may ask for.
+	HTTP2 HTTP2Limits `yaml:"http2"`
+}
+
+// HTTP2Limits bound one HTTP/2 client connection (HTTPS with ALPN h2, and
+// h2c).
+type HTTP2Limits struct {
+	// MaxConcurrentStreams is advertised to clients as
+	// SETTINGS_MAX_CONCURRENT_STREAMS; streams past it are refused.
+	MaxConcurrentStreams int `yaml:"max_concurrent_streams"`
+	// MaxClientResets is how many streams a client may cancel
+	// (RST_STREAM) per ResetWindow on one connection, in bursts of up to
+	// MaxClientResets; past that the connection is ended with GOAWAY
+	// (ENHANCE_YOUR_CALM), against HTTP/2 rapid reset floods.
+	MaxClientResets int      `yaml:"max_client_resets"`
+	ResetWindow     Duration `yaml:"reset_window"`
 }
 
 // TLSCert is a certificate and its key, as PEM files.
@@ -395,6 +411,7 @@ func staticDefaults() *Config {
 			Retries:       1,
 			PassiveHealth: PassiveHealth{ConsecutiveFailures: 5, Ejection: Duration(30 * time.Second)},
 			DrainTimeout:  Duration(15 * time.Second),
+			HTTP2:         HTTP2Limits{MaxConcurrentStreams: 100, MaxClientResets: 200, ResetWindow: Duration(10 * time.Second)},
 		},
 	}
 }

@@ -68,7 +68,8 @@ func TestParseMinimalAppliesDefaults(t *testing.T) {
 				ResponseHeader: Duration(15 * time.Second), Idle: Duration(90 * time.Second), Request: Duration(time.Minute)},
 			MaxBodyBytes: 10 << 20, Retries: 1,
 			PassiveHealth: PassiveHealth{ConsecutiveFailures: 5, Ejection: Duration(30 * time.Second)},
-			DrainTimeout:  Duration(15 * time.Second)},
+			DrainTimeout:  Duration(15 * time.Second),
+			HTTP2:         HTTP2Limits{MaxConcurrentStreams: 100, MaxClientResets: 200, ResetWindow: Duration(10 * time.Second)}},
 		Pools: []Pool{{
 			Name:      "web",
 			Algorithm: AlgorithmRoundRobin,
@@ -304,6 +305,22 @@ pools:
 			want: []string{
 				`pools[0].backends[1].weight: must not be negative, got -1`,
 				`pools[0].backends[0].weight: must be between 0 and 1000, got 1001`,
+			},
+		},
+		{
+			name: "http2 limits out of range",
+			yaml: minimal + "proxy:\n  http2: {max_concurrent_streams: 0, max_client_resets: 0, reset_window: 0s}\n",
+			want: []string{
+				"proxy.http2.max_concurrent_streams: must be between 1 and 10000, got 0",
+				"proxy.http2.max_client_resets: must be between 1 and 1000000, got 0",
+				"proxy.http2.reset_window: must be positive, got 0s",
+			},
+		},
+		{
+			name: "http2 resets below concurrent streams",
+			yaml: minimal + "proxy:\n  http2: {max_concurrent_streams: 250, max_client_resets: 100}\n",
+			want: []string{
+				"proxy.http2.max_client_resets: must be at least proxy.http2.max_concurrent_streams (250), since a client may cancel all its open streams at once, got 100",
 			},
 		},
 		{

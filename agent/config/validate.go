@@ -194,7 +194,29 @@ func (c *Config) validateProxy(v *collector) {
 	if p.PassiveHealth.ConsecutiveFailures > 0 && p.PassiveHealth.Ejection <= 0 {
 		v.add("proxy.passive_health.ejection", "must be positive, got %s", p.PassiveHealth.Ejection)
 	}
+	h2 := &p.HTTP2
+	if h2.MaxConcurrentStreams < 1 || h2.MaxConcurrentStreams > maxHTTP2Streams {
+		v.add("proxy.http2.max_concurrent_streams", "must be between 1 and %d, got %d", maxHTTP2Streams, h2.MaxConcurrentStreams)
+	}
+	switch {
+	case h2.MaxClientResets < 1 || h2.MaxClientResets > maxHTTP2Resets:
+		v.add("proxy.http2.max_client_resets", "must be between 1 and %d, got %d", maxHTTP2Resets, h2.MaxClientResets)
+	case h2.MaxClientResets < h2.MaxConcurrentStreams:
+		// A browser leaving a page cancels every stream it has open.
+		v.add("proxy.http2.max_client_resets", "must be at least proxy.http2.max_concurrent_streams (%d), since a client may cancel all its open streams at once, got %d",
+			h2.MaxConcurrentStreams, h2.MaxClientResets)
+	}
+	if h2.ResetWindow <= 0 {
+		v.add("proxy.http2.reset_window", "must be positive, got %s", h2.ResetWindow)
+	}
 }
+
+// Bounds of the HTTP/2 limits: far above any sane setting, low enough that
+// a typo (an extra zero or three) is caught.
+const (
+	maxHTTP2Streams = 10000
+	maxHTTP2Resets  = 1000000
+)
 
 func (c *Config) validateListeners(v *collector) {
 	if c.API.TokenFile == "" {

@@ -108,6 +108,12 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	p.inflight.Add(1)
 	p.prom.inflight.Inc()
 
+	if r.TLS == nil {
+		// The proxy's listeners do the TLS handshake themselves.
+		if cc := clientConnOf(r.Context()); cc != nil {
+			r.TLS = cc.TLS()
+		}
+	}
 	rs := &reqState{p: p, st: p.state.Load(), inCtx: r.Context(), https: r.TLS != nil}
 	rs.rw = respWriter{ResponseWriter: w, rs: rs}
 	rw := &rs.rw
@@ -837,6 +843,9 @@ func (w *respWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		return nil, nil, err
 	}
 	w.status = http.StatusSwitchingProtocols
+	if cc := clientConnOf(w.rs.inCtx); cc != nil {
+		cc.stopInspecting() // what follows is not HTTP
+	}
 	hc := &hijackedConn{Conn: conn, rs: w.rs, set: &w.rs.p.hijacked}
 	w.rs.p.hijacked.add(hc)
 	return hc, brw, nil

@@ -2,12 +2,17 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"io"
 	"net"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 
 	"github.com/veloflux/veloflux/agent/config"
 )
@@ -198,5 +203,232 @@ func TestBodyOverLimitByContentLengthIsRefusedAtOnce(t *testing.T) {
 	io.WriteString(c, "hello")
 	if resp, body := rawResponse(t, br); resp.StatusCode != 200 || body != "ok" {
 		t.Errorf("within the limit: %d %q", resp.StatusCode, body)
+	}
+}
+
+// h2Conn is a hand-driven HTTP/2 client connection (prior knowledge, h2c)
+// for abusive frame sequences no real client sends.
+type h2Conn struct {
+	conn   net.Conn
+	w      *http2.Framer
+	header []byte // an HPACK block for GET / on host app
+	frames chan h2Frame
+}
+
+// h2Frame is what the tests look at in a frame the server sent.
+type h2Frame struct {
+	typ        http2.FrameType
+	stream     uint32
+	code       http2.ErrCode // RST_STREAM, GOAWAY
+	lastStream uint32        // GOAWAY
+	maxStreams uint32        // SETTINGS, when present
+}
+
+// dialH2C opens an h2c connection to addr: the preface, an empty SETTINGS
+// frame, and a goroutine that hands every frame the server sends to
+// frames until the connection ends (then frames is closed).
+func dialH2C(t *testing.T, addr string) *h2Conn {
+	t.Helper()
+	c := rawConn(t, addr)
+	if _, err := io.WriteString(c, http2.ClientPreface); err != nil {
+		t.Fatal(err)
+	}
+	h := &h2Conn{conn: c, w: http2.NewFramer(c, nil), frames: make(chan h2Frame, 64)}
+	if err := h.w.WriteSettings(); err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	enc := hpack.NewEncoder(&buf)
+	for _, f := range [][2]string{{":method", "GET"}, {":scheme", "http"}, {":authority", "app"}, {":path", "/"}} {
+		enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
+	}
+	h.header = buf.Bytes()
+	r := http2.NewFramer(nil, c)
+	go func() {
+		defer close(h.frames)
+		for {
+			f, err := r.ReadFrame()
+			if err != nil {
+				return
+			}
+			e := h2Frame{typ: f.Header().Type, stream: f.Header().StreamID}
+			switch f := f.(type) {
+			case *http2.RSTStreamFrame:
+				e.code = f.ErrCode
+			case *http2.GoAwayFrame:
+				e.code, e.lastStream = f.ErrCode, f.LastStreamID
+			case *http2.SettingsFrame:
+				e.maxStreams, _ = f.Value(http2.SettingMaxConcurrentStreams)
+			}
+			h.frames <- e
+		}
+	}()
+	return h
+}
+
+// open starts stream id with a GET (no body).
+func (h *h2Conn) open(id uint32) error {
+	return h.w.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: h.header, EndStream: true, EndHeaders: true})
+}
+
+// An HTTP/2 client that opens and at once cancels stream after stream (the
+// rapid reset flood) has its connection ended with GOAWAY once it exceeds
+// its reset budget, and the backend sees no more requests than that budget.
+func TestHTTP2RapidResetEndsConnection(t *testing.T) {
+	be := newBackend(t, "b", nil)
+	cfg := testConfig([]config.Pool{poolOf("web", config.AlgorithmRoundRobin, be)}, config.Route{PathPrefix: "/", Pool: "web"})
+	cfg.Proxy.H2C = true
+	const budget = 100
+	cfg.Proxy.HTTP2 = config.HTTP2Limits{MaxConcurrentStreams: 100, MaxClientResets: budget, ResetWindow: config.Duration(time.Minute)}
+	var floods atomic.Int64
+	p := newProxy(t, cfg, Options{SecurityEvent: func(kind string, data map[string]any) {
+		if kind == "http2_reset_flood" && data["client_ip"] == "127.0.0.1" {
+			floods.Add(1)
+		}
+	}})
+	addr, _ := serve(t, p)
+
+	h := dialH2C(t, addr)
+	const pairs = 5000
+	sent := 0
+	for ; sent < pairs; sent++ {
+		id := uint32(2*sent + 1)
+		if h.open(id) != nil || h.w.WriteRSTStream(id, http2.ErrCodeCancel) != nil {
+			break // the proxy closed the connection
+		}
+	}
+	var goaway *h2Frame
+	timeout := time.After(5 * time.Second)
+wait:
+	for goaway == nil {
+		select {
+		case f, ok := <-h.frames:
+			if !ok {
+				break wait
+			}
+			if f.typ == http2.FrameGoAway {
+				goaway = &f
+			}
+		case <-timeout:
+			break wait
+		}
+	}
+	h.conn.Close()
+	waitFor(t, 5*time.Second, "requests in flight to end", func() bool { return p.Stats().InFlight == 0 })
+	hits := be.hits.Load()
+	t.Logf("sent %d HEADERS+RST_STREAM pairs; the backend saw %d requests", sent, hits)
+
+	if goaway == nil {
+		t.Fatalf("no GOAWAY after %d reset streams (budget %d)", sent, budget)
+	}
+	if goaway.code != http2.ErrCodeEnhanceYourCalm {
+		t.Errorf("GOAWAY code %v, want ENHANCE_YOUR_CALM", goaway.code)
+	}
+	// The streams past the budget were never processed.
+	if max := uint32(2*(budget+1) + 1); goaway.lastStream > max {
+		t.Errorf("GOAWAY last stream %d: streams past the budget were processed (want <= %d)", goaway.lastStream, max)
+	}
+	if hits > budget+1 {
+		t.Errorf("the backend saw %d requests, want at most %d", hits, budget+1)
+	}
+	if floods.Load() != 1 {
+		t.Errorf("%d http2_reset_flood security events, want 1", floods.Load())
+	}
+	if n := p.Stats().H2ResetFloods; n != 1 {
+		t.Errorf("Stats().H2ResetFloods = %d, want 1", n)
+	}
+}
+
+// Streams past max_concurrent_streams are refused, and the backend sees
+// only the streams within the limit.
+func TestHTTP2ConcurrentStreamsLimit(t *testing.T) {
+	release := make(chan struct{})
+	be := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	})
+	cfg := testConfig([]config.Pool{poolOf("web", config.AlgorithmRoundRobin, be)}, config.Route{PathPrefix: "/", Pool: "web"})
+	cfg.Proxy.H2C = true
+	const limit = 4
+	cfg.Proxy.HTTP2 = config.HTTP2Limits{MaxConcurrentStreams: limit, MaxClientResets: 100, ResetWindow: config.Duration(time.Minute)}
+	p := newProxy(t, cfg, Options{})
+	addr, _ := serve(t, p)
+
+	h := dialH2C(t, addr)
+	for i := 0; i <= limit; i++ {
+		if err := h.open(uint32(2*i + 1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	extra := uint32(2*limit + 1)
+	var advertised uint32
+	refused := false
+	timeout := time.After(5 * time.Second)
+	for !refused {
+		select {
+		case f, ok := <-h.frames:
+			if !ok {
+				t.Fatal("the connection ended")
+			}
+			switch f.typ {
+			case http2.FrameSettings:
+				if f.maxStreams != 0 {
+					advertised = f.maxStreams
+				}
+			case http2.FrameRSTStream:
+				if f.stream != extra {
+					t.Fatalf("stream %d within the limit reset: %v", f.stream, f.code)
+				}
+				if f.code != http2.ErrCodeRefusedStream && f.code != http2.ErrCodeProtocol {
+					t.Errorf("stream over the limit reset with %v, want REFUSED_STREAM or PROTOCOL_ERROR", f.code)
+				}
+				refused = true
+			case http2.FrameHeaders:
+				if f.stream == extra {
+					t.Fatalf("stream %d over the limit of %d was answered", extra, limit)
+				}
+			}
+		case <-timeout:
+			t.Fatalf("stream %d over the limit of %d was not refused (backend saw %d requests)", extra, limit, be.hits.Load())
+		}
+	}
+	if advertised != limit {
+		t.Errorf("SETTINGS_MAX_CONCURRENT_STREAMS = %d, want %d", advertised, limit)
+	}
+	waitFor(t, 5*time.Second, "the streams within the limit to reach the backend", func() bool { return be.hits.Load() == limit })
+	close(release)
+	answered := 0
+	for answered < limit {
+		select {
+		case f, ok := <-h.frames:
+			if !ok {
+				t.Fatalf("the connection ended after %d answers", answered)
+			}
+			if f.typ == http2.FrameHeaders && f.stream != extra {
+				answered++
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%d of %d streams within the limit answered", answered, limit)
+		}
+	}
+	if n := be.hits.Load(); n != limit {
+		t.Errorf("the backend saw %d requests, want %d", n, limit)
+	}
+}
+
+// The HTTPS listener, whose TLS handshake is the proxy's, still answers a
+// plain HTTP request with a 400 saying so.
+func TestPlainHTTPToHTTPSListener(t *testing.T) {
+	dir := t.TempDir()
+	cf, kf, _ := writeCert(t, dir, "app", 1, "app")
+	cfg := testConfig([]config.Pool{poolOf("web", config.AlgorithmRoundRobin, sinkBackend(t))}, config.Route{PathPrefix: "/", Pool: "web"})
+	cfg.Proxy.TLS = []config.TLSCert{{CertFile: cf, KeyFile: kf}}
+	p := newProxy(t, cfg, Options{})
+	_, httpsAddr := serve(t, p)
+	resp, body := rawExchange(t, httpsAddr, "GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+	if resp.StatusCode != http.StatusBadRequest || !strings.Contains(body, "HTTPS") {
+		t.Errorf("plain HTTP to the HTTPS listener: %d %q", resp.StatusCode, body)
 	}
 }

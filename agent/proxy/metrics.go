@@ -22,6 +22,14 @@ const (
 	ReasonOther     = "other"
 )
 
+// Client violations, the values of veloflux_http_client_violations_total's
+// kind label and the kinds of the security events reporting them.
+const (
+	// ViolationResetFlood: an HTTP/2 connection ended (GOAWAY) for
+	// cancelling streams beyond proxy.http2.max_client_resets.
+	ViolationResetFlood = "http2_reset_flood"
+)
+
 var reasons = [...]string{ReasonDial, ReasonTimeout, ReasonReset, Reason5xx, ReasonNoBackend, ReasonOther}
 
 func reasonIndex(r string) int {
@@ -45,8 +53,11 @@ type Stats struct {
 	// Reason constants); a retried request may count more than once.
 	UpstreamErrors map[string]uint64 `json:"upstream_errors"`
 	RateLimited    uint64            `json:"rate_limited"`
-	Retries        uint64            `json:"retries"`
-	Ejections      uint64            `json:"ejections"`
+	// H2ResetFloods counts HTTP/2 connections ended for cancelling
+	// streams beyond their reset budget.
+	H2ResetFloods uint64 `json:"http2_reset_floods"`
+	Retries       uint64 `json:"retries"`
+	Ejections     uint64 `json:"ejections"`
 	// BytesIn and BytesOut are request and response body bytes (and, for
 	// upgraded connections such as WebSockets, the bytes relayed after the
 	// upgrade), as reported to Options.Usage.
@@ -72,6 +83,7 @@ type counters struct {
 	class       [6]atomic.Uint64 // index status/100; 0 for anything odd
 	upstream    [len(reasons)]atomic.Uint64
 	rateLimited atomic.Uint64
+	resetFloods atomic.Uint64
 	retries     atomic.Uint64
 	ejections   atomic.Uint64
 	bytesIn     atomic.Uint64
@@ -85,6 +97,7 @@ type promMetrics struct {
 	inflight       prometheus.Gauge
 	upstreamErrors *prometheus.CounterVec
 	upstreamByIdx  [len(reasons)]prometheus.Counter
+	violations     *prometheus.CounterVec
 }
 
 func newPromMetrics(reg prometheus.Registerer) (*promMetrics, error) {
@@ -109,8 +122,12 @@ func newPromMetrics(reg prometheus.Registerer) (*promMetrics, error) {
 			Name: "veloflux_http_upstream_errors_total",
 			Help: "Failed upstream exchanges by reason: dial, timeout, reset, 5xx, no_backend, other.",
 		}, []string{"reason"}),
+		violations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "veloflux_http_client_violations_total",
+			Help: "Client protocol abuse the L7 proxy cut short, by kind: http2_reset_flood (an HTTP/2 connection ended for cancelling too many streams).",
+		}, []string{"kind"}),
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.duration, m.inflight, m.upstreamErrors} {
+	for _, c := range []prometheus.Collector{m.requests, m.duration, m.inflight, m.upstreamErrors, m.violations} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -54,9 +54,10 @@ type Options struct {
 	// Registerer is where the veloflux_http_* collectors are registered.
 	// Nil: a private registry.
 	Registerer prometheus.Registerer
-	// SecurityEvent is told about abuse, such as "rate_limited" (with
-	// client_ip, path, host, and suppressed: rejections of the same client
-	// not reported, at most one event per client per second).
+	// SecurityEvent is told about abuse: "rate_limited" (with client_ip,
+	// path, host, and suppressed: rejections of the same client not
+	// reported, at most one event per client per second), and the
+	// Violation kinds (with client_ip, the connection's peer).
 	SecurityEvent func(kind string, data map[string]any)
 	// Usage is called once per completed request with its pool, for
 	// billing: 1 request and its body bytes in and out.
@@ -153,10 +154,10 @@ func New(opts Options) (*Proxy, error) {
 // Requests in flight finish with the configuration they started with.
 //
 // While Serve runs, listeners follow the configuration too: a listener
-// whose address or server settings (h2c, idle and header timeouts) change is
-// replaced by a new one (opened before the old one closes, which finishes
-// its requests in the background), and the HTTPS listener opens and closes
-// as certificates are configured and removed.
+// whose address or server settings (h2c, idle and header timeouts, HTTP/2
+// limits) change is replaced by a new one (opened before the old one
+// closes, which finishes its requests in the background), and the HTTPS
+// listener opens and closes as certificates are configured and removed.
 func (p *Proxy) Apply(cfg *config.Config) error {
 	if cfg == nil {
 		return errors.New("proxy: nil config")
@@ -275,6 +276,7 @@ func (p *Proxy) Stats() Stats {
 		Status:         make(map[string]uint64, 5),
 		UpstreamErrors: make(map[string]uint64, len(reasons)),
 		RateLimited:    p.count.rateLimited.Load(),
+		H2ResetFloods:  p.count.resetFloods.Load(),
 		Retries:        p.count.retries.Load(),
 		Ejections:      p.count.ejections.Load(),
 		BytesIn:        p.count.bytesIn.Load(),

@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/net/http2"
+
 	"github.com/veloflux/veloflux/agent/config"
 )
 
@@ -28,6 +30,14 @@ type serverSpec struct {
 	h2c        bool
 	idle       time.Duration
 	readHeader time.Duration
+	h2         h2Limits
+}
+
+// h2Limits are proxy.http2, in the types the server takes.
+type h2Limits struct {
+	maxStreams  uint32
+	maxResets   int
+	resetWindow time.Duration
 }
 
 // maxHeaderBytes bounds request headers, like HAProxy's 16k buffers and
@@ -41,7 +51,11 @@ func serverSpecs(pc *config.ProxyConfig, haveCerts bool) [2]serverSpec {
 	}
 	// ReadHeaderTimeout bounds a request's headers (slowloris) and, since
 	// net/http applies it to the TLS handshake too, the client's handshake.
-	common := serverSpec{idle: pc.Timeouts.Idle.Std(), readHeader: pc.Timeouts.TLSHandshake.Std()}
+	common := serverSpec{idle: pc.Timeouts.Idle.Std(), readHeader: pc.Timeouts.TLSHandshake.Std(), h2: h2Limits{
+		maxStreams:  uint32(pc.HTTP2.MaxConcurrentStreams),
+		maxResets:   pc.HTTP2.MaxClientResets,
+		resetWindow: pc.HTTP2.ResetWindow.Std(),
+	}}
 	s[roleHTTP] = common
 	s[roleHTTP].addr = pc.HTTPListen
 	s[roleHTTP].h2c = pc.H2C
@@ -98,39 +112,57 @@ func (p *Proxy) needsRestart(role int, spec serverSpec) bool {
 	return cur.spec != spec
 }
 
-// newServer builds the http.Server for a role.
-func (p *Proxy) newServer(role int, spec serverSpec) *http.Server {
+// newServer builds the http.Server for a role and the listener it serves:
+// ln's connections as clientConns, TLS ones included, the TLS handshake
+// being the proxy's rather than net/http's so that clientConn reads what
+// the client sends in the clear.
+//
+// HTTP/2 is served by golang.org/x/net/http2's server (which net/http hands
+// the connections that start with the HTTP/2 preface, h2 by ALPN as well
+// as h2c), as its connection errors are what clientConn uses to end a
+// connection with GOAWAY.
+func (p *Proxy) newServer(role int, spec serverSpec, ln net.Listener) (*http.Server, net.Listener, error) {
 	srv := &http.Server{
 		Handler:           http.HandlerFunc(p.serveHTTP),
 		ReadHeaderTimeout: spec.readHeader,
 		IdleTimeout:       spec.idle,
 		MaxHeaderBytes:    maxHeaderBytes,
 		ErrorLog:          slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
+		ConnContext:       withClientConn,
 		Protocols:         new(http.Protocols),
 	}
 	srv.Protocols.SetHTTP1(true)
+	cl := &clientListener{Listener: ln, guard: &connGuard{p: p, maxResets: spec.h2.maxResets, resetWindow: spec.h2.resetWindow}}
 	if role == roleHTTPS {
-		srv.Protocols.SetHTTP2(true)
-		srv.TLSConfig = p.certs.tlsConfig()
+		cl.tls = p.certs.tlsConfig()
+		cl.guard.h2 = true
 	} else if spec.h2c {
 		// HTTP/2 with prior knowledge, as nginx and HAProxy offer h2c
 		// (the deprecated Upgrade: h2c dance is not supported).
-		srv.Protocols.SetUnencryptedHTTP2(true)
+		cl.guard.h2 = true
 	}
-	return srv
+	if cl.guard.h2 {
+		// The handshake is ours, so net/http sees HTTP/2 over TLS as it
+		// sees h2c: a connection that starts with the preface.
+		srv.Protocols.SetUnencryptedHTTP2(true)
+		h2 := &http2.Server{MaxConcurrentStreams: spec.h2.maxStreams}
+		if err := http2.ConfigureServer(srv, h2); err != nil {
+			return nil, nil, fmt.Errorf("proxy: %s server: http2: %w", roleName[role], err)
+		}
+	}
+	return srv, cl, nil
 }
 
 // startServer serves ln in the background. Called with p.mu held.
-func (p *Proxy) startServer(role int, spec serverSpec, ln net.Listener) *server {
-	s := &server{spec: spec, srv: p.newServer(role, spec), ln: ln, done: make(chan struct{})}
+func (p *Proxy) startServer(role int, spec serverSpec, ln net.Listener) error {
+	srv, cl, err := p.newServer(role, spec, ln)
+	if err != nil {
+		return err
+	}
+	s := &server{spec: spec, srv: srv, ln: ln, done: make(chan struct{})}
 	p.servers[role] = s
 	go func() {
-		var err error
-		if role == roleHTTPS {
-			err = s.srv.ServeTLS(ln, "", "")
-		} else {
-			err = s.srv.Serve(ln)
-		}
+		err := s.srv.Serve(cl)
 		close(s.done)
 		if err != nil && !errors.Is(err, http.ErrServerClosed) {
 			p.mu.Lock()
@@ -145,7 +177,7 @@ func (p *Proxy) startServer(role int, spec serverSpec, ln net.Listener) *server 
 		}
 	}()
 	p.log.Info("proxy: listening", "role", roleName[role], "addr", ln.Addr().String(), "h2c", spec.h2c)
-	return s
+	return nil
 }
 
 // replaceServer starts the role's new server (ln may be nil to close the
@@ -155,7 +187,11 @@ func (p *Proxy) replaceServer(role int, spec serverSpec, ln net.Listener) {
 	old := p.servers[role]
 	p.servers[role] = nil
 	if ln != nil {
-		p.startServer(role, spec, ln)
+		if err := p.startServer(role, spec, ln); err != nil {
+			// The role stays closed, and Listeners says so.
+			ln.Close()
+			p.log.Error("proxy: listener not replaced", "role", roleName[role], "err", err)
+		}
 	}
 	if old != nil {
 		// Close the old listener now, so that no connection reaches the
@@ -257,8 +293,18 @@ func (p *Proxy) Serve(ctx context.Context) error {
 		lns[i] = ln
 	}
 	for i, s := range specs {
-		if lns[i] != nil {
-			p.startServer(i, s, lns[i])
+		if lns[i] == nil {
+			continue
+		}
+		if err := p.startServer(i, s, lns[i]); err != nil {
+			for j, l := range lns {
+				if j >= i && l != nil {
+					l.Close()
+				}
+			}
+			p.mu.Unlock()
+			p.shutdownNow()
+			return err
 		}
 	}
 	p.serving = true

@@ -59,6 +59,8 @@ type connGuard struct {
 //     nothing) gets no further frame through: the HTTP/2 server reads a
 //     connection error and ends the connection with GOAWAY
 //     (ENHANCE_YOUR_CALM).
+//   - HTTP/1: a request with both Content-Length and Transfer-Encoding is
+//     refused before net/http parses it to the end (see h1Framing).
 //
 // net/http reads a connection from one goroutine at a time, so the
 // inspection state needs no lock.
@@ -77,7 +79,9 @@ type clientConn struct {
 	sniffed int // bytes of the preface matched so far
 
 	// cutErr, once set, is what every further Read returns: the bytes
-	// after the cut are never passed on.
+	// after the cut are never passed on. (Only for HTTP/2, whose server
+	// reads from one goroutine: an HTTP/1 server's background read would
+	// take an error for a client gone away.)
 	cutErr    error
 	uninspect atomic.Bool
 
@@ -87,6 +91,9 @@ type clientConn struct {
 	tokens   float64 // reset budget left
 	refilled time.Time
 	cutAtEnd bool // the current frame is the last one passed on
+
+	// HTTP/1.
+	h1 h1Framing
 }
 
 type connProto uint8
@@ -143,6 +150,7 @@ func (c *clientConn) inspect(b []byte) int {
 			// HTTP/1 from the first byte: the part of the preface
 			// it shared (passed on already) is its start.
 			c.proto = protoHTTP1
+			c.h1.feed([]byte(http2.ClientPreface[:c.sniffed]))
 			return i + c.inspectHTTP1(b[i:])
 		}
 		c.sniffed++
@@ -157,6 +165,10 @@ func (c *clientConn) inspect(b []byte) int {
 }
 
 func (c *clientConn) inspectHTTP1(b []byte) int {
+	if i := c.h1.feed(b); i >= 0 {
+		b[i] = 0 // see h1Framing
+		c.guard.ambiguousFraming(c)
+	}
 	return len(b)
 }
 
@@ -264,12 +276,20 @@ func (g *connGuard) resetFlood(c *clientConn) {
 		"resets", c.resets, "budget", g.maxResets, "window", g.resetWindow.String())
 }
 
+// ambiguousFraming reports a request refused for having both
+// Content-Length and Transfer-Encoding.
+func (g *connGuard) ambiguousFraming(c *clientConn) {
+	g.p.violation(ViolationAmbiguousFraming, c.peer, "proxy: request with both Content-Length and Transfer-Encoding refused; closing the connection")
+}
+
 // violation counts, logs and reports client abuse of a kind (a Violation
 // constant) from peer.
 func (p *Proxy) violation(kind string, peer netip.Addr, msg string, attrs ...any) {
 	switch kind {
 	case ViolationResetFlood:
 		p.count.resetFloods.Add(1)
+	case ViolationAmbiguousFraming:
+		p.count.ambiguous.Add(1)
 	}
 	p.prom.violations.WithLabelValues(kind).Inc()
 	p.log.Warn(msg, append([]any{"client_ip", addrString(peer)}, attrs...)...)

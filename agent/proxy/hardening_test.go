@@ -3,10 +3,12 @@ package proxy
 import (
 	"bufio"
 	"bytes"
+	"crypto/tls"
 	"io"
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -415,6 +417,111 @@ func TestHTTP2ConcurrentStreamsLimit(t *testing.T) {
 	}
 	if n := be.hits.Load(); n != limit {
 		t.Errorf("the backend saw %d requests, want %d", n, limit)
+	}
+}
+
+// smugglingStream is a client's pipelined requests: three ordinary ones
+// (a Content-Length body, a chunked body with an extension and a trailer,
+// none), then one with both Content-Length and Transfer-Encoding whose
+// "body", by Content-Length, hides a second request.
+const smugglingStream = "POST /a HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\n\r\nhello" +
+	"POST /b HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n0\r\nX-Trailer: v\r\n\r\n" +
+	"GET /c HTTP/1.1\r\nHost: app\r\n\r\n" +
+	"POST /d HTTP/1.1\r\nHost: app\r\nContent-Length: 38\r\nTransfer-Encoding: chunked\r\n\r\n" +
+	"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: app\r\n\r\n"
+
+// A request with both Content-Length and Transfer-Encoding is refused with
+// 400 and its connection closed, on HTTP and HTTPS: the request hidden in
+// its body is never answered, while the requests before it on the same
+// connection are served.
+func TestContentLengthWithTransferEncodingIsRefused(t *testing.T) {
+	var paths []string
+	var mu sync.Mutex
+	be := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		mu.Lock()
+		paths = append(paths, r.URL.Path)
+		mu.Unlock()
+		io.WriteString(w, "ok")
+	})
+	dir := t.TempDir()
+	cf, kf, cert := writeCert(t, dir, "app", 1, "app")
+	cfg := testConfig([]config.Pool{poolOf("web", config.AlgorithmRoundRobin, be)}, config.Route{PathPrefix: "/", Pool: "web"})
+	cfg.Proxy.TLS = []config.TLSCert{{CertFile: cf, KeyFile: kf}}
+	var events atomic.Int64
+	p := newProxy(t, cfg, Options{SecurityEvent: func(kind string, data map[string]any) {
+		if kind == ViolationAmbiguousFraming && data["client_ip"] == "127.0.0.1" {
+			events.Add(1)
+		}
+	}})
+	httpAddr, httpsAddr := serve(t, p)
+
+	for _, scheme := range []string{"http", "https"} {
+		mu.Lock()
+		paths = nil
+		mu.Unlock()
+		var c net.Conn
+		if scheme == "http" {
+			c = rawConn(t, httpAddr)
+		} else {
+			tc, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", httpsAddr,
+				&tls.Config{ServerName: "app", RootCAs: rootsOf(cert), NextProtos: []string{"http/1.1"}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { tc.Close() })
+			tc.SetDeadline(time.Now().Add(10 * time.Second))
+			c = tc
+		}
+		if _, err := io.WriteString(c, smugglingStream); err != nil {
+			t.Fatal(err)
+		}
+		br := bufio.NewReader(c)
+		for _, path := range []string{"/a", "/b", "/c"} {
+			if resp, body := rawResponse(t, br); resp.StatusCode != 200 || body != "ok" {
+				t.Fatalf("%s %s: %d %q", scheme, path, resp.StatusCode, body)
+			}
+		}
+		resp, _ := rawResponse(t, br)
+		if resp.StatusCode != http.StatusBadRequest || !resp.Close {
+			t.Errorf("%s: Content-Length with Transfer-Encoding: %d, Connection: close %v; want 400 and close", scheme, resp.StatusCode, resp.Close)
+		}
+		// Closed: EOF, or a reset as the unread rest arrives.
+		if extra, err := br.ReadString('\n'); err == nil {
+			t.Errorf("%s: the connection goes on after the refusal: %q", scheme, extra)
+		}
+		mu.Lock()
+		if got := strings.Join(paths, " "); got != "/a /b /c" {
+			t.Errorf("%s: the backend saw %q, want /a /b /c", scheme, got)
+		}
+		mu.Unlock()
+	}
+	if n := p.Stats().AmbiguousFraming; n != 2 || events.Load() != 2 {
+		t.Errorf("Stats().AmbiguousFraming %d, security events %d; want 2 and 2", n, events.Load())
+	}
+}
+
+// h1Framing finds the same request boundaries however the bytes are split
+// into reads, and marks the end of the ambiguous header block: the blank
+// line's first byte, or its LF when the CR came in an earlier read.
+func TestH1FramingAcrossReads(t *testing.T) {
+	end := strings.Index(smugglingStream, "0\r\n\r\nGET /smuggled") - len("\r\n")
+	for _, size := range []int{1, 2, 3, 7, 64, len(smugglingStream)} {
+		var f h1Framing
+		poisoned := -1
+		for i := 0; i < len(smugglingStream) && poisoned < 0; i += size {
+			chunk := smugglingStream[i:min(i+size, len(smugglingStream))]
+			if j := f.feed([]byte(chunk)); j >= 0 {
+				poisoned = i + j
+			}
+		}
+		want := end
+		if end%size == size-1 { // the CR ends a read
+			want++
+		}
+		if poisoned != want {
+			t.Errorf("reads of %d bytes: marked byte %d, want %d", size, poisoned, want)
+		}
 	}
 }
 

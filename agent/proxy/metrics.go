@@ -28,6 +28,10 @@ const (
 	// ViolationResetFlood: an HTTP/2 connection ended (GOAWAY) for
 	// cancelling streams beyond proxy.http2.max_client_resets.
 	ViolationResetFlood = "http2_reset_flood"
+	// ViolationAmbiguousFraming: an HTTP/1 request with both
+	// Content-Length and Transfer-Encoding, refused (400) with its
+	// connection closed.
+	ViolationAmbiguousFraming = "ambiguous_framing"
 )
 
 var reasons = [...]string{ReasonDial, ReasonTimeout, ReasonReset, Reason5xx, ReasonNoBackend, ReasonOther}
@@ -54,10 +58,12 @@ type Stats struct {
 	UpstreamErrors map[string]uint64 `json:"upstream_errors"`
 	RateLimited    uint64            `json:"rate_limited"`
 	// H2ResetFloods counts HTTP/2 connections ended for cancelling
-	// streams beyond their reset budget.
-	H2ResetFloods uint64 `json:"http2_reset_floods"`
-	Retries       uint64 `json:"retries"`
-	Ejections     uint64 `json:"ejections"`
+	// streams beyond their reset budget; AmbiguousFraming counts requests
+	// refused for having both Content-Length and Transfer-Encoding.
+	H2ResetFloods    uint64 `json:"http2_reset_floods"`
+	AmbiguousFraming uint64 `json:"ambiguous_framing"`
+	Retries          uint64 `json:"retries"`
+	Ejections        uint64 `json:"ejections"`
 	// BytesIn and BytesOut are request and response body bytes (and, for
 	// upgraded connections such as WebSockets, the bytes relayed after the
 	// upgrade), as reported to Options.Usage.
@@ -84,6 +90,7 @@ type counters struct {
 	upstream    [len(reasons)]atomic.Uint64
 	rateLimited atomic.Uint64
 	resetFloods atomic.Uint64
+	ambiguous   atomic.Uint64
 	retries     atomic.Uint64
 	ejections   atomic.Uint64
 	bytesIn     atomic.Uint64
@@ -124,7 +131,7 @@ func newPromMetrics(reg prometheus.Registerer) (*promMetrics, error) {
 		}, []string{"reason"}),
 		violations: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "veloflux_http_client_violations_total",
-			Help: "Client protocol abuse the L7 proxy cut short, by kind: http2_reset_flood (an HTTP/2 connection ended for cancelling too many streams).",
+			Help: "Client protocol abuse the L7 proxy cut short, by kind: http2_reset_flood (an HTTP/2 connection ended for cancelling too many streams), ambiguous_framing (a request with both Content-Length and Transfer-Encoding).",
 		}, []string{"kind"}),
 	}
 	for _, c := range []prometheus.Collector{m.requests, m.duration, m.inflight, m.upstreamErrors, m.violations} {

@@ -272,17 +272,18 @@ func (p *Proxy) Draining() bool { return p.draining.Load() }
 func (p *Proxy) Stats() Stats {
 	now := p.now()
 	s := Stats{
-		Requests:       p.count.requests.Load(),
-		Status:         make(map[string]uint64, 5),
-		UpstreamErrors: make(map[string]uint64, len(reasons)),
-		RateLimited:    p.count.rateLimited.Load(),
-		H2ResetFloods:  p.count.resetFloods.Load(),
-		Retries:        p.count.retries.Load(),
-		Ejections:      p.count.ejections.Load(),
-		BytesIn:        p.count.bytesIn.Load(),
-		BytesOut:       p.count.bytesOut.Load(),
-		InFlight:       p.inflight.Load(),
-		Draining:       p.draining.Load(),
+		Requests:         p.count.requests.Load(),
+		Status:           make(map[string]uint64, 5),
+		UpstreamErrors:   make(map[string]uint64, len(reasons)),
+		RateLimited:      p.count.rateLimited.Load(),
+		H2ResetFloods:    p.count.resetFloods.Load(),
+		AmbiguousFraming: p.count.ambiguous.Load(),
+		Retries:          p.count.retries.Load(),
+		Ejections:        p.count.ejections.Load(),
+		BytesIn:          p.count.bytesIn.Load(),
+		BytesOut:         p.count.bytesOut.Load(),
+		InFlight:         p.inflight.Load(),
+		Draining:         p.draining.Load(),
 	}
 	for c := 1; c <= 5; c++ {
 		s.Status[fmt.Sprintf("%dxx", c)] = p.count.class[c].Load()

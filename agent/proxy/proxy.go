@@ -7,9 +7,20 @@
 // to a ReverseProxy whose RoundTripper picks a backend with the pool's
 // algorithm (round_robin, weighted_round_robin, least_conn, ip_hash through
 // Maglev, or p2c_ewma), retries idempotent requests whose connection could
-// not be established, and feeds passive outlier ejection. Everything a
-// configuration decides is compiled into an immutable state published with
-// an atomic pointer, so Apply never disturbs requests in flight.
+// not be established, and feeds passive outlier ejection, with the
+// backend's failures only: a client's broken or slow body is answered 400
+// or 408 and counts against no backend.
+//
+// The listeners do their own TLS handshake and hand net/http every client
+// connection through a guard that reads what the client sends on its way
+// in, for what net/http does not enforce: a per-connection budget of
+// HTTP/2 stream resets (rapid reset floods end with GOAWAY), and the
+// refusal of requests with both Content-Length and Transfer-Encoding.
+// HTTP/2 is golang.org/x/net/http2's server.
+//
+// Everything a configuration decides is compiled into an immutable state
+// published with an atomic pointer, so Apply never disturbs requests in
+// flight.
 //
 // Typical use:
 //

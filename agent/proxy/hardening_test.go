@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"crypto/tls"
+	"crypto/x509"
 	"io"
 	"net"
 	"net/http"
@@ -226,12 +227,34 @@ type h2Frame struct {
 	maxStreams uint32        // SETTINGS, when present
 }
 
-// dialH2C opens an h2c connection to addr: the preface, an empty SETTINGS
-// frame, and a goroutine that hands every frame the server sends to
-// frames until the connection ends (then frames is closed).
+// dialH2C opens an h2c connection to addr (see startH2).
 func dialH2C(t *testing.T, addr string) *h2Conn {
 	t.Helper()
-	c := rawConn(t, addr)
+	return startH2(t, rawConn(t, addr))
+}
+
+// dialH2 opens an HTTP/2 connection over TLS (ALPN h2) to addr, trusting
+// roots (see startH2).
+func dialH2(t *testing.T, addr string, roots *x509.CertPool) *h2Conn {
+	t.Helper()
+	c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr,
+		&tls.Config{ServerName: "app", RootCAs: roots, NextProtos: []string{"h2"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := c.ConnectionState().NegotiatedProtocol; p != "h2" {
+		t.Fatalf("ALPN chose %q, want h2", p)
+	}
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	t.Cleanup(func() { c.Close() })
+	return startH2(t, c)
+}
+
+// startH2 begins HTTP/2 on c: the preface, an empty SETTINGS frame, and a
+// goroutine that hands every frame the server sends to frames until the
+// connection ends (then frames is closed).
+func startH2(t *testing.T, c net.Conn) *h2Conn {
+	t.Helper()
 	if _, err := io.WriteString(c, http2.ClientPreface); err != nil {
 		t.Fatal(err)
 	}
@@ -275,69 +298,80 @@ func (h *h2Conn) open(id uint32) error {
 
 // An HTTP/2 client that opens and at once cancels stream after stream (the
 // rapid reset flood) has its connection ended with GOAWAY once it exceeds
-// its reset budget, and the backend sees no more requests than that budget.
+// its reset budget, and the backend sees no more requests than that budget;
+// over h2c and over TLS.
 func TestHTTP2RapidResetEndsConnection(t *testing.T) {
 	be := newBackend(t, "b", nil)
+	dir := t.TempDir()
+	cf, kf, cert := writeCert(t, dir, "app", 1, "app")
 	cfg := testConfig([]config.Pool{poolOf("web", config.AlgorithmRoundRobin, be)}, config.Route{PathPrefix: "/", Pool: "web"})
 	cfg.Proxy.H2C = true
+	cfg.Proxy.TLS = []config.TLSCert{{CertFile: cf, KeyFile: kf}}
 	const budget = 100
 	cfg.Proxy.HTTP2 = config.HTTP2Limits{MaxConcurrentStreams: 100, MaxClientResets: budget, ResetWindow: config.Duration(time.Minute)}
 	var floods atomic.Int64
 	p := newProxy(t, cfg, Options{SecurityEvent: func(kind string, data map[string]any) {
-		if kind == "http2_reset_flood" && data["client_ip"] == "127.0.0.1" {
+		if kind == ViolationResetFlood && data["client_ip"] == "127.0.0.1" {
 			floods.Add(1)
 		}
 	}})
-	addr, _ := serve(t, p)
+	httpAddr, httpsAddr := serve(t, p)
 
-	h := dialH2C(t, addr)
-	const pairs = 5000
-	sent := 0
-	for ; sent < pairs; sent++ {
-		id := uint32(2*sent + 1)
-		if h.open(id) != nil || h.w.WriteRSTStream(id, http2.ErrCodeCancel) != nil {
-			break // the proxy closed the connection
+	for i, dial := range []func() *h2Conn{
+		func() *h2Conn { return dialH2C(t, httpAddr) },
+		func() *h2Conn { return dialH2(t, httpsAddr, rootsOf(cert)) },
+	} {
+		name := [...]string{"h2c", "h2"}[i]
+		hitsBefore := be.hits.Load()
+		h := dial()
+		const pairs = 5000
+		sent := 0
+		for ; sent < pairs; sent++ {
+			id := uint32(2*sent + 1)
+			if h.open(id) != nil || h.w.WriteRSTStream(id, http2.ErrCodeCancel) != nil {
+				break // the proxy closed the connection
+			}
 		}
-	}
-	var goaway *h2Frame
-	timeout := time.After(5 * time.Second)
-wait:
-	for goaway == nil {
-		select {
-		case f, ok := <-h.frames:
-			if !ok {
+		var goaway *h2Frame
+		timeout := time.After(5 * time.Second)
+	wait:
+		for goaway == nil {
+			select {
+			case f, ok := <-h.frames:
+				if !ok {
+					break wait
+				}
+				if f.typ == http2.FrameGoAway {
+					goaway = &f
+				}
+			case <-timeout:
 				break wait
 			}
-			if f.typ == http2.FrameGoAway {
-				goaway = &f
-			}
-		case <-timeout:
-			break wait
+		}
+		h.conn.Close()
+		waitFor(t, 5*time.Second, "requests in flight to end", func() bool { return p.Stats().InFlight == 0 })
+		hits := be.hits.Load() - hitsBefore
+		t.Logf("%s: sent %d HEADERS+RST_STREAM pairs; the backend saw %d requests", name, sent, hits)
+
+		if goaway == nil {
+			t.Fatalf("%s: no GOAWAY after %d reset streams (budget %d)", name, sent, budget)
+		}
+		if goaway.code != http2.ErrCodeEnhanceYourCalm {
+			t.Errorf("%s: GOAWAY code %v, want ENHANCE_YOUR_CALM", name, goaway.code)
+		}
+		// The streams past the budget were never processed.
+		if max := uint32(2*(budget+1) + 1); goaway.lastStream > max {
+			t.Errorf("%s: GOAWAY last stream %d: streams past the budget were processed (want <= %d)", name, goaway.lastStream, max)
+		}
+		if hits > budget+1 {
+			t.Errorf("%s: the backend saw %d requests, want at most %d", name, hits, budget+1)
 		}
 	}
-	h.conn.Close()
-	waitFor(t, 5*time.Second, "requests in flight to end", func() bool { return p.Stats().InFlight == 0 })
-	hits := be.hits.Load()
-	t.Logf("sent %d HEADERS+RST_STREAM pairs; the backend saw %d requests", sent, hits)
-
-	if goaway == nil {
-		t.Fatalf("no GOAWAY after %d reset streams (budget %d)", sent, budget)
+	if floods.Load() != 2 {
+		t.Errorf("%d %s security events, want 2", floods.Load(), ViolationResetFlood)
 	}
-	if goaway.code != http2.ErrCodeEnhanceYourCalm {
-		t.Errorf("GOAWAY code %v, want ENHANCE_YOUR_CALM", goaway.code)
-	}
-	// The streams past the budget were never processed.
-	if max := uint32(2*(budget+1) + 1); goaway.lastStream > max {
-		t.Errorf("GOAWAY last stream %d: streams past the budget were processed (want <= %d)", goaway.lastStream, max)
-	}
-	if hits > budget+1 {
-		t.Errorf("the backend saw %d requests, want at most %d", hits, budget+1)
-	}
-	if floods.Load() != 1 {
-		t.Errorf("%d http2_reset_flood security events, want 1", floods.Load())
-	}
-	if n := p.Stats().H2ResetFloods; n != 1 {
-		t.Errorf("Stats().H2ResetFloods = %d, want 1", n)
+	if n := p.Stats().H2ResetFloods; n != 2 {
+		t.Errorf("Stats().H2ResetFloods = %d, want 2", n)
 	}
 }
 

@@ -105,9 +105,11 @@ const (
 )
 
 // errResetFlood is what the HTTP/2 server reads from a connection whose
-// client is over its reset budget. Being an http2.ConnectionError, it makes
-// the server send GOAWAY with that code (rather than drop the connection
-// silently, as for an I/O error) and close after its GOAWAY timeout.
+// client is over its reset budget. golang.org/x/net/http2's server handles
+// a read error that is an http2.ConnectionError as one found in a frame: it
+// sends GOAWAY with that code (rather than drop the connection silently,
+// as for an I/O error) and closes after its GOAWAY timeout.
+// TestHTTP2RapidResetEndsConnection holds it to that.
 var errResetFlood error = http2.ConnectionError(http2.ErrCodeEnhanceYourCalm)
 
 func (c *clientConn) Read(b []byte) (int, error) {

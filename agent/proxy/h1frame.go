@@ -27,9 +27,11 @@ import (
 // it on a pipelining connection, whose background read would meet the
 // error.)
 //
-// When it cannot follow (a header block over net/http's limit, a
-// Content-Length or chunk size that does not parse), net/http rejects the
-// same request and closes the connection, so following stops there.
+// It stops following only where the connection is about to close anyway:
+// at a request net/http rejects with an error and closes on (a header block
+// over its limit, a request line or header line it cannot parse, a bad or
+// conflicting Content-Length), and at a chunk size that does not parse,
+// whose body read fails, after which the connection is closed too.
 type h1Framing struct {
 	state     h1State
 	line      []byte // the current line, without its end

@@ -795,6 +795,9 @@ func (b *countingBody) Read(p []byte) (int, error) {
 			// Only the request timer sets a read deadline on the
 			// client's connection (stopBodyRead).
 			b.rs.noteBodyFault(bodyTooSlow)
+		case errors.Is(err, http.ErrBodyReadAfterClose):
+			// Our side closed the body (the exchange had already
+			// failed): not the client's doing.
 		case b.rs.inCtx.Err() == nil:
 			// Bad chunked encoding, a body shorter than its
 			// Content-Length, an HTTP/2 stream error.

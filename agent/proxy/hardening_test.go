@@ -482,6 +482,9 @@ func TestContentLengthWithTransferEncodingIsRefused(t *testing.T) {
 	cf, kf, cert := writeCert(t, dir, "app", 1, "app")
 	cfg := testConfig([]config.Pool{poolOf("web", config.AlgorithmRoundRobin, be)}, config.Route{PathPrefix: "/", Pool: "web"})
 	cfg.Proxy.TLS = []config.TLSCert{{CertFile: cf, KeyFile: kf}}
+	// With h2c on, plain connections are first told from HTTP/2 by their
+	// opening bytes ("POST" shares its "P" with the HTTP/2 preface).
+	cfg.Proxy.H2C = true
 	var events atomic.Int64
 	p := newProxy(t, cfg, Options{SecurityEvent: func(kind string, data map[string]any) {
 		if kind == ViolationAmbiguousFraming && data["client_ip"] == "127.0.0.1" {

@@ -324,7 +324,7 @@ func (a *Agent) inheritedVerdicts(cfg *config.Config) (map[string]bool, error) {
 	for _, p := range cfg.Pools {
 		for _, b := range p.Backends {
 			if addr, err := netip.ParseAddr(b.Address); err == nil && live[addr] {
-				seed[reconcile.BackendKey(p.Name, b)] = true
+				seed[b.Key(p.Name)] = true
 			}
 		}
 	}

@@ -12,7 +12,6 @@ import (
 	"github.com/veloflux/veloflux/agent/api"
 	"github.com/veloflux/veloflux/agent/config"
 	"github.com/veloflux/veloflux/agent/model"
-	"github.com/veloflux/veloflux/agent/reconcile"
 	"github.com/veloflux/veloflux/agent/statefile"
 )
 
@@ -228,7 +227,7 @@ func (a *Agent) SetDrained(ctx context.Context, pool, backend string, drained bo
 		}
 		for _, b := range p.Backends {
 			if addr, err := netip.ParseAddr(b.Address); err == nil && addr == ap.Addr() && b.Port == int(ap.Port()) {
-				key = reconcile.BackendKey(p.Name, b)
+				key = b.Key(p.Name)
 			}
 		}
 	}

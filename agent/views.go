@@ -180,7 +180,7 @@ func (a *Agent) backendViews(counters model.Counters) []api.BackendView {
 	var out []api.BackendView
 	for _, p := range cfg.Pools {
 		for _, b := range p.Backends {
-			key := reconcile.BackendKey(p.Name, b)
+			key := b.Key(p.Name)
 			bc := byKey[key]
 			st, checked := statuses[key]
 			view := api.BackendView{

@@ -57,3 +57,22 @@ func TestMarshalStatesEmptyVIPs(t *testing.T) {
 		t.Error("`vips: []` parsed as an absent list")
 	}
 }
+
+// Health verdicts, the drain set, the reconciler and the L7 proxy all key
+// backends by Backend.Key; Endpoint, the Maglev key, leaves the pool out.
+func TestBackendKey(t *testing.T) {
+	for _, c := range []struct {
+		b             Backend
+		key, endpoint string
+	}{
+		{Backend{Address: "10.0.0.1", Port: 80}, "web/10.0.0.1:80", "10.0.0.1:80"},
+		{Backend{Address: "2001:db8::1", Port: 443}, "web/[2001:db8::1]:443", "[2001:db8::1]:443"},
+	} {
+		if got := c.b.Key("web"); got != c.key {
+			t.Errorf("Key(%s) = %q, want %q", c.b.Address, got, c.key)
+		}
+		if got := c.b.Endpoint(); got != c.endpoint {
+			t.Errorf("Endpoint(%s) = %q, want %q", c.b.Address, got, c.endpoint)
+		}
+	}
+}

@@ -33,6 +33,7 @@ import (
 	"net/netip"
 	"os"
 	"reflect"
+	"strconv"
 	"strings"
 	"time"
 
@@ -250,6 +251,20 @@ type Backend struct {
 	// backend) can be told apart from an omitted weight, which means 1.
 	// Use EffectiveWeight rather than dereferencing it.
 	Weight *uint32 `yaml:"weight,omitempty"`
+}
+
+// Endpoint is the backend's "address:port" ("[v6]:port"). It is the
+// backend's Maglev key, which leaves the pool name out so that the same
+// backend set gives the same table whatever the pool is called.
+func (b Backend) Endpoint() string {
+	return net.JoinHostPort(b.Address, strconv.Itoa(b.Port))
+}
+
+// Key is the backend's identity within pool, "pool/address:port": health
+// verdicts, the drain set and the L7 proxy's members are keyed by it, so
+// they must all spell it this one way.
+func (b Backend) Key(pool string) string {
+	return pool + "/" + b.Endpoint()
 }
 
 // EffectiveWeight returns the backend's weight, treating an unset weight as

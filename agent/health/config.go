@@ -23,7 +23,7 @@ func SpecFromConfig(hc config.HealthCheck) Spec {
 }
 
 // TargetsFromPools returns one Target per backend of every pool, keyed
-// Key(pool, address:port) with the backend's serving port (the check port
+// config.Backend.Key with the backend's serving port (the check port
 // override stays in Spec.Port, so the key does not change when only the
 // check moves). Backends are listed in configuration order.
 //
@@ -47,7 +47,7 @@ func TargetsFromPools(pools []config.Pool) ([]Target, error) {
 				continue
 			}
 			ap := netip.AddrPortFrom(addr, uint16(b.Port))
-			out = append(out, Target{Key: Key(p.Name, ap), Pool: p.Name, Addr: ap, Check: spec})
+			out = append(out, Target{Key: b.Key(p.Name), Pool: p.Name, Addr: ap, Check: spec})
 		}
 	}
 	if len(errs) > 0 {

@@ -54,6 +54,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/veloflux/veloflux/agent/config"
 )
 
 // CheckType is the kind of probe run against a target. Its values match
@@ -115,7 +117,7 @@ type Target struct {
 // Key returns the default key of the backend addr in pool:
 // "pool/10.0.0.11:80", or "pool/[2001:db8::1]:80" for IPv6.
 func Key(pool string, addr netip.AddrPort) string {
-	return pool + "/" + addr.String()
+	return config.Backend{Address: addr.Addr().String(), Port: int(addr.Port())}.Key(pool)
 }
 
 // Status is a snapshot of one target's health.

@@ -18,7 +18,7 @@ import (
 // counts, latency estimates and passive ejections survive a reload, and
 // requests started before the reload release the object the new pool counts.
 type upstream struct {
-	key      string  // reconcile.BackendKey: "pool/addr:port"
+	key      string  // config.Backend.Key: "pool/addr:port"
 	addr     string  // "addr:port": the dial address and the metric label
 	stickyID [8]byte // opaque id carried by sticky cookies
 

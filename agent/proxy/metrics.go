@@ -74,7 +74,7 @@ type Stats struct {
 	// the last LatencyWindow; 0 when there were none.
 	LatencyP50 float64 `json:"latency_p50_seconds"`
 	LatencyP99 float64 `json:"latency_p99_seconds"`
-	// Ejected lists the backends (reconcile.BackendKey) passive health
+	// Ejected lists the backends (config.Backend.Key) passive health
 	// currently keeps out.
 	Ejected  []string `json:"ejected,omitempty"`
 	Draining bool     `json:"draining"`

@@ -56,7 +56,7 @@ type Options struct {
 	// slog.Default().
 	Logger *slog.Logger
 	// Healthy returns the active health verdict of a backend, by
-	// reconcile.BackendKey; an unknown backend is down. Nil: every backend
+	// config.Backend.Key; an unknown backend is down. Nil: every backend
 	// is healthy.
 	Healthy func(key string) (healthy, known bool)
 	// Drained reports backends that take no new requests (requests already

@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/veloflux/veloflux/agent/config"
-	"github.com/veloflux/veloflux/agent/reconcile"
 )
 
 // state is everything one applied configuration decides. It is immutable
@@ -204,7 +203,7 @@ func (p *Proxy) build(cfg *config.Config, prev *state) (*state, map[string]*upst
 		pl.members = make([]member, len(cp.Backends))
 		pl.cur = make([]int64, len(cp.Backends))
 		for bi, b := range cp.Backends {
-			key := reconcile.BackendKey(cp.Name, b)
+			key := b.Key(cp.Name)
 			if _, dup := ups[key]; dup {
 				return nil, nil, fmt.Errorf("proxy: pool %q lists backend %s twice", cp.Name, key)
 			}

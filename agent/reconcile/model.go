@@ -91,7 +91,7 @@ func buildModel(d Desired) (*model, error) {
 			if b.Port < 1 || b.Port > 65535 {
 				return nil, fmt.Errorf("reconcile: pools[%d].backends[%d].port: %d is not in 1..65535", i, j, b.Port)
 			}
-			key := BackendKey(p.Name, b)
+			key := b.Key(p.Name)
 			if seen[key] {
 				return nil, fmt.Errorf("reconcile: pools[%d].backends[%d]: duplicate backend %s", i, j, key)
 			}
@@ -105,7 +105,7 @@ func buildModel(d Desired) (*model, error) {
 			drained := d.Drained[key]
 			pm.entries = append(pm.entries, entryModel{
 				addr:   addr,
-				key:    ringKey(b),
+				key:    b.Endpoint(),
 				weight: b.EffectiveWeight(),
 				live:   healthy && !drained,
 			})

@@ -99,30 +99,18 @@ type Desired struct {
 	// Config is the validated configuration model. Only Pools, VIPs and
 	// Security.Denylist are read.
 	Config *config.Config
-	// Healthy returns the health verdict of a backend by its BackendKey,
+	// Healthy returns the health verdict of a backend by its config.Backend.Key,
 	// and whether a verdict exists at all. A backend without a verdict
 	// counts as unhealthy, unless its pool's health check type is "none".
 	// A nil Healthy means no verdict is known for any backend. It is
 	// called during Reconcile, with the Reconciler's lock held, so it must
 	// not call back into the Reconciler.
 	Healthy func(key string) (healthy, known bool)
-	// Drained holds the BackendKeys of backends that take no new flows but
+	// Drained holds the config.Backend.Keys of backends that take no new flows but
 	// keep their existing ones.
 	Drained map[string]bool
 }
 
-// BackendKey is the identity of a backend within a pool, as used for health
-// verdicts and the drain set: "pool/address:port" ("pool/[v6]:port").
-func BackendKey(pool string, b config.Backend) string {
-	return pool + "/" + ringKey(b)
-}
-
-// ringKey is a backend's Maglev key. It must not include the pool name: the
-// table is a function of the keys, and the same backend set must give the
-// same table on every node whatever the pool is called there.
-func ringKey(b config.Backend) string {
-	return net.JoinHostPort(b.Address, fmt.Sprint(b.Port))
-}
 
 // Result summarizes one reconcile.
 type Result struct {

@@ -1080,20 +1080,6 @@ func TestConcurrentReconciles(t *testing.T) {
 	}
 }
 
-func TestBackendKey(t *testing.T) {
-	for _, c := range []struct {
-		b    config.Backend
-		want string
-	}{
-		{be("10.0.0.1", 80), "web/10.0.0.1:80"},
-		{be("2001:db8::1", 443), "web/[2001:db8::1]:443"},
-	} {
-		if got := BackendKey("web", c.b); got != c.want {
-			t.Errorf("BackendKey(%v) = %q, want %q", c.b.Address, got, c.want)
-		}
-	}
-}
-
 func TestNewRejectsBadDataplane(t *testing.T) {
 	dp := newFakeDP(256)
 	if _, err := New(dp, nil, Options{}); err == nil || !strings.Contains(err.Error(), "prime") {

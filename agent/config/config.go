@@ -538,7 +538,7 @@ func ParseDenyPrefix(s string) (netip.Prefix, error) {
 	}
 	if p.Bits() < 96 {
 		return netip.Prefix{}, fmt.Errorf("%q is an IPv4-mapped prefix shorter than /96, which also covers IPv6 "+
-			"addresses: write IPv4 clients as IPv4 (e.g. %s) and IPv6 ones without ::ffff:", s,
+			"addresses: write IPv4 clients as IPv4 (e.g. %s) and IPv6 ones without the ::ffff: prefix", s,
 			netip.PrefixFrom(a.Unmap(), 32))
 	}
 	return netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96).Masked(), nil

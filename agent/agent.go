@@ -323,7 +323,7 @@ func (a *Agent) inheritedVerdicts(cfg *config.Config) (map[string]bool, error) {
 	seed := map[string]bool{}
 	for _, p := range cfg.Pools {
 		for _, b := range p.Backends {
-			if addr, err := netip.ParseAddr(b.Address); err == nil && live[addr] {
+			if addr, err := config.ParseAddr(b.Address); err == nil && live[addr] {
 				seed[b.Key(p.Name)] = true
 			}
 		}
@@ -386,7 +386,7 @@ func (a *Agent) syncAttachments(cfg *config.Config) error {
 // switched to another mode are put back, and the error names every
 // failure. It returns the interfaces it newly attached.
 func (a *Agent) attachAll(cfg *config.Config) ([]string, error) {
-	mode := dataplane.XDPMode(cfg.Dataplane.XDPMode)
+	mode := xdpMode(cfg.Dataplane.XDPMode)
 	before := a.dp.Attached()
 	var added []string
 	var errs []error
@@ -414,7 +414,7 @@ func (a *Agent) undoAttach(prev *config.Config, added []string) {
 			a.log.Error("roll back: detach", "interface", ifname, "err", err)
 		}
 	}
-	mode := dataplane.XDPMode(prev.Dataplane.XDPMode)
+	mode := xdpMode(prev.Dataplane.XDPMode)
 	for _, ifname := range prev.Dataplane.Interfaces {
 		if err := a.dp.Attach(ifname, mode); err != nil {
 			a.log.Error("roll back: re-attach", "interface", ifname, "mode", mode, "err", err)
@@ -473,4 +473,17 @@ func (n dsrNeighbors) Resolve(ctx context.Context, addr netip.Addr) (net.Hardwar
 		return nil, fmt.Errorf("resolve MAC of %s: no interface is configured", addr)
 	}
 	return (&reconcile.NeighborResolver{Interface: ifaces[0]}).Resolve(ctx, addr)
+}
+
+// xdpMode maps the configuration's XDP mode onto the data plane's; the two
+// types spell the modes alike today, but a cast would let one change
+// silently break the other.
+func xdpMode(m config.XDPMode) dataplane.XDPMode {
+	switch m {
+	case config.XDPModeNative:
+		return dataplane.XDPNative
+	case config.XDPModeGeneric:
+		return dataplane.XDPGeneric
+	}
+	return dataplane.XDPAuto
 }

@@ -226,7 +226,7 @@ func (a *Agent) SetDrained(ctx context.Context, pool, backend string, drained bo
 			continue
 		}
 		for _, b := range p.Backends {
-			if addr, err := netip.ParseAddr(b.Address); err == nil && addr == ap.Addr() && b.Port == int(ap.Port()) {
+			if addr, err := config.ParseAddr(b.Address); err == nil && addr == ap.Addr() && b.Port == int(ap.Port()) {
 				key = b.Key(p.Name)
 			}
 		}

@@ -8,26 +8,12 @@ import (
 	"time"
 
 	"github.com/veloflux/veloflux/agent/api"
-	"github.com/veloflux/veloflux/agent/config"
 	"github.com/veloflux/veloflux/agent/dataplane"
 	"github.com/veloflux/veloflux/agent/health"
 	"github.com/veloflux/veloflux/agent/model"
 	"github.com/veloflux/veloflux/agent/proxy"
 	"github.com/veloflux/veloflux/agent/reconcile"
 )
-
-// dataplaneVIP is the data path's key of a configured VIP.
-func dataplaneVIP(v config.VIP) (dataplane.VIP, error) {
-	addr, err := netip.ParseAddr(v.Address)
-	if err != nil {
-		return dataplane.VIP{}, fmt.Errorf("VIP address %q: %w", v.Address, err)
-	}
-	proto := dataplane.ProtoTCP
-	if v.Protocol == config.ProtocolUDP {
-		proto = dataplane.ProtoUDP
-	}
-	return dataplane.VIP{Addr: addr, Port: uint16(v.Port), Proto: proto}, nil
-}
 
 // Counters reads every data-plane counter once (model.CounterSource). It
 // is what Prometheus scrapes and what the 1 s telemetry tick samples.
@@ -45,7 +31,7 @@ func (a *Agent) Counters() (model.Counters, error) {
 		return out, err
 	}
 	for _, v := range cfg.VIPs {
-		key, err := dataplaneVIP(v)
+		key, err := reconcile.DataplaneVIP(v)
 		if err != nil {
 			continue // validated config: cannot happen
 		}

@@ -501,9 +501,22 @@ func (c *Config) normalize() {
 	}
 }
 
-// parseCIDR parses a denylist entry: a CIDR, or a bare IP meaning one host.
+// ParseAddr parses an address as the data plane stores it: no zone, and an
+// IPv4-mapped IPv6 address is the IPv4 address (the data plane unmaps it
+// and reads it back unmapped). Validation refuses mapped forms in the file;
+// this is for consumers of a validated configuration.
+func ParseAddr(s string) (netip.Addr, error) {
+	a, err := netip.ParseAddr(s)
+	if err != nil || a.Zone() != "" {
+		return netip.Addr{}, fmt.Errorf("invalid IP address %q", s)
+	}
+	return a.Unmap(), nil
+}
+
+// ParsePrefix parses a CIDR, or a bare IP meaning one host, masked: the
+// form of denylist entries and trusted proxies.
 // The result is masked, so "10.1.2.3/8" becomes "10.0.0.0/8".
-func parseCIDR(s string) (netip.Prefix, error) {
+func ParsePrefix(s string) (netip.Prefix, error) {
 	if !strings.Contains(s, "/") {
 		a, err := netip.ParseAddr(s)
 		if err != nil || a.Zone() != "" {
@@ -525,7 +538,7 @@ func parseCIDR(s string) (netip.Prefix, error) {
 // against the IPv4 table only: left mapped, the entry would deny nobody. A
 // mapped prefix shorter than /96 reaches past the IPv4 range and is refused.
 func ParseDenyPrefix(s string) (netip.Prefix, error) {
-	p, err := parseCIDR(s)
+	p, err := ParsePrefix(s)
 	if err != nil {
 		return netip.Prefix{}, err
 	}

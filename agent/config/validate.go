@@ -160,7 +160,7 @@ func (c *Config) validateProxy(v *collector) {
 		v.add("proxy.redirect_https", "needs at least one certificate in proxy.tls")
 	}
 	for i, s := range p.TrustedProxies {
-		if _, err := parseCIDR(s); err != nil {
+		if _, err := ParsePrefix(s); err != nil {
 			v.add(fmt.Sprintf("proxy.trusted_proxies[%d]", i), "%v", err)
 		}
 	}

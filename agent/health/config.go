@@ -37,7 +37,7 @@ func TargetsFromPools(pools []config.Pool) ([]Target, error) {
 		spec := SpecFromConfig(p.HealthCheck)
 		for j, b := range p.Backends {
 			path := fmt.Sprintf("pools[%d].backends[%d]", i, j)
-			addr, err := netip.ParseAddr(b.Address)
+			addr, err := config.ParseAddr(b.Address)
 			if err != nil {
 				errs = append(errs, fmt.Errorf("%s.address: invalid IP address %q", path, b.Address))
 				continue

@@ -181,7 +181,7 @@ func (p *Proxy) build(cfg *config.Config, prev *state) (*state, map[string]*upst
 	st := &state{cfg: pc, pools: make(map[string]*pool, len(cfg.Pools))}
 
 	for i, s := range pc.TrustedProxies {
-		pfx, err := parsePrefix(s)
+		pfx, err := config.ParsePrefix(s)
 		if err != nil {
 			return nil, nil, fmt.Errorf("proxy: trusted_proxies[%d]: %w", i, err)
 		}
@@ -281,21 +281,6 @@ func (p *Proxy) build(cfg *config.Config, prev *state) (*state, map[string]*upst
 		st.httpsPort = port
 	}
 	return st, ups, nil
-}
-
-func parsePrefix(s string) (netip.Prefix, error) {
-	if !strings.Contains(s, "/") {
-		a, err := netip.ParseAddr(s)
-		if err != nil {
-			return netip.Prefix{}, err
-		}
-		return netip.PrefixFrom(a, a.BitLen()), nil
-	}
-	pfx, err := netip.ParsePrefix(s)
-	if err != nil {
-		return netip.Prefix{}, err
-	}
-	return pfx.Masked(), nil
 }
 
 func (st *state) isTrusted(a netip.Addr) bool {

@@ -84,7 +84,7 @@ func buildModel(d Desired) (*model, error) {
 		checked := p.HealthCheck.Type != config.HealthCheckNone
 		seen := make(map[string]bool, len(p.Backends))
 		for j, b := range p.Backends {
-			addr, err := parseAddr(b.Address)
+			addr, err := config.ParseAddr(b.Address)
 			if err != nil {
 				return nil, fmt.Errorf("reconcile: pools[%d].backends[%d].address: %w", i, j, err)
 			}
@@ -153,27 +153,33 @@ func buildModel(d Desired) (*model, error) {
 	return m, nil
 }
 
-func convertVIP(v config.VIP) (vipModel, error) {
-	addr, err := parseAddr(v.Address)
+// DataplaneVIP is the data path's key of a configured VIP.
+func DataplaneVIP(v config.VIP) (dataplane.VIP, error) {
+	addr, err := config.ParseAddr(v.Address)
 	if err != nil {
-		return vipModel{}, fmt.Errorf("address: %w", err)
+		return dataplane.VIP{}, fmt.Errorf("address: %w", err)
 	}
 	if v.Port < 0 || v.Port > 65535 {
-		return vipModel{}, fmt.Errorf("port: %d is not in 0..65535", v.Port)
+		return dataplane.VIP{}, fmt.Errorf("port: %d is not in 0..65535", v.Port)
 	}
-	vm := vipModel{
-		vip:      dataplane.VIP{Addr: addr, Port: uint16(v.Port)},
-		affinity: v.SourceAffinity,
-		pool:     v.Pool,
-	}
+	vip := dataplane.VIP{Addr: addr, Port: uint16(v.Port)}
 	switch v.Protocol {
 	case config.ProtocolTCP:
-		vm.vip.Proto = dataplane.ProtoTCP
+		vip.Proto = dataplane.ProtoTCP
 	case config.ProtocolUDP:
-		vm.vip.Proto = dataplane.ProtoUDP
+		vip.Proto = dataplane.ProtoUDP
 	default:
-		return vipModel{}, fmt.Errorf("protocol: unknown protocol %q", v.Protocol)
+		return dataplane.VIP{}, fmt.Errorf("protocol: unknown protocol %q", v.Protocol)
 	}
+	return vip, nil
+}
+
+func convertVIP(v config.VIP) (vipModel, error) {
+	vip, err := DataplaneVIP(v)
+	if err != nil {
+		return vipModel{}, err
+	}
+	vm := vipModel{vip: vip, affinity: v.SourceAffinity, pool: v.Pool}
 	switch v.Mode {
 	case config.VIPModeDSR:
 		vm.mode = dataplane.ModeDSR
@@ -183,15 +189,4 @@ func convertVIP(v config.VIP) (vipModel, error) {
 		return vipModel{}, fmt.Errorf("mode: unknown mode %q", v.Mode)
 	}
 	return vm, nil
-}
-
-// parseAddr parses an address the way the data plane stores it: an
-// IPv4-mapped IPv6 address is the IPv4 address, as the data plane unmaps it
-// and reads it back unmapped.
-func parseAddr(s string) (netip.Addr, error) {
-	a, err := netip.ParseAddr(s)
-	if err != nil || a.Zone() != "" {
-		return netip.Addr{}, fmt.Errorf("invalid IP address %q", s)
-	}
-	return a.Unmap(), nil
 }

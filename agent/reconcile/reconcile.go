@@ -111,7 +111,6 @@ type Desired struct {
 	Drained map[string]bool
 }
 
-
 // Result summarizes one reconcile.
 type Result struct {
 	VIPsAdded, VIPsUpdated, VIPsRemoved    int

@@ -4,25 +4,20 @@ import (
 	"encoding/binary"
 	"net"
 	"net/netip"
-	"os"
 	"testing"
 
 	"github.com/cilium/ebpf"
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
+
+	"github.com/veloflux/veloflux/tests/testenv"
 )
 
-// requirePrivileged skips without root, unless VELOFLUX_REQUIRE_PRIV=1 asks
-// for the privileged tests to be mandatory (CI), in which case it fails.
+// requirePrivileged skips without root, or fails when privileged tests are
+// mandatory (testenv).
 func requirePrivileged(tb testing.TB) {
 	tb.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("VELOFLUX_REQUIRE_PRIV") == "1" {
-		tb.Fatal("VELOFLUX_REQUIRE_PRIV=1 but not running as root: BPF tests need CAP_BPF and CAP_NET_ADMIN")
-	}
-	tb.Skip("needs root to load BPF programs (set VELOFLUX_REQUIRE_PRIV=1 to make this a failure)")
+	testenv.RequireRoot(tb, "load BPF programs")
 }
 
 // A small prime keeps ring writes cheap in tests; production uses 65537.

@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/veloflux/veloflux/tests/testenv"
 )
 
 func TestMissingCapabilities(t *testing.T) {
@@ -56,13 +58,7 @@ const privilegeChildEnv = "VELOFLUX_TEST_PRIVILEGE_CHILD_PIN"
 // unprivileged user (the pin directory cannot even be read).
 func TestLoadWithoutCapabilities(t *testing.T) {
 	requirePrivileged(t)
-	setpriv, err := exec.LookPath("setpriv")
-	if err != nil {
-		if os.Getenv("VELOFLUX_REQUIRE_PRIV") == "1" {
-			t.Fatal("setpriv not found (Debian package util-linux) and VELOFLUX_REQUIRE_PRIV=1")
-		}
-		t.Skip("setpriv not found: apt-get install util-linux")
-	}
+	setpriv := testenv.RequireTool(t, "setpriv", "util-linux")
 	pin := testPinPath(t)
 	if err := os.MkdirAll(pin, 0o700); err != nil {
 		t.Fatal(err)

@@ -9,6 +9,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/veloflux/veloflux/tests/testenv"
 )
 
 // `veloflux detach --pin-path /etc/veloflux` (or any directory that is not
@@ -42,12 +44,7 @@ func TestDetachRefusesDirectoryOffBPFFS(t *testing.T) {
 // pinned beside them, names it on stderr, and exits 0: the data path is
 // down, which is what detach is for.
 func TestDetachLeavesForeignPins(t *testing.T) {
-	if os.Geteuid() != 0 {
-		if os.Getenv("VELOFLUX_REQUIRE_PRIV") == "1" {
-			t.Fatal("VELOFLUX_REQUIRE_PRIV=1 but not running as root: pinning BPF maps needs it")
-		}
-		t.Skip("needs root to mount a BPF filesystem and pin maps (set VELOFLUX_REQUIRE_PRIV=1 to make this a failure)")
-	}
+	testenv.RequireRoot(t, "mount a BPF filesystem and pin maps")
 	mnt := t.TempDir()
 	if err := unix.Mount("bpf", mnt, "bpf", 0, "mode=0700"); err != nil {
 		t.Fatalf("mount bpffs on %s: %v", mnt, err)

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -17,6 +16,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/veloflux/veloflux/agent/dataplane"
+
+	"github.com/veloflux/veloflux/tests/testenv"
 )
 
 // fakeSource is a data path held in memory.
@@ -296,21 +297,10 @@ func TestUsage(t *testing.T) {
 	}
 }
 
-func requirePrivileged(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("VELOFLUX_REQUIRE_PRIV") == "1" {
-		t.Fatal("VELOFLUX_REQUIRE_PRIV=1 but not running as root")
-	}
-	t.Skip("needs root to create BPF maps (set VELOFLUX_REQUIRE_PRIV=1 to make this a failure)")
-}
-
 // TestPinned fills real pinned maps, lets the loader go, and reads them back
 // through the command as a user would.
 func TestPinned(t *testing.T) {
-	requirePrivileged(t)
+	testenv.RequireRoot(t, "create BPF maps")
 	dir := t.TempDir()
 	if err := unix.Mount("bpf", dir, "bpf", 0, ""); err != nil {
 		t.Fatalf("mount bpffs: %v", err)

@@ -22,6 +22,8 @@ import (
 	"github.com/veloflux/veloflux/agent/dataplane"
 	"github.com/veloflux/veloflux/tests/agenttest"
 	"github.com/veloflux/veloflux/tests/lab"
+
+	"github.com/veloflux/veloflux/tests/testenv"
 )
 
 // Service addresses. 198.18.0.0/15 is the benchmarking range (RFC 2544);
@@ -60,7 +62,7 @@ const (
 // once, in the parent; the sub-benchmarks only report them (run it with
 // -benchtime 1x).
 func BenchmarkL4(b *testing.B) {
-	lab.RequireRoot(b)
+	testenv.RequireRoot(b, "build network namespaces")
 	for _, tool := range []string{"wrk", "haproxy", "nft", "ip"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			b.Skipf("%s is not installed (deploy/install-deps.sh bench installs wrk, haproxy and nftables): %v", tool, err)

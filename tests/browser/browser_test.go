@@ -29,6 +29,8 @@ import (
 
 	"github.com/veloflux/veloflux/tests/agenttest"
 	"github.com/veloflux/veloflux/tests/lab"
+
+	"github.com/veloflux/veloflux/tests/testenv"
 )
 
 // The VIP is in a documentation range: it exists only on the lab's backends'
@@ -51,7 +53,7 @@ var channels = []string{"backends", "metrics", "status", "health", "security", "
 func TestMain(m *testing.M) { agenttest.Main(m) }
 
 func TestDashboard(t *testing.T) {
-	lab.RequireRoot(t)
+	testenv.RequireRoot(t, "build network namespaces")
 	chromium := requireChromium(t)
 	began := time.Now()
 	root, err := agenttest.ModuleRoot()
@@ -316,10 +318,7 @@ func requireChromium(t *testing.T) string {
 	if _, err := os.Stat(path); err == nil {
 		return path
 	}
-	if os.Getenv(lab.RequirePrivEnv) == "1" {
-		t.Fatalf("no Chromium at %s (apt-get install chromium, or set VELOFLUX_CHROMIUM)", path)
-	}
-	t.Skipf("no Chromium at %s (apt-get install chromium, or set VELOFLUX_CHROMIUM); %s=1 fails instead", path, lab.RequirePrivEnv)
+	testenv.SkipOrFail(t, fmt.Sprintf("no Chromium at %s (apt-get install chromium, or set VELOFLUX_CHROMIUM)", path))
 	return ""
 }
 

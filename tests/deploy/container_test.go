@@ -24,6 +24,8 @@ import (
 
 	"github.com/veloflux/veloflux/tests/agenttest"
 	"github.com/veloflux/veloflux/tests/lab"
+
+	"github.com/veloflux/veloflux/tests/testenv"
 )
 
 // containerVIP is the VIP of TestContainer's lab.
@@ -92,7 +94,7 @@ func TestContainer(t *testing.T) {
 		// CI installs podman is a separate decision.
 		t.Skip("podman not installed (apt-get install podman runc); the image is not tested")
 	}
-	lab.RequireRoot(t)
+	testenv.RequireRoot(t, "build network namespaces")
 	caps := capSet(readCompose(t).Services["veloflux"].CapAdd)
 	pm := newPodman(t, bin)
 	pm.buildImage(t)

@@ -12,7 +12,8 @@ import (
 	"time"
 
 	"github.com/veloflux/veloflux/tests/agenttest"
-	"github.com/veloflux/veloflux/tests/lab"
+
+	"github.com/veloflux/veloflux/tests/testenv"
 )
 
 // installTree lays out what deploy/install.sh reads from a checkout after
@@ -118,8 +119,8 @@ func runInstall(t *testing.T, unshare, tree string, systemd, systemctlFails bool
 // pointing at systemctl; with it, a failing systemctl is shown and fails
 // the script rather than being hidden behind "start with: systemctl".
 func TestInstallScript(t *testing.T) {
-	lab.RequireRoot(t)
-	unshare := requireTool(t, "unshare", "util-linux")
+	testenv.RequireRoot(t, "build network namespaces")
+	unshare := testenv.RequireTool(t, "unshare", "util-linux")
 	tree, execStart := installTree(t)
 
 	t.Run("without systemd", func(t *testing.T) {

@@ -51,23 +51,6 @@ func readYAML(t testing.TB, rel string, v any) {
 	}
 }
 
-// requireTool returns the path of an external tool the test needs. A
-// missing tool skips the test, or fails it when VELOFLUX_REQUIRE_PRIV=1:
-// CI installs the tools, so there a skip would hide a missing install
-// step. pkg is the Debian package that provides the tool.
-func requireTool(t testing.TB, name, pkg string) string {
-	t.Helper()
-	p, err := exec.LookPath(name)
-	if err == nil {
-		return p
-	}
-	if os.Getenv(lab.RequirePrivEnv) == "1" {
-		t.Fatalf("%s not found (Debian package %s) and %s=1", name, pkg, lab.RequirePrivEnv)
-	}
-	t.Skipf("%s not found: apt-get install %s (set %s=1 to fail instead)", name, pkg, lab.RequirePrivEnv)
-	return ""
-}
-
 // run runs a command with a timeout and returns its combined output. The
 // timeout is its only deadline: cleanups use run too, and t.Context() is
 // already canceled when they run.

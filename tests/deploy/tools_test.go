@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/veloflux/veloflux/tests/testenv"
 )
 
 // TestPromtool runs Prometheus's and Alertmanager's own checkers on the
@@ -25,7 +27,7 @@ func TestPromtool(t *testing.T) {
 		{"amtool check-config", "amtool", "prometheus-alertmanager", amDir, []string{"check-config", "alertmanager.yml"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			bin := requireTool(t, tc.tool, tc.pkg)
+			bin := testenv.RequireTool(t, tc.tool, tc.pkg)
 			out, err := run(t, tc.dir, time.Minute, bin, tc.args...)
 			t.Logf("%s %s:\n%s", tc.tool, strings.Join(tc.args, " "), out)
 			if err != nil {
@@ -40,7 +42,7 @@ func TestPromtool(t *testing.T) {
 	// The unit tests must be able to fail: the same tests with one
 	// expected annotation changed are run on a copy and must not pass.
 	t.Run("test rules catches a wrong expectation", func(t *testing.T) {
-		bin := requireTool(t, "promtool", "prometheus")
+		bin := testenv.RequireTool(t, "promtool", "prometheus")
 		dir := t.TempDir()
 		rules, err := os.ReadFile(filepath.Join(promDir, "alerts.yml"))
 		if err != nil {

@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+
+	"github.com/veloflux/veloflux/tests/testenv"
 )
 
 // Documentation-range VIPs: they only ever exist inside lab namespaces.
@@ -157,7 +159,7 @@ const (
 // TestLabFailingTestCleansUp runs a test that builds a lab and then fails
 // (t.Fatal) or panics, in a child process, and checks nothing is left.
 func TestLabFailingTestCleansUp(t *testing.T) {
-	RequireRoot(t)
+	testenv.RequireRoot(t, "build network namespaces")
 	t.Parallel()
 	for _, mode := range []string{"fatal", "panic"} {
 		t.Run(mode, func(t *testing.T) {
@@ -502,7 +504,7 @@ func assertNoLeftovers(t *testing.T, prefix string) {
 // the partial lab is gone; a build that collides with a live lab's prefix
 // must fail without touching that lab.
 func TestNewFailureCleansUp(t *testing.T) {
-	RequireRoot(t)
+	testenv.RequireRoot(t, "build network namespaces")
 	t.Parallel()
 	prefix := fmt.Sprintf("vfy%04x", rand.N(0x10000))
 	ctx, cancel := context.WithCancel(t.Context())

@@ -2,21 +2,17 @@ package lab
 
 import (
 	"log/slog"
-	"os"
 	"testing"
-)
 
-// RequirePrivEnv, when set to "1", turns ForTest's "not root" skip into a
-// failure, so CI that is meant to run privileged tests cannot pass by
-// silently skipping them.
-const RequirePrivEnv = "VELOFLUX_REQUIRE_PRIV"
+	"github.com/veloflux/veloflux/tests/testenv"
+)
 
 // ForTest builds a lab for t and removes it in t.Cleanup, which also runs
 // when the test fails or panics. Without root it skips (or fails, see
-// RequirePrivEnv). Unless opts.Logger is set, lab logs go to the test log.
+// testenv). Unless opts.Logger is set, lab logs go to the test log.
 func ForTest(t testing.TB, opts Options) *Lab {
 	t.Helper()
-	RequireRoot(t)
+	testenv.RequireRoot(t, "build network namespaces")
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.NewTextHandler(t.Output(), nil))
 	}
@@ -30,17 +26,4 @@ func ForTest(t testing.TB, opts Options) *Lab {
 		}
 	})
 	return l
-}
-
-// RequireRoot skips t unless the process runs as root, or fails it when
-// RequirePrivEnv is "1".
-func RequireRoot(t testing.TB) {
-	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv(RequirePrivEnv) == "1" {
-		t.Fatalf("needs root (network namespaces, veth, XDP) and %s=1", RequirePrivEnv)
-	}
-	t.Skipf("needs root (network namespaces, veth, XDP); set %s=1 to fail instead", RequirePrivEnv)
 }

@@ -23,6 +23,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/veloflux/veloflux/tests/lab"
+
+	"github.com/veloflux/veloflux/tests/testenv"
 )
 
 // Benchmark settings; the run must stay well under two minutes.
@@ -154,7 +156,7 @@ func mib(n int64) float64        { return float64(n) / (1 << 20) }
 // message, and how many the agent cut off with 1013. The measurement runs
 // once; use -benchtime 1x.
 func BenchmarkWebSocketMetrics1000Clients(b *testing.B) {
-	lab.RequireRoot(b)
+	testenv.RequireRoot(b, "build network namespaces")
 	raiseNoFile(b, 4*wsClients+1024)
 	window := windowFromEnv()
 	e := newEnv(b, vip)
@@ -326,7 +328,7 @@ func BenchmarkWebSocketMetrics1000Clients(b *testing.B) {
 // times 20 scrapes of :8080/metrics as Prometheus makes them (gzip, one
 // kept-alive connection). It reports the median and p90 and the body size.
 func BenchmarkMetricsScrape1000VIPs(b *testing.B) {
-	lab.RequireRoot(b)
+	testenv.RequireRoot(b, "build network namespaces")
 	e := newEnv(b)
 	var cfg strings.Builder
 	cfg.WriteString(e.configHead(fmt.Sprintf("ring_size: %d", scrapeRing)))

@@ -71,7 +71,7 @@ type Agent struct {
 	proxyDone chan struct{} // closed when the proxy has drained
 	analyzer  *insights.Analyzer
 	ledger    *billing.Ledger
-	security  *securityStats
+	security  *api.SecurityStats
 
 	writeMu sync.Mutex // serializes configuration changes (API, SIGHUP)
 	drainMu sync.Mutex // serializes drain changes with their save
@@ -246,7 +246,7 @@ func (a *Agent) startServices(ctx context.Context, cfg *config.Config) error {
 	if err != nil {
 		return err
 	}
-	a.security = newSecurityStats(time.Now())
+	a.security = api.NewSecurityStats(time.Now())
 	a.analyzer = insights.New(insights.Config{})
 	if a.opts.StateDir != "" {
 		if a.ledger, err = billing.Open(filepath.Join(a.opts.StateDir, "billing.json"), time.Now(), a.log); err != nil {

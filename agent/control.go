@@ -328,7 +328,7 @@ func (a *Agent) Metrics() api.MetricsView {
 	a.mu.Unlock()
 	if mv.At.IsZero() {
 		if cur, err := a.Counters(); err == nil {
-			return ratesBetween(model.Counters{}, cur)
+			return api.RatesBetween(model.Counters{}, cur)
 		}
 	}
 	return mv

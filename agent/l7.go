@@ -114,17 +114,41 @@ func (a *Agent) onProxyUsage(pool string, requests, bytesIn, bytesOut uint64) {
 	}
 }
 
+// onProxySecurityEvent turns the proxy's report of client abuse (see
+// proxy.Options.SecurityEvent for its keys) into a security_event.
 func (a *Agent) onProxySecurityEvent(kind string, data map[string]any) {
-	a.security.dropEvent(kind)
-	ev := map[string]any{"kind": kind, "severity": "warning"}
+	a.security.DropEvent(kind)
+	ev := api.SecurityEventData{Kind: kind, Severity: "warning"}
 	for k, v := range data {
-		ev[k] = v
+		switch k {
+		case "client_ip":
+			ev.ClientIP = fmt.Sprint(v)
+		case "host":
+			ev.Host = fmt.Sprint(v)
+		case "path":
+			ev.Path = fmt.Sprint(v)
+		case "method":
+			ev.Method = fmt.Sprint(v)
+		case "suppressed":
+			if n, ok := v.(uint64); ok {
+				ev.Suppressed = n
+			} else if n, ok := v.(int64); ok && n > 0 {
+				ev.Suppressed = uint64(n)
+			} else if n, ok := v.(int); ok && n > 0 {
+				ev.Suppressed = uint64(n)
+			}
+		default:
+			if ev.Detail == nil {
+				ev.Detail = map[string]string{}
+			}
+			ev.Detail[k] = fmt.Sprint(v)
+		}
 	}
-	a.hub.Publish("security", api.NewMessage("security_event", ev))
+	a.hub.Publish("security", api.NewMessage(api.MsgSecurityEvent, ev))
 }
 
 // l7Rates turns two proxy stats reads into the metrics channel's L7 view.
-func l7Rates(prev, cur proxy.Stats, dt float64) map[string]any {
+func l7Rates(prev, cur proxy.Stats, dt float64) *api.L7Rates {
 	rate := func(now, before uint64) float64 {
 		if dt <= 0 || now < before {
 			return 0
@@ -142,18 +166,18 @@ func l7Rates(prev, cur proxy.Stats, dt float64) map[string]any {
 	for _, n := range prev.UpstreamErrors {
 		errBefore += n
 	}
-	return map[string]any{
-		"requests":              cur.Requests,
-		"requests_per_s":        rate(cur.Requests, prev.Requests),
-		"status_per_s":          status,
-		"upstream_errors_per_s": rate(errNow, errBefore),
-		"bytes_in_per_s":        rate(cur.BytesIn, prev.BytesIn),
-		"bytes_out_per_s":       rate(cur.BytesOut, prev.BytesOut),
-		"in_flight":             cur.InFlight,
-		"latency_p50_seconds":   cur.LatencyP50,
-		"latency_p99_seconds":   cur.LatencyP99,
-		"rate_limited":          cur.RateLimited,
-		"draining":              cur.Draining,
+	return &api.L7Rates{
+		Requests:           cur.Requests,
+		RequestsPerS:       rate(cur.Requests, prev.Requests),
+		StatusPerS:         status,
+		UpstreamErrorsPerS: rate(errNow, errBefore),
+		BytesInPerS:        rate(cur.BytesIn, prev.BytesIn),
+		BytesOutPerS:       rate(cur.BytesOut, prev.BytesOut),
+		InFlight:           cur.InFlight,
+		LatencyP50Seconds:  cur.LatencyP50,
+		LatencyP99Seconds:  cur.LatencyP99,
+		RateLimited:        cur.RateLimited,
+		Draining:           cur.Draining,
 	}
 }
 

@@ -2,15 +2,11 @@ package agent
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"slices"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 
-	"github.com/veloflux/veloflux/agent/dataplane"
 	"github.com/veloflux/veloflux/agent/metrics"
 )
 
@@ -91,93 +87,19 @@ func (a *Agent) onLinkChange(ctx context.Context, seen map[string]linkChange, lc
 	}
 }
 
-// xdpAttachedMulti is XDP_ATTACHED_MULTI (include/uapi/linux/if_link.h):
-// programs attached in more than one mode at once. netlink's nl package
-// stops at XDP_ATTACHED_HW.
-const xdpAttachedMulti = 4
-
-// xdpModeName names a kernel attach mode as the configuration does.
-func xdpModeName(mode uint32) (string, bool) {
-	switch mode {
-	case nl.XDP_ATTACHED_DRV:
-		return string(dataplane.XDPNative), true
-	case nl.XDP_ATTACHED_SKB:
-		return string(dataplane.XDPGeneric), true
-	case nl.XDP_ATTACHED_HW:
-		return "offload", true
-	case xdpAttachedMulti:
-		return "multi", true
-	}
-	return "", false
-}
-
-// xdpAttachments asks the kernel, for every configured interface, whether
-// the balancer's program is attached to it now (veloflux_xdp_attached). It
-// does not trust what Attach returned: the link can be detached behind the
-// agent's back (bpftool link detach, the interface deleted) and nothing
-// tells the agent. An interface that does not exist counts as detached; one
-// whose state cannot be read is left out and named in the error.
+// xdpAttachments is veloflux_xdp_attached: the kernel's word, for every
+// configured interface. A detached interface is labelled with the mode the
+// configuration asks for.
 func (a *Agent) xdpAttachments() ([]metrics.XDPAttachment, error) {
 	cfg := a.config()
-	progID, err := a.dp.ProgramID()
-	if err != nil {
-		return nil, err
-	}
-	var out []metrics.XDPAttachment
-	var errs []error
-	for _, name := range cfg.Dataplane.Interfaces {
-		at := metrics.XDPAttachment{Interface: name, Mode: string(cfg.Dataplane.XDPMode)}
-		l, err := netlink.LinkByName(name)
-		var notFound netlink.LinkNotFoundError
-		switch {
-		case errors.As(err, &notFound):
-			out = append(out, at)
-			continue
-		case err != nil:
-			errs = append(errs, fmt.Errorf("read the XDP state of interface %s: %w", name, err))
-			continue
+	ats, err := a.dp.Attachments(cfg.Dataplane.Interfaces)
+	out := make([]metrics.XDPAttachment, 0, len(ats))
+	for _, at := range ats {
+		mode := at.Mode
+		if !at.Attached {
+			mode = string(cfg.Dataplane.XDPMode)
 		}
-		x := l.Attrs().Xdp
-		if x == nil || !x.Attached {
-			out = append(out, at)
-			continue
-		}
-		if x.AttachMode == xdpAttachedMulti {
-			// netlink reports no program id then (only per-mode ids,
-			// which the library does not parse): ask the pinned link.
-			at.Attached, err = a.pinnedLinkOn(name, l.Attrs().Index, progID)
-			if err != nil {
-				errs = append(errs, err)
-				continue
-			}
-		} else {
-			at.Attached = x.ProgId == progID
-		}
-		if at.Attached {
-			if mode, ok := xdpModeName(x.AttachMode); ok {
-				at.Mode = mode
-			}
-		}
-		out = append(out, at)
+		out = append(out, metrics.XDPAttachment{Interface: at.Interface, Mode: mode, Attached: at.Attached})
 	}
-	return out, errors.Join(errs...)
-}
-
-// pinnedLinkOn reports whether the link pinned for ifname is attached to the
-// interface with that index and runs the balancer's program.
-func (a *Agent) pinnedLinkOn(ifname string, ifindex int, progID uint32) (bool, error) {
-	if a.opts.PinPath == "" {
-		return false, fmt.Errorf("interface %s has XDP programs in several modes and, without a pin path, "+
-			"no pinned link tells whether one is the balancer's", ifname)
-	}
-	links, err := a.dp.PinnedLinks()
-	if err != nil {
-		return false, err
-	}
-	for _, l := range links {
-		if l.Interface == ifname {
-			return l.Ifindex == ifindex && l.ProgramID == progID, nil
-		}
-	}
-	return false, nil
+	return out, err
 }

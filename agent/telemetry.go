@@ -4,7 +4,6 @@ import (
 	"context"
 	"net/netip"
 	"sort"
-	"sync"
 	"time"
 
 	"github.com/veloflux/veloflux/agent/api"
@@ -27,62 +26,6 @@ const (
 	recentInsights       = 20
 )
 
-// securityStats counts what the security channel summarizes.
-type securityStats struct {
-	mu          sync.Mutex
-	since       time.Time
-	byReason    map[string]uint64 // sampled drop events, by reason
-	authFailure uint64
-	windowStart time.Time
-	window      map[string]uint64
-	windowAuth  uint64
-}
-
-func newSecurityStats(now time.Time) *securityStats {
-	return &securityStats{since: now, windowStart: now, byReason: map[string]uint64{}, window: map[string]uint64{}}
-}
-
-func (s *securityStats) dropEvent(reason string) {
-	s.mu.Lock()
-	s.byReason[reason]++
-	s.window[reason]++
-	s.mu.Unlock()
-}
-
-// authEvents counts n failed API authentications.
-func (s *securityStats) authEvents(n int) {
-	s.mu.Lock()
-	s.authFailure += uint64(n)
-	s.windowAuth += uint64(n)
-	s.mu.Unlock()
-}
-
-// summary reports totals since start and the window since the last call
-// (reset when roll is true).
-func (s *securityStats) summary(now time.Time, roll bool) map[string]any {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	copyMap := func(m map[string]uint64) map[string]uint64 {
-		out := make(map[string]uint64, len(m))
-		for k, v := range m {
-			out[k] = v
-		}
-		return out
-	}
-	out := map[string]any{
-		"since":                s.since.UTC(),
-		"window_seconds":       now.Sub(s.windowStart).Seconds(),
-		"sampled_drops":        copyMap(s.byReason),
-		"window_sampled_drops": copyMap(s.window),
-		"auth_failures":        s.authFailure,
-		"window_auth_failures": s.windowAuth,
-	}
-	if roll {
-		s.windowStart, s.window, s.windowAuth = now, map[string]uint64{}, 0
-	}
-	return out
-}
-
 // telemetry samples the counters and feeds the WebSocket channels, the
 // billing ledger and the traffic analysis until ctx ends.
 func (a *Agent) telemetry(ctx context.Context) {
@@ -101,7 +44,7 @@ func (a *Agent) telemetry(ctx context.Context) {
 				a.log.Warn("read counters", "err", err)
 				continue
 			}
-			mv := ratesBetween(prev, cur)
+			mv := api.RatesBetween(prev, cur)
 			if p := a.proxy.Load(); p != nil {
 				st := p.Stats()
 				mv.L7 = l7Rates(prevL7, st, mv.IntervalSeconds)
@@ -110,8 +53,8 @@ func (a *Agent) telemetry(ctx context.Context) {
 			a.mu.Lock()
 			a.lastMetrics, a.lastCounters = mv, cur
 			a.mu.Unlock()
-			a.hub.Publish("metrics", api.NewMessage("metrics_update", mv))
-			a.hub.Publish("backends", api.NewMessage("backend_update", map[string]any{"backends": a.backendViews(cur)}))
+			a.hub.Publish("metrics", api.NewMessage(api.MsgMetricsUpdate, mv))
+			a.hub.Publish("backends", api.NewMessage(api.MsgBackendUpdate, api.BackendUpdate{Backends: a.backendViews(cur)}))
 			if !prev.At.IsZero() {
 				a.analyze(now, mv)
 			}
@@ -126,11 +69,11 @@ func (a *Agent) telemetry(ctx context.Context) {
 			}
 			if a.ledger != nil && now.Sub(lastBilling) >= billingEvery {
 				snap := a.ledger.Record(now, usageOf(cur))
-				a.hub.Publish("billing", api.NewMessage(billing.UpdateType, snap))
+				a.hub.Publish("billing", api.NewMessage(api.MsgUsageUpdate, api.UsageUpdate(snap)))
 				lastBilling = now
 			}
 			if now.Sub(lastSummary) >= securitySummaryEvery {
-				a.hub.Publish("security", api.NewMessage("security_summary", a.security.summary(now, true)))
+				a.hub.Publish("security", api.NewMessage(api.MsgSecuritySummary, a.security.Summary(now, true)))
 				lastSummary = now
 			}
 		}
@@ -139,7 +82,7 @@ func (a *Agent) telemetry(ctx context.Context) {
 
 func (a *Agent) publishStatus() {
 	if a.hub != nil {
-		a.hub.Publish("status", api.NewMessage("status_update", a.statusView()))
+		a.hub.Publish("status", api.NewMessage(api.MsgStatusUpdate, a.statusView()))
 	}
 }
 
@@ -194,7 +137,7 @@ func (a *Agent) publishInsight(in insights.Insight) {
 		a.insights = a.insights[len(a.insights)-recentInsights:]
 	}
 	a.mu.Unlock()
-	a.hub.Publish("ai", api.NewMessage("insight", in))
+	a.hub.Publish("ai", api.NewMessage(api.MsgInsight, api.Insight(in)))
 }
 
 // forwardHealth streams verdict transitions to the health channel.
@@ -207,9 +150,9 @@ func (a *Agent) forwardHealth(ctx context.Context, events <-chan health.Event) {
 			if !ok {
 				return
 			}
-			a.hub.Publish("health", api.NewMessage("health_event", map[string]any{
-				"key": ev.Key, "pool": ev.Pool, "backend": ev.Addr.String(), "healthy": ev.Healthy,
-				"reason": ev.Reason, "at": ev.At.UTC(),
+			a.hub.Publish("health", api.NewMessage(api.MsgHealthEvent, api.HealthEvent{
+				Key: ev.Key, Pool: ev.Pool, Backend: ev.Addr.String(), Healthy: ev.Healthy,
+				Reason: ev.Reason, At: ev.At.UTC(),
 			}))
 			a.publishStatus()
 		}
@@ -220,18 +163,19 @@ func (a *Agent) forwardHealth(ctx context.Context, events <-chan health.Event) {
 // malformed packets) to the security channel.
 func (a *Agent) forwardDropEvents(ctx context.Context) {
 	err := a.dp.ReadEvents(ctx, func(e dataplane.Event) {
-		a.security.dropEvent(e.Reason.String())
-		kind := "malformed_packet"
+		a.security.DropEvent(e.Reason.String())
+		kind := api.SecurityMalformed
 		if e.Reason == dataplane.ReasonDropDenylist {
-			kind = "denylist_drop"
+			kind = api.SecurityDenylistDrop
 		}
-		data := map[string]any{"kind": kind, "reason": e.Reason.String(), "packet_len": e.PacketLen,
-			"protocol": e.Proto, "severity": "warning"}
+		proto := e.Proto
+		data := api.SecurityEventData{Kind: kind, Severity: "warning", Reason: e.Reason.String(),
+			PacketLen: e.PacketLen, Protocol: &proto}
 		if e.Src.IsValid() {
-			data["source"] = netip.AddrPortFrom(e.Src, e.SrcPort).String()
-			data["destination"] = netip.AddrPortFrom(e.Dst, e.DstPort).String()
+			data.Source = netip.AddrPortFrom(e.Src, e.SrcPort).String()
+			data.Destination = netip.AddrPortFrom(e.Dst, e.DstPort).String()
 		}
-		a.hub.Publish("security", api.NewMessage("security_event", data))
+		a.hub.Publish("security", api.NewMessage(api.MsgSecurityEvent, data))
 	})
 	if err != nil && ctx.Err() == nil {
 		a.log.Error("drop events stopped", "err", err)
@@ -242,10 +186,11 @@ func (a *Agent) forwardDropEvents(ctx context.Context) {
 // The API server has logged it already, and calls at a bounded rate with
 // the number of failures each event stands for.
 func (a *Agent) onAuthFailure(e api.SecurityEvent) {
-	a.security.authEvents(e.Count)
-	a.hub.Publish("security", api.NewMessage("security_event", map[string]any{
-		"kind": e.Kind, "remote": e.Remote, "method": e.Method, "path": e.Path, "reason": e.Reason,
-		"severity": "warning", "at": e.At, "count": e.Count,
+	a.security.AuthEvents(e.Count)
+	at := e.At
+	a.hub.Publish("security", api.NewMessage(api.MsgSecurityEvent, api.SecurityEventData{
+		Kind: e.Kind, Remote: e.Remote, Method: e.Method, Path: e.Path, Reason: e.Reason,
+		Severity: "warning", At: &at, Count: e.Count,
 	}))
 }
 
@@ -253,7 +198,7 @@ func (a *Agent) onAuthFailure(e api.SecurityEvent) {
 func (a *Agent) onConnect(channel string) []api.Message {
 	switch channel {
 	case "metrics":
-		return []api.Message{api.NewMessage("metrics_update", a.Metrics())}
+		return []api.Message{api.NewMessage(api.MsgMetricsUpdate, a.Metrics())}
 	case "backends":
 		// A thousand clients connecting at once must not mean a thousand
 		// map reads: until the first tick, read once per client.
@@ -266,30 +211,30 @@ func (a *Agent) onConnect(channel string) []api.Message {
 				return nil
 			}
 		}
-		return []api.Message{api.NewMessage("backend_update", map[string]any{"backends": a.backendViews(counters)})}
+		return []api.Message{api.NewMessage(api.MsgBackendUpdate, api.BackendUpdate{Backends: a.backendViews(counters)})}
 	case "status":
-		return []api.Message{api.NewMessage("status_update", a.statusView())}
+		return []api.Message{api.NewMessage(api.MsgStatusUpdate, a.statusView())}
 	case "health":
-		return []api.Message{api.NewMessage("health_status", map[string]any{"backends": a.healthViews()})}
+		return []api.Message{api.NewMessage(api.MsgHealthStatus, api.HealthStatus{Backends: a.healthViews()})}
 	case "security":
-		return []api.Message{api.NewMessage("security_summary", a.security.summary(time.Now(), false))}
+		return []api.Message{api.NewMessage(api.MsgSecuritySummary, a.security.Summary(time.Now(), false))}
 	case "billing":
 		if a.ledger == nil {
 			return nil
 		}
-		return []api.Message{api.NewMessage(billing.UpdateType, a.ledger.Snapshot(time.Now()))}
+		return []api.Message{api.NewMessage(api.MsgUsageUpdate, api.UsageUpdate(a.ledger.Snapshot(time.Now())))}
 	case "ai":
 		a.mu.Lock()
 		recent := append([]insights.Insight{}, a.insights...)
 		a.mu.Unlock()
 		sort.SliceStable(recent, func(i, j int) bool { return recent[i].At.After(recent[j].At) })
 		cfg := a.analyzer.Config()
-		return []api.Message{api.NewMessage("ai_status", map[string]any{
-			"recent":             recent,
-			"warmup_samples":     cfg.Warmup,
-			"z_threshold":        cfg.ZThreshold,
-			"forecast_horizon_s": cfg.Horizon.Seconds(),
-			"outlier_z":          cfg.OutlierZ,
+		return []api.Message{api.NewMessage(api.MsgAIStatus, api.AIStatus{
+			Recent:           recent,
+			WarmupSamples:    cfg.Warmup,
+			ZThreshold:       cfg.ZThreshold,
+			ForecastHorizonS: cfg.Horizon.Seconds(),
+			OutlierZ:         cfg.OutlierZ,
 		})}
 	}
 	return nil

@@ -1,15 +1,12 @@
 package agent
 
 import (
-	"fmt"
 	"maps"
 	"net/netip"
-	"slices"
 	"time"
 
 	"github.com/veloflux/veloflux/agent/api"
 	"github.com/veloflux/veloflux/agent/dataplane"
-	"github.com/veloflux/veloflux/agent/health"
 	"github.com/veloflux/veloflux/agent/model"
 	"github.com/veloflux/veloflux/agent/proxy"
 	"github.com/veloflux/veloflux/agent/reconcile"
@@ -86,7 +83,7 @@ func (a *Agent) Counters() (model.Counters, error) {
 	}
 	for i, c := range counters {
 		r := dataplane.Reason(i)
-		out.Reasons = append(out.Reasons, model.ReasonCounters{Reason: r.String(), Verdict: r.Verdict().String(),
+		out.Reasons = append(out.Reasons, model.ReasonCounters{Reason: r.String(), Verdict: r.Verdict().String(), Drop: r.Verdict() == dataplane.VerdictDrop,
 			Packets: c.Packets, Bytes: c.Bytes})
 	}
 	return out, nil
@@ -101,98 +98,18 @@ func (a *Agent) installedState() *reconcile.Installed {
 	return a.rec.Installed()
 }
 
-// ratesBetween turns two counter reads into per-second rates.
-func ratesBetween(prev, cur model.Counters) api.MetricsView {
-	mv := api.MetricsView{
-		At: cur.At, VIPs: []api.VIPMetrics{}, Reasons: cur.Reasons,
-		Verdicts: map[string]uint64{}, VerdictRates: map[string]float64{},
-		Drops: map[string]uint64{}, DropRates: map[string]float64{},
-	}
-	dt := cur.At.Sub(prev.At).Seconds()
-	if prev.At.IsZero() || dt <= 0 {
-		dt = 0
-	}
-	mv.IntervalSeconds = dt
-	rate := func(now, before uint64) float64 {
-		if dt == 0 || now < before { // first read, or a counter reset
-			return 0
-		}
-		return float64(now-before) / dt
-	}
-	before := map[string]model.VIPCounters{}
-	for _, v := range prev.VIPs {
-		before[v.VIP] = v
-	}
-	for _, v := range cur.VIPs {
-		p := before[v.VIP]
-		r := api.Rates{PPS: rate(v.Packets, p.Packets), BPS: 8 * rate(v.Bytes, p.Bytes),
-			NewFlowsPS: rate(v.NewFlows, p.NewFlows), DropsPS: rate(v.Drops, p.Drops)}
-		mv.VIPs = append(mv.VIPs, api.VIPMetrics{VIPCounters: v, Rates: r})
-		mv.Total.PPS += r.PPS
-		mv.Total.BPS += r.BPS
-		mv.Total.NewFlowsPS += r.NewFlowsPS
-		mv.Total.DropsPS += r.DropsPS
-	}
-	reasonsBefore := map[string]model.ReasonCounters{}
-	for _, r := range prev.Reasons {
-		reasonsBefore[r.Reason] = r
-	}
-	for _, r := range cur.Reasons {
-		rr := rate(r.Packets, reasonsBefore[r.Reason].Packets)
-		mv.Verdicts[r.Verdict] += r.Packets
-		mv.VerdictRates[r.Verdict] += rr
-		if r.Verdict == dataplane.VerdictDrop.String() {
-			mv.Drops[r.Reason] = r.Packets
-			mv.DropRates[r.Reason] = rr
-		}
-	}
-	return mv
-}
-
 // backendViews joins configuration, health, drain state and counters.
 func (a *Agent) backendViews(counters model.Counters) []api.BackendView {
 	cfg := a.config()
 	a.mu.Lock()
 	drained := maps.Clone(a.drained)
 	a.mu.Unlock()
-	byKey := map[string]model.BackendCounters{}
-	for _, b := range counters.Backends {
-		byKey[b.Pool+"/"+b.Backend] = b
-	}
-	statuses := map[string]health.Status{}
+	checks := map[string]api.BackendCheck{}
 	for _, st := range a.checker.Status() {
-		statuses[st.Key] = st
+		checks[st.Key] = api.BackendCheck{Healthy: st.Healthy, LastCheck: st.LastCheck, LastError: st.LastError,
+			Latency: st.Latency}
 	}
-	var out []api.BackendView
-	for _, p := range cfg.Pools {
-		for _, b := range p.Backends {
-			key := b.Key(p.Name)
-			bc := byKey[key]
-			st, checked := statuses[key]
-			view := api.BackendView{
-				ID: p.Name + ":" + bc.Backend, Pool: p.Name, Address: b.Address, Port: b.Port,
-				Weight: b.EffectiveWeight(), Healthy: checked && st.Healthy, Drained: drained[key],
-				RealID: bc.RealID, Packets: bc.Packets, Bytes: bc.Bytes,
-			}
-			if bc.Backend == "" {
-				view.ID = fmt.Sprintf("%s:%s:%d", p.Name, b.Address, b.Port)
-			}
-			if checked {
-				view.LastCheck, view.LastError = st.LastCheck, st.LastError
-				view.CheckLatencyMs = float64(st.Latency.Microseconds()) / 1000
-			}
-			switch {
-			case !view.Healthy:
-				view.State = "down"
-			case view.Drained:
-				view.State = "draining"
-			default:
-				view.State, view.EffectiveWeight = "up", view.Weight
-			}
-			out = append(out, view)
-		}
-	}
-	return out
+	return api.BackendViews(cfg, drained, checks, counters)
 }
 
 // healthViews is the health channel's view of every backend.
@@ -223,19 +140,18 @@ func (a *Agent) statusView() api.StatusView {
 	}
 	if a.dp != nil {
 		sv.ProgramID, _ = a.dp.ProgramID()
-		links, _ := a.dp.PinnedLinks()
-		attached := map[string]dataplane.AttachedLink{}
-		for _, l := range links {
-			attached[l.Interface] = l
+		// The kernel's word, as veloflux_xdp_attached has it; an
+		// interface whose state cannot be read counts as not attached.
+		ats, _ := a.dp.Attachments(cfg.Dataplane.Interfaces)
+		attached := map[string]bool{}
+		for _, at := range ats {
+			attached[at.Interface] = at.Attached
 		}
-		held := a.dp.Attached()
 		sv.Attached = len(cfg.Dataplane.Interfaces) > 0
 		for _, name := range cfg.Dataplane.Interfaces {
-			iv := api.InterfaceView{Name: name}
-			if l, ok := attached[name]; ok && !l.Detached {
-				iv.Attached, iv.ProgramID = true, l.ProgramID
-			} else if slices.Contains(held, name) && a.opts.PinPath == "" {
-				iv.Attached, iv.ProgramID = true, sv.ProgramID
+			iv := api.InterfaceView{Name: name, Attached: attached[name]}
+			if iv.Attached {
+				iv.ProgramID = sv.ProgramID
 			}
 			sv.Attached = sv.Attached && iv.Attached
 			sv.Interfaces = append(sv.Interfaces, iv)

@@ -183,9 +183,7 @@ func (h *Hub) ServeChannel(w http.ResponseWriter, r *http.Request, channel strin
 		closed:  make(chan struct{}),
 		conn:    conn,
 	}
-	greeting := []Message{NewMessage("connected", map[string]any{
-		"client_id": c.id, "status": "connected", "channel": channel,
-	})}
+	greeting := []Message{NewMessage(MsgConnected, ConnectedData{ClientID: c.id, Status: "connected", Channel: channel})}
 	if h.opts.OnConnect != nil {
 		greeting = append(greeting, h.opts.OnConnect(channel)...)
 	}
@@ -244,12 +242,12 @@ func (h *Hub) reader(c *client) {
 		var reply Message
 		switch err := json.Unmarshal(data, &in); {
 		case err != nil:
-			reply = NewMessage("error", map[string]any{"message": "invalid JSON: " + err.Error()})
+			reply = NewMessage(MsgError, ErrorData{Message: "invalid JSON: " + err.Error()})
 		case in.Type == "ping":
-			reply = NewMessage("pong", map[string]any{"client_id": c.id})
+			reply = NewMessage(MsgPong, PongData{ClientID: c.id})
 		default:
-			reply = NewMessage("error", map[string]any{
-				"message": fmt.Sprintf("unknown message type %q: clients may only send {\"type\":\"ping\"}", in.Type)})
+			reply = NewMessage(MsgError, ErrorData{
+				Message: fmt.Sprintf("unknown message type %q: clients may only send {\"type\":\"ping\"}", in.Type)})
 		}
 		b, _ := json.Marshal(reply)
 		select {

@@ -120,5 +120,5 @@ type MetricsView struct {
 	DropRates       map[string]float64     `json:"drops_per_s"`
 	Reasons         []model.ReasonCounters `json:"reasons"`
 	// L7 joins when the proxy runs; absent until then.
-	L7 any `json:"l7,omitempty"`
+	L7 *L7Rates `json:"l7,omitempty"`
 }

@@ -39,6 +39,9 @@ type BackendCounters struct {
 type ReasonCounters struct {
 	Reason  string `json:"reason"`
 	Verdict string `json:"verdict"` // pass | drop | tx
+	// Drop: the reason's verdict drops the packet (the producer decides,
+	// so consumers need not know the verdicts' names).
+	Drop    bool   `json:"-"`
 	Packets uint64 `json:"packets"`
 	Bytes   uint64 `json:"bytes"`
 }

@@ -48,6 +48,8 @@ export function onSecurity(msg) {
     if (d.count > 1) detail += ` (latest of ${d.count} failures)`;
   } else {
     const parts = [];
+    if (d.client_ip) parts.push(`client ${d.client_ip}`);
+    if (d.method || d.path) parts.push(`${d.method || ""} ${d.host || ""}${d.path || ""}`.trim());
     if (d.source) parts.push(`${d.source} → ${d.destination || "?"}`);
     if (d.protocol != null) parts.push(`proto ${d.protocol}`);
     if (d.packet_len) parts.push(`${d.packet_len} B`);

@@ -27,9 +27,9 @@ import (
 	"github.com/veloflux/veloflux/agent/health"
 	"github.com/veloflux/veloflux/agent/insights"
 	"github.com/veloflux/veloflux/agent/metrics"
-	"github.com/veloflux/veloflux/agent/model"
 	"github.com/veloflux/veloflux/agent/proxy"
 	"github.com/veloflux/veloflux/agent/reconcile"
+	"github.com/veloflux/veloflux/agent/snapshot"
 	"github.com/veloflux/veloflux/agent/web"
 )
 
@@ -84,7 +84,7 @@ type Agent struct {
 	lastErr         error
 	lastReconcileAt time.Time
 	lastMetrics     api.MetricsView
-	lastCounters    model.Counters     // the telemetry tick's read, reused by new clients
+	lastCounters    snapshot.Counters  // the telemetry tick's read, reused by new clients
 	insights        []insights.Insight // the most recent, for new ai clients
 
 	kick chan struct{} // asks the loop for a reconcile

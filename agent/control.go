@@ -11,7 +11,7 @@ import (
 
 	"github.com/veloflux/veloflux/agent/api"
 	"github.com/veloflux/veloflux/agent/config"
-	"github.com/veloflux/veloflux/agent/model"
+	"github.com/veloflux/veloflux/agent/snapshot"
 	"github.com/veloflux/veloflux/agent/statefile"
 )
 
@@ -328,7 +328,7 @@ func (a *Agent) Metrics() api.MetricsView {
 	a.mu.Unlock()
 	if mv.At.IsZero() {
 		if cur, err := a.Counters(); err == nil {
-			return api.RatesBetween(model.Counters{}, cur)
+			return api.RatesBetween(snapshot.Counters{}, cur)
 		}
 	}
 	return mv

@@ -11,8 +11,8 @@ import (
 	"github.com/veloflux/veloflux/agent/dataplane"
 	"github.com/veloflux/veloflux/agent/health"
 	"github.com/veloflux/veloflux/agent/insights"
-	"github.com/veloflux/veloflux/agent/model"
 	"github.com/veloflux/veloflux/agent/proxy"
+	"github.com/veloflux/veloflux/agent/snapshot"
 )
 
 // Telemetry cadences. Rates and backends are sampled every second; the
@@ -31,7 +31,7 @@ const (
 func (a *Agent) telemetry(ctx context.Context) {
 	tick := time.NewTicker(sampleEvery)
 	defer tick.Stop()
-	var prev model.Counters
+	var prev snapshot.Counters
 	var prevL7 proxy.Stats
 	lastStatus, lastBilling, lastSummary, lastLatency := time.Time{}, time.Time{}, time.Now(), time.Time{}
 	for {
@@ -88,7 +88,7 @@ func (a *Agent) publishStatus() {
 
 // usageOf maps counters to billing subjects: every VIP, and every pool as
 // the sum of the VIPs that use it.
-func usageOf(c model.Counters) map[string]billing.Usage {
+func usageOf(c snapshot.Counters) map[string]billing.Usage {
 	out := map[string]billing.Usage{}
 	for _, v := range c.VIPs {
 		u := billing.Usage{Packets: v.Packets, Bytes: v.Bytes, NewFlows: v.NewFlows}

@@ -7,16 +7,16 @@ import (
 
 	"github.com/veloflux/veloflux/agent/api"
 	"github.com/veloflux/veloflux/agent/dataplane"
-	"github.com/veloflux/veloflux/agent/model"
 	"github.com/veloflux/veloflux/agent/proxy"
 	"github.com/veloflux/veloflux/agent/reconcile"
+	"github.com/veloflux/veloflux/agent/snapshot"
 )
 
-// Counters reads every data-plane counter once (model.CounterSource). It
+// Counters reads every data-plane counter once (snapshot.CounterSource). It
 // is what Prometheus scrapes and what the 1 s telemetry tick samples.
-func (a *Agent) Counters() (model.Counters, error) {
+func (a *Agent) Counters() (snapshot.Counters, error) {
 	cfg := a.config()
-	out := model.Counters{At: time.Now()}
+	out := snapshot.Counters{At: time.Now()}
 	// The reconciler's copy of what it installed spares reading the reals
 	// array slot by slot (~30 ms) on every tick and scrape.
 	var installed map[dataplane.VIP]dataplane.VIPMeta
@@ -40,7 +40,7 @@ func (a *Agent) Counters() (model.Counters, error) {
 		if err != nil {
 			return out, err
 		}
-		out.VIPs = append(out.VIPs, model.VIPCounters{
+		out.VIPs = append(out.VIPs, snapshot.VIPCounters{
 			VIP: key.String(), Address: key.Addr.String(), Port: key.Port, Protocol: key.Proto.String(),
 			Mode: string(v.Mode), Pool: v.Pool, ID: meta.ID,
 			Packets: st.Packets, Bytes: st.Bytes, NewFlows: st.NewFlows, Drops: st.Drops,
@@ -62,7 +62,7 @@ func (a *Agent) Counters() (model.Counters, error) {
 			if err != nil {
 				continue
 			}
-			bc := model.BackendCounters{Pool: p.Name, Backend: netip.AddrPortFrom(addr, uint16(b.Port)).String(),
+			bc := snapshot.BackendCounters{Pool: p.Name, Backend: netip.AddrPortFrom(addr, uint16(b.Port)).String(),
 				Address: addr.String(), Port: uint16(b.Port), State: "absent"}
 			if id, ok := idByAddr[addr]; ok {
 				st, seen := realStats[id]
@@ -83,7 +83,7 @@ func (a *Agent) Counters() (model.Counters, error) {
 	}
 	for i, c := range counters {
 		r := dataplane.Reason(i)
-		out.Reasons = append(out.Reasons, model.ReasonCounters{Reason: r.String(), Verdict: r.Verdict().String(), Drop: r.Verdict() == dataplane.VerdictDrop,
+		out.Reasons = append(out.Reasons, snapshot.ReasonCounters{Reason: r.String(), Verdict: r.Verdict().String(), Drop: r.Verdict() == dataplane.VerdictDrop,
 			Packets: c.Packets, Bytes: c.Bytes})
 	}
 	return out, nil
@@ -99,7 +99,7 @@ func (a *Agent) installedState() *reconcile.Installed {
 }
 
 // backendViews joins configuration, health, drain state and counters.
-func (a *Agent) backendViews(counters model.Counters) []api.BackendView {
+func (a *Agent) backendViews(counters snapshot.Counters) []api.BackendView {
 	cfg := a.config()
 	a.mu.Lock()
 	drained := maps.Clone(a.drained)
@@ -113,10 +113,10 @@ func (a *Agent) backendViews(counters model.Counters) []api.BackendView {
 }
 
 // healthViews is the health channel's view of every backend.
-func (a *Agent) healthViews() []model.BackendHealth {
-	var out []model.BackendHealth
+func (a *Agent) healthViews() []snapshot.BackendHealth {
+	var out []snapshot.BackendHealth
 	for _, st := range a.checker.Status() {
-		out = append(out, model.BackendHealth{Pool: st.Pool, Backend: st.Addr.String(), Healthy: st.Healthy,
+		out = append(out, snapshot.BackendHealth{Pool: st.Pool, Backend: st.Addr.String(), Healthy: st.Healthy,
 			Since: st.Since, LastCheck: st.LastCheck, Latency: st.Latency, LastError: st.LastError})
 	}
 	return out

@@ -5,7 +5,7 @@ import (
 
 	"github.com/veloflux/veloflux/agent/billing"
 	"github.com/veloflux/veloflux/agent/insights"
-	"github.com/veloflux/veloflux/agent/model"
+	"github.com/veloflux/veloflux/agent/snapshot"
 )
 
 // The WebSocket contract: the data of every message type of the seven
@@ -56,7 +56,7 @@ type BackendUpdate struct {
 
 // HealthStatus is every backend's health, on connect.
 type HealthStatus struct {
-	Backends []model.BackendHealth `json:"backends"`
+	Backends []snapshot.BackendHealth `json:"backends"`
 }
 
 // HealthEvent is one verdict transition.

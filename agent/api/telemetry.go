@@ -7,13 +7,13 @@ import (
 	"time"
 
 	"github.com/veloflux/veloflux/agent/config"
-	"github.com/veloflux/veloflux/agent/model"
+	"github.com/veloflux/veloflux/agent/snapshot"
 )
 
 // RatesBetween turns two counter reads into the metrics channel's view:
 // totals and per-second rates. A first read, or a counter that went
 // backwards (an id reused), gives rate 0.
-func RatesBetween(prev, cur model.Counters) MetricsView {
+func RatesBetween(prev, cur snapshot.Counters) MetricsView {
 	mv := MetricsView{
 		At: cur.At, VIPs: []VIPMetrics{}, Reasons: cur.Reasons,
 		Verdicts: map[string]uint64{}, VerdictRates: map[string]float64{},
@@ -30,7 +30,7 @@ func RatesBetween(prev, cur model.Counters) MetricsView {
 		}
 		return float64(now-before) / dt
 	}
-	before := map[string]model.VIPCounters{}
+	before := map[string]snapshot.VIPCounters{}
 	for _, v := range prev.VIPs {
 		before[v.VIP] = v
 	}
@@ -44,7 +44,7 @@ func RatesBetween(prev, cur model.Counters) MetricsView {
 		mv.Total.NewFlowsPS += r.NewFlowsPS
 		mv.Total.DropsPS += r.DropsPS
 	}
-	reasonsBefore := map[string]model.ReasonCounters{}
+	reasonsBefore := map[string]snapshot.ReasonCounters{}
 	for _, r := range prev.Reasons {
 		reasonsBefore[r.Reason] = r
 	}
@@ -72,8 +72,8 @@ type BackendCheck struct {
 // config.Backend.Key; a backend without one is down), the drain set and
 // the data path's counters: GET /api/backends and backend_update.
 func BackendViews(cfg *config.Config, drained map[string]bool, checks map[string]BackendCheck,
-	counters model.Counters) []BackendView {
-	byKey := map[string]model.BackendCounters{}
+	counters snapshot.Counters) []BackendView {
+	byKey := map[string]snapshot.BackendCounters{}
 	for _, b := range counters.Backends {
 		byKey[b.Pool+"/"+b.Backend] = b
 	}

@@ -3,7 +3,7 @@ package api
 import (
 	"time"
 
-	"github.com/veloflux/veloflux/agent/model"
+	"github.com/veloflux/veloflux/agent/snapshot"
 )
 
 // StatusView is GET /api/status and the status channel's payload.
@@ -104,21 +104,21 @@ type Rates struct {
 
 // VIPMetrics are one VIP's totals and rates.
 type VIPMetrics struct {
-	model.VIPCounters
+	snapshot.VIPCounters
 	Rates Rates `json:"rates"`
 }
 
 // MetricsView is GET /api/metrics and the metrics channel's payload.
 type MetricsView struct {
-	At              time.Time              `json:"at"`
-	IntervalSeconds float64                `json:"interval_seconds"`
-	VIPs            []VIPMetrics           `json:"vips"`
-	Total           Rates                  `json:"total"`
-	Verdicts        map[string]uint64      `json:"xdp_verdicts"`       // totals by verdict
-	VerdictRates    map[string]float64     `json:"xdp_verdicts_per_s"` // per second
-	Drops           map[string]uint64      `json:"drops"`              // totals by drop reason
-	DropRates       map[string]float64     `json:"drops_per_s"`
-	Reasons         []model.ReasonCounters `json:"reasons"`
+	At              time.Time                 `json:"at"`
+	IntervalSeconds float64                   `json:"interval_seconds"`
+	VIPs            []VIPMetrics              `json:"vips"`
+	Total           Rates                     `json:"total"`
+	Verdicts        map[string]uint64         `json:"xdp_verdicts"`       // totals by verdict
+	VerdictRates    map[string]float64        `json:"xdp_verdicts_per_s"` // per second
+	Drops           map[string]uint64         `json:"drops"`              // totals by drop reason
+	DropRates       map[string]float64        `json:"drops_per_s"`
+	Reasons         []snapshot.ReasonCounters `json:"reasons"`
 	// L7 joins when the proxy runs; absent until then.
 	L7 *L7Rates `json:"l7,omitempty"`
 }

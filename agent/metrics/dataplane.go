@@ -5,10 +5,10 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/veloflux/veloflux/agent/model"
+	"github.com/veloflux/veloflux/agent/snapshot"
 )
 
-// Data-plane state and XDP verdict values as model.Counters reports them.
+// Data-plane state and XDP verdict values as snapshot.Counters reports them.
 const (
 	stateUp       = "up"
 	stateDraining = "draining"
@@ -20,8 +20,8 @@ const (
 // the values are as current as the maps and series of removed VIPs and
 // backends vanish with them.
 type dataplaneCollector struct {
-	source model.CounterSource
-	health func() []model.BackendHealth
+	source snapshot.CounterSource
+	health func() []snapshot.BackendHealth
 
 	// scrapeErrors is the agent's own count of failed reads. It is a
 	// plain atomic emitted by Collect, rather than a registered Counter,
@@ -35,7 +35,7 @@ type dataplaneCollector struct {
 	verdicts, packets, drops, scrapeErrorsDesc              *prometheus.Desc
 }
 
-func newDataplaneCollector(source model.CounterSource, health func() []model.BackendHealth) *dataplaneCollector {
+func newDataplaneCollector(source snapshot.CounterSource, health func() []snapshot.BackendHealth) *dataplaneCollector {
 	vip := []string{"vip"}
 	backend := []string{"pool", "backend"}
 	// Help texts state the quirks an operator would otherwise trip over
@@ -119,7 +119,7 @@ func (c *dataplaneCollector) Collect(ch chan<- prometheus.Metric) {
 	c.collectReasons(ch, counters.Reasons)
 }
 
-func (c *dataplaneCollector) collectVIPs(ch chan<- prometheus.Metric, vips []model.VIPCounters) {
+func (c *dataplaneCollector) collectVIPs(ch chan<- prometheus.Metric, vips []snapshot.VIPCounters) {
 	for i := range vips {
 		v := &vips[i]
 		emit(ch, c.vipPackets, prometheus.CounterValue, float64(v.Packets), v.VIP)
@@ -130,7 +130,7 @@ func (c *dataplaneCollector) collectVIPs(ch chan<- prometheus.Metric, vips []mod
 	}
 }
 
-func (c *dataplaneCollector) collectBackends(ch chan<- prometheus.Metric, backends []model.BackendCounters) {
+func (c *dataplaneCollector) collectBackends(ch chan<- prometheus.Metric, backends []snapshot.BackendCounters) {
 	for i := range backends {
 		b := &backends[i]
 		emit(ch, c.backendPackets, prometheus.CounterValue, float64(b.Packets), b.Pool, b.Backend)
@@ -154,7 +154,7 @@ func stateValue(state string) float64 {
 	return 0
 }
 
-func (c *dataplaneCollector) collectHealth(ch chan<- prometheus.Metric, health []model.BackendHealth) {
+func (c *dataplaneCollector) collectHealth(ch chan<- prometheus.Metric, health []snapshot.BackendHealth) {
 	for i := range health {
 		h := &health[i]
 		up := 0.0
@@ -170,7 +170,7 @@ func (c *dataplaneCollector) collectHealth(ch chan<- prometheus.Metric, health [
 	}
 }
 
-func (c *dataplaneCollector) collectReasons(ch chan<- prometheus.Metric, reasons []model.ReasonCounters) {
+func (c *dataplaneCollector) collectReasons(ch chan<- prometheus.Metric, reasons []snapshot.ReasonCounters) {
 	// Verdicts are summed here rather than left to PromQL so dashboards
 	// and alerts on pass/drop/tx need no knowledge of the reason names,
 	// which grow with the data plane. Only verdicts that occur in the read

@@ -4,7 +4,7 @@
 // are not mirrored into client_golang Counters. Mirroring would need a poll
 // loop, would lag the maps by up to one poll period and would keep a second
 // copy of every series in memory. Instead a custom Collector reads the maps
-// once per scrape through model.CounterSource and emits const metrics: every
+// once per scrape through snapshot.CounterSource and emits const metrics: every
 // scrape shows exactly what the maps held at that moment, a VIP or backend
 // that was removed disappears on the next scrape instead of lingering, and an
 // agent nobody scrapes does no metrics work at all.
@@ -65,7 +65,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
-	"github.com/veloflux/veloflux/agent/model"
+	"github.com/veloflux/veloflux/agent/snapshot"
 )
 
 // Values of the result label of veloflux_health_check_duration_seconds,
@@ -90,7 +90,7 @@ var healthCheckBuckets = []float64{
 type Options struct {
 	// Source is read once per scrape for the data-plane counter families.
 	// It is required.
-	Source model.CounterSource
+	Source snapshot.CounterSource
 	// Version is reported by veloflux_build_info; empty becomes "unknown"
 	// so the label never silently vanishes from joins.
 	Version string
@@ -98,7 +98,7 @@ type Options struct {
 	// veloflux_backend_up and veloflux_backend_check_latency_seconds. If
 	// nil, veloflux_backend_up is derived from the data-plane state and
 	// there is no latency gauge.
-	Health func() []model.BackendHealth
+	Health func() []snapshot.BackendHealth
 	// WSClients, if set, is called once per scrape and returns the number
 	// of connected WebSocket clients per channel. If nil,
 	// veloflux_ws_clients is absent until SetWSClients provides one.

@@ -19,7 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/veloflux/veloflux/agent/health"
-	"github.com/veloflux/veloflux/agent/model"
+	"github.com/veloflux/veloflux/agent/snapshot"
 )
 
 // ObserveHealthCheck must stay pluggable into health.WithObserver.
@@ -29,17 +29,17 @@ var _ health.Observer = (*Metrics)(nil).ObserveHealthCheck
 // of the maps.
 type fakeSource struct {
 	mu    sync.Mutex
-	c     model.Counters
+	c     snapshot.Counters
 	err   error
 	reads int
 }
 
-func (f *fakeSource) Counters() (model.Counters, error) {
+func (f *fakeSource) Counters() (snapshot.Counters, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.reads++
 	if f.err != nil {
-		return model.Counters{}, f.err
+		return snapshot.Counters{}, f.err
 	}
 	return f.c, nil
 }
@@ -47,7 +47,7 @@ func (f *fakeSource) Counters() (model.Counters, error) {
 // set replaces the counters. Callers pass freshly built values, never ones
 // a previous Counters call returned, so a concurrent scrape never sees a
 // slice change under it.
-func (f *fakeSource) set(c model.Counters, err error) {
+func (f *fakeSource) set(c snapshot.Counters, err error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.c, f.err = c, err
@@ -81,16 +81,16 @@ var reasonFixture = []struct{ reason, verdict string }{
 
 // fixture is 2 VIPs, 3 backends and all 15 reasons. Reason i counts
 // (i+1)*10 packets, so pass sums to 210, drop to 700 and tx to 290.
-func fixture() model.Counters {
-	c := model.Counters{
+func fixture() snapshot.Counters {
+	c := snapshot.Counters{
 		At: time.Date(2026, 11, 27, 6, 0, 0, 0, time.UTC),
-		VIPs: []model.VIPCounters{
+		VIPs: []snapshot.VIPCounters{
 			{VIP: "10.0.0.1:80/tcp", Address: "10.0.0.1", Port: 80, Protocol: "tcp", Mode: "dsr", Pool: "web", ID: 1,
 				Packets: 1000, Bytes: 64000, NewFlows: 100, Drops: 3},
 			{VIP: "10.0.0.2:53/udp", Address: "10.0.0.2", Port: 53, Protocol: "udp", Mode: "ipip", Pool: "dns", ID: 2,
 				Packets: 500, Bytes: 40000, NewFlows: 250, Drops: 0},
 		},
-		Backends: []model.BackendCounters{
+		Backends: []snapshot.BackendCounters{
 			{Pool: "web", Backend: "10.0.0.11:80", Address: "10.0.0.11", Port: 80, RealID: 1, State: "up", Packets: 600, Bytes: 38400},
 			{Pool: "web", Backend: "10.0.0.12:80", Address: "10.0.0.12", Port: 80, RealID: 2, State: "draining", Packets: 397, Bytes: 25408},
 			{Pool: "dns", Backend: "10.0.1.21:53", Address: "10.0.1.21", Port: 53, RealID: 3, State: "down", Packets: 500, Bytes: 40000},
@@ -98,7 +98,7 @@ func fixture() model.Counters {
 	}
 	for i, r := range reasonFixture {
 		n := uint64(i+1) * 10
-		c.Reasons = append(c.Reasons, model.ReasonCounters{Reason: r.reason, Verdict: r.verdict, Packets: n, Bytes: n * 64})
+		c.Reasons = append(c.Reasons, snapshot.ReasonCounters{Reason: r.reason, Verdict: r.verdict, Packets: n, Bytes: n * 64})
 	}
 	return c
 }
@@ -397,8 +397,8 @@ func TestSourceError(t *testing.T) {
 		Source:  src,
 		Version: "v1",
 		// Health does not depend on the maps, so it is still reported.
-		Health: func() []model.BackendHealth {
-			return []model.BackendHealth{{Pool: "web", Backend: "10.0.0.11:80", Healthy: true}}
+		Health: func() []snapshot.BackendHealth {
+			return []snapshot.BackendHealth{{Pool: "web", Backend: "10.0.0.11:80", Healthy: true}}
 		},
 	})
 	m.ConfigReload(ResultSuccess)
@@ -435,7 +435,7 @@ func TestSourceError(t *testing.T) {
 func TestHealth(t *testing.T) {
 	checked := time.Date(2026, 11, 27, 6, 0, 0, 0, time.UTC)
 	var mu sync.Mutex
-	view := []model.BackendHealth{
+	view := []snapshot.BackendHealth{
 		// The data plane still says up, but the checker has the final word.
 		{Pool: "web", Backend: "10.0.0.11:80", Healthy: false, LastCheck: checked, Latency: 1500 * time.Millisecond, LastError: "timeout"},
 		{Pool: "web", Backend: "10.0.0.12:80", Healthy: true, LastCheck: checked, Latency: 250 * time.Microsecond},
@@ -444,7 +444,7 @@ func TestHealth(t *testing.T) {
 	}
 	_, srv := newTest(t, Options{
 		Source: &fakeSource{c: fixture()},
-		Health: func() []model.BackendHealth {
+		Health: func() []snapshot.BackendHealth {
 			mu.Lock()
 			defer mu.Unlock()
 			return slices.Clone(view)
@@ -550,8 +550,8 @@ func populated(t testing.TB) *Metrics {
 	m := New(Options{
 		Source:  &fakeSource{c: fixture()},
 		Version: "v1.2.3",
-		Health: func() []model.BackendHealth {
-			return []model.BackendHealth{{Pool: "web", Backend: "10.0.0.11:80", Healthy: true,
+		Health: func() []snapshot.BackendHealth {
+			return []snapshot.BackendHealth{{Pool: "web", Backend: "10.0.0.11:80", Healthy: true,
 				LastCheck: time.Now(), Latency: time.Millisecond}}
 		},
 		WSClients: func() map[string]int { return map[string]int{"events": 1} },
@@ -588,8 +588,8 @@ func TestLint(t *testing.T) {
 
 	// The data-plane collector alone, in a pedantic registry, which also
 	// checks that everything it collects was described.
-	dp := newDataplaneCollector(&fakeSource{c: fixture()}, func() []model.BackendHealth {
-		return []model.BackendHealth{{Pool: "web", Backend: "10.0.0.11:80", LastCheck: time.Now()}}
+	dp := newDataplaneCollector(&fakeSource{c: fixture()}, func() []snapshot.BackendHealth {
+		return []snapshot.BackendHealth{{Pool: "web", Backend: "10.0.0.11:80", LastCheck: time.Now()}}
 	})
 	problems, err = testutil.CollectAndLint(dp)
 	if err != nil {
@@ -664,18 +664,18 @@ func TestConcurrent(t *testing.T) {
 
 // bigCounters is 1,000 VIPs over 1,000 pools of 3 backends each, and all
 // reasons.
-func bigCounters() model.Counters {
+func bigCounters() snapshot.Counters {
 	c := fixture()
 	c.VIPs, c.Backends = nil, nil
 	for i := range 1000 {
 		pool := fmt.Sprintf("pool-%04d", i)
-		c.VIPs = append(c.VIPs, model.VIPCounters{
+		c.VIPs = append(c.VIPs, snapshot.VIPCounters{
 			VIP:  fmt.Sprintf("10.%d.%d.1:443/tcp", i/256, i%256),
 			Pool: pool, Mode: "dsr", ID: uint32(i + 1),
 			Packets: uint64(i) * 1e6, Bytes: uint64(i) * 1e9, NewFlows: uint64(i) * 1e3, Drops: uint64(i),
 		})
 		for j := range 3 {
-			c.Backends = append(c.Backends, model.BackendCounters{
+			c.Backends = append(c.Backends, snapshot.BackendCounters{
 				Pool: pool, Backend: fmt.Sprintf("172.16.%d.%d:443", i%256, 10+j+3*(i/256)),
 				State: "up", Packets: uint64(i*3+j) * 1e5, Bytes: uint64(i*3+j) * 1e8,
 			})

@@ -55,6 +55,7 @@ type source interface {
 	RingSize() uint32
 	MaxVIPs() uint32
 	MaxReals() uint32
+	ConntrackSize() uint32 // flows per address family
 	Settings() (dataplane.Settings, error)
 	VIPs() (map[dataplane.VIP]dataplane.VIPMeta, error)
 	Reals() (map[uint32]dataplane.Real, error)
@@ -65,10 +66,6 @@ type source interface {
 	Flows(limit int) ([]dataplane.Flow, error)
 	DenyList() ([]netip.Prefix, error)
 }
-
-// conntrackSizer is optional: the dataplane package does not export the
-// conntrack size yet, and status shows it as soon as it does.
-type conntrackSizer interface{ ConntrackSize() uint32 }
 
 // view is a command's gathered data; JSON output marshals it as it is.
 type view interface{ table(w io.Writer) error }
@@ -248,9 +245,7 @@ func gatherStatus(src source) (*statusView, error) {
 		VIPs:      len(vips), Reals: len(reals), FlowsSampled: len(flows), FlowSample: statusFlowSample,
 		DenyPrefixes: len(deny), Packets: []verdictCount{},
 	}
-	if cs, ok := src.(conntrackSizer); ok {
-		v.ConntrackSize = cs.ConntrackSize()
-	}
+	v.ConntrackSize = src.ConntrackSize()
 	for _, l := range links {
 		v.Links = append(v.Links, linkRow(l))
 	}

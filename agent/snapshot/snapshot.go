@@ -1,8 +1,8 @@
-// Package model holds the plain types that several agent packages exchange:
+// Package snapshot holds the plain types that several agent packages exchange:
 // counter snapshots read from the data plane and the health view of
 // backends. It does no I/O, so any package may import it without pulling in
 // BPF, HTTP or the file system.
-package model
+package snapshot
 
 import "time"
 

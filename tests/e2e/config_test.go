@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/veloflux/veloflux/agent/dataplane"
+	"github.com/veloflux/veloflux/tests/agenttest"
 )
 
 // typoConfig is e.webConfig with "address" misspelt in backends[typoAt].
@@ -71,7 +72,7 @@ func TestBadConfig(t *testing.T) {
 		text = strings.Replace(text, "port: 80}", "port: 70000}", 2) // backends[0] (with the typo) and [1]
 		text = strings.Replace(text, "pool: web}", "pool: nope}", 1)
 		text = strings.Replace(text, "  conntrack_size: 65536\n", "  conntrack_size: 65536\n  ring_size: 65536\n", 1)
-		writeFileAtomic(t, bad, text)
+		agenttest.WriteFileAtomic(t, bad, text)
 		code, stdout, stderr := runExit(t, e.bin, "validate", "--config", bad)
 		t.Logf("validate %s: exit %d\nstdout:\n%sstderr:\n%s", bad, code, stdout, stderr)
 		if code != 2 {
@@ -90,7 +91,7 @@ func TestBadConfig(t *testing.T) {
 		}
 
 		good := filepath.Join(e.dir, "good.yaml")
-		writeFileAtomic(t, good, e.webConfig(true))
+		agenttest.WriteFileAtomic(t, good, e.webConfig(true))
 		code, stdout, stderr = runExit(t, e.bin, "validate", "--config", good)
 		if code != 0 || !strings.Contains(stdout, "valid") {
 			t.Errorf("validate on a good file: exit %d, stdout %q, stderr %q; want 0 and \"valid\"", code, stdout, stderr)

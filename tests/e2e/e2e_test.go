@@ -78,19 +78,9 @@ func (e *env) with(t *testing.T) *env {
 // mounts a private bpffs and builds the binary.
 func newEnv(t *testing.T, backends int, vips ...netip.Addr) *env {
 	t.Helper()
-	l := lab.ForTest(t, lab.Options{Backends: backends, VIPs: vips})
-	e := &env{t: t, lab: l, bin: agenttest.BuildAgent(t, BinaryEnv), dir: t.TempDir()}
-	if err := l.StartBackendServers(t.Context()); err != nil {
-		t.Fatalf("start backend servers: %v", err)
-	}
-
-	// The bpffs is mounted after t.TempDir() was created, so its cleanup
-	// (registered later) runs first: pins removed, then unmounted, then
-	// the directory removed.
-	e.pin = agenttest.MountBPFFS(t, e.dir)
-	e.state = filepath.Join(e.dir, "state")
-	e.cfg = filepath.Join(e.dir, "veloflux.yaml")
-	e.http = newHTTPClient(l.Client, 5*time.Second)
+	base := agenttest.NewEnv(t, lab.Options{Backends: backends, VIPs: vips}, BinaryEnv)
+	e := &env{t: t, lab: base.Lab, bin: base.Bin, dir: base.Dir, pin: base.Pin, state: base.State, cfg: base.Cfg}
+	e.http = newHTTPClient(e.lab.Client, 5*time.Second)
 	return e
 }
 
@@ -162,18 +152,7 @@ func (e *env) render(c cfgSpec) string {
 // any SIGHUP).
 func (e *env) writeConfig(text string) {
 	e.t.Helper()
-	writeFileAtomic(e.t, e.cfg, text)
-}
-
-func writeFileAtomic(t *testing.T, path, text string) {
-	t.Helper()
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, []byte(text), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		t.Fatal(err)
-	}
+	agenttest.WriteFileAtomic(e.t, e.cfg, text)
 }
 
 // addrs4/addrs6 list the IPv4/IPv6 addresses of backends idx (all when

@@ -66,17 +66,9 @@ type env struct {
 // and mounts a private bpffs. Nothing runs yet.
 func newEnv(tb testing.TB, vips ...netip.Addr) *env {
 	tb.Helper()
-	l := lab.ForTest(tb, lab.Options{Backends: 3, VIPs: vips})
-	e := &env{tb: tb, lab: l, bin: agenttest.BuildAgent(tb, binaryEnv), dir: tb.TempDir()}
-	if err := l.StartBackendServers(tb.Context()); err != nil {
-		tb.Fatalf("start backend servers: %v", err)
-	}
-	// The agent leaves its link and maps pinned by design; the mount's
-	// cleanup removes the pins, which detaches XDP before the lab goes.
-	e.pin = agenttest.MountBPFFS(tb, e.dir)
-	e.state = filepath.Join(e.dir, "state")
-	e.cfg = filepath.Join(e.dir, "veloflux.yaml")
-	tr := &http.Transport{DialContext: l.Balancer.DialContext, MaxIdleConnsPerHost: 8}
+	base := agenttest.NewEnv(tb, lab.Options{Backends: 3, VIPs: vips}, binaryEnv)
+	e := &env{tb: tb, lab: base.Lab, bin: base.Bin, dir: base.Dir, pin: base.Pin, state: base.State, cfg: base.Cfg}
+	tr := &http.Transport{DialContext: e.lab.Balancer.DialContext, MaxIdleConnsPerHost: 8}
 	e.api = &http.Client{Transport: tr, Timeout: 20 * time.Second}
 	tb.Cleanup(tr.CloseIdleConnections) // idle sockets would keep the namespace alive
 	return e
@@ -87,13 +79,7 @@ func (e *env) tokenFile() string { return filepath.Join(e.state, "api.token") }
 // writeConfig replaces the configuration file in one rename.
 func (e *env) writeConfig(text string) {
 	e.tb.Helper()
-	tmp := e.cfg + ".tmp"
-	if err := os.WriteFile(tmp, []byte(text), 0o600); err != nil {
-		e.tb.Fatal(err)
-	}
-	if err := os.Rename(tmp, e.cfg); err != nil {
-		e.tb.Fatal(err)
-	}
+	agenttest.WriteFileAtomic(e.tb, e.cfg, text)
 }
 
 // configHead is the part of every configuration before pools and VIPs.

@@ -566,23 +566,7 @@ func (e *editor) replaceScalar(path string, d, to *yaml.Node, own owner) error {
 		if own.indent < 0 {
 			return fmt.Errorf("%s: cannot replace the document", name(path))
 		}
-		sp, err := e.span(own.line, own.indent, d)
-		if err != nil {
-			return err
-		}
-		text, err := renderBlock(to, own.indent+2)
-		if err != nil {
-			return fmt.Errorf("%s: %w", name(path), err)
-		}
-		// Cut the old value and the blanks before it, then add the block
-		// after the entry's lines.
-		cut := start
-		for cut > 0 && e.src[cut-1] == ' ' {
-			cut--
-		}
-		e.add(cut, end, "")
-		e.insertLines(sp.last+1, text)
-		return nil
+		return e.replaceWithBlock(path, d, to, own, start, end)
 	}
 	style := d.Style &^ (yaml.LiteralStyle | yaml.FoldedStyle)
 	text, err := renderInline(to, style, own.indent)
@@ -596,6 +580,27 @@ func (e *editor) replaceScalar(path string, d, to *yaml.Node, own owner) error {
 	return nil
 }
 
+// replaceWithBlock replaces the inline value d (at src[start:end]) of the
+// entry own with to, written as a block: the old value and the blanks
+// before it are cut, and the block goes after the entry's lines.
+func (e *editor) replaceWithBlock(path string, d, to *yaml.Node, own owner, start, end int) error {
+	sp, err := e.span(own.line, own.indent, d)
+	if err != nil {
+		return err
+	}
+	text, err := renderBlock(to, own.indent+2)
+	if err != nil {
+		return fmt.Errorf("%s: %w", name(path), err)
+	}
+	cut := start
+	for cut > 0 && e.src[cut-1] == ' ' {
+		cut--
+	}
+	e.add(cut, end, "")
+	e.insertLines(sp.last+1, text)
+	return nil
+}
+
 // replaceFlow rewrites a flow collection ("[a, b]", "{k: v}") whole, from
 // the document's own elements where they did not change; an empty one that
 // receives collections becomes a block, as the encoder would write it.
@@ -606,21 +611,7 @@ func (e *editor) replaceFlow(path string, d, from, to *yaml.Node, own owner) err
 		return err
 	}
 	if len(d.Content) == 0 && own.indent >= 0 && hasCollections(to) {
-		sp, err := e.span(own.line, own.indent, d)
-		if err != nil {
-			return err
-		}
-		text, err := renderBlock(to, own.indent+2)
-		if err != nil {
-			return fmt.Errorf("%s: %w", name(path), err)
-		}
-		cut := start
-		for cut > 0 && e.src[cut-1] == ' ' {
-			cut--
-		}
-		e.add(cut, end, "")
-		e.insertLines(sp.last+1, text)
-		return nil
+		return e.replaceWithBlock(path, d, to, own, start, end)
 	}
 	merged := merge(d, from, to)
 	merged.Style = yaml.FlowStyle

@@ -2,11 +2,13 @@
 /*
  * VeloFlux L4 balancer, XDP.
  *
- *   parse -> denylist -> VIP -> conntrack -> Maglev -> forward (dsr | ipip)
+ *   parse -> denylist -> VIP -> our MAC? -> martian source? -> conntrack
+ *         -> (new flow: per-source limit) -> Maglev -> forward (dsr | ipip)
  *
  * Every packet ends under exactly one enum vf_reason, which fixes its verdict
  * and is counted once in vf_counters. The agent owns every map; this program
- * only reads them, except conntrack and the per-CPU statistics.
+ * only reads them, except conntrack, the new-flow buckets and the per-CPU
+ * statistics.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -126,6 +128,40 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } vf_deny6 SEC(".maps");
 
+/* ifindex -> the interface's own MAC, written by the agent before it puts
+ * the program on the interface. Not pinned: every agent writes the entries
+ * of the interfaces it attaches, so none outlives what an agent knows. A
+ * hash and not an array, because an ifindex is not bounded by anything we
+ * could size an array with; there are a handful of entries. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, VF_MAX_IFACES);
+	__type(key, __u32);
+	__type(value, struct vf_iface);
+} vf_ifaces SEC(".maps");
+
+/*
+ * The per-source new-flow buckets. Per CPU, by putting the CPU in the key of
+ * an LRU hash with per-CPU LRU lists, rather than a BPF_MAP_TYPE_LRU_PERCPU_HASH:
+ *  - a source flooding from random ports lands on every CPU; a shared bucket
+ *    would make every CPU write one cache line (and take a lock) for it;
+ *  - an LRU_PERCPU_HASH allocates the value on every possible CPU for every
+ *    key and zeroes all of them when a program inserts one, which is the
+ *    common operation under a spoofed-source flood; here an insert touches
+ *    one element of the inserting CPU's own LRU list, like conntrack.
+ * The cost is that the limit holds per receiving CPU: a source whose flows
+ * RSS spreads over N queues can open up to N times the rate (README).
+ * Not pinned: losing the buckets on a restart only refills them, and the
+ * agent can then size the table anew.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, VF_DEFAULT_FLOW_LIMIT_SIZE);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU);
+	__type(key, struct vf_flow_limit_key);
+	__type(value, struct vf_flow_limit_bucket);
+} vf_flow_limit SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, VF_EVENTS_BYTES);
@@ -149,6 +185,12 @@ static __always_inline int vf_reason_verdict(__u32 reason)
 	case VF_R_DROP_NO_REAL:
 	case VF_R_DROP_NO_ROUTE:
 	case VF_R_DROP_ENCAP:
+	case VF_R_DROP_MARTIAN_VIP:
+	case VF_R_DROP_MARTIAN_UNSPEC:
+	case VF_R_DROP_MARTIAN_BROADCAST:
+	case VF_R_DROP_MARTIAN_MULTICAST:
+	case VF_R_DROP_MARTIAN_LOOPBACK:
+	case VF_R_DROP_NEW_FLOW_RATE_LIMITED:
 		return XDP_DROP;
 	default:
 		return XDP_PASS;
@@ -157,8 +199,21 @@ static __always_inline int vf_reason_verdict(__u32 reason)
 
 static __always_inline int vf_reason_has_event(__u32 reason)
 {
-	return reason == VF_R_DROP_DENYLIST || reason == VF_R_DROP_MALFORMED_L2 ||
-	       reason == VF_R_DROP_MALFORMED_L3 || reason == VF_R_DROP_MALFORMED_L4;
+	switch (reason) {
+	case VF_R_DROP_DENYLIST:
+	case VF_R_DROP_MALFORMED_L2:
+	case VF_R_DROP_MALFORMED_L3:
+	case VF_R_DROP_MALFORMED_L4:
+	case VF_R_DROP_MARTIAN_VIP:
+	case VF_R_DROP_MARTIAN_UNSPEC:
+	case VF_R_DROP_MARTIAN_BROADCAST:
+	case VF_R_DROP_MARTIAN_MULTICAST:
+	case VF_R_DROP_MARTIAN_LOOPBACK:
+	case VF_R_DROP_NEW_FLOW_RATE_LIMITED:
+		return 1;
+	default:
+		return 0;
+	}
 }
 
 static __always_inline int vf_check_denylist(const struct vf_settings *cfg, const struct vf_pkt *pkt)
@@ -178,6 +233,80 @@ static __always_inline int vf_check_denylist(const struct vf_settings *cfg, cons
 			return VF_R_DROP_DENYLIST;
 	}
 	return VF_CONTINUE;
+}
+
+/*
+ * The frame must be addressed to the interface it came in on. A switch
+ * floods a frame for an unknown unicast MAC to every port, and broadcast or
+ * multicast reaches every balancer of the segment: forwarding those would
+ * duplicate the flow, and stamping another host's MAC as our source would
+ * teach the switch a wrong port for it. The stack drops them or answers
+ * them as it does without XDP. An interface the agent registered no MAC for
+ * passes too: forwarding without knowing our own address is the bug above.
+ * One lookup; the MAC compares as a 4-byte and a 2-byte word.
+ */
+static __always_inline int vf_check_our_mac(struct xdp_md *ctx, const struct vf_iface **out)
+{
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = (void *)(long)ctx->data;
+	__u32 ifindex = ctx->ingress_ifindex;
+	const struct vf_iface *iface;
+
+	if ((void *)(eth + 1) > data_end)
+		return VF_R_DROP_MALFORMED_L2;
+	iface = bpf_map_lookup_elem(&vf_ifaces, &ifindex);
+	if (!iface)
+		return VF_R_PASS_IFACE_UNKNOWN;
+	if (!vf_mac_equal(eth->h_dest, iface->mac))
+		return VF_R_PASS_NOT_OUR_MAC;
+	*out = iface;
+	return VF_CONTINUE;
+}
+
+/*
+ * Sources no client can have (the kernel's "martians", RFC 1122 3.2.1.3 and
+ * RFC 4291 2.5.2-2.7): a reply to them would go to ourselves, to nobody or
+ * to a whole group. Decided on the outer header, before an ICMP error swaps
+ * in its quoted flow; acted on for VIP packets only, so the host still gets
+ * its own DHCP (0.0.0.0) and multicast traffic.
+ */
+static __always_inline int vf_martian4(__be32 src, __be32 dst)
+{
+	__u32 host = bpf_ntohl(src);
+
+	if (src == dst)
+		return VF_R_DROP_MARTIAN_VIP;
+	if ((host >> 24) == VF_IPV4_NET_THIS)
+		return VF_R_DROP_MARTIAN_UNSPEC;
+	if ((host >> 24) == VF_IPV4_NET_LOOPBACK)
+		return VF_R_DROP_MARTIAN_LOOPBACK;
+	if (host == VF_IPV4_BROADCAST)
+		return VF_R_DROP_MARTIAN_BROADCAST;
+	if ((host >> 28) == VF_IPV4_MULTICAST_NIBBLE)
+		return VF_R_DROP_MARTIAN_MULTICAST;
+	return VF_CONTINUE;
+}
+
+static __always_inline int vf_martian6(const __u32 *src, const __u32 *dst)
+{
+	if (vf_addr6_equal(src, dst))
+		return VF_R_DROP_MARTIAN_VIP;
+	if ((bpf_ntohl(src[0]) >> 24) == VF_IPV6_MULTICAST_BYTE)
+		return VF_R_DROP_MARTIAN_MULTICAST;
+	if ((src[0] | src[1] | src[2]) != 0)
+		return VF_CONTINUE;
+	if (src[3] == 0)
+		return VF_R_DROP_MARTIAN_UNSPEC;
+	if (src[3] == bpf_htonl(1))
+		return VF_R_DROP_MARTIAN_LOOPBACK;
+	return VF_CONTINUE;
+}
+
+static __always_inline int vf_martian(const struct vf_pkt *pkt)
+{
+	if (pkt->flow.family == VF_AF_INET)
+		return vf_martian4(pkt->flow.src[0], pkt->flow.dst[0]);
+	return vf_martian6(pkt->flow.src, pkt->flow.dst);
 }
 
 /* The exact {addr, port, proto} first, then the all-ports entry, which is
@@ -259,6 +388,53 @@ static __always_inline void vf_ct_store(const struct vf_pkt *pkt, const struct v
 }
 
 /*
+ * The per-source new-flow limit: a token bucket per source and CPU, charged
+ * for every conntrack entry the packet is about to create. Credit is kept in
+ * nanoseconds and grows with the clock up to the bucket's depth; a new flow
+ * costs new_flow_interval_ns of it. So the data path adds and compares, and
+ * the agent did the one division. A source seen for the first time (or
+ * evicted since) starts with a full bucket.
+ */
+static __always_inline int vf_charge_new_flow(const struct vf_settings *cfg, const struct vf_pkt *pkt)
+{
+	__u64 interval = cfg->new_flow_interval_ns, depth = cfg->new_flow_burst_ns;
+	struct vf_flow_limit_key key = {};
+	struct vf_flow_limit_bucket *bucket;
+	__u64 now, elapsed, credit;
+
+	if (!interval)
+		return VF_CONTINUE;
+	key.prefix[0] = pkt->flow.src[0];
+	if (pkt->flow.family == VF_AF_INET6)
+		key.prefix[1] = pkt->flow.src[1];
+	key.family = pkt->flow.family;
+	key.cpu = bpf_get_smp_processor_id();
+	now = bpf_ktime_get_ns();
+
+	bucket = bpf_map_lookup_elem(&vf_flow_limit, &key);
+	if (!bucket) {
+		struct vf_flow_limit_bucket fresh = {
+			.credit_ns = depth > interval ? depth - interval : 0,
+			.last_ns = now,
+		};
+
+		bpf_map_update_elem(&vf_flow_limit, &key, &fresh, BPF_ANY);
+		return VF_CONTINUE;
+	}
+	elapsed = now - bucket->last_ns;
+	credit = bucket->credit_ns;
+	/* Compared before adding, so a long-idle source cannot overflow. */
+	credit = elapsed >= depth - credit ? depth : credit + elapsed;
+	bucket->last_ns = now;
+	if (credit < interval) {
+		bucket->credit_ns = credit;
+		return VF_R_DROP_NEW_FLOW_RATE_LIMITED;
+	}
+	bucket->credit_ns = credit - interval;
+	return VF_CONTINUE;
+}
+
+/*
  * Conntrack first: a live entry keeps its real, even a draining one. A miss,
  * an idle entry or a real that went down falls through to Maglev, and the
  * choice is remembered. ICMP errors only read conntrack: they must not create
@@ -269,6 +445,10 @@ static __always_inline void vf_ct_store(const struct vf_pkt *pkt, const struct v
  * or a client reusing its port) balancing again is right, since no real holds
  * an established connection for the tuple yet. This saves a hash lookup, a
  * cache miss on a large table, on every new connection.
+ *
+ * Whatever will create an entry is charged to its source first (not ICMP
+ * errors, which create none), so one source cannot fill the table and evict
+ * the idle flows of everyone else.
  */
 static __always_inline int vf_select_real(const struct vf_settings *cfg,
 					  const struct vf_vip_meta *vip,
@@ -295,6 +475,12 @@ static __always_inline int vf_select_real(const struct vf_settings *cfg,
 		}
 	}
 
+	if (!pkt->icmp_error) {
+		int ret = vf_charge_new_flow(cfg, pkt);
+
+		if (ret != VF_CONTINUE)
+			return ret;
+	}
 	real_id = vf_maglev_pick(cfg, vip, pkt);
 	if (!real_id)
 		return VF_R_DROP_NO_REAL;
@@ -314,29 +500,19 @@ static __always_inline int vf_select_real(const struct vf_settings *cfg,
 	return VF_CONTINUE;
 }
 
-static __always_inline void vf_source_mac(const struct vf_settings *cfg, const struct ethhdr *eth,
-					  __u8 *smac)
-{
-	if (vf_mac_is_zero(cfg->if_mac))
-		__builtin_memcpy(smac, eth->h_dest, VF_ETH_ALEN);
-	else
-		__builtin_memcpy(smac, cfg->if_mac, VF_ETH_ALEN);
-}
-
-/* dsr: the real holds the VIP on loopback, so only the MACs change. */
-static __always_inline int vf_forward_dsr(struct xdp_md *ctx, const struct vf_settings *cfg,
+/* dsr: the real holds the VIP on loopback, so only the MACs change. We send
+ * from our own MAC, never from the frame's destination. */
+static __always_inline int vf_forward_dsr(struct xdp_md *ctx, const struct vf_iface *iface,
 					  const struct vf_real *real)
 {
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = (void *)(long)ctx->data;
-	__u8 smac[VF_ETH_ALEN];
 
 	if ((void *)(eth + 1) > data_end)
 		return VF_R_DROP_MALFORMED_L2;
 	if (vf_mac_is_zero(real->mac))
 		return VF_R_DROP_NO_ROUTE;
-	vf_source_mac(cfg, eth, smac);
-	__builtin_memcpy(eth->h_source, smac, VF_ETH_ALEN);
+	__builtin_memcpy(eth->h_source, iface->mac, VF_ETH_ALEN);
 	__builtin_memcpy(eth->h_dest, real->mac, VF_ETH_ALEN);
 	return VF_R_TX_DSR;
 }
@@ -345,14 +521,9 @@ static __always_inline int vf_forward_dsr(struct xdp_md *ctx, const struct vf_se
  * when enabled and the next hop is out of the interface we transmit on,
  * otherwise the configured gateway. */
 static __always_inline int vf_ipip_nexthop(struct xdp_md *ctx, const struct vf_settings *cfg,
-					   const struct vf_pkt *pkt, const struct vf_real *real,
-					   __u8 *smac, __u8 *dmac)
+					   const struct vf_iface *iface, const struct vf_pkt *pkt,
+					   const struct vf_real *real, __u8 *smac, __u8 *dmac)
 {
-	void *data_end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = (void *)(long)ctx->data;
-
-	if ((void *)(eth + 1) > data_end)
-		return -1;
 	if (cfg->use_fib) {
 		struct bpf_fib_lookup fib = {};
 		__u32 ifindex = ctx->ingress_ifindex;
@@ -379,7 +550,7 @@ static __always_inline int vf_ipip_nexthop(struct xdp_md *ctx, const struct vf_s
 	}
 	if (vf_mac_is_zero(cfg->gw_mac))
 		return -1;
-	vf_source_mac(cfg, eth, smac);
+	__builtin_memcpy(smac, iface->mac, VF_ETH_ALEN);
 	__builtin_memcpy(dmac, cfg->gw_mac, VF_ETH_ALEN);
 	return 0;
 }
@@ -482,13 +653,14 @@ static __always_inline int vf_encap_ipv6(struct xdp_md *ctx, const struct vf_set
 
 /* ipip: IPv4-in-IPv4 or IPv6-in-IPv6 toward the real. */
 static __always_inline int vf_forward_ipip(struct xdp_md *ctx, const struct vf_settings *cfg,
-					   const struct vf_pkt *pkt, const struct vf_real *real)
+					   const struct vf_iface *iface, const struct vf_pkt *pkt,
+					   const struct vf_real *real)
 {
 	__u8 smac[VF_ETH_ALEN], dmac[VF_ETH_ALEN];
 
 	if (real->family != pkt->flow.family)
 		return VF_R_DROP_ENCAP;
-	if (vf_ipip_nexthop(ctx, cfg, pkt, real, smac, dmac))
+	if (vf_ipip_nexthop(ctx, cfg, iface, pkt, real, smac, dmac))
 		return VF_R_DROP_NO_ROUTE;
 	if (pkt->flow.family == VF_AF_INET)
 		return vf_encap_ipv4(ctx, cfg, pkt, real, smac, dmac);
@@ -500,10 +672,11 @@ static __always_inline int vf_handle(struct xdp_md *ctx, const struct vf_setting
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
+	const struct vf_iface *iface = NULL;
 	const struct vf_real *real = NULL;
 	struct vf_vip_meta *vip;
 	__be16 l3_proto = 0;
-	int ret;
+	int ret, martian;
 
 	pkt->frame_len = data_end - data;
 	ret = vf_parse_l2(data, data_end, pkt, &l3_proto);
@@ -517,6 +690,7 @@ static __always_inline int vf_handle(struct xdp_md *ctx, const struct vf_setting
 		return VF_R_PASS_NOT_IP;
 	if (ret != VF_CONTINUE)
 		return ret;
+	martian = vf_martian(pkt); /* before an ICMP error's quoted flow replaces the source */
 
 	ret = vf_check_denylist(cfg, pkt);
 	if (ret != VF_CONTINUE)
@@ -533,8 +707,14 @@ static __always_inline int vf_handle(struct xdp_md *ctx, const struct vf_setting
 	vip = vf_lookup_vip(cfg, pkt);
 	if (!vip)
 		return VF_R_PASS_NOT_VIP;
+	/* Not counted for the VIP: the packet is another host's. */
+	ret = vf_check_our_mac(ctx, &iface);
+	if (ret != VF_CONTINUE)
+		return ret;
 	pkt->vip_id = vip->vip_id;
 	pkt->vip_matched = 1;
+	if (martian != VF_CONTINUE)
+		return martian;
 
 	ret = vf_select_real(cfg, vip, pkt, &real);
 	if (ret != VF_CONTINUE)
@@ -543,9 +723,9 @@ static __always_inline int vf_handle(struct xdp_md *ctx, const struct vf_setting
 		return VF_R_DROP_NO_REAL;
 
 	if (vip->mode == VF_MODE_DSR)
-		return vf_forward_dsr(ctx, cfg, real);
+		return vf_forward_dsr(ctx, iface, real);
 	if (vip->mode == VF_MODE_IPIP)
-		return vf_forward_ipip(ctx, cfg, pkt, real);
+		return vf_forward_ipip(ctx, cfg, iface, pkt, real);
 	return VF_R_DROP_ENCAP;
 }
 

@@ -95,7 +95,8 @@ func TestPinnedUpgradeKeepsState(t *testing.T) {
 			t.Fatal(err)
 		}
 		h := &harness{tb: t, dp: first}
-		h.must(first.SetSettings(Settings{InterfaceMAC: lbMAC, TCPIdleTimeoutNs: 300e9, UDPIdleTimeoutNs: 30e9}))
+		h.must(first.setInterfaceMAC(testRunIfindex, lbMAC))
+		h.must(first.SetSettings(Settings{TCPIdleTimeoutNs: 300e9, UDPIdleTimeoutNs: 30e9}))
 		h.real(1, real4a)
 		h.vip(vip4, 80, ProtoTCP, VIPMeta{ID: 1, Mode: ModeDSR}, 1)
 		h.must(first.Attach("vfup0", XDPNative))
@@ -124,6 +125,8 @@ func TestPinnedUpgradeKeepsState(t *testing.T) {
 			t.Fatalf("adopted links %v, want [vfup0]", adopted)
 		}
 		h.must(second.Attach("vfup0", XDPNative))
+		// Interface MACs are not pinned: each agent registers its own.
+		h.must(second.setInterfaceMAC(testRunIfindex, lbMAC))
 		newID, err := second.ProgramID()
 		h.must(err)
 		if xdp := linkXDP(t, veth); xdp == nil || xdp.ProgId != newID || newID == oldID {
@@ -331,8 +334,10 @@ func TestIPIPNextHopFromFIB(t *testing.T) {
 		// bpf_fib_lookup answers only where the kernel would forward.
 		h.must(os.WriteFile("/proc/sys/net/ipv4/conf/all/forwarding", []byte("1"), 0o644))
 
+		h.must(h.dp.RegisterInterface("vffib0"))
 		run := func(dport uint16) []byte {
-			in := pkt{src: client4, dst: vip4, sport: 52000, dport: dport, proto: layers.IPProtocolTCP, tcpFlags: "S"}.frame(t)
+			in := withMACs(pkt{src: client4, dst: vip4, sport: 52000, dport: dport, proto: layers.IPProtocolTCP, tcpFlags: "S"}.frame(t),
+				veth.Attrs().HardwareAddr, clientMAC)
 			out := make([]byte, len(in)+64)
 			opts := ebpf.RunOptions{Data: in, DataOut: out, Context: xdpMd{DataEnd: uint32(len(in)), IngressIfindex: uint32(veth.Attrs().Index)}}
 			ret, err := h.dp.objs.VfBalancer.Run(&opts)
@@ -350,8 +355,9 @@ func TestIPIPNextHopFromFIB(t *testing.T) {
 			t.Fatalf("outer destination %08x, want 10.77.0.11", got)
 		}
 		out = run(8081) // no neighbour entry for 10.77.0.12
-		if !equalMAC(out[0:6], gwMAC) {
-			t.Fatalf("unresolved next hop: dst %x, want the gateway %s", out[0:6], gwMAC)
+		if !equalMAC(out[0:6], gwMAC) || !equalMAC(out[6:12], veth.Attrs().HardwareAddr) {
+			t.Fatalf("unresolved next hop: dst %x src %x, want the gateway %s from %s",
+				out[0:6], out[6:12], gwMAC, veth.Attrs().HardwareAddr)
 		}
 	})
 }

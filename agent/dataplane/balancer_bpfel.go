@@ -61,6 +61,26 @@ type balancerVfFlowKey struct {
 	Pad    uint16
 }
 
+type balancerVfFlowLimitBucket struct {
+	_        structs.HostLayout
+	CreditNs uint64
+	LastNs   uint64
+}
+
+type balancerVfFlowLimitKey struct {
+	_      structs.HostLayout
+	Prefix [2]uint32
+	Cpu    uint32
+	Family uint8
+	Pad    [3]uint8
+}
+
+type balancerVfIface struct {
+	_   structs.HostLayout
+	Mac [6]uint8
+	Pad uint16
+}
+
 type balancerVfLpm4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -107,39 +127,51 @@ type balancerVfRealStats struct {
 type balancerVfReason uint32
 
 const (
-	balancerVfReasonVF_R_PASS_NOT_IP        balancerVfReason = 0
-	balancerVfReasonVF_R_PASS_NOT_VIP       balancerVfReason = 1
-	balancerVfReasonVF_R_PASS_FRAGMENT      balancerVfReason = 2
-	balancerVfReasonVF_R_PASS_UNKNOWN_L4    balancerVfReason = 3
-	balancerVfReasonVF_R_PASS_IPV6EXT_LIMIT balancerVfReason = 4
-	balancerVfReasonVF_R_PASS_VLAN_NESTED   balancerVfReason = 5
-	balancerVfReasonVF_R_DROP_MALFORMED_L2  balancerVfReason = 6
-	balancerVfReasonVF_R_DROP_MALFORMED_L3  balancerVfReason = 7
-	balancerVfReasonVF_R_DROP_MALFORMED_L4  balancerVfReason = 8
-	balancerVfReasonVF_R_DROP_DENYLIST      balancerVfReason = 9
-	balancerVfReasonVF_R_DROP_NO_REAL       balancerVfReason = 10
-	balancerVfReasonVF_R_DROP_NO_ROUTE      balancerVfReason = 11
-	balancerVfReasonVF_R_DROP_ENCAP         balancerVfReason = 12
-	balancerVfReasonVF_R_TX_DSR             balancerVfReason = 13
-	balancerVfReasonVF_R_TX_IPIP            balancerVfReason = 14
-	balancerVfReasonVF_R_MAX                balancerVfReason = 15
+	balancerVfReasonVF_R_PASS_NOT_IP                balancerVfReason = 0
+	balancerVfReasonVF_R_PASS_NOT_VIP               balancerVfReason = 1
+	balancerVfReasonVF_R_PASS_FRAGMENT              balancerVfReason = 2
+	balancerVfReasonVF_R_PASS_UNKNOWN_L4            balancerVfReason = 3
+	balancerVfReasonVF_R_PASS_IPV6EXT_LIMIT         balancerVfReason = 4
+	balancerVfReasonVF_R_PASS_VLAN_NESTED           balancerVfReason = 5
+	balancerVfReasonVF_R_PASS_NOT_OUR_MAC           balancerVfReason = 6
+	balancerVfReasonVF_R_PASS_IFACE_UNKNOWN         balancerVfReason = 7
+	balancerVfReasonVF_R_DROP_MALFORMED_L2          balancerVfReason = 8
+	balancerVfReasonVF_R_DROP_MALFORMED_L3          balancerVfReason = 9
+	balancerVfReasonVF_R_DROP_MALFORMED_L4          balancerVfReason = 10
+	balancerVfReasonVF_R_DROP_DENYLIST              balancerVfReason = 11
+	balancerVfReasonVF_R_DROP_NO_REAL               balancerVfReason = 12
+	balancerVfReasonVF_R_DROP_NO_ROUTE              balancerVfReason = 13
+	balancerVfReasonVF_R_DROP_ENCAP                 balancerVfReason = 14
+	balancerVfReasonVF_R_DROP_MARTIAN_VIP           balancerVfReason = 15
+	balancerVfReasonVF_R_DROP_MARTIAN_UNSPEC        balancerVfReason = 16
+	balancerVfReasonVF_R_DROP_MARTIAN_BROADCAST     balancerVfReason = 17
+	balancerVfReasonVF_R_DROP_MARTIAN_MULTICAST     balancerVfReason = 18
+	balancerVfReasonVF_R_DROP_MARTIAN_LOOPBACK      balancerVfReason = 19
+	balancerVfReasonVF_R_DROP_NEW_FLOW_RATE_LIMITED balancerVfReason = 20
+	balancerVfReasonVF_R_TX_DSR                     balancerVfReason = 21
+	balancerVfReasonVF_R_TX_IPIP                    balancerVfReason = 22
+	balancerVfReasonVF_R_MAX                        balancerVfReason = 23
 )
 
 type balancerVfSettings struct {
-	_                structs.HostLayout
-	IfMac            [6]uint8
-	GwMac            [6]uint8
-	EncapSrc4        uint32
-	EncapSrc6        [4]uint32
-	RingSize         uint32
-	EventSampleEvery uint32
-	UseFib           uint8
-	Deny4Active      uint8
-	Deny6Active      uint8
-	WildcardActive   uint8
-	Hz               uint32
-	TcpTimeout       uint64
-	UdpTimeout       uint64
+	_                 structs.HostLayout
+	GwMac             [6]uint8
+	Pad               uint16
+	EncapSrc4         uint32
+	EncapSrc6         [4]uint32
+	RingSize          uint32
+	EventSampleEvery  uint32
+	UseFib            uint8
+	Deny4Active       uint8
+	Deny6Active       uint8
+	WildcardActive    uint8
+	Hz                uint32
+	NewFlowIntervalNs uint32
+	TcpTimeout        uint64
+	UdpTimeout        uint64
+	NewFlowBurstNs    uint64
+	NewFlowRate       uint32
+	NewFlowBurst      uint32
 }
 
 type balancerVfVipKey struct {
@@ -176,6 +208,8 @@ const (
 	balancerMapVfDeny4       = "vf_deny4"
 	balancerMapVfDeny6       = "vf_deny6"
 	balancerMapVfEvents      = "vf_events"
+	balancerMapVfFlowLimit   = "vf_flow_limit"
+	balancerMapVfIfaces      = "vf_ifaces"
 	balancerMapVfReals       = "vf_reals"
 	balancerMapVfRings       = "vf_rings"
 	balancerMapVfStatsReal   = "vf_stats_real"
@@ -241,6 +275,8 @@ type balancerMapSpecs struct {
 	VfDeny4     *ebpf.MapSpec `ebpf:"vf_deny4"`
 	VfDeny6     *ebpf.MapSpec `ebpf:"vf_deny6"`
 	VfEvents    *ebpf.MapSpec `ebpf:"vf_events"`
+	VfFlowLimit *ebpf.MapSpec `ebpf:"vf_flow_limit"`
+	VfIfaces    *ebpf.MapSpec `ebpf:"vf_ifaces"`
 	VfReals     *ebpf.MapSpec `ebpf:"vf_reals"`
 	VfRings     *ebpf.MapSpec `ebpf:"vf_rings"`
 	VfStatsReal *ebpf.MapSpec `ebpf:"vf_stats_real"`
@@ -282,6 +318,8 @@ type balancerMaps struct {
 	VfDeny4     *ebpf.Map `ebpf:"vf_deny4"`
 	VfDeny6     *ebpf.Map `ebpf:"vf_deny6"`
 	VfEvents    *ebpf.Map `ebpf:"vf_events"`
+	VfFlowLimit *ebpf.Map `ebpf:"vf_flow_limit"`
+	VfIfaces    *ebpf.Map `ebpf:"vf_ifaces"`
 	VfReals     *ebpf.Map `ebpf:"vf_reals"`
 	VfRings     *ebpf.Map `ebpf:"vf_rings"`
 	VfStatsReal *ebpf.Map `ebpf:"vf_stats_real"`
@@ -298,6 +336,8 @@ func (m *balancerMaps) Close() error {
 		m.VfDeny4,
 		m.VfDeny6,
 		m.VfEvents,
+		m.VfFlowLimit,
+		m.VfIfaces,
 		m.VfReals,
 		m.VfRings,
 		m.VfStatsReal,

@@ -328,7 +328,7 @@ func TestIdleTimeoutReselects(t *testing.T) {
 		t.Fatalf("first packet to %d, want 1", got)
 	}
 	h.ring(1, 2)
-	h.must(h.dp.SetSettings(Settings{InterfaceMAC: lbMAC, TCPIdleTimeoutNs: 300e9, UDPIdleTimeoutNs: uint64(time.Millisecond)}))
+	h.must(h.dp.SetSettings(Settings{TCPIdleTimeoutNs: 300e9, UDPIdleTimeoutNs: uint64(time.Millisecond)}))
 	// The coarse clock ticks once per jiffy (at most 10 ms).
 	time.Sleep(30 * time.Millisecond)
 	if got := flowReal(t, h, flow); got != 2 {

@@ -25,6 +25,7 @@ const (
 	DefaultMaxReals      = 16384
 	DefaultRingSize      = 65537
 	DefaultConntrackSize = 1 << 20
+	DefaultNewFlowTable  = 65536
 )
 
 // linkPinPrefix names pinned XDP links: link_xdp_<ifname>.
@@ -59,6 +60,10 @@ type Options struct {
 	MaxReals      uint32
 	RingSize      uint32 // must be prime; agent/maglev builds the rings
 	ConntrackSize uint32 // flows per address family
+	// NewFlowTable is how many new-flow buckets (source and CPU) the
+	// per-source limit keeps, shared out among the CPUs. Its map is not
+	// pinned, so a new size only needs a restart.
+	NewFlowTable uint32
 }
 
 func (o *Options) applyDefaults() {
@@ -73,6 +78,9 @@ func (o *Options) applyDefaults() {
 	}
 	if o.ConntrackSize == 0 {
 		o.ConntrackSize = DefaultConntrackSize
+	}
+	if o.NewFlowTable == 0 {
+		o.NewFlowTable = DefaultNewFlowTable
 	}
 }
 
@@ -103,6 +111,7 @@ func Load(opts Options) (*Dataplane, error) {
 		"vf_stats_real": opts.MaxReals,
 		"vf_ct4":        opts.ConntrackSize,
 		"vf_ct6":        opts.ConntrackSize,
+		"vf_flow_limit": opts.NewFlowTable,
 	}
 	for name, size := range sizes {
 		spec.Maps[name].MaxEntries = size
@@ -195,7 +204,8 @@ func (d *Dataplane) linkPin(ifname string) string {
 
 // Attach puts the balancer on an interface. If a link is already pinned for
 // it (a previous agent), the program is swapped on that live link, so there
-// is no moment without a program and the maps stay as they are.
+// is no moment without a program and the maps stay as they are. Every path
+// registers the interface's MAC first (see RegisterInterface).
 func (d *Dataplane) Attach(ifname string, mode XDPMode) error {
 	flags, err := mode.flags()
 	if err != nil {
@@ -207,6 +217,9 @@ func (d *Dataplane) Attach(ifname string, mode XDPMode) error {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if err := d.registerInterface(iface); err != nil {
+		return err
+	}
 	if old, ok := d.links[ifname]; ok {
 		err := old.Update(d.objs.VfBalancer)
 		if err == nil {
@@ -321,6 +334,51 @@ func attachedMode(ifindex int) (XDPMode, error) {
 	return "", fmt.Errorf("XDP on ifindex %d is attached in kernel mode %d, neither native nor generic", ifindex, x.AttachMode)
 }
 
+// RegisterInterface tells the program an interface's own MAC: the program
+// forwards only frames addressed to it and sends with it as the source.
+// Attach does this; call it again when the interface's MAC changes. A VIP
+// packet on an interface without an entry is passed to the stack
+// (ReasonPassIfaceUnknown).
+func (d *Dataplane) RegisterInterface(ifname string) error {
+	iface, err := net.InterfaceByName(ifname)
+	if err != nil {
+		return fmt.Errorf("register interface %q: %w", ifname, err)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.registerInterface(iface)
+}
+
+func (d *Dataplane) registerInterface(iface *net.Interface) error {
+	if len(iface.HardwareAddr) != 6 {
+		return fmt.Errorf("interface %s has no Ethernet MAC (hardware address %q): "+
+			"the balancer forwards Ethernet frames only", iface.Name, iface.HardwareAddr.String())
+	}
+	return d.setInterfaceMAC(iface.Index, iface.HardwareAddr)
+}
+
+func (d *Dataplane) setInterfaceMAC(ifindex int, mac net.HardwareAddr) error {
+	var val balancerVfIface
+	copy(val.Mac[:], mac)
+	if err := d.objs.VfIfaces.Put(uint32(ifindex), &val); err != nil {
+		return fmt.Errorf("register MAC %s of interface %d: %w", mac, ifindex, err)
+	}
+	return nil
+}
+
+// forgetInterface removes the MAC entry of an interface the program left,
+// so that a later interface given the same index starts unregistered.
+func (d *Dataplane) forgetInterface(ifname string) error {
+	iface, err := net.InterfaceByName(ifname)
+	if err != nil {
+		return nil // gone: nothing can arrive on its index any more
+	}
+	if err := d.objs.VfIfaces.Delete(uint32(iface.Index)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("forget MAC of interface %s: %w", ifname, err)
+	}
+	return nil
+}
+
 // dropSeveredLink unpins and closes a link that no longer holds an
 // interface, so that a fresh one can take its pin. Called with d.mu held.
 func (d *Dataplane) dropSeveredLink(ifname string, l link.Link) error {
@@ -386,7 +444,10 @@ func (d *Dataplane) Detach(ifname string) error {
 			return fmt.Errorf("unpin XDP link of %s: %w", ifname, err)
 		}
 	}
-	return l.Close()
+	if err := l.Close(); err != nil {
+		return fmt.Errorf("close XDP link of %s: %w", ifname, err)
+	}
+	return d.forgetInterface(ifname)
 }
 
 // Close releases this process's handles. Pinned links and maps stay, so

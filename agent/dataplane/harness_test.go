@@ -23,6 +23,12 @@ func requirePrivileged(tb testing.TB) {
 // A small prime keeps ring writes cheap in tests; production uses 65537.
 const testRingSize = 251
 
+// testRunIfindex is the ingress interface BPF_PROG_TEST_RUN reports when it
+// is given no context: the loopback device of the caller's namespace, index
+// 1 in every namespace. The harness registers lbMAC as its MAC, which makes
+// it the balancer's interface for the tests.
+const testRunIfindex = 1
+
 var (
 	clientMAC = net.HardwareAddr{0x02, 0x00, 0x00, 0x00, 0x00, 0x01}
 	lbMAC     = net.HardwareAddr{0x02, 0x00, 0x00, 0x00, 0x00, 0xfe}
@@ -61,8 +67,8 @@ func newHarness(tb testing.TB, opts Options) *harness {
 	}
 	tb.Cleanup(func() { dp.Close() })
 	h := &harness{tb: tb, dp: dp}
+	h.must(dp.setInterfaceMAC(testRunIfindex, lbMAC))
 	h.must(dp.SetSettings(Settings{
-		InterfaceMAC:     lbMAC,
 		GatewayMAC:       gwMAC,
 		EncapSource4:     encapSrc4,
 		EncapSource6:     encapSrc6,

@@ -287,8 +287,15 @@ func (d *Dataplane) SetSettings(in Settings) error {
 	if in.UseFIB {
 		next.UseFib = 1
 	}
-	if next.IfMac, err = macBytes(in.InterfaceMAC); err != nil {
-		return fmt.Errorf("interface MAC: %w", err)
+	if err := in.NewFlowLimit.validate(); err != nil {
+		return err
+	}
+	if rate := in.NewFlowLimit.RatePerSecond; rate > 0 {
+		// Rounded down: the limit errs by at most 0.1% toward letting through.
+		interval := uint32(time.Second) / rate
+		next.NewFlowRate, next.NewFlowBurst = rate, in.NewFlowLimit.Burst
+		next.NewFlowIntervalNs = interval
+		next.NewFlowBurstNs = uint64(in.NewFlowLimit.Burst) * uint64(interval)
 	}
 	if next.GwMac, err = macBytes(in.GatewayMAC); err != nil {
 		return fmt.Errorf("gateway MAC: %w", err)
@@ -320,9 +327,7 @@ func (d *Dataplane) Settings() (Settings, error) {
 		TCPIdleTimeoutNs: uint64(d.clock.toDuration(uint32(s.TcpTimeout))),
 		UDPIdleTimeoutNs: uint64(d.clock.toDuration(uint32(s.UdpTimeout))),
 		EventSampleEvery: s.EventSampleEvery,
-	}
-	if s.IfMac != [6]uint8{} {
-		out.InterfaceMAC = append([]byte(nil), s.IfMac[:]...)
+		NewFlowLimit:     NewFlowLimit{RatePerSecond: s.NewFlowRate, Burst: s.NewFlowBurst},
 	}
 	if s.GwMac != [6]uint8{} {
 		out.GatewayMAC = append([]byte(nil), s.GwMac[:]...)

@@ -89,6 +89,12 @@ const (
 	ReasonPassUnknownL4    Reason = Reason(balancerVfReasonVF_R_PASS_UNKNOWN_L4)
 	ReasonPassIPv6ExtLimit Reason = Reason(balancerVfReasonVF_R_PASS_IPV6EXT_LIMIT)
 	ReasonPassVLANNested   Reason = Reason(balancerVfReasonVF_R_PASS_VLAN_NESTED)
+	// ReasonPassNotOurMAC: a VIP packet in a frame addressed to another
+	// MAC (flooded unknown unicast, broadcast, multicast).
+	ReasonPassNotOurMAC Reason = Reason(balancerVfReasonVF_R_PASS_NOT_OUR_MAC)
+	// ReasonPassIfaceUnknown: a VIP packet on an interface whose MAC the
+	// agent did not register (see Attach).
+	ReasonPassIfaceUnknown Reason = Reason(balancerVfReasonVF_R_PASS_IFACE_UNKNOWN)
 	ReasonDropMalformedL2  Reason = Reason(balancerVfReasonVF_R_DROP_MALFORMED_L2)
 	ReasonDropMalformedL3  Reason = Reason(balancerVfReasonVF_R_DROP_MALFORMED_L3)
 	ReasonDropMalformedL4  Reason = Reason(balancerVfReasonVF_R_DROP_MALFORMED_L4)
@@ -96,27 +102,45 @@ const (
 	ReasonDropNoReal       Reason = Reason(balancerVfReasonVF_R_DROP_NO_REAL)
 	ReasonDropNoRoute      Reason = Reason(balancerVfReasonVF_R_DROP_NO_ROUTE)
 	ReasonDropEncap        Reason = Reason(balancerVfReasonVF_R_DROP_ENCAP)
-	ReasonTxDSR            Reason = Reason(balancerVfReasonVF_R_TX_DSR)
-	ReasonTxIPIP           Reason = Reason(balancerVfReasonVF_R_TX_IPIP)
-	numReasons                    = int(balancerVfReasonVF_R_MAX)
+	// The martian sources of a VIP packet: the VIP itself, 0.0.0.0/8 or ::,
+	// 255.255.255.255, 224.0.0.0/4 or ff00::/8, 127.0.0.0/8 or ::1.
+	ReasonDropMartianVIP       Reason = Reason(balancerVfReasonVF_R_DROP_MARTIAN_VIP)
+	ReasonDropMartianUnspec    Reason = Reason(balancerVfReasonVF_R_DROP_MARTIAN_UNSPEC)
+	ReasonDropMartianBroadcast Reason = Reason(balancerVfReasonVF_R_DROP_MARTIAN_BROADCAST)
+	ReasonDropMartianMulticast Reason = Reason(balancerVfReasonVF_R_DROP_MARTIAN_MULTICAST)
+	ReasonDropMartianLoopback  Reason = Reason(balancerVfReasonVF_R_DROP_MARTIAN_LOOPBACK)
+	// ReasonDropNewFlowRateLimited: the packet would have opened a flow
+	// beyond its source's new-flow budget (Settings.NewFlowLimit).
+	ReasonDropNewFlowRateLimited Reason = Reason(balancerVfReasonVF_R_DROP_NEW_FLOW_RATE_LIMITED)
+	ReasonTxDSR                  Reason = Reason(balancerVfReasonVF_R_TX_DSR)
+	ReasonTxIPIP                 Reason = Reason(balancerVfReasonVF_R_TX_IPIP)
+	numReasons                          = int(balancerVfReasonVF_R_MAX)
 )
 
 var reasonNames = [numReasons]string{
-	ReasonPassNotIP:        "pass_not_ip",
-	ReasonPassNotVIP:       "pass_not_vip",
-	ReasonPassFragment:     "pass_fragment",
-	ReasonPassUnknownL4:    "pass_unknown_l4",
-	ReasonPassIPv6ExtLimit: "pass_ipv6_ext_limit",
-	ReasonPassVLANNested:   "pass_vlan_nested",
-	ReasonDropMalformedL2:  "drop_malformed_l2",
-	ReasonDropMalformedL3:  "drop_malformed_l3",
-	ReasonDropMalformedL4:  "drop_malformed_l4",
-	ReasonDropDenylist:     "drop_denylist",
-	ReasonDropNoReal:       "drop_no_real",
-	ReasonDropNoRoute:      "drop_no_route",
-	ReasonDropEncap:        "drop_encap",
-	ReasonTxDSR:            "tx_dsr",
-	ReasonTxIPIP:           "tx_ipip",
+	ReasonPassNotIP:              "pass_not_ip",
+	ReasonPassNotVIP:             "pass_not_vip",
+	ReasonPassFragment:           "pass_fragment",
+	ReasonPassUnknownL4:          "pass_unknown_l4",
+	ReasonPassIPv6ExtLimit:       "pass_ipv6_ext_limit",
+	ReasonPassVLANNested:         "pass_vlan_nested",
+	ReasonPassNotOurMAC:          "pass_not_our_mac",
+	ReasonPassIfaceUnknown:       "pass_iface_unknown",
+	ReasonDropMalformedL2:        "drop_malformed_l2",
+	ReasonDropMalformedL3:        "drop_malformed_l3",
+	ReasonDropMalformedL4:        "drop_malformed_l4",
+	ReasonDropDenylist:           "drop_denylist",
+	ReasonDropNoReal:             "drop_no_real",
+	ReasonDropNoRoute:            "drop_no_route",
+	ReasonDropEncap:              "drop_encap",
+	ReasonDropMartianVIP:         "drop_martian_vip",
+	ReasonDropMartianUnspec:      "drop_martian_unspecified",
+	ReasonDropMartianBroadcast:   "drop_martian_broadcast",
+	ReasonDropMartianMulticast:   "drop_martian_multicast",
+	ReasonDropMartianLoopback:    "drop_martian_loopback",
+	ReasonDropNewFlowRateLimited: "drop_new_flow_rate_limited",
+	ReasonTxDSR:                  "tx_dsr",
+	ReasonTxIPIP:                 "tx_ipip",
 }
 
 // Reasons lists every reason in counter order.
@@ -164,7 +188,7 @@ func (r Reason) Verdict() Verdict {
 	switch {
 	case r == ReasonTxDSR || r == ReasonTxIPIP:
 		return VerdictTx
-	case r >= ReasonDropMalformedL2 && r <= ReasonDropEncap:
+	case r >= ReasonDropMalformedL2 && r <= ReasonDropNewFlowRateLimited:
 		return VerdictDrop
 	}
 	return VerdictPass
@@ -196,9 +220,9 @@ type Real struct {
 	State RealState
 }
 
-// Settings are the data path's global knobs.
+// Settings are the data path's global knobs. The source MAC of what the
+// balancer sends is each interface's own, registered by Attach.
 type Settings struct {
-	InterfaceMAC     net.HardwareAddr // source MAC of frames we send; nil = the frame's own destination
 	GatewayMAC       net.HardwareAddr // ipip next hop when FIB lookup is off or fails
 	EncapSource4     netip.Addr       // outer source of IPv4-in-IPv4
 	EncapSource6     netip.Addr       // outer source of IPv6-in-IPv6
@@ -206,6 +230,39 @@ type Settings struct {
 	TCPIdleTimeoutNs uint64
 	UDPIdleTimeoutNs uint64
 	EventSampleEvery uint32 // one event per N drops of a reason per CPU; 0 or 1 = all
+	NewFlowLimit     NewFlowLimit
+}
+
+// NewFlowLimit bounds how fast one source (an IPv4 address, an IPv6 /64) may
+// open flows through the balancer, so that a flood from one address cannot
+// fill conntrack and evict everyone's idle flows. It is a token bucket per
+// source and per receiving CPU, charged by every packet that would create a
+// conntrack entry; a source over its budget has those packets dropped
+// (ReasonDropNewFlowRateLimited) while its established flows go on.
+type NewFlowLimit struct {
+	RatePerSecond uint32 // new flows per second; 0 = no limit
+	Burst         uint32 // bucket depth in flows; at least 1 with a rate
+}
+
+// Bounds of NewFlowLimit: the data path counts credit in nanoseconds, so a
+// rate above one per microsecond would round its cost noticeably.
+const (
+	MaxNewFlowRate  = 1_000_000
+	MaxNewFlowBurst = 1_000_000
+)
+
+func (l NewFlowLimit) validate() error {
+	switch {
+	case l.RatePerSecond == 0 && l.Burst == 0:
+		return nil
+	case l.RatePerSecond == 0:
+		return fmt.Errorf("new-flow limit: burst %d without a rate", l.Burst)
+	case l.RatePerSecond > MaxNewFlowRate:
+		return fmt.Errorf("new-flow limit: rate %d/s above the maximum %d/s", l.RatePerSecond, MaxNewFlowRate)
+	case l.Burst < 1 || l.Burst > MaxNewFlowBurst:
+		return fmt.Errorf("new-flow limit: burst %d not in [1,%d]", l.Burst, MaxNewFlowBurst)
+	}
+	return nil
 }
 
 // VIPStats are a VIP's counters summed over CPUs.

@@ -38,6 +38,15 @@
 #define VF_ICMP_FRAG_NEEDED  4
 #define VF_ICMPV6_PKT_TOOBIG 2
 
+/* Martian sources (RFC 1122 3.2.1.3, RFC 4291 2.7): first octet of
+ * 0.0.0.0/8 and 127.0.0.0/8, the limited broadcast, the first nibble of
+ * 224.0.0.0/4, the first byte of ff00::/8. */
+#define VF_IPV4_NET_THIS         0
+#define VF_IPV4_NET_LOOPBACK     127
+#define VF_IPV4_BROADCAST        0xffffffffU
+#define VF_IPV4_MULTICAST_NIBBLE 0xe
+#define VF_IPV6_MULTICAST_BYTE   0xff
+
 #define VF_IPV4_HDR_LEN     ((__u32)sizeof(struct iphdr))
 #define VF_IPV6_HDR_LEN     ((__u32)sizeof(struct ipv6hdr))
 #define VF_DEFAULT_TTL      64
@@ -51,6 +60,20 @@ struct vf_vlan_hdr {
 static __always_inline int vf_mac_is_zero(const __u8 *mac)
 {
 	return (mac[0] | mac[1] | mac[2] | mac[3] | mac[4] | mac[5]) == 0;
+}
+
+/* Two MACs compared as one 4-byte and one 2-byte load per side instead of
+ * six byte loads: a MAC in an Ethernet header or a map value is 2-byte
+ * aligned, which the architectures that run XDP load words from (the
+ * verifier only insists on alignment where the CPU needs it). Through
+ * memcpy the compiler, bound to the 1-byte alignment of a u8 array, would
+ * emit the six byte loads. */
+static __always_inline int vf_mac_equal(const __u8 *a, const __u8 *b)
+{
+	const __u32 *a_hi = (const void *)a, *b_hi = (const void *)b;
+	const __u16 *a_lo = (const void *)(a + 4), *b_lo = (const void *)(b + 4);
+
+	return ((*a_hi ^ *b_hi) | (__u32)(*a_lo ^ *b_lo)) == 0;
 }
 
 static __always_inline __u16 vf_csum_fold(__u32 sum)

@@ -18,6 +18,8 @@
 #define VF_DEFAULT_CT_SIZE      1048576
 #define VF_EVENTS_BYTES         (256 * 1024)
 #define VF_DECAP_MAX_LOCAL      64
+#define VF_MAX_IFACES           256
+#define VF_DEFAULT_FLOW_LIMIT_SIZE 65536
 
 /* How many IPv6 extension headers are walked before giving up (see README). */
 #define VF_IPV6_MAX_EXT_HDRS    4
@@ -60,6 +62,8 @@ enum vf_reason {
 	VF_R_PASS_UNKNOWN_L4,       /* L4 protocol other than TCP/UDP/ICMP */
 	VF_R_PASS_IPV6_EXT_LIMIT,   /* more IPv6 extension headers than we walk */
 	VF_R_PASS_VLAN_NESTED,      /* a second VLAN tag (QinQ) */
+	VF_R_PASS_NOT_OUR_MAC,      /* VIP packet in a frame to another MAC (flooded, broadcast, multicast) */
+	VF_R_PASS_IFACE_UNKNOWN,    /* VIP packet on an interface the agent registered no MAC for */
 	VF_R_DROP_MALFORMED_L2,     /* truncated Ethernet or VLAN header */
 	VF_R_DROP_MALFORMED_L3,     /* truncated or inconsistent IP header */
 	VF_R_DROP_MALFORMED_L4,     /* truncated TCP/UDP/ICMP header */
@@ -67,6 +71,12 @@ enum vf_reason {
 	VF_R_DROP_NO_REAL,          /* VIP has no live real */
 	VF_R_DROP_NO_ROUTE,         /* no MAC for the real or the next hop */
 	VF_R_DROP_ENCAP,            /* encapsulation impossible for this packet */
+	VF_R_DROP_MARTIAN_VIP,      /* VIP packet whose source is the VIP itself */
+	VF_R_DROP_MARTIAN_UNSPEC,   /* VIP packet from 0.0.0.0/8 or :: */
+	VF_R_DROP_MARTIAN_BROADCAST, /* VIP packet from 255.255.255.255 */
+	VF_R_DROP_MARTIAN_MULTICAST, /* VIP packet from 224.0.0.0/4 or ff00::/8 */
+	VF_R_DROP_MARTIAN_LOOPBACK, /* VIP packet from 127.0.0.0/8 or ::1 */
+	VF_R_DROP_NEW_FLOW_RATE_LIMITED, /* the source spent its new-flow budget */
 	VF_R_TX_DSR,                /* forwarded by MAC rewrite */
 	VF_R_TX_IPIP,               /* forwarded inside an IPIP/IP6IP6 header */
 	VF_R_MAX,
@@ -124,7 +134,7 @@ struct vf_vip_stats {
 	__u64 packets;
 	__u64 bytes;
 	__u64 new_flows;
-	__u64 drops;         /* packets for the VIP that were dropped (no real, no route, encap) */
+	__u64 drops;         /* packets for the VIP that were dropped (no real, no route, encap, martian, rate limit) */
 };
 
 struct vf_real_stats {
@@ -138,8 +148,8 @@ struct vf_counter {
 };
 
 struct vf_settings {
-	__u8  if_mac[6];     /* source MAC for frames we send; zero = reuse the frame's destination */
 	__u8  gw_mac[6];     /* next hop for ipip when bpf_fib_lookup gives nothing */
+	__u16 pad;
 	__u32 encap_src4;
 	__u32 encap_src6[4];
 	__u32 ring_size;     /* entries in every inner ring map */
@@ -149,8 +159,37 @@ struct vf_settings {
 	__u8  deny6_active;
 	__u8  wildcard_active; /* some VIP has port 0: a miss needs a second lookup */
 	__u32 hz;            /* the kernel tick rate the agent measured, for the timeouts below */
+	/* The per-source new-flow limit (vf_charge_new_flow), as a token
+	 * bucket counted in nanoseconds of credit: a new flow costs
+	 * new_flow_interval_ns (1e9 / rate), the bucket holds
+	 * new_flow_burst_ns (burst * interval). Interval 0 = no limit. */
+	__u32 new_flow_interval_ns;
 	__u64 tcp_timeout;   /* idle timeouts in jiffies */
 	__u64 udp_timeout;
+	__u64 new_flow_burst_ns;
+	__u32 new_flow_rate; /* rate and burst as configured, read back by the agent; */
+	__u32 new_flow_burst; /* the program only reads the two derived fields */
+};
+
+/* An interface the program is attached to, by ifindex (vf_ifaces): its own
+ * MAC, the only destination it forwards from and the source it sends with. */
+struct vf_iface {
+	__u8  mac[6];
+	__u16 pad;
+};
+
+/* A source's new-flow bucket on one CPU (vf_flow_limit). IPv4 sources are
+ * limited per address, IPv6 ones per /64, what one host usually holds. */
+struct vf_flow_limit_key {
+	__u32 prefix[2];     /* IPv4: the address in prefix[0]; IPv6: the first 64 bits */
+	__u32 cpu;
+	__u8  family;
+	__u8  pad[3];
+};
+
+struct vf_flow_limit_bucket {
+	__u64 credit_ns;     /* unspent credit, at most new_flow_burst_ns */
+	__u64 last_ns;       /* bpf_ktime_get_ns() when credit was last brought up to date */
 };
 
 struct vf_lpm4_key {
@@ -163,7 +202,8 @@ struct vf_lpm6_key {
 	__u32 addr[4];
 };
 
-/* A sampled event on vf_events: denylist and malformed-packet drops. */
+/* A sampled event on vf_events: denylist, malformed-packet, martian-source
+ * and new-flow rate limit drops. */
 struct vf_event {
 	__u64 ts_ns;
 	enum vf_reason reason;

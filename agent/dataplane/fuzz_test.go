@@ -86,6 +86,31 @@ func servedVIP(frame []byte) (VIP, int, bool) {
 	return VIP{}, l2, false
 }
 
+// outerSource is the source address of the frame's IP header.
+func outerSource(frame []byte, l2 int) (netip.Addr, bool) {
+	b := frame[l2:]
+	switch {
+	case len(b) >= 20 && b[0]>>4 == 4:
+		return netip.AddrFrom4([4]byte(b[12:16])), true
+	case len(b) >= 40 && b[0]>>4 == 6:
+		return netip.AddrFrom16([16]byte(b[8:24])), true
+	}
+	return netip.Addr{}, false
+}
+
+// martian says whether no client can send from src to the VIP at dst,
+// written from the RFCs rather than from the BPF code.
+func martian(src, dst netip.Addr) bool {
+	if src == dst || src.IsUnspecified() || src.IsLoopback() || src.IsMulticast() {
+		return true
+	}
+	if src.Is4() {
+		b := src.As4()
+		return b[0] == 0 || src == netip.AddrFrom4([4]byte{255, 255, 255, 255})
+	}
+	return false
+}
+
 // splitIP returns an IP packet's destination, its L4 protocol and the bytes
 // from the L4 header on, walking IPv6 extension headers.
 func splitIP(b []byte, etype uint16) (netip.Addr, uint8, []byte, bool) {
@@ -131,7 +156,9 @@ func totalPackets(h *harness) uint64 {
 }
 
 // FuzzBalancer holds these over random and mutated frames:
-//   - XDP_TX only for a frame whose (decoded) destination is a VIP with a live real;
+//   - XDP_TX only for a frame whose (decoded) destination is a VIP with a live real,
+//     sent to the interface's MAC from a source that is not martian, and the frame
+//     leaves with the interface's MAC as its source;
 //   - the output length is the input's for dsr, +20 (IPv4) or +40 (IPv6) for ipip,
 //     and the forwarded packet itself is carried unchanged;
 //   - pass and drop leave the frame untouched;
@@ -187,6 +214,15 @@ func FuzzBalancer(f *testing.F) {
 		target, ok := lookupFuzzVIP(vips, v)
 		if !ok || !target.hasReal {
 			t.Fatalf("transmitted a frame for %v, which is not a VIP with a live real:\n%x", v, in)
+		}
+		if !bytes.Equal(in[0:6], lbMAC) {
+			t.Fatalf("transmitted a frame addressed to %x, not to the interface's %s:\n%x", in[0:6], lbMAC, in)
+		}
+		if !bytes.Equal(out[6:12], lbMAC) {
+			t.Fatalf("transmitted from %x, not from the interface's %s", out[6:12], lbMAC)
+		}
+		if src, ok := outerSource(in, l2); !ok || martian(src.Unmap(), v.Addr) {
+			t.Fatalf("transmitted a frame from the martian source %v:\n%x", src, in)
 		}
 		grow := 0
 		if target.mode == ModeIPIP {

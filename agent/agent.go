@@ -123,6 +123,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		PinPath:       a.opts.PinPath,
 		RingSize:      uint32(cfg.Dataplane.RingSize),
 		ConntrackSize: uint32(cfg.Dataplane.ConntrackSize),
+		NewFlowTable:  uint32(cfg.Dataplane.NewFlowLimit.TableSize),
 	})
 	if err != nil {
 		return err
@@ -448,6 +449,9 @@ func settingsFrom(cfg *config.Config) dataplane.Settings {
 		TCPIdleTimeoutNs: uint64(d.TCPIdleTimeout.Std()),
 		UDPIdleTimeoutNs: uint64(d.UDPIdleTimeout.Std()),
 		EventSampleEvery: eventSampleEvery,
+	}
+	if l := d.NewFlowLimit; l.RatePerSecond > 0 {
+		s.NewFlowLimit = dataplane.NewFlowLimit{RatePerSecond: uint32(l.RatePerSecond), Burst: uint32(l.Burst)}
 	}
 	// The config was validated, so these parse.
 	if d.GatewayMAC != "" {

@@ -14,7 +14,8 @@ import (
 type linkChange struct {
 	Name  string
 	Index int
-	Up    bool // operationally up (carrier and admin)
+	Up    bool   // operationally up (carrier and admin)
+	MAC   string // the data path forwards only frames to it
 }
 
 // watchLinks forwards link updates until ctx ends. If the subscription
@@ -49,6 +50,7 @@ func (a *Agent) watchLinks(ctx context.Context, out chan<- linkChange) {
 				Name:  attrs.Name,
 				Index: attrs.Index,
 				Up:    u.Header.Type != unix.RTM_DELLINK && attrs.OperState == netlink.OperUp,
+				MAC:   attrs.HardwareAddr.String(),
 			}
 			select {
 			case out <- lc:
@@ -61,8 +63,9 @@ func (a *Agent) watchLinks(ctx context.Context, out chan<- linkChange) {
 
 // onLinkChange follows a configured interface going down and up: the kernel
 // flushes its neighbours on the way down, so dsr MACs are resolved again
-// when it is back, and an interface that was re-created (new index) gets the
-// program attached again.
+// when it is back, an interface that was re-created (new index) gets the
+// program attached again, and a new MAC is registered with the data path,
+// which forwards only frames addressed to the interface's MAC.
 func (a *Agent) onLinkChange(ctx context.Context, seen map[string]linkChange, lc linkChange) {
 	cfg := a.config()
 	if !slices.Contains(cfg.Dataplane.Interfaces, lc.Name) {
@@ -70,10 +73,16 @@ func (a *Agent) onLinkChange(ctx context.Context, seen map[string]linkChange, lc
 	}
 	prev, known := seen[lc.Name]
 	seen[lc.Name] = lc
-	if known && prev.Up == lc.Up && prev.Index == lc.Index {
+	if known && prev.Up == lc.Up && prev.Index == lc.Index && prev.MAC == lc.MAC {
 		return
 	}
-	a.log.Info("interface state changed", "interface", lc.Name, "up", lc.Up, "ifindex", lc.Index)
+	a.log.Info("interface state changed", "interface", lc.Name, "up", lc.Up, "ifindex", lc.Index, "mac", lc.MAC)
+	if known && prev.Index == lc.Index && prev.MAC != lc.MAC && lc.Index != 0 {
+		if err := a.dp.RegisterInterface(lc.Name); err != nil {
+			a.log.Error("register the interface's new MAC; its VIP traffic goes to the stack until then",
+				"interface", lc.Name, "err", err)
+		}
+	}
 	if known && prev.Index != lc.Index && lc.Index != 0 {
 		// The old link went with the old interface; Attach replaces a
 		// severed link by itself.

@@ -160,16 +160,13 @@ func (a *Agent) forwardHealth(ctx context.Context, events <-chan health.Event) {
 }
 
 // forwardDropEvents streams the data path's sampled drop events (denylist,
-// malformed packets) to the security channel.
+// malformed packets, martian sources, the new-flow limit) to the security
+// channel.
 func (a *Agent) forwardDropEvents(ctx context.Context) {
 	err := a.dp.ReadEvents(ctx, func(e dataplane.Event) {
 		a.security.DropEvent(e.Reason.String())
-		kind := api.SecurityMalformed
-		if e.Reason == dataplane.ReasonDropDenylist {
-			kind = api.SecurityDenylistDrop
-		}
 		proto := e.Proto
-		data := api.SecurityEventData{Kind: kind, Severity: "warning", Reason: e.Reason.String(),
+		data := api.SecurityEventData{Kind: dropEventKind(e.Reason), Severity: "warning", Reason: e.Reason.String(),
 			PacketLen: e.PacketLen, Protocol: &proto}
 		if e.Src.IsValid() {
 			data.Source = netip.AddrPortFrom(e.Src, e.SrcPort).String()
@@ -180,6 +177,20 @@ func (a *Agent) forwardDropEvents(ctx context.Context) {
 	if err != nil && ctx.Err() == nil {
 		a.log.Error("drop events stopped", "err", err)
 	}
+}
+
+// dropEventKind names what a sampled drop means on the security channel.
+func dropEventKind(r dataplane.Reason) string {
+	switch r {
+	case dataplane.ReasonDropDenylist:
+		return api.SecurityDenylistDrop
+	case dataplane.ReasonDropNewFlowRateLimited:
+		return api.SecurityNewFlowRateLimited
+	case dataplane.ReasonDropMartianVIP, dataplane.ReasonDropMartianUnspec, dataplane.ReasonDropMartianBroadcast,
+		dataplane.ReasonDropMartianMulticast, dataplane.ReasonDropMartianLoopback:
+		return api.SecurityMartianSource
+	}
+	return api.SecurityMalformed
 }
 
 // onAuthFailure reports a failed API authentication on the security channel.

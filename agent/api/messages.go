@@ -71,9 +71,11 @@ type HealthEvent struct {
 
 // Security event kinds.
 const (
-	SecurityDenylistDrop = "denylist_drop"    // the data path dropped a denied source
-	SecurityMalformed    = "malformed_packet" // the data path dropped a malformed packet
-	SecurityAuthFailure  = "auth_failure"     // API authentication failed
+	SecurityDenylistDrop       = "denylist_drop"         // the data path dropped a denied source
+	SecurityMalformed          = "malformed_packet"      // the data path dropped a malformed packet
+	SecurityMartianSource      = "martian_source"        // the data path dropped a VIP packet from a martian source
+	SecurityNewFlowRateLimited = "new_flow_rate_limited" // the data path dropped a new flow over its source's budget
+	SecurityAuthFailure        = "auth_failure"          // API authentication failed
 	// The L7 proxy's kinds ("rate_limited", and its client violations) are
 	// passed through as it names them.
 )

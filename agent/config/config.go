@@ -49,6 +49,7 @@ const (
 	defaultNexthop        = NexthopFIB
 	defaultTCPIdleTimeout = 300 * time.Second
 	defaultUDPIdleTimeout = 30 * time.Second
+	defaultNewFlowTable   = 65536
 	defaultAPIListen      = ":9090"
 	defaultTokenFile      = "/var/lib/veloflux/api.token"
 	defaultMetricsListen  = ":8080"
@@ -129,6 +130,25 @@ type DataplaneConfig struct {
 	EncapSourceV6  string   `yaml:"encap_source_v6,omitempty"`
 	TCPIdleTimeout Duration `yaml:"tcp_idle_timeout"`
 	UDPIdleTimeout Duration `yaml:"udp_idle_timeout"`
+	// NewFlowLimit bounds how fast one source may open flows through the
+	// XDP balancer; off while its rate is 0.
+	NewFlowLimit NewFlowLimit `yaml:"new_flow_limit"`
+}
+
+// NewFlowLimit is a per-source token bucket for new flows in the XDP data
+// path: an IPv4 address, or an IPv6 /64, may open RatePerSecond flows per
+// second and Burst at once, on each CPU that receives its packets. Packets
+// that would open more are dropped; the source's established flows go on.
+// It keeps one source from filling the conntrack table and evicting the
+// idle flows of everyone else.
+type NewFlowLimit struct {
+	// RatePerSecond is the refill rate; 0 turns the limit off.
+	RatePerSecond int `yaml:"rate_per_second"`
+	// Burst is the bucket depth in flows; required with a rate.
+	Burst int `yaml:"burst"`
+	// TableSize is how many (source, CPU) buckets are kept, the least
+	// recently used giving way; changing it needs a restart.
+	TableSize int `yaml:"table_size"`
 }
 
 // APIConfig configures the REST/WebSocket API server.
@@ -406,6 +426,7 @@ func staticDefaults() *Config {
 			Nexthop:        defaultNexthop,
 			TCPIdleTimeout: Duration(defaultTCPIdleTimeout),
 			UDPIdleTimeout: Duration(defaultUDPIdleTimeout),
+			NewFlowLimit:   NewFlowLimit{TableSize: defaultNewFlowTable},
 		},
 		API: APIConfig{
 			Listen:    defaultAPIListen,

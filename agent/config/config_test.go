@@ -60,6 +60,7 @@ func TestParseMinimalAppliesDefaults(t *testing.T) {
 			Nexthop:        NexthopFIB,
 			TCPIdleTimeout: Duration(300 * time.Second),
 			UDPIdleTimeout: Duration(30 * time.Second),
+			NewFlowLimit:   NewFlowLimit{TableSize: 65536},
 		},
 		API:     APIConfig{Listen: ":9090", TokenFile: "/var/lib/veloflux/api.token"},
 		Metrics: MetricsConfig{Listen: ":8080"},
@@ -280,6 +281,27 @@ vips:
 			yaml: strings.Replace(minimal, "        port: 80\n",
 				"        port: 80\n    health_check: {interval: 1s, timeout: 1s}\n", 1),
 			want: []string{`pools[0].health_check.timeout: must be less than interval (1s), got 1s`},
+		},
+		{
+			name: "misspelt new-flow limit",
+			yaml: "dataplane:\n  new_flow_limit: {rate: 5}\n",
+			want: []string{
+				`dataplane.new_flow_limit.rate: unknown field`,
+			},
+		},
+		{
+			name: "new-flow limit out of range",
+			yaml: "dataplane:\n  new_flow_limit: {rate_per_second: 2000000, burst: 0, table_size: 10}\n",
+			want: []string{
+				`dataplane.new_flow_limit.rate_per_second: must be between 0 (off) and 1000000, got 2000000`,
+				`dataplane.new_flow_limit.burst: must be between 1 and 1000000 when a rate is set, got 0`,
+				`dataplane.new_flow_limit.table_size: must be between 1024 and 16777216, got 10`,
+			},
+		},
+		{
+			name: "new-flow limit without a burst",
+			yaml: "dataplane:\n  new_flow_limit: {rate_per_second: 100}\n",
+			want: []string{`dataplane.new_flow_limit.burst: must be between 1 and 1000000 when a rate is set, got 0`},
 		},
 		{
 			name: "bad durations",

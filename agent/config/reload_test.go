@@ -91,3 +91,16 @@ func TestCheckReplacementGuardsAgainstWithdrawingEveryVIP(t *testing.T) {
 		t.Errorf("no VIPs before or after: %v", err)
 	}
 }
+
+func TestNewFlowTableSizeNeedsRestart(t *testing.T) {
+	cur, next := Default(), Default()
+	next.Dataplane.NewFlowLimit.TableSize *= 2
+	if err := RestartOnlyChanges(cur, next); err == nil || !strings.Contains(err.Error(), "dataplane.new_flow_limit.table_size") {
+		t.Fatalf("a new new_flow_limit.table_size: %v, want it refused as needing a restart", err)
+	}
+	next = Default()
+	next.Dataplane.NewFlowLimit.RatePerSecond, next.Dataplane.NewFlowLimit.Burst = 100, 100
+	if err := RestartOnlyChanges(cur, next); err != nil {
+		t.Fatalf("changing the new-flow rate asks for a restart: %v", err)
+	}
+}

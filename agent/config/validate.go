@@ -21,6 +21,13 @@ const (
 	maxPoolNameLen   = 63
 	// IFNAMSIZ is 16 including the terminating NUL.
 	maxIfNameLen = 15
+	// The XDP data path counts new-flow credit in nanoseconds: above one
+	// flow per microsecond its rounding would show. A burst beyond a
+	// million flows from one source is no limit.
+	maxNewFlowRate  = 1_000_000
+	maxNewFlowBurst = 1_000_000
+	minNewFlowTable = 1024
+	maxNewFlowTable = 1 << 24
 )
 
 // Validate checks the semantic rules of the configuration (ranges,
@@ -135,6 +142,22 @@ func (c *Config) validateDataplane(v *collector) {
 	}
 	if dp.UDPIdleTimeout <= 0 {
 		v.add(p+".udp_idle_timeout", "must be positive, got %s", dp.UDPIdleTimeout)
+	}
+	validateNewFlowLimit(v, p+".new_flow_limit", &dp.NewFlowLimit)
+}
+
+func validateNewFlowLimit(v *collector, p string, l *NewFlowLimit) {
+	if l.RatePerSecond < 0 || l.RatePerSecond > maxNewFlowRate {
+		v.add(p+".rate_per_second", "must be between 0 (off) and %d, got %d", maxNewFlowRate, l.RatePerSecond)
+	}
+	if l.RatePerSecond > 0 && (l.Burst < 1 || l.Burst > maxNewFlowBurst) {
+		v.add(p+".burst", "must be between 1 and %d when a rate is set, got %d", maxNewFlowBurst, l.Burst)
+	}
+	if l.RatePerSecond == 0 && l.Burst < 0 {
+		v.add(p+".burst", "must not be negative, got %d", l.Burst)
+	}
+	if l.TableSize < minNewFlowTable || l.TableSize > maxNewFlowTable {
+		v.add(p+".table_size", "must be between %d and %d, got %d", minNewFlowTable, maxNewFlowTable, l.TableSize)
 	}
 }
 

@@ -18,6 +18,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/veloflux/veloflux/agent/dataplane"
 	"github.com/veloflux/veloflux/agent/health"
 	"github.com/veloflux/veloflux/agent/snapshot"
 )
@@ -68,6 +69,8 @@ var reasonFixture = []struct{ reason, verdict string }{
 	{"pass_unknown_l4", "pass"},
 	{"pass_ipv6_ext_limit", "pass"},
 	{"pass_vlan_nested", "pass"},
+	{"pass_not_our_mac", "pass"},
+	{"pass_iface_unknown", "pass"},
 	{"drop_malformed_l2", "drop"},
 	{"drop_malformed_l3", "drop"},
 	{"drop_malformed_l4", "drop"},
@@ -75,12 +78,33 @@ var reasonFixture = []struct{ reason, verdict string }{
 	{"drop_no_real", "drop"},
 	{"drop_no_route", "drop"},
 	{"drop_encap", "drop"},
+	{"drop_martian_vip", "drop"},
+	{"drop_martian_unspecified", "drop"},
+	{"drop_martian_broadcast", "drop"},
+	{"drop_martian_multicast", "drop"},
+	{"drop_martian_loopback", "drop"},
+	{"drop_new_flow_rate_limited", "drop"},
 	{"tx_dsr", "tx"},
 	{"tx_ipip", "tx"},
 }
 
-// fixture is 2 VIPs, 3 backends and all 15 reasons. Reason i counts
-// (i+1)*10 packets, so pass sums to 210, drop to 700 and tx to 290.
+// The fixture restates the data plane's reasons; it must not drift from
+// them, or these tests stop describing what a scrape shows.
+func TestReasonFixtureIsTheDataplanes(t *testing.T) {
+	reasons := dataplane.Reasons()
+	if len(reasons) != len(reasonFixture) {
+		t.Fatalf("the data plane has %d reasons, the fixture %d", len(reasons), len(reasonFixture))
+	}
+	for i, r := range reasons {
+		if f := reasonFixture[i]; f.reason != r.String() || f.verdict != r.Verdict().String() {
+			t.Errorf("reason %d is %s (%s) in the data plane, %s (%s) in the fixture",
+				i, r, r.Verdict(), f.reason, f.verdict)
+		}
+	}
+}
+
+// fixture is 2 VIPs, 3 backends and all 23 reasons. Reason i counts
+// (i+1)*10 packets, so pass sums to 360, drop to 1950 and tx to 450.
 func fixture() snapshot.Counters {
 	c := snapshot.Counters{
 		At: time.Date(2026, 11, 27, 6, 0, 0, 0, time.UTC),
@@ -269,11 +293,11 @@ func TestScrape(t *testing.T) {
 	e.want(t, 1, "veloflux_backend_up", "pool", "web", "backend", "10.0.0.12:80")
 	e.want(t, 0, "veloflux_backend_up", "pool", "dns", "backend", "10.0.1.21:53")
 
-	e.want(t, 210, "veloflux_xdp_verdicts_total", "verdict", "pass")
-	e.want(t, 700, "veloflux_xdp_verdicts_total", "verdict", "drop")
-	e.want(t, 290, "veloflux_xdp_verdicts_total", "verdict", "tx")
-	e.want(t, 110, "veloflux_drops_total", "reason", "drop_no_real")
-	e.want(t, 140, "veloflux_packets_total", "reason", "tx_dsr", "verdict", "tx")
+	e.want(t, 360, "veloflux_xdp_verdicts_total", "verdict", "pass")
+	e.want(t, 1950, "veloflux_xdp_verdicts_total", "verdict", "drop")
+	e.want(t, 450, "veloflux_xdp_verdicts_total", "verdict", "tx")
+	e.want(t, 130, "veloflux_drops_total", "reason", "drop_no_real")
+	e.want(t, 220, "veloflux_packets_total", "reason", "tx_dsr", "verdict", "tx")
 	e.want(t, 20, "veloflux_packets_total", "reason", "pass_not_vip", "verdict", "pass")
 
 	e.want(t, 0, "veloflux_scrape_errors_total")
@@ -289,8 +313,8 @@ func TestScrape(t *testing.T) {
 		"veloflux_backend_packets_total": 3,
 		"veloflux_backend_up":            3,
 		"veloflux_xdp_verdicts_total":    3,
-		"veloflux_packets_total":         15,
-		"veloflux_drops_total":           7,
+		"veloflux_packets_total":         23,
+		"veloflux_drops_total":           13,
 	} {
 		if got := e.family(name); len(got) != n {
 			t.Errorf("%s has %d series, want %d: %v", name, len(got), n, got)
@@ -338,18 +362,24 @@ veloflux_vip_info{mode="dsr",pool="web",vip="10.0.0.1:80/tcp"} 1
 veloflux_vip_info{mode="ipip",pool="dns",vip="10.0.0.2:53/udp"} 1
 # HELP veloflux_xdp_verdicts_total Packets the XDP program returned with each verdict.
 # TYPE veloflux_xdp_verdicts_total counter
-veloflux_xdp_verdicts_total{verdict="drop"} 700
-veloflux_xdp_verdicts_total{verdict="pass"} 210
-veloflux_xdp_verdicts_total{verdict="tx"} 290
+veloflux_xdp_verdicts_total{verdict="drop"} 1950
+veloflux_xdp_verdicts_total{verdict="pass"} 360
+veloflux_xdp_verdicts_total{verdict="tx"} 450
 # HELP veloflux_drops_total Packets the XDP program dropped, by reason.
 # TYPE veloflux_drops_total counter
-veloflux_drops_total{reason="drop_denylist"} 100
-veloflux_drops_total{reason="drop_encap"} 130
-veloflux_drops_total{reason="drop_malformed_l2"} 70
-veloflux_drops_total{reason="drop_malformed_l3"} 80
-veloflux_drops_total{reason="drop_malformed_l4"} 90
-veloflux_drops_total{reason="drop_no_real"} 110
-veloflux_drops_total{reason="drop_no_route"} 120
+veloflux_drops_total{reason="drop_denylist"} 120
+veloflux_drops_total{reason="drop_encap"} 150
+veloflux_drops_total{reason="drop_malformed_l2"} 90
+veloflux_drops_total{reason="drop_malformed_l3"} 100
+veloflux_drops_total{reason="drop_malformed_l4"} 110
+veloflux_drops_total{reason="drop_martian_broadcast"} 180
+veloflux_drops_total{reason="drop_martian_loopback"} 200
+veloflux_drops_total{reason="drop_martian_multicast"} 190
+veloflux_drops_total{reason="drop_martian_unspecified"} 170
+veloflux_drops_total{reason="drop_martian_vip"} 160
+veloflux_drops_total{reason="drop_new_flow_rate_limited"} 210
+veloflux_drops_total{reason="drop_no_real"} 130
+veloflux_drops_total{reason="drop_no_route"} 140
 `
 	err := testutil.ScrapeAndCompare(srv.URL, strings.NewReader(want),
 		"veloflux_vip_info", "veloflux_xdp_verdicts_total", "veloflux_drops_total")
@@ -371,15 +401,15 @@ func TestReadAtScrapeTime(t *testing.T) {
 	c.Backends[0].Bytes = 99999
 	c.Backends[0].State = "down"
 	c.Backends = c.Backends[:2]
-	c.Reasons[10].Packets += 5 // drop_no_real
+	c.Reasons[12].Packets += 5 // drop_no_real
 	src.set(c, nil)
 
 	e := scrape(t, srv.URL)
 	e.want(t, 1500, "veloflux_vip_packets_total", "vip", "10.0.0.1:80/tcp")
 	e.want(t, 99999, "veloflux_backend_bytes_total", "pool", "web", "backend", "10.0.0.11:80")
 	e.want(t, 0, "veloflux_backend_up", "pool", "web", "backend", "10.0.0.11:80")
-	e.want(t, 115, "veloflux_drops_total", "reason", "drop_no_real")
-	e.want(t, 705, "veloflux_xdp_verdicts_total", "verdict", "drop")
+	e.want(t, 135, "veloflux_drops_total", "reason", "drop_no_real")
+	e.want(t, 1955, "veloflux_xdp_verdicts_total", "verdict", "drop")
 	if got := e.family("veloflux_vip_packets_total"); len(got) != 1 {
 		t.Errorf("removed VIP still exported: %v", got)
 	}
@@ -599,8 +629,8 @@ func TestLint(t *testing.T) {
 		t.Errorf("lint (data plane): %s: %s", p.Metric, p.Text)
 	}
 	// 2 VIPs × 5, 3 backends × 2, 1 health entry × (up + latency), the
-	// error count, 3 verdicts, 15 reasons, 7 drop reasons.
-	if n, want := testutil.CollectAndCount(dp), 2*5+3*2+2+1+3+15+7; n != want {
+	// error count, 3 verdicts, 23 reasons, 13 drop reasons.
+	if n, want := testutil.CollectAndCount(dp), 2*5+3*2+2+1+3+23+13; n != want {
 		t.Errorf("data-plane collector emitted %d series, want %d", n, want)
 	}
 

@@ -166,6 +166,20 @@ func BenchmarkXDP(b *testing.B) {
 				floor, ns := singles(b, f.floor, prog, newFlowSource(b, vip), uint32(VerdictTx))
 				report(b, ns, floor)
 			})
+			// The same new flows with the per-source limit on and never
+			// reached: what the bucket lookup and refill add.
+			b.Run("new-flow-limit-on", func(b *testing.B) {
+				s, err := f.h.dp.Settings()
+				f.h.must(err)
+				s.NewFlowLimit = NewFlowLimit{RatePerSecond: MaxNewFlowRate, Burst: MaxNewFlowBurst}
+				f.h.must(f.h.dp.SetSettings(s))
+				defer func() {
+					s.NewFlowLimit = NewFlowLimit{}
+					f.h.must(f.h.dp.SetSettings(s))
+				}()
+				floor, ns := singles(b, f.floor, prog, newFlowSource(b, vip), uint32(VerdictTx))
+				report(b, ns, floor)
+			})
 			b.Run("non-vip", func(b *testing.B) {
 				floor := repeated(b, f.floor, nonVIP)
 				report(b, repeated(b, prog, nonVIP), floor)

@@ -338,7 +338,9 @@ func attachedMode(ifindex int) (XDPMode, error) {
 // forwards only frames addressed to it and sends with it as the source.
 // Attach does this; call it again when the interface's MAC changes. A VIP
 // packet on an interface without an entry is passed to the stack
-// (ReasonPassIfaceUnknown).
+// (ReasonPassIfaceUnknown), and so is every VIP packet on an interface that
+// has no Ethernet MAC (loopback, an L3 tunnel): it gets no entry, since the
+// balancer has no frame to forward there.
 func (d *Dataplane) RegisterInterface(ifname string) error {
 	iface, err := net.InterfaceByName(ifname)
 	if err != nil {
@@ -350,9 +352,9 @@ func (d *Dataplane) RegisterInterface(ifname string) error {
 }
 
 func (d *Dataplane) registerInterface(iface *net.Interface) error {
+	// net reports no hardware address for an all-zero one (loopback).
 	if len(iface.HardwareAddr) != 6 {
-		return fmt.Errorf("interface %s has no Ethernet MAC (hardware address %q): "+
-			"the balancer forwards Ethernet frames only", iface.Name, iface.HardwareAddr.String())
+		return d.forgetIndex(iface.Name, iface.Index)
 	}
 	return d.setInterfaceMAC(iface.Index, iface.HardwareAddr)
 }
@@ -373,7 +375,11 @@ func (d *Dataplane) forgetInterface(ifname string) error {
 	if err != nil {
 		return nil // gone: nothing can arrive on its index any more
 	}
-	if err := d.objs.VfIfaces.Delete(uint32(iface.Index)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+	return d.forgetIndex(ifname, iface.Index)
+}
+
+func (d *Dataplane) forgetIndex(ifname string, ifindex int) error {
+	if err := d.objs.VfIfaces.Delete(uint32(ifindex)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("forget MAC of interface %s: %w", ifname, err)
 	}
 	return nil

@@ -355,3 +355,20 @@ func TestNewFlowLimitSettingsRejected(t *testing.T) {
 		}
 	}
 }
+
+// An interface without an Ethernet MAC (loopback here) can carry the
+// program, but gets no entry: its VIP packets go to the stack.
+func TestAttachWithoutMACRegistersNothing(t *testing.T) {
+	h := standardHarness(t) // registered lbMAC for index 1, the loopback
+	inNewNetns(t, func() {
+		h.must(h.dp.Attach("lo", XDPGeneric))
+		if entry, err := h.dp.objs.VfIfaces.LookupBytes(uint32(testRunIfindex)); err != nil || entry != nil {
+			t.Fatalf("the loopback's entry is %x (%v), want none", entry, err)
+		}
+		in := pkt{src: client4, dst: vip4, sport: 53300, dport: 80, proto: layers.IPProtocolTCP, tcpFlags: "S"}.frame(t)
+		if v, _ := h.run(in); v != VerdictPass || h.counters()[ReasonPassIfaceUnknown].Packets != 1 {
+			t.Fatalf("VIP frame on an interface without a MAC: verdict %v, want pass as %v", v, ReasonPassIfaceUnknown)
+		}
+		h.must(h.dp.Detach("lo"))
+	})
+}

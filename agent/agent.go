@@ -128,6 +128,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if replaced := dp.ReplacedPins(); len(replaced) > 0 {
+		a.log.Warn("replaced pinned maps an older version laid out differently; their counters start from zero",
+			"maps", replaced, "pin_path", a.opts.PinPath)
+	}
 	a.dp = dp
 	defer func() {
 		if err := dp.Close(); err != nil {

@@ -90,6 +90,9 @@ type Dataplane struct {
 	objs  balancerObjects
 	inner *ebpf.MapSpec // template for new rings
 	clock *kernelClock
+	// replacedPins names the pinned maps Load replaced because an upgrade
+	// changed their layout (see rebuiltPins).
+	replacedPins []string
 
 	mu    sync.Mutex
 	links map[string]link.Link // by interface name
@@ -134,10 +137,14 @@ func Load(opts Options) (*Dataplane, error) {
 	}
 
 	d := &Dataplane{opts: opts, inner: inner.Copy(), links: map[string]link.Link{}}
+	if opts.PinPath != "" {
+		if d.replacedPins, err = replaceStalePins(spec, opts.PinPath); err != nil {
+			return nil, explainPrivilege(err)
+		}
+	}
 	err = spec.LoadAndAssign(&d.objs, &ebpf.CollectionOptions{Maps: mapOpts})
 	if errors.Is(err, ebpf.ErrMapIncompatible) {
-		return nil, fmt.Errorf("maps pinned under %s were created with other sizes than configured "+
-			"(keep the old sizes or run `veloflux detach` first): %w", opts.PinPath, err)
+		return nil, &IncompatiblePinError{Map: incompatiblePin(spec, opts.PinPath), PinDir: opts.PinPath, Err: err}
 	}
 	if err != nil {
 		var verr *ebpf.VerifierError
@@ -187,6 +194,10 @@ func (d *Dataplane) ConntrackSize() uint32 { return d.opts.ConntrackSize }
 
 // MaxReals is the number of real ids available (id 0 is reserved).
 func (d *Dataplane) MaxReals() uint32 { return d.opts.MaxReals }
+
+// ReplacedPins names the pinned maps Load replaced because this version
+// lays them out differently (their counters start again from zero).
+func (d *Dataplane) ReplacedPins() []string { return d.replacedPins }
 
 // ProgramID is the kernel's id of the loaded balancer program.
 func (d *Dataplane) ProgramID() (uint32, error) {

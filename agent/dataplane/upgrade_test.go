@@ -1,0 +1,99 @@
+package dataplane
+
+import (
+	"errors"
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"github.com/cilium/ebpf"
+)
+
+// pinStale pins, under name, a map of the same type as the spec's but one
+// entry shorter and with a larger value: what an older or newer version of
+// the program may have left.
+func pinStale(t *testing.T, pin, name string) {
+	t.Helper()
+	spec, err := loadBalancer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ms := spec.Maps[name].Copy()
+	ms.Pinning = ebpf.PinNone
+	ms.ValueSize += 8
+	ms.Contents = nil
+	if ms.Type != ebpf.RingBuf {
+		ms.MaxEntries++
+	} else {
+		ms.MaxEntries *= 2
+	}
+	m, err := ebpf.NewMap(ms)
+	if err != nil {
+		t.Fatalf("create a stale %s: %v", name, err)
+	}
+	defer m.Close()
+	if err := m.Pin(filepath.Join(pin, name)); err != nil {
+		t.Fatalf("pin a stale %s: %v", name, err)
+	}
+}
+
+// An upgrade that changes the layout of the settings or the reason
+// counters (a new reason, a new setting) used to refuse to start until
+// `veloflux detach`. The agent rewrites those maps whole, so the new one
+// replaces their pins; the maps that hold flows are kept, and a changed
+// conntrack is still refused, naming the map.
+func TestLoadReplacesRebuiltPinsOfAnotherLayout(t *testing.T) {
+	requirePrivileged(t)
+	pin := testPinPath(t)
+	opts := Options{PinPath: pin, RingSize: testRingSize, ConntrackSize: 4096, MaxVIPs: 64, MaxReals: 64}
+	first, err := Load(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &harness{tb: t, dp: first}
+	h.real(1, real4a)
+	h.must(first.Close())
+
+	for _, name := range []string{"vf_config", "vf_counters"} {
+		if err := removePin(pin, name); err != nil {
+			t.Fatal(err)
+		}
+		pinStale(t, pin, name)
+	}
+	second, err := Load(opts)
+	if err != nil {
+		t.Fatalf("Load over stale settings and counters: %v", err)
+	}
+	defer second.Close()
+	if got := second.ReplacedPins(); !slices.Equal(got, []string{"vf_config", "vf_counters"}) {
+		t.Errorf("ReplacedPins = %v, want [vf_config vf_counters]", got)
+	}
+	reals, err := second.Reals()
+	if err != nil || reals[1].Addr.String() != real4a {
+		t.Errorf("the reals did not survive the replacement: %v, %v", reals, err)
+	}
+	if _, err := second.Counters(); err != nil {
+		t.Errorf("read the new counters: %v", err)
+	}
+	h = &harness{tb: t, dp: second}
+	h.must(second.Close())
+
+	if err := removePin(pin, "vf_ct4"); err != nil {
+		t.Fatal(err)
+	}
+	pinStale(t, pin, "vf_ct4")
+	_, err = Load(opts)
+	var incompatible *IncompatiblePinError
+	if !errors.As(err, &incompatible) || incompatible.Map != "vf_ct4" || !errors.Is(err, ebpf.ErrMapIncompatible) {
+		t.Fatalf("Load over a conntrack of another layout: %v, want an IncompatiblePinError naming vf_ct4", err)
+	}
+}
+
+func removePin(dir, name string) error {
+	m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	return m.Unpin()
+}

@@ -1,17 +1,24 @@
 package dataplane
 
 import (
+	"bufio"
 	"fmt"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
+	"golang.org/x/sys/unix"
 )
 
 // kernelClock reads the kernel's jiffies, the clock conntrack is stamped
 // with (bpf_jiffies64 is inlined by the verifier; a clock read would be a
-// helper call on every packet). Its tick rate (CONFIG_HZ) is not exported
-// anywhere reliable, so it is measured.
+// helper call on every packet). Its tick rate (CONFIG_HZ) is read from the
+// kernel's build configuration where the distribution ships it, and
+// measured otherwise.
 type kernelClock struct {
 	prog *ebpf.Program
 	hz   uint32
@@ -35,12 +42,47 @@ func newKernelClock(knownRate uint32) (*kernelClock, error) {
 	}
 	c := &kernelClock{prog: prog, hz: knownRate}
 	if c.hz == 0 {
-		if c.hz, err = c.measureHZ(100 * time.Millisecond); err != nil {
+		c.hz = configuredHZ()
+	}
+	if c.hz == 0 {
+		if c.hz, err = c.measureHZ(100*time.Millisecond, hzAttempts); err != nil {
 			prog.Close()
 			return nil, err
 		}
 	}
 	return c, nil
+}
+
+// hzAttempts bounds the measurements: a loaded host, or a guest under
+// emulation, can stall a window long enough to skew one of them.
+const hzAttempts = 5
+
+// configuredHZ reads CONFIG_HZ from the running kernel's build
+// configuration where the distribution ships it (/boot/config-<release>,
+// as Debian does); 0 when it is not there or names no known rate.
+func configuredHZ() uint32 {
+	var uts unix.Utsname
+	if err := unix.Uname(&uts); err != nil {
+		return 0
+	}
+	f, err := os.Open("/boot/config-" + unix.ByteSliceToString(uts.Release[:]))
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		v, ok := strings.CutPrefix(sc.Text(), "CONFIG_HZ=")
+		if !ok {
+			continue
+		}
+		hz, err := strconv.ParseUint(v, 10, 32)
+		if err == nil && slices.Contains(knownHZ[:], uint32(hz)) {
+			return uint32(hz)
+		}
+		return 0
+	}
+	return 0
 }
 
 // now returns the low 32 bits of jiffies (the program's return value).
@@ -52,7 +94,20 @@ func (c *kernelClock) now() (uint32, error) {
 	return ret, nil
 }
 
-func (c *kernelClock) measureHZ(window time.Duration) (uint32, error) {
+// measureHZ measures the tick rate over windows until one is within 15% of
+// a rate Linux can be built with, at most attempts times.
+func (c *kernelClock) measureHZ(window time.Duration, attempts int) (uint32, error) {
+	var err error
+	for range attempts {
+		var hz uint32
+		if hz, err = c.measureOnce(window); err == nil {
+			return hz, nil
+		}
+	}
+	return 0, fmt.Errorf("%w (%d measurements)", err, attempts)
+}
+
+func (c *kernelClock) measureOnce(window time.Duration) (uint32, error) {
 	j0, err := c.now()
 	if err != nil {
 		return 0, err

@@ -312,7 +312,10 @@ add_module() {
 build_kernel_cpio() { # kernel dir, archive
 	local kdir=$1 root
 	root=$work/k-$(basename "$1")
-	mkdir -p "$root/lib/modules"
+	mkdir -p "$root/lib/modules" "$root/boot"
+	# As on an installed Debian kernel, so that the agent reads the tick
+	# rate (CONFIG_HZ) instead of measuring it under emulation.
+	cp "$kdir/config" "$root/boot/config-$(cat "$kdir/release")"
 	mod_seen=()
 	mod_order=()
 	local m names=()

@@ -66,6 +66,9 @@ const (
 	defaultCheckFall      = 3
 	defaultVIPMode        = VIPModeDSR
 	defaultPathPrefix     = "/"
+	defaultBGPHoldTime    = 3 * time.Second
+	defaultBGPKeepalive   = 1 * time.Second
+	defaultBGPRestartTime = 120 * time.Second
 )
 
 // Config is the complete agent configuration.
@@ -82,6 +85,8 @@ type Config struct {
 	VIPs     []VIP          `yaml:"vips"`
 	Routes   []Route        `yaml:"routes,omitempty"`
 	Security SecurityConfig `yaml:"security"`
+	// BGP announces the VIPs to upstream routers; nil announces nothing.
+	BGP *BGPConfig `yaml:"bgp,omitempty"`
 }
 
 // NodeConfig identifies this agent.
@@ -372,6 +377,71 @@ type SecurityConfig struct {
 	Denylist []string `yaml:"denylist,omitempty"`
 }
 
+// BGPConfig makes the node announce its VIPs to upstream routers, so that
+// several nodes can sit behind one ECMP router. A VIP is announced while
+// XDP is attached, its pool has a live backend and the node is not drained.
+type BGPConfig struct {
+	// ASN is this node's AS number.
+	ASN uint32 `yaml:"asn"`
+	// RouterID is an IPv4 address; it defaults to the first IPv4 address
+	// of the first data path interface.
+	RouterID string `yaml:"router_id,omitempty"`
+	// NextHop and NextHopV6 are the next hops of IPv4 and IPv6 VIPs; they
+	// default to the first address of that family on the first data path
+	// interface.
+	NextHop   string    `yaml:"next_hop,omitempty"`
+	NextHopV6 string    `yaml:"next_hop_v6,omitempty"`
+	Peers     []BGPPeer `yaml:"peers"`
+	// Communities ("asn:value"), LocalPreference and MED go with every
+	// VIP, unless an entry of VIPs overrides them for an address.
+	Communities     []string `yaml:"communities,omitempty"`
+	LocalPreference *uint32  `yaml:"local_preference,omitempty"`
+	MED             *uint32  `yaml:"med,omitempty"`
+	VIPs            []BGPVIP `yaml:"vips,omitempty"`
+	// GracefulRestart keeps the routes at the routers while the agent
+	// restarts (the data path keeps forwarding meanwhile).
+	GracefulRestart BGPGracefulRestart `yaml:"graceful_restart"`
+}
+
+// BGPPeer is one upstream router.
+type BGPPeer struct {
+	Address string `yaml:"address"`
+	ASN     uint32 `yaml:"asn"`
+	// Port 0 means 179.
+	Port      int      `yaml:"port,omitempty"`
+	HoldTime  Duration `yaml:"hold_time"`
+	Keepalive Duration `yaml:"keepalive"`
+	// Password turns on TCP MD5 signatures (RFC 2385).
+	Password string `yaml:"password,omitempty"`
+	// Multihop is the TTL toward a peer that is not directly connected;
+	// 0 means directly connected.
+	Multihop int `yaml:"multihop,omitempty"`
+}
+
+// BGPVIP overrides the route attributes of one VIP address (every port
+// and protocol on it is one route).
+type BGPVIP struct {
+	Address         string   `yaml:"address"`
+	Communities     []string `yaml:"communities,omitempty"`
+	LocalPreference *uint32  `yaml:"local_preference,omitempty"`
+	MED             *uint32  `yaml:"med,omitempty"`
+}
+
+// BGPGracefulRestart configures RFC 4724 graceful restart.
+type BGPGracefulRestart struct {
+	Enabled     bool     `yaml:"enabled"`
+	RestartTime Duration `yaml:"restart_time"`
+}
+
+func (b *BGPConfig) setDefaults() {
+	b.GracefulRestart = BGPGracefulRestart{Enabled: true, RestartTime: Duration(defaultBGPRestartTime)}
+}
+
+func (p *BGPPeer) setDefaults() {
+	p.HoldTime = Duration(defaultBGPHoldTime)
+	p.Keepalive = Duration(defaultBGPKeepalive)
+}
+
 // defaulter is implemented by types whose fresh values must start from
 // their defaults before YAML is decoded on top of them. Decoding into
 // pre-filled values (rather than filling zero values afterwards) is what lets
@@ -497,6 +567,17 @@ func (c *Config) normalize() {
 	}
 	for i := range c.VIPs {
 		canonIP(&c.VIPs[i].Address)
+	}
+	if b := c.BGP; b != nil {
+		canonIP(&b.RouterID)
+		canonIP(&b.NextHop)
+		canonIP(&b.NextHopV6)
+		for i := range b.Peers {
+			canonIP(&b.Peers[i].Address)
+		}
+		for i := range b.VIPs {
+			canonIP(&b.VIPs[i].Address)
+		}
 	}
 	for i := range c.Routes {
 		// Host names are case-insensitive (RFC 4343).

@@ -151,9 +151,15 @@ func (d *decoder) decode(path string, n *yaml.Node, v reflect.Value) {
 		// Decode into a fresh value so that a failed decode leaves the
 		// previous (default) value in place and nothing is shared with it.
 		p := reflect.New(v.Type().Elem())
+		if df, ok := p.Interface().(defaulter); ok {
+			df.setDefaults()
+		}
 		before := len(d.errs)
 		d.decode(path, n, p.Elem())
-		if len(d.errs) == before {
+		// A section (a pointer to a struct) is kept despite errors in
+		// some of its fields, so that the rest of it is validated too,
+		// as for sections that are not pointers.
+		if len(d.errs) == before || p.Elem().Kind() == reflect.Struct {
 			v.Set(p)
 		}
 	case reflect.String:

@@ -57,6 +57,7 @@ func (c *Config) validate() []FieldError {
 	c.validateCapacity(v)
 	c.validateRoutes(v, pools)
 	c.validateSecurity(v)
+	c.validateBGP(v)
 	return v.errs
 }
 

@@ -164,7 +164,7 @@ func (r *Reconciler) applyRing(vp *vipPlan, batch *ringBatch) error {
 		return r.queueRing(vp, batch)
 	}
 	if fp, known := r.rings[vp.id]; known {
-		if fp == vp.ring.fp {
+		if fp.backends == vp.ring.fp {
 			return nil
 		}
 		return r.queueRing(vp, batch)
@@ -188,7 +188,7 @@ func (r *Reconciler) applyRing(vp *vipPlan, batch *ringBatch) error {
 		return err
 	}
 	if slices.Equal(installed, table) {
-		r.rings[vp.id] = vp.ring.fp
+		r.rings[vp.id] = vp.ring.installed()
 		return nil
 	}
 	return r.queueRing(vp, batch)
@@ -224,7 +224,7 @@ func (r *Reconciler) flushRings(batch *ringBatch, res *Result) error {
 		return fmt.Errorf("reconcile: install rings of %s: %w", strings.Join(names, ", "), err)
 	}
 	for _, vp := range batch.vips {
-		r.rings[vp.id] = vp.ring.fp
+		r.rings[vp.id] = vp.ring.installed()
 	}
 	res.RingsRebuilt += len(batch.vips)
 	return nil

@@ -62,6 +62,8 @@ type ringPlan struct {
 	// tables and a ring can be skipped without being built or read.
 	fp    string
 	table []uint32 // built on first use: a no-op reconcile builds none
+	// content is the table's RingFingerprint, computed with the table.
+	content uint64
 	// users counts the VIPs whose ring has not been applied yet; the
 	// table is dropped after the last, so that a reconcile touching many
 	// pools holds one table at a time rather than all of them.
@@ -298,8 +300,21 @@ func (r *Reconciler) table(rp *ringPlan) ([]uint32, error) {
 			return nil, fmt.Errorf("reconcile: build ring of pool %q: %w", rp.pool, err)
 		}
 		rp.table = t
+		rp.content = RingFingerprint(t, rp.backends)
 	}
 	return rp.table, nil
+}
+
+// installed is what the mirror remembers of a VIP's ring once it holds
+// this plan's table; only called after the table was built.
+func (rp *ringPlan) installed() installedRing {
+	live := 0
+	for _, b := range rp.backends {
+		if b.Weight > 0 {
+			live++
+		}
+	}
+	return installedRing{backends: rp.fp, info: RingInfo{Backends: live, Fingerprint: rp.content}}
 }
 
 func (r *Reconciler) planDeny(m *model, p *plan) {

@@ -187,7 +187,7 @@ type Reconciler struct {
 	// installed ring was built from. An id is absent when that is unknown
 	// (never seen, or its last write failed); the ring is then read back
 	// and compared before deciding to write.
-	rings map[uint32]string
+	rings map[uint32]installedRing
 	// resolved remembers when each dsr real's MAC was last resolved.
 	resolved map[netip.Addr]macRecord
 
@@ -200,6 +200,25 @@ type Reconciler struct {
 type Installed struct {
 	VIPs  map[dataplane.VIP]dataplane.VIPMeta
 	Reals map[uint32]dataplane.Real
+	// Rings describes the ring of every VIP, by VIP id.
+	Rings map[uint32]RingInfo
+}
+
+// RingInfo describes one installed Maglev ring.
+type RingInfo struct {
+	// Backends is how many live backends the ring spreads flows over;
+	// 0 means every flow to the VIP is dropped.
+	Backends int
+	// Fingerprint is RingFingerprint of the installed table.
+	Fingerprint uint64
+}
+
+// installedRing is what the mirror remembers of an installed ring.
+type installedRing struct {
+	// backends identifies the backend set the ring was built from (the
+	// ring plan's fp), so that an unchanged ring is neither built nor read.
+	backends string
+	info     RingInfo
 }
 
 // Installed returns the VIPs and reals as of the last successful reconcile,
@@ -232,7 +251,7 @@ func New(dp Dataplane, macs MACResolver, opts Options) (*Reconciler, error) {
 		maxVIPs:  dp.MaxVIPs(),
 		maxReals: dp.MaxReals(),
 		now:      time.Now,
-		rings:    map[uint32]string{},
+		rings:    map[uint32]installedRing{},
 		resolved: map[netip.Addr]macRecord{},
 	}
 	if !maglev.IsPrime(r.ringSize) {
@@ -283,7 +302,11 @@ func (r *Reconciler) ReconcileLatest(ctx context.Context, desired func() Desired
 	err := r.reconcile(ctx, desired(), &res)
 	res.Duration = time.Since(start)
 	if err == nil && r.synced {
-		r.installed.Store(&Installed{VIPs: maps.Clone(r.vips), Reals: maps.Clone(r.reals)})
+		rings := make(map[uint32]RingInfo, len(r.rings))
+		for id, ring := range r.rings {
+			rings[id] = ring.info
+		}
+		r.installed.Store(&Installed{VIPs: maps.Clone(r.vips), Reals: maps.Clone(r.reals), Rings: rings})
 	} else {
 		r.installed.Store(nil)
 	}

@@ -72,6 +72,10 @@ type Agent struct {
 	analyzer  *insights.Analyzer
 	ledger    *billing.Ledger
 	security  *api.SecurityStats
+	// bgp announces the VIPs to the routers (a speaker runs only while
+	// the configuration has a bgp section).
+	bgp         *announcer
+	nodeDrained atomic.Bool // the whole node withdraws its VIPs
 
 	writeMu sync.Mutex // serializes configuration changes (API, SIGHUP)
 	drainMu sync.Mutex // serializes drain changes with their save
@@ -149,10 +153,14 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := a.loadDrained(); err != nil {
 		return err
 	}
+	if err := a.loadNodeDrained(); err != nil {
+		return err
+	}
 	a.metrics = metrics.New(metrics.Options{
 		Source: a, Version: a.opts.Version, Health: a.healthViews,
 		WSClients: func() map[string]int { return a.hub.Clients() },
 		XDP:       a.xdpAttachments,
+		BGP:       a.bgpMetrics, Rings: a.ringMetrics,
 	})
 	a.checker = health.New(a.log.With("component", "health"),
 		health.WithObserver(func(pool, key string, d time.Duration, ok bool) {
@@ -180,6 +188,10 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	a.setGeneration(1)
+	if err := a.startBGP(ctx, cfg, len(seed) > 0); err != nil {
+		return err
+	}
+	defer a.bgp.stop(context.WithoutCancel(ctx))
 
 	if err := a.startServices(ctx, cfg); err != nil {
 		return err
@@ -215,6 +227,8 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.reconcileNow(ctx, "request")
 		case lc := <-links:
 			a.onLinkChange(ctx, linkState, lc)
+			// XDP coming off or on an interface is a link change too.
+			a.announce(ctx)
 		case <-resync.C:
 			a.reconcileNow(ctx, "periodic")
 		}
@@ -372,7 +386,26 @@ func (a *Agent) reconcileNow(ctx context.Context, why string) error {
 	for _, w := range res.Warnings {
 		a.log.Warn("reconcile warning", "trigger", why, "warning", w)
 	}
+	// A ring that lost its last live backend is withdrawn right away.
+	a.announce(ctx)
 	return err
+}
+
+// startBGP starts the speaker when cfg has a bgp section. adopted says
+// that the data path kept forwarding since a previous agent, which the
+// speaker tells the routers (graceful restart) so they keep its routes.
+func (a *Agent) startBGP(ctx context.Context, cfg *config.Config, adopted bool) error {
+	a.bgp = &announcer{log: a.log.With("component", "bgp"), onChange: a.publishStatus, restarting: adopted,
+		announced: map[netip.Addr]bool{}}
+	plan, err := resolveBGP(cfg)
+	if err != nil {
+		return err
+	}
+	if _, err := a.bgp.reconfigure(ctx, plan); err != nil {
+		return err
+	}
+	a.announce(ctx)
+	return nil
 }
 
 // syncAttachments attaches to every configured interface (swapping the

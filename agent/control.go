@@ -97,8 +97,9 @@ func (a *Agent) reloadResult(result string) {
 // apply replaces the configuration in force, cur, by next, all or nothing.
 // What can fail without side effects comes first (binding moved listeners,
 // reading the API token file), then attaching XDP to every interface, then
-// the data path's settings, the health targets, the L7 proxy and the
-// reconcile of the maps. A failure at any step undoes the steps before it,
+// the data path's settings, the health targets, the L7 proxy, the BGP
+// speaker's settings and peers, and the reconcile of the maps (after which
+// the announced VIPs follow). A failure at any step undoes the steps before it,
 // so the running state is cur's again; the moved listeners and the new API
 // access take over only once everything else succeeded.
 func (a *Agent) apply(ctx context.Context, cur, next *config.Config, why string) error {
@@ -125,15 +126,25 @@ func (a *Agent) apply(ctx context.Context, cur, next *config.Config, why string)
 		})
 	}
 
+	bgpPlan, err := resolveBGP(next)
+	if err != nil {
+		abort()
+		return err
+	}
+
 	added, err := a.attachAll(next)
 	if err != nil {
 		abort()
 		return err
 	}
-	// restore puts cur's data path, checks and proxy back, step by step
+	// restore puts cur's data path, checks, proxy and BGP speaker back, step by step
 	// in reverse; steps is how far the change got.
 	steps := 0
+	undoBGP := func() {}
 	restore := func() {
+		if steps >= 4 {
+			undoBGP()
+		}
 		if steps >= 3 {
 			if p := a.proxy.Load(); p != nil {
 				if err := p.Apply(cur); err != nil {
@@ -165,11 +176,17 @@ func (a *Agent) apply(ctx context.Context, cur, next *config.Config, why string)
 			err = p.Apply(next)
 		}
 	}
+	if err == nil {
+		steps = 3
+		if a.bgp != nil {
+			undoBGP, err = a.bgp.reconfigure(ctx, bgpPlan)
+		}
+	}
 	if err != nil {
 		restore()
 		return err
 	}
-	steps = 3
+	steps = 4
 
 	a.setConfig(next)
 	if err := a.reconcileNow(ctx, why); err != nil {

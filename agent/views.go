@@ -157,6 +157,10 @@ func (a *Agent) statusView() api.StatusView {
 			sv.Interfaces = append(sv.Interfaces, iv)
 		}
 	}
+	sv.NodeDrained = a.nodeDrained.Load()
+	if bv := a.BGP(); bv.Enabled {
+		sv.BGP = &bv
+	}
 	healthy := 0
 	for _, st := range a.checker.Status() {
 		if st.Healthy {

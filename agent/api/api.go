@@ -36,6 +36,14 @@ type Controller interface {
 	// DrainProxy closes the L7 listeners and lets in-flight requests
 	// finish; /health then reports draining.
 	DrainProxy(ctx context.Context) error
+	// SetNodeDrained withdraws (or announces again) every VIP of this
+	// node over BGP while the data path keeps forwarding; it persists.
+	SetNodeDrained(ctx context.Context, drained bool) error
+	// BGP is the speaker's state: sessions and announced VIPs.
+	BGP() BGPView
+	// VIPRings describes each VIP's installed ring by VIP id
+	// (protocol:address:port); VIPs without an installed ring are absent.
+	VIPRings() map[string]RingView
 }
 
 // Options configure the server.

@@ -42,6 +42,8 @@ type fakeController struct {
 	drained map[string]bool
 	saves   int
 	proxy   *ProxyView // what Status reports of the L7 proxy
+	// nodeDrained is what SetNodeDrained last set.
+	nodeDrained bool
 }
 
 func newFake(t *testing.T) *fakeController {
@@ -103,6 +105,24 @@ func (f *fakeController) SetDrained(_ context.Context, pool, backend string, dra
 	defer f.mu.Unlock()
 	f.drained[pool+":"+backend] = drained
 	return nil
+}
+
+func (f *fakeController) SetNodeDrained(_ context.Context, drained bool) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.nodeDrained = drained
+	return nil
+}
+
+func (f *fakeController) BGP() BGPView {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return BGPView{Enabled: true, NodeDrained: f.nodeDrained, Peers: []BGPPeerView{},
+		VIPs: []BGPAnnounceView{{Address: "10.0.0.100", Announced: !f.nodeDrained}}}
+}
+
+func (f *fakeController) VIPRings() map[string]RingView {
+	return map[string]RingView{"tcp:10.0.0.100:80": {Fingerprint: "00000000000ab", LiveBackends: 2}}
 }
 
 func (f *fakeController) Metrics() MetricsView          { return MetricsView{At: time.Now()} }

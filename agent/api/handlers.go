@@ -61,6 +61,10 @@ func (s *Server) routeTable() []route {
 
 		{http.MethodPost, "/api/system/drain", "Drain the L7 proxy: close its listeners, finish in-flight requests", true, "", s.drainProxy},
 
+		{http.MethodGet, "/api/bgp", "BGP sessions and the VIPs this node announces", false, "", s.getBGP},
+		{http.MethodPost, "/api/node/drain", "Drain the node: withdraw every VIP over BGP, keep forwarding", true, "", s.drainNode},
+		{http.MethodDelete, "/api/node/drain", "Undrain the node: announce its VIPs again", true, "", s.undrainNode},
+
 		{http.MethodGet, "/api/openapi.json", "This document", false, "", s.openAPI},
 		{http.MethodGet, "/api/ws/:channel", "WebSocket channel: " + strings.Join(Channels, ", "), false, "", s.webSocket},
 	}
@@ -427,9 +431,16 @@ func vipJSON(v config.VIP) any {
 
 func (s *Server) listVIPs(c echo.Context) error {
 	vips := s.opts.Controller.Config().VIPs
+	rings := s.opts.Controller.VIPRings()
 	out := make([]any, 0, len(vips))
 	for _, v := range vips {
-		out = append(out, vipJSON(v))
+		j := vipJSON(v)
+		if m, ok := j.(map[string]any); ok {
+			if r, ok := rings[vipID(v)]; ok {
+				m["ring"] = r
+			}
+		}
+		out = append(out, j)
 	}
 	return c.JSON(http.StatusOK, out)
 }

@@ -21,6 +21,10 @@ type StatusView struct {
 	Counts           Counts          `json:"counts"`
 	LastReconcile    ReconcileView   `json:"last_reconcile"`
 	Proxy            *ProxyView      `json:"proxy,omitempty"` // nil unless proxy.enabled
+	// NodeDrained: the node withdraws every VIP over BGP (POST
+	// /api/node/drain) while its data path keeps forwarding.
+	NodeDrained bool     `json:"node_drained"`
+	BGP         *BGPView `json:"bgp,omitempty"` // nil without a bgp section
 }
 
 // ProxyView is the L7 proxy's state: whether its listeners accept
@@ -121,4 +125,41 @@ type MetricsView struct {
 	Reasons         []snapshot.ReasonCounters `json:"reasons"`
 	// L7 joins when the proxy runs; absent until then.
 	L7 *L7Rates `json:"l7,omitempty"`
+}
+
+// BGPView is GET /api/bgp: the speaker's sessions and what it announces.
+type BGPView struct {
+	Enabled     bool              `json:"enabled"`
+	ASN         uint32            `json:"asn,omitempty"`
+	RouterID    string            `json:"router_id,omitempty"`
+	NodeDrained bool              `json:"node_drained"`
+	Peers       []BGPPeerView     `json:"peers"`
+	VIPs        []BGPAnnounceView `json:"vips"`
+}
+
+// BGPPeerView is one session.
+type BGPPeerView struct {
+	Address string `json:"address"`
+	ASN     uint32 `json:"asn"`
+	State   string `json:"state"` // idle | connect | active | opensent | openconfirm | established
+	Up      bool   `json:"up"`
+	// UptimeSeconds is how long the session has been established, or
+	// down when it is not.
+	UptimeSeconds float64  `json:"uptime_seconds"`
+	Transitions   uint64   `json:"transitions"`
+	LastError     string   `json:"last_error,omitempty"`
+	RoutesSent    []string `json:"routes_sent"`
+}
+
+// BGPAnnounceView is one VIP address and whether this node announces it.
+type BGPAnnounceView struct {
+	Address   string `json:"address"`
+	Announced bool   `json:"announced"`
+}
+
+// RingView describes a VIP's installed Maglev ring. Nodes that build the
+// same table for a VIP show the same fingerprint.
+type RingView struct {
+	Fingerprint  string `json:"fingerprint"` // 13 hex digits
+	LiveBackends int    `json:"live_backends"`
 }

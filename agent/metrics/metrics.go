@@ -43,6 +43,10 @@
 //	proxy_listener_up{role}                 gauge    1 serving, 0 not (proxy enabled)
 //	proxy_draining                          gauge    1 after a drain (proxy enabled)
 //	ws_clients{channel}                     gauge    WebSocket subscribers
+//	bgp_peer_up{peer}                       gauge    1 session established (bgp section only)
+//	bgp_peer_transitions_total{peer}        counter  session went up or down
+//	bgp_announced{vip}                      gauge    1 this node announces the VIP address
+//	vip_ring_fingerprint{vip}               gauge    hash of the installed Maglev table
 //	build_info{version,goversion}           gauge=1
 //
 // plus the standard go_* and process_* collectors and the promhttp_* handler
@@ -109,6 +113,12 @@ type Options struct {
 	// could read along with an error for the others. If nil,
 	// veloflux_xdp_attached is absent.
 	XDP func() ([]XDPAttachment, error)
+	// BGP, if set, is called once per scrape; it returns false when no
+	// speaker is configured, and the veloflux_bgp_* families are absent.
+	BGP func() (BGPState, bool)
+	// Rings, if set, is called once per scrape for
+	// veloflux_vip_ring_fingerprint.
+	Rings func() []VIPRing
 }
 
 // Metrics owns the agent's private registry and the metrics the agent
@@ -171,6 +181,7 @@ func New(opts Options) *Metrics {
 		m.reloads,
 		m.ws,
 		m.state,
+		newClusterCollector(opts.BGP, opts.Rings),
 		buildInfo,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),

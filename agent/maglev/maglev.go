@@ -23,6 +23,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"net/netip"
 	"slices"
 	"strings"
@@ -309,4 +310,29 @@ func IsPrime(n uint32) bool {
 		}
 	}
 	return true
+}
+
+// fingerprintBits keeps fingerprints exact as Prometheus sample values
+// (a float64 holds integers up to 2^53 exactly).
+const fingerprintBits = 52
+
+// Fingerprint hashes a table by content: slot by slot, the address of the
+// real it sends flows to (addrOf of the slot's id; the zero Addr for an
+// empty slot). Real ids are left out, since every node numbers its reals
+// itself: two nodes whose tables send every slot to the same address have
+// the same fingerprint, and a difference in the backend set, the weights,
+// the table size or the algorithm shows as another one.
+func Fingerprint(table []uint32, addrOf func(id uint32) netip.Addr) uint64 {
+	h := fnv.New64a()
+	var zero [17]byte
+	for _, id := range table {
+		b := zero
+		if a := addrOf(id); a.IsValid() {
+			a16 := a.As16()
+			copy(b[:16], a16[:])
+			b[16] = byte(a.BitLen()) // 32 or 128, so ::ffff:a.b.c.d and a.b.c.d differ
+		}
+		h.Write(b[:])
+	}
+	return h.Sum64() & (1<<fingerprintBits - 1)
 }

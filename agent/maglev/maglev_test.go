@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"net/netip"
 	"slices"
 	"testing"
 )
@@ -392,5 +393,35 @@ func BenchmarkBuild1000Skewed(b *testing.B) {
 		if _, err := Build(bs, DefaultTableSize); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// Two nodes that number their reals differently but send every slot to
+// the same address have the same fingerprint; another backend set differs.
+func TestFingerprintIgnoresRealIDs(t *testing.T) {
+	addrs := []netip.Addr{netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2"), netip.MustParseAddr("2001:db8::3")}
+	build := func(firstID uint32, n int) uint64 {
+		byID := map[uint32]netip.Addr{}
+		var bs []Backend
+		for i, a := range addrs[:n] {
+			id := firstID + uint32(i)*7
+			byID[id] = a
+			bs = append(bs, Backend{ID: id, Key: a.String() + ":80", Weight: 1})
+		}
+		table, err := Build(bs, 257)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return Fingerprint(table, func(id uint32) netip.Addr { return byID[id] })
+	}
+	a, b := build(1, 3), build(40, 3)
+	if a != b {
+		t.Errorf("same backends, other real ids: fingerprints %x and %x", a, b)
+	}
+	if c := build(1, 2); c == a {
+		t.Errorf("a different backend set has the same fingerprint %x", c)
+	}
+	if a >= 1<<52 {
+		t.Errorf("fingerprint %x does not fit 52 bits", a)
 	}
 }

@@ -62,8 +62,10 @@ type ringPlan struct {
 	// tables and a ring can be skipped without being built or read.
 	fp    string
 	table []uint32 // built on first use: a no-op reconcile builds none
-	// content is the table's RingFingerprint, computed with the table.
+	// content is the table's maglev.Fingerprint, computed with the table
+	// from addrs, the address of each real id in backends.
 	content uint64
+	addrs   map[uint32]netip.Addr
 	// users counts the VIPs whose ring has not been applied yet; the
 	// table is dropped after the last, so that a reconcile touching many
 	// pools holds one table at a time rather than all of them.
@@ -266,8 +268,10 @@ func (r *Reconciler) poolRing(m *model, p *plan, pool string, realIDs map[netip.
 		g.key = min(g.key, e.key)
 		g.weight += uint64(e.weight)
 	}
-	rp := &ringPlan{pool: pool, backends: make([]maglev.Backend, 0, len(groups))}
+	rp := &ringPlan{pool: pool, backends: make([]maglev.Backend, 0, len(groups)),
+		addrs: make(map[uint32]netip.Addr, len(groups))}
 	for a, g := range groups {
+		rp.addrs[realIDs[a]] = a
 		rp.backends = append(rp.backends, maglev.Backend{
 			ID:     realIDs[a],
 			Key:    g.key,
@@ -300,7 +304,7 @@ func (r *Reconciler) table(rp *ringPlan) ([]uint32, error) {
 			return nil, fmt.Errorf("reconcile: build ring of pool %q: %w", rp.pool, err)
 		}
 		rp.table = t
-		rp.content = RingFingerprint(t, rp.backends)
+		rp.content = maglev.Fingerprint(t, func(id uint32) netip.Addr { return rp.addrs[id] })
 	}
 	return rp.table, nil
 }

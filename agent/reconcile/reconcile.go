@@ -209,7 +209,7 @@ type RingInfo struct {
 	// Backends is how many live backends the ring spreads flows over;
 	// 0 means every flow to the VIP is dropped.
 	Backends int
-	// Fingerprint is RingFingerprint of the installed table.
+	// Fingerprint is the maglev.Fingerprint of the installed table.
 	Fingerprint uint64
 }
 

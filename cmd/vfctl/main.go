@@ -5,7 +5,8 @@
 //
 //	vfctl [--pin-path /sys/fs/bpf/veloflux] [-o table|json] <command>
 //
-// Commands: status, vips, reals, flows [-n 50], counters, deny.
+// Commands: status, vips, reals, flows [-n 50], counters, deny, and bgp,
+// which asks the agent's API since the BGP state is the agent's own.
 package main
 
 import (
@@ -24,6 +25,7 @@ import (
 	"time"
 
 	"github.com/veloflux/veloflux/agent/dataplane"
+	"github.com/veloflux/veloflux/agent/maglev"
 )
 
 const usageText = `usage: vfctl [--pin-path DIR] [-o table|json] <command>
@@ -38,6 +40,9 @@ commands:
   flows [-n 50]   a sample of conntrack flows (-n 0: all)
   counters        packets and bytes per reason, in counter order
   deny            denied prefixes
+  bgp [--api URL] [--token-file F]
+                  BGP sessions and announced VIPs, asked of the agent's API
+                  (default %s)
 `
 
 // statusFlowSample caps how much of conntrack status walks: a full table
@@ -87,7 +92,7 @@ var commands = map[string]command{
 // run is main without the process: it returns the exit code, 0 on success,
 // 1 when the maps cannot be read, 2 on a usage error.
 func run(args []string, stdout, stderr io.Writer) int {
-	usage := func() { fmt.Fprintf(stderr, usageText, dataplane.DefaultPinPath) }
+	usage := func() { fmt.Fprintf(stderr, usageText, dataplane.DefaultPinPath, defaultAPI) }
 	global := flag.NewFlagSet("vfctl", flag.ContinueOnError)
 	global.SetOutput(stderr)
 	global.Usage = usage
@@ -101,6 +106,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	name := global.Arg(0)
+	if name == "bgp" {
+		return runBGP(global.Args()[1:], *format, stdout, stderr)
+	}
 	cmd, ok := commands[name]
 	if !ok {
 		fmt.Fprintf(stderr, "vfctl: unknown command %q\n", name)
@@ -320,6 +328,9 @@ type vipRow struct {
 	RealsUp        int        `json:"reals_up"`
 	RealsDraining  int        `json:"reals_draining"`
 	RealsDown      int        `json:"reals_down"`
+	// Fingerprint is the hash of the ring's content (maglev.Fingerprint):
+	// nodes behind one router must show the same for a VIP.
+	Fingerprint string `json:"fingerprint,omitempty"`
 	// RingError says why the ring could not be read; the real counts are
 	// then zero and mean nothing.
 	RingError string `json:"ring_error,omitempty"`
@@ -354,6 +365,12 @@ func gatherVIPs(src source) (vipTable, error) {
 		if err != nil {
 			return nil, err
 		}
+		r.Fingerprint = fmt.Sprintf("%013x", maglev.Fingerprint(ring, func(id uint32) netip.Addr {
+			if rl, ok := reals[id]; ok && id != 0 {
+				return rl.Addr
+			}
+			return netip.Addr{}
+		}))
 		seen := map[uint32]bool{0: true} // id 0 is reserved: an empty slot
 		for _, id := range ring {
 			if seen[id] {
@@ -381,7 +398,7 @@ func gatherVIPs(src source) (vipTable, error) {
 
 func (t vipTable) table(w io.Writer) error {
 	unreadable := false
-	row(w, "ADDRESS", "PORT", "PROTO", "MODE", "ID", "AFFINITY", "PACKETS", "BYTES", "NEW FLOWS", "REALS", "UP", "DRAINING", "DOWN")
+	row(w, "ADDRESS", "PORT", "PROTO", "MODE", "ID", "AFFINITY", "PACKETS", "BYTES", "NEW FLOWS", "REALS", "UP", "DRAINING", "DOWN", "FINGERPRINT")
 	for _, r := range t {
 		port := "*"
 		if r.Port != 0 {
@@ -392,11 +409,11 @@ func (t vipTable) table(w io.Writer) error {
 			aff = "source"
 		}
 		if r.RingError != "" {
-			row(w, r.Address, port, r.Proto, r.Mode, r.ID, aff, r.Packets, r.Bytes, r.NewFlows, "?", "?", "?", "?")
+			row(w, r.Address, port, r.Proto, r.Mode, r.ID, aff, r.Packets, r.Bytes, r.NewFlows, "?", "?", "?", "?", "?")
 			unreadable = true
 			continue
 		}
-		row(w, r.Address, port, r.Proto, r.Mode, r.ID, aff, r.Packets, r.Bytes, r.NewFlows, r.Reals, r.RealsUp, r.RealsDraining, r.RealsDown)
+		row(w, r.Address, port, r.Proto, r.Mode, r.ID, aff, r.Packets, r.Bytes, r.NewFlows, r.Reals, r.RealsUp, r.RealsDraining, r.RealsDown, r.Fingerprint)
 	}
 	if unreadable {
 		fmt.Fprintf(w, "?: %s\n", ringPermissionNote)

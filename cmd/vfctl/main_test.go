@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"path/filepath"
 	"regexp"
@@ -15,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/veloflux/veloflux/agent/api"
 	"github.com/veloflux/veloflux/agent/dataplane"
 
 	"github.com/veloflux/veloflux/tests/testenv"
@@ -351,7 +354,7 @@ func TestPinned(t *testing.T) {
 	}
 	expect(cmd("status"), `(?m)^ring size: +251$`, `(?m)^VIPs: +1$`, `(?m)^reals: +2$`, `(?m)^deny prefixes: +1$`,
 		`capacity: +63 VIPs, 63 reals`, `no XDP links pinned`)
-	expect(cmd("vips"), `(?m)^10\.9\.9\.9 +\* +tcp +dsr +5 +flow +0 +0 +0 +2 +1 +1 +0$`)
+	expect(cmd("vips"), `(?m)^10\.9\.9\.9 +\* +tcp +dsr +5 +flow +0 +0 +0 +2 +1 +1 +0 +[0-9a-f]{13}$`)
 	expect(cmd("reals"), `(?m)^1 +192\.0\.2\.11 +up +02:00:00:00:00:0b`, `(?m)^2 +192\.0\.2\.12 +draining +-`)
 	expect(cmd("flows", "-n", "10"), `(?m)^CLIENT`)
 	expect(cmd("deny"), `(?m)^203\.0\.113\.0/24$`)
@@ -368,5 +371,37 @@ func TestPinned(t *testing.T) {
 	var vips []vipRow
 	if err := json.Unmarshal([]byte(cmd("-o", "json", "vips")), &vips); err != nil || len(vips) != 1 || vips[0].Reals != 2 {
 		t.Errorf("vips JSON: %+v, %v", vips, err)
+	}
+}
+
+func TestBGPAsksTheAgent(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/api/bgp" || r.Header.Get("Authorization") != "Bearer tok" {
+			http.Error(w, "no", http.StatusUnauthorized)
+			return
+		}
+		json.NewEncoder(w).Encode(api.BGPView{Enabled: true, ASN: 65001, RouterID: "192.0.2.11", NodeDrained: true,
+			Peers: []api.BGPPeerView{{Address: "192.0.2.1", ASN: 65000, State: "established", Up: true,
+				UptimeSeconds: 90, Transitions: 1, RoutesSent: []string{"10.0.0.1/32"}}},
+			VIPs: []api.BGPAnnounceView{{Address: "10.0.0.1", Announced: false}}})
+	}))
+	defer srv.Close()
+	tokenFile := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(tokenFile, []byte("tok\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var out, errOut bytes.Buffer
+	if code := run([]string{"bgp", "--api", srv.URL, "--token-file", tokenFile}, &out, &errOut); code != 0 {
+		t.Fatalf("vfctl bgp = %d: %s", code, errOut.String())
+	}
+	for _, want := range []string{`(?m)^192\.0\.2\.1 +65000 +established +1m30s +1 +10\.0\.0\.1/32 +-$`,
+		`(?m)^node drained: +yes`, `(?m)^10\.0\.0\.1 +false$`} {
+		if !regexp.MustCompile(want).MatchString(out.String()) {
+			t.Errorf("output lacks %s:\n%s", want, out.String())
+		}
+	}
+	out.Reset()
+	if code := run([]string{"bgp", "--api", srv.URL}, &out, &errOut); code != 1 || !strings.Contains(errOut.String(), "401") {
+		t.Errorf("without the token: exit %d, stderr %q; want 1 naming the 401", code, errOut.String())
 	}
 }

@@ -66,7 +66,8 @@ func run(t testing.TB, dir string, timeout time.Duration, name string, args ...s
 }
 
 // agentSpec is what differs between the agents the tests run: one dsr VIP
-// over the lab's backends, http-checked, and the L7 proxy routing / to them.
+// over the lab's backends, http-checked, the L7 proxy routing / to them, and
+// a BGP speaker.
 type agentSpec struct {
 	name                string
 	lab                 *lab.Lab
@@ -94,5 +95,8 @@ func agentConfig(s agentSpec) string {
 	b.WriteString("    health_check: {type: http, path: /healthz, interval: 500ms, timeout: 200ms, rise: 1, fall: 2}\n")
 	fmt.Fprintf(&b, "vips:\n  - {address: %s, port: %d, protocol: tcp, mode: dsr, pool: web}\n", s.vip, lab.HTTPPort)
 	b.WriteString("routes:\n  - {path_prefix: /, pool: web}\n")
+	// A BGP peer nobody answers for: the veloflux_bgp_* families exist
+	// (the session is down, the VIP announced to no one).
+	b.WriteString("bgp:\n  asn: 65001\n  peers:\n    - {address: 127.0.0.1, asn: 65000, port: 9}\n")
 	return b.String()
 }

@@ -7,6 +7,7 @@ import { onMetrics } from "./traffic.js";
 import { onBackends, onHealth } from "./backends.js";
 import { onSecurity, onAI, onUsage, setupDenylist, onConfigGeneration } from "./events.js";
 import { setupTheme } from "./theme.js";
+import { onCluster, setupCluster } from "./cluster.js";
 
 // ---------------------------------------------------------------------------
 // Header: status and sockets
@@ -36,6 +37,7 @@ function onStatus(s) {
   );
   setText($("#config-gen"), s.config_generation ?? "—");
   onConfigGeneration(s.config_generation);
+  onCluster(s);
 }
 
 function tickUptime() {
@@ -76,6 +78,7 @@ function start() {
   setupTheme();
   setupToken();
   setupDenylist();
+  setupCluster();
   metricsURL().then((u) => ($("#metrics-link").href = u));
   const pills = $("#sockets");
   for (const name of CHANNELS) {

@@ -60,7 +60,7 @@ func startRouter(t *testing.T, addr netip.Addr, password string) *router {
 	err = srv.AddPeer(context.Background(), &api.AddPeerRequest{Peer: &api.Peer{
 		Conf:            &api.PeerConf{NeighborAddress: "127.0.0.1", PeerAsn: speakerASN, AuthPassword: password},
 		Transport:       &api.Transport{PassiveMode: true},
-		Timers:          &api.Timers{Config: &api.TimersConfig{HoldTime: 3, KeepaliveInterval: 1}},
+		Timers:          &api.Timers{Config: &api.TimersConfig{HoldTime: 3, KeepaliveInterval: 1, IdleHoldTimeAfterReset: 1}},
 		GracefulRestart: &api.GracefulRestart{Enabled: true, RestartTime: 120},
 		AfiSafis:        afiSafis,
 	}})
@@ -330,5 +330,43 @@ func TestStartRejectsBadOptions(t *testing.T) {
 			_ = s.Stop(context.Background(), WithdrawRoutes)
 			t.Errorf("Start(%+v) succeeded", o)
 		}
+	}
+}
+
+// After an agent stopped with graceful restart, CloseSessions makes the
+// router drop the routes it kept, without waiting for the restart time.
+func TestCloseSessionsFlushesKeptRoutes(t *testing.T) {
+	t.Parallel()
+	r := startRouter(t, lo1, "pw")
+	s := startSpeaker(t, false)
+	p := r.peer()
+	p.Password = "pw"
+	route := Route{Prefix: netip.MustParsePrefix("198.51.100.30/32"), NextHop: netip.MustParseAddr("192.0.2.1")}
+	if err := s.SetRoutes(context.Background(), []Route{route}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SetPeers(context.Background(), []Peer{p}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "route at the router", 10*time.Second, func() bool { return len(r.rib(t)) == 1 })
+	if err := s.Stop(context.Background(), KeepRoutes); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "session down, route kept", 5*time.Second, func() bool { return !r.established(t) && len(r.rib(t)) == 1 })
+
+	// GoBGP, as the router here, refuses connections for 5 s after a
+	// session dropped; CloseSessions tries again meanwhile.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := CloseSessions(ctx, speakerASN, netip.MustParseAddr("192.0.2.1"), []Peer{p}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "kept route dropped", 2*time.Second, func() bool { return len(r.rib(t)) == 0 })
+
+	p.Password = "wrong"
+	ctx, cancel = context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	if err := CloseSessions(ctx, speakerASN, netip.MustParseAddr("192.0.2.1"), []Peer{p}); err == nil {
+		t.Error("CloseSessions with the wrong password succeeded")
 	}
 }

@@ -535,3 +535,16 @@ func (a *Agent) ringMetrics() []metrics.VIPRing {
 	}
 	return out
 }
+
+// CloseBGPSessions makes the routers of cfg's bgp section drop every route
+// of this node now, for `veloflux detach`: after an agent stopped with
+// graceful restart they would keep the routes for the restart time, and
+// send traffic to a node whose data path is gone. Without a bgp section it
+// does nothing.
+func CloseBGPSessions(ctx context.Context, cfg *config.Config) error {
+	plan, err := resolveBGP(cfg)
+	if err != nil || plan == nil {
+		return err
+	}
+	return bgp.CloseSessions(ctx, plan.opts.ASN, plan.opts.RouterID, plan.peers)
+}

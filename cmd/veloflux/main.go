@@ -4,7 +4,10 @@
 //
 //	veloflux [run] [--config F] [--pin-path P] [--state-dir D] [--log-level L] [--log-format json|text]
 //	veloflux validate --config F     exit 0, or 2 with every error listed
-//	veloflux detach [--pin-path P]   remove every VeloFlux attachment and pin
+//	veloflux detach [--pin-path P] [--config F]
+//	                                 withdraw the BGP routes, remove every VeloFlux attachment and pin
+//	veloflux decap --interface IF --local ADDR
+//	                                 run the ipip decapsulator of a backend until SIGTERM
 //	veloflux version
 package main
 
@@ -50,11 +53,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return validate(args, stdout, stderr)
 	case "detach":
 		return detach(args, stdout, stderr)
+	case "decap":
+		return decap(args, stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "veloflux", version)
 		return 0
 	}
-	fmt.Fprintf(stderr, "veloflux: unknown command %q (want run, validate, detach or version)\n", cmd)
+	fmt.Fprintf(stderr, "veloflux: unknown command %q (want run, validate, detach, decap or version)\n", cmd)
 	return exitConfig
 }
 
@@ -175,9 +180,13 @@ func detach(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("veloflux detach", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	pinPath := fs.String("pin-path", dataplane.DefaultPinPath, "BPF filesystem directory for maps and links")
+	cfgPath := fs.String("config", configDefault(), "configuration whose BGP peers are told to drop this node's routes first")
 	if err := fs.Parse(args); err != nil {
 		return exitConfig
 	}
+	explicit := false
+	fs.Visit(func(f *flag.Flag) { explicit = explicit || f.Name == "config" })
+	withdrawBeforeDetach(*cfgPath, explicit, stdout, stderr)
 	err := dataplane.RemovePins(*pinPath)
 	var foreign *dataplane.ForeignPinsError
 	if err != nil && !errors.As(err, &foreign) {

@@ -6,7 +6,7 @@ set -euo pipefail
 
 declare -A sets=(
 	[build]="clang-19 llvm-19 libbpf-dev bpftool"
-	[test]="iproute2 ethtool bpftool curl python3-websockets chromium prometheus prometheus-alertmanager podman runc qemu-system-x86 busybox-static"
+	[test]="iproute2 ethtool bpftool curl python3-websockets chromium prometheus prometheus-alertmanager podman runc qemu-system-x86 busybox-static bird2 iptables"
 	[vmtest]="qemu-system-x86 busybox-static"
 	[demo]="iproute2 ethtool bpftool curl"
 	[bench]="iproute2 ethtool wrk haproxy nftables nginx"
@@ -36,9 +36,12 @@ apt-get install -y --no-install-recommends "${want[@]}" >/dev/null ||
 # Debian starts these on install. The benchmarks run their own nginx and
 # HAProxy, and a stray nginx would hold :80; the tests only need promtool
 # and amtool, and a Prometheus server would hold :9090, the agent's API
-# port.
-for svc in nginx haproxy prometheus prometheus-alertmanager; do
+# port. tests/cluster runs BIRD with its own configuration in a namespace;
+# the host's needs no BGP daemon.
+for svc in nginx haproxy prometheus prometheus-alertmanager bird2; do
 	if printf '%s\n' "${want[@]}" | grep -qx "$svc" && command -v systemctl >/dev/null; then
-		systemctl disable --now "$svc" >/dev/null 2>&1 || true
+		unit=$svc
+		[ "$svc" = bird2 ] && unit=bird
+		systemctl disable --now "$unit" >/dev/null 2>&1 || true
 	fi
 done

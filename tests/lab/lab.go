@@ -653,3 +653,57 @@ func netipPrefix(n *net.IPNet) (netip.Prefix, bool) {
 	ones, _ := n.Mask.Size()
 	return netip.PrefixFrom(a.Unmap(), ones), true
 }
+
+var roleRE = regexp.MustCompile(`^[a-z0-9]{1,4}$`)
+
+// AddHost adds a host on the lab's segment in a namespace of its own,
+// "<Prefix>-<role>", with the veth "<Prefix><role>" addressed 10.X.0.h/24
+// and fd00:X::h/64 for h = hostByte. It is for topologies beyond one
+// client and one balancer (more balancers, a router); Close removes it
+// with the rest of the lab. hostByte must be 3..9 or above the backends,
+// and not taken. Like the balancer's, its veth can transmit from XDP.
+func (l *Lab) AddHost(role string, hostByte int) (*Host, error) {
+	if !roleRE.MatchString(role) {
+		return nil, fmt.Errorf("lab: AddHost role %q must match %s", role, roleRE)
+	}
+	for _, a := range l.hostAddrs(len(l.Backends)) {
+		if a.Is4() && int(a.As4()[3]) == hostByte {
+			return nil, fmt.Errorf("lab: AddHost(%s): host byte %d is taken", role, hostByte)
+		}
+	}
+	if hostByte < 3 || hostByte > 254 {
+		return nil, fmt.Errorf("lab: AddHost(%s): host byte %d out of 3..254", role, hostByte)
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return nil, fmt.Errorf("lab: AddHost(%s): lab is closed", role)
+	}
+	for _, h := range l.hosts {
+		if h.Addr4.IsValid() && int(h.Addr4.As4()[3]) == hostByte || h.NetNS == l.Prefix+"-"+role {
+			return nil, fmt.Errorf("lab: AddHost(%s): %s already has host byte %d or the role", role, h.Name, hostByte)
+		}
+	}
+	x := l.Subnet4.Addr().As4()[1]
+	h := l.newHost(role, role, role, x, hostByte)
+	if err := l.addHost(h, l.Switch.Ifindex, false); err != nil {
+		return nil, fmt.Errorf("lab %s: %w", l.Prefix, err)
+	}
+	// As for the balancer: frames a host sends with XDP_TX reach the
+	// bridge only when the peer end runs an XDP program.
+	pass, err := loadXDPPass()
+	if err != nil {
+		return nil, err
+	}
+	defer pass.Close()
+	peer, err := l.Switch.nl.LinkByName(h.PeerName)
+	if err != nil {
+		return nil, fmt.Errorf("lab %s: find %s: %w", l.Prefix, h.PeerName, err)
+	}
+	if err := l.Switch.Do(func() error {
+		return netlink.LinkSetXdpFdWithFlags(peer, pass.FD(), unix.XDP_FLAGS_DRV_MODE)
+	}); err != nil {
+		return nil, fmt.Errorf("lab %s: attach XDP_PASS to %s: %w", l.Prefix, h.PeerName, err)
+	}
+	return h, nil
+}

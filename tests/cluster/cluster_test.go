@@ -1,0 +1,681 @@
+package cluster
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/veloflux/veloflux/tests/agenttest"
+	"github.com/veloflux/veloflux/tests/lab"
+)
+
+func TestMain(m *testing.M) { agenttest.Main(m) }
+
+const (
+	binaryEnv  = "VELOFLUX_CLUSTER_BINARY"
+	streamPort = 7100
+	nodeASN    = 65001
+	routerASN  = 65000
+	// holdTime is the agents' default, which the silent node's route
+	// outlives at most.
+	holdTime = 3 * time.Second
+)
+
+var vip = netip.MustParseAddr("198.51.100.77")
+
+// node is one VeloFlux node: its namespace and its agent.
+type node struct {
+	name       string
+	host       *lab.Host
+	dir        string
+	cfgPath    string
+	pin        string
+	api        string // host:port inside the node's namespace
+	metrics    string
+	agent      *agenttest.Process
+	httpClient *http.Client
+}
+
+// cluster is the whole lab of the package's tests.
+type cluster struct {
+	// t is the test the cluster lives for: processes restarted by a
+	// scenario belong to it, not to the scenario's subtest.
+	t        *testing.T
+	lab      *lab.Lab
+	router   *lab.Host
+	client   *lab.Host
+	nodes    []*node
+	bin      string
+	birdSock string
+	routes   *routeWatch
+}
+
+func newCluster(t *testing.T) *cluster {
+	t.Helper()
+	lab.RequireRoot(t)
+	if _, err := exec.LookPath("bird"); err != nil {
+		if os.Getenv(lab.RequirePrivEnv) == "1" {
+			t.Fatalf("needs BIRD 2 (apt bird2; deploy/install-deps.sh test): %v", err)
+		}
+		t.Skipf("needs BIRD 2 (apt bird2; deploy/install-deps.sh test): %v", err)
+	}
+	l := lab.ForTest(t, lab.Options{Backends: 3, VIPs: []netip.Addr{vip}, Prefix: "vfc" + fmt.Sprintf("%04x", os.Getpid()&0xffff)})
+	c := &cluster{t: t, lab: l, router: l.Client, bin: agenttest.BuildAgent(t, binaryEnv)}
+	n1, err := l.AddHost("n1", 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n2, err := l.AddHost("n2", 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.client, err = l.AddHost("cl", 5); err != nil {
+		t.Fatal(err)
+	}
+	for i, h := range []*lab.Host{l.Balancer, n1, n2} {
+		c.nodes = append(c.nodes, &node{name: fmt.Sprintf("node%d", i), host: h,
+			api: fmt.Sprintf("127.0.0.1:%d", 19090+i), metrics: fmt.Sprintf("127.0.0.1:%d", 18080+i)})
+	}
+	c.setupRouter(t)
+	c.setupClient(t)
+	c.startStreamServers(t)
+	dir := t.TempDir()
+	for i, n := range c.nodes {
+		n.dir = filepath.Join(dir, n.name)
+		if err := os.MkdirAll(filepath.Join(n.dir, "state"), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		n.pin = agenttest.MountBPFFS(t, n.dir)
+		n.cfgPath = filepath.Join(n.dir, "veloflux.yaml")
+		n.writeConfig(t, c, c.lab.Backends)
+		n.httpClient = &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{DialContext: n.host.DialContext}}
+		t.Cleanup(n.httpClient.CloseIdleConnections)
+		c.startAgent(t, i)
+	}
+	c.startBIRD(t, dir)
+	c.routes = watchRoute(t, c.router, vip)
+	c.waitNextHops(t, 3, 30*time.Second)
+	return c
+}
+
+// setupRouter makes the lab's client namespace the router: it forwards,
+// hashes flows over ECMP next hops by their L4 5-tuple, and sends no
+// redirects (it forwards out the interface the packets came in on).
+func (c *cluster) setupRouter(t *testing.T) {
+	t.Helper()
+	ifname := c.router.IfName
+	err := c.router.Do(func() error {
+		for k, v := range map[string]string{
+			"net/ipv4/ip_forward":                         "1",
+			"net/ipv4/fib_multipath_hash_policy":          "3",
+			"net/ipv4/fib_multipath_hash_fields":          "0x37",
+			"net/ipv4/conf/all/send_redirects":            "0",
+			"net/ipv4/conf/" + ifname + "/send_redirects": "0",
+		} {
+			if err := os.WriteFile("/proc/sys/"+k, []byte(v), 0o644); err != nil {
+				return err
+			}
+		}
+		// The lab routes the VIP via its balancer; BIRD owns it here.
+		_, dst, _ := net.ParseCIDR(vip.String() + "/32")
+		return netlink.RouteDel(&netlink.Route{Dst: dst})
+	})
+	if err != nil {
+		t.Fatalf("set up the router: %v", err)
+	}
+}
+
+// setupClient routes the VIP via the router.
+func (c *cluster) setupClient(t *testing.T) {
+	t.Helper()
+	err := c.client.Do(func() error {
+		if err := os.WriteFile("/proc/sys/net/ipv4/conf/all/accept_redirects", []byte("0"), 0o644); err != nil {
+			return err
+		}
+		link, err := netlink.LinkByName(c.client.IfName)
+		if err != nil {
+			return err
+		}
+		_, dst, _ := net.ParseCIDR(vip.String() + "/32")
+		return netlink.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: dst, Gw: c.router.Addr4.AsSlice()})
+	})
+	if err != nil {
+		t.Fatalf("set up the client: %v", err)
+	}
+}
+
+// writeConfig writes n's configuration with the given backends.
+func (n *node) writeConfig(t *testing.T, c *cluster, backends []*lab.Host) {
+	t.Helper()
+	var b strings.Builder
+	fmt.Fprintf(&b, "node:\n  name: %s\n", n.name)
+	fmt.Fprintf(&b, "dataplane:\n  interfaces: [%s]\n  xdp_mode: native\n  conntrack_size: 65536\n", n.host.IfName)
+	fmt.Fprintf(&b, "api:\n  listen: %q\n  token_file: %s\n", n.api, filepath.Join(n.dir, "state", "api.token"))
+	fmt.Fprintf(&b, "metrics:\n  listen: %q\n", n.metrics)
+	b.WriteString("pools:\n  - name: streams\n    backends:\n")
+	for _, be := range backends {
+		fmt.Fprintf(&b, "      - {address: %s, port: %d}\n", be.Addr4, streamPort)
+	}
+	b.WriteString("    health_check: {type: tcp, interval: 200ms, timeout: 150ms, rise: 1, fall: 2}\n")
+	fmt.Fprintf(&b, "vips:\n  - {address: %s, port: %d, protocol: tcp, mode: dsr, pool: streams}\n", vip, streamPort)
+	fmt.Fprintf(&b, "bgp:\n  asn: %d\n  peers:\n    - {address: %s, asn: %d}\n", nodeASN, c.router.Addr4, routerASN)
+	if err := os.WriteFile(n.cfgPath, []byte(b.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// startAgent runs node i's agent and waits for its API.
+func (c *cluster) startAgent(t *testing.T, i int) {
+	t.Helper()
+	n := c.nodes[i]
+	p, err := agenttest.Start(c.t, n.name, n.host.Command(context.Background(), c.bin, "--config", n.cfgPath,
+		"--pin-path", n.pin, "--state-dir", filepath.Join(n.dir, "state"), "--log-format", "text"))
+	if err != nil {
+		t.Fatalf("start %s's agent: %v", n.name, err)
+	}
+	n.agent = p
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		resp, err := n.httpClient.Get("http://" + n.api + "/health")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return
+			}
+		}
+		if time.Now().After(deadline) || p.Exited() {
+			t.Fatalf("%s's agent not healthy: %v", n.name, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// startBIRD runs BIRD 2 in the router namespace with its own configuration
+// and control socket: passive sessions to the three nodes, graceful restart
+// helper, and the kernel protocol merging equal routes into one ECMP route.
+func (c *cluster) startBIRD(t *testing.T, dir string) {
+	t.Helper()
+	var b strings.Builder
+	fmt.Fprintf(&b, "log stderr all;\nrouter id %s;\n", c.router.Addr4)
+	b.WriteString("protocol device { scan time 10; }\n")
+	b.WriteString("protocol kernel { ipv4 { import none; export all; }; merge paths on; }\n")
+	fmt.Fprintf(&b, `template bgp vfnode {
+  local %s as %d;
+  passive on;
+  hold time 3; keepalive time 1;
+  error wait time 1, 2;
+  graceful restart on;
+  ipv4 { import all; export none; };
+}
+`, c.router.Addr4, routerASN)
+	for _, n := range c.nodes {
+		fmt.Fprintf(&b, "protocol bgp %s from vfnode { neighbor %s as %d; }\n", n.name, n.host.Addr4, nodeASN)
+	}
+	conf := filepath.Join(dir, "bird.conf")
+	if err := os.WriteFile(conf, []byte(b.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c.birdSock = filepath.Join(dir, "bird.ctl")
+	p, err := agenttest.Start(t, "bird", c.router.Command(context.Background(), "bird", "-f", "-c", conf, "-s", c.birdSock,
+		"-P", filepath.Join(dir, "bird.pid")))
+	if err != nil {
+		t.Fatalf("start BIRD: %v", err)
+	}
+	_ = p
+}
+
+// birdc runs a BIRD CLI command, for the log of a failing test.
+func (c *cluster) birdc(args ...string) string {
+	out, err := exec.Command("birdc", append([]string{"-s", c.birdSock}, args...)...).CombinedOutput()
+	if err != nil {
+		return fmt.Sprintf("birdc %v: %v: %s", args, err, out)
+	}
+	return string(out)
+}
+
+func (c *cluster) waitNextHops(t *testing.T, want int, within time.Duration) time.Time {
+	t.Helper()
+	at, ok := c.routes.waitFor(want, within)
+	if !ok {
+		t.Fatalf("the router's route to %s has %d next hops, want %d within %s\n%s", vip, c.routes.current(), want,
+			within, c.birdc("show", "protocols", "all"))
+	}
+	return at
+}
+
+// --- the router's kernel route ---------------------------------------------
+
+// routeWatch samples the router's kernel route to the VIP every few
+// milliseconds: how many next hops it has, and when that changed.
+type routeWatch struct {
+	mu      sync.Mutex
+	hops    int
+	changes []routeChange
+	wake    chan struct{}
+}
+
+type routeChange struct {
+	at   time.Time
+	hops int
+}
+
+const routeSampleEvery = 5 * time.Millisecond
+
+func watchRoute(t *testing.T, router *lab.Host, dst netip.Addr) *routeWatch {
+	t.Helper()
+	w := &routeWatch{hops: -1, wake: make(chan struct{})}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	t.Cleanup(func() { cancel(); <-done })
+	go func() {
+		defer close(done)
+		err := router.Do(func() error {
+			h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+			if err != nil {
+				return err
+			}
+			defer h.Delete()
+			_, ipn, _ := net.ParseCIDR(dst.String() + "/32")
+			filter := &netlink.Route{Dst: ipn}
+			tick := time.NewTicker(routeSampleEvery)
+			defer tick.Stop()
+			for {
+				routes, err := h.RouteListFiltered(netlink.FAMILY_V4, filter, netlink.RT_FILTER_DST)
+				if err != nil {
+					return err
+				}
+				hops := 0
+				for _, r := range routes {
+					if len(r.MultiPath) > 0 {
+						hops += len(r.MultiPath)
+					} else {
+						hops++
+					}
+				}
+				w.record(hops)
+				select {
+				case <-ctx.Done():
+					return nil
+				case <-tick.C:
+				}
+			}
+		})
+		if err != nil {
+			w.record(-2)
+		}
+	}()
+	return w
+}
+
+func (w *routeWatch) record(hops int) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if hops == w.hops {
+		return
+	}
+	w.hops = hops
+	w.changes = append(w.changes, routeChange{at: time.Now(), hops: hops})
+	close(w.wake)
+	w.wake = make(chan struct{})
+}
+
+func (w *routeWatch) current() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.hops
+}
+
+// waitFor waits until the route has want next hops and returns when it
+// got them.
+func (w *routeWatch) waitFor(want int, within time.Duration) (time.Time, bool) {
+	deadline := time.After(within)
+	for {
+		w.mu.Lock()
+		hops, wake := w.hops, w.wake
+		var at time.Time
+		if n := len(w.changes); n > 0 {
+			at = w.changes[n-1].at
+		}
+		w.mu.Unlock()
+		if hops == want {
+			return at, true
+		}
+		select {
+		case <-wake:
+		case <-deadline:
+			return time.Time{}, false
+		}
+	}
+}
+
+// since returns the route's changes after from.
+func (w *routeWatch) since(from time.Time) []routeChange {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var out []routeChange
+	for _, ch := range w.changes {
+		if ch.at.After(from) {
+			out = append(out, ch)
+		}
+	}
+	return out
+}
+
+// --- the backends' stream servers -------------------------------------------
+
+// startStreamServers runs, in every backend, a server on :7100 that echoes
+// each line it reads prefixed with the backend's name, so a client sees at
+// every exchange which backend answered.
+func (c *cluster) startStreamServers(t *testing.T) {
+	t.Helper()
+	var wg sync.WaitGroup
+	var conns sync.Map
+	var listeners []net.Listener
+	// One cleanup, in this order: the accept loops end only once their
+	// listeners are closed.
+	t.Cleanup(func() {
+		for _, ln := range listeners {
+			ln.Close()
+		}
+		conns.Range(func(k, _ any) bool { k.(net.Conn).Close(); return true })
+		wg.Wait()
+	})
+	for _, b := range c.lab.Backends {
+		ln, err := b.Listen(context.Background(), "tcp4", fmt.Sprintf("0.0.0.0:%d", streamPort))
+		if err != nil {
+			t.Fatalf("listen in %s: %v", b.Name, err)
+		}
+		listeners = append(listeners, ln)
+		name := b.Name
+		wg.Go(func() {
+			for {
+				conn, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				conns.Store(conn, true)
+				wg.Go(func() {
+					defer conn.Close()
+					defer conns.Delete(conn)
+					r := bufio.NewReader(conn)
+					for {
+						line, err := r.ReadString('\n')
+						if err != nil {
+							return
+						}
+						if _, err := io.WriteString(conn, name+" "+line); err != nil {
+							return
+						}
+					}
+				})
+			}
+		})
+	}
+}
+
+// --- the client's streams ----------------------------------------------------
+
+const (
+	streamCount = 50
+	exchangeGap = 50 * time.Millisecond
+	// streamTimeout ends a stream that got no answer for this long: it is
+	// broken, whatever TCP would still try.
+	streamTimeout = 10 * time.Second
+)
+
+// stream is one long-lived TCP connection to the VIP.
+type stream struct {
+	id       int
+	backends map[string]int // name -> answers
+	err      error
+	// maxGap is the longest time between two answers.
+	maxGap time.Duration
+	stalls int // gaps over 200 ms
+	// lastAnswer is when the last answer came (Unix nanoseconds).
+	lastAnswer atomic.Int64
+	// done is closed when the stream ended.
+	done chan struct{}
+}
+
+// streams runs streamCount streams until stop is closed, then reports them.
+type streams struct {
+	all  []*stream
+	stop chan struct{}
+	wg   sync.WaitGroup
+}
+
+func (c *cluster) openStreams(t *testing.T) *streams {
+	t.Helper()
+	s := &streams{stop: make(chan struct{})}
+	for i := range streamCount {
+		conn, err := c.client.DialContext(t.Context(), "tcp4", netip.AddrPortFrom(vip, streamPort).String())
+		if err != nil {
+			close(s.stop)
+			s.wg.Wait()
+			t.Fatalf("stream %d: connect: %v", i, err)
+		}
+		st := &stream{id: i, backends: map[string]int{}, done: make(chan struct{})}
+		st.lastAnswer.Store(time.Now().UnixNano())
+		s.all = append(s.all, st)
+		s.wg.Go(func() { st.run(conn, s.stop) })
+	}
+	t.Cleanup(func() { s.finish() })
+	return s
+}
+
+func (st *stream) run(conn net.Conn, stop <-chan struct{}) {
+	defer close(st.done)
+	defer conn.Close()
+	r := bufio.NewReader(conn)
+	last := time.Now()
+	tick := time.NewTicker(exchangeGap)
+	defer tick.Stop()
+	for n := 0; ; n++ {
+		select {
+		case <-stop:
+			return
+		case <-tick.C:
+		}
+		if err := conn.SetDeadline(time.Now().Add(streamTimeout)); err != nil {
+			st.err = err
+			return
+		}
+		msg := fmt.Sprintf("stream %d exchange %d\n", st.id, n)
+		if _, err := io.WriteString(conn, msg); err != nil {
+			st.err = fmt.Errorf("exchange %d: write: %w", n, err)
+			return
+		}
+		line, err := r.ReadString('\n')
+		if err != nil {
+			st.err = fmt.Errorf("exchange %d: read: %w", n, err)
+			return
+		}
+		name, echo, _ := strings.Cut(line, " ")
+		if echo != msg {
+			st.err = fmt.Errorf("exchange %d: echo %q, want %q", n, echo, msg)
+			return
+		}
+		st.backends[name]++
+		now := time.Now()
+		st.lastAnswer.Store(now.UnixNano())
+		if gap := now.Sub(last); gap > st.maxGap {
+			st.maxGap = gap
+		}
+		if now.Sub(last) > 200*time.Millisecond {
+			st.stalls++
+		}
+		last = now
+	}
+}
+
+// answeredAfter waits until every stream that still runs got an answer
+// after at, and reports whether they all did within the time given.
+func (s *streams) answeredAfter(at time.Time, within time.Duration) bool {
+	deadline := time.Now().Add(within)
+	for time.Now().Before(deadline) {
+		all := true
+		for _, st := range s.all {
+			select {
+			case <-st.done:
+				continue
+			default:
+			}
+			if st.lastAnswer.Load() <= at.UnixNano() {
+				all = false
+			}
+		}
+		if all {
+			return true
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return false
+}
+
+// finish stops every stream and waits for them; idempotent.
+func (s *streams) finish() {
+	select {
+	case <-s.stop:
+	default:
+		close(s.stop)
+	}
+	s.wg.Wait()
+}
+
+// report is what the streams went through.
+type report struct {
+	broken, moved, stalled int
+	maxStall               time.Duration
+	problems               []string
+}
+
+func (s *streams) report() report {
+	s.finish()
+	var r report
+	for _, st := range s.all {
+		if st.err != nil {
+			r.broken++
+			r.problems = append(r.problems, fmt.Sprintf("stream %d broke: %v", st.id, st.err))
+		}
+		if len(st.backends) > 1 {
+			r.moved++
+			r.problems = append(r.problems, fmt.Sprintf("stream %d changed backend: %v", st.id, st.backends))
+		}
+		if st.stalls > 0 {
+			r.stalled++
+		}
+		r.maxStall = max(r.maxStall, st.maxGap)
+	}
+	return r
+}
+
+// requireIntact fails the test unless every stream survived on its backend.
+func (c *cluster) requireIntact(t *testing.T, s *streams) report {
+	t.Helper()
+	r := s.report()
+	t.Logf("streams: %d/%d survived, %d changed backend, %d stalled over 200 ms, longest gap %s",
+		streamCount-r.broken, streamCount, r.moved, r.stalled, r.maxStall.Round(time.Millisecond))
+	if r.broken > 0 || r.moved > 0 {
+		t.Errorf("streams did not all survive on their backend:\n%s", strings.Join(r.problems, "\n"))
+	}
+	return r
+}
+
+// --- the agents' API ---------------------------------------------------------
+
+func (n *node) token(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(n.dir, "state", "api.token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+func (n *node) call(t *testing.T, method, path string, out any) {
+	t.Helper()
+	req, err := http.NewRequestWithContext(context.Background(), method, "http://"+n.api+path, nil) // also from cleanups
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+n.token(t))
+	resp, err := n.httpClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s: %s %s: %v", n.name, method, path, err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("%s: %s %s: %s: %s", n.name, method, path, resp.Status, body)
+	}
+	if out != nil {
+		if err := json.Unmarshal(body, out); err != nil {
+			t.Fatalf("%s: %s %s: %v", n.name, method, path, err)
+		}
+	}
+}
+
+// flows counts the node's conntrack entries toward the VIP.
+func (n *node) flows(t *testing.T) int {
+	t.Helper()
+	var flows []struct {
+		VIP string `json:"vip"`
+	}
+	n.call(t, http.MethodGet, "/api/flows?limit=10000", &flows)
+	count := 0
+	for _, f := range flows {
+		if f.VIP == netip.AddrPortFrom(vip, streamPort).String() {
+			count++
+		}
+	}
+	return count
+}
+
+// fingerprint is the node's ring fingerprint of the VIP from /api/vips.
+func (n *node) fingerprint(t *testing.T) string {
+	t.Helper()
+	var vips []struct {
+		Ring struct {
+			Fingerprint string `json:"fingerprint"`
+		} `json:"ring"`
+	}
+	n.call(t, http.MethodGet, "/api/vips", &vips)
+	if len(vips) != 1 {
+		t.Fatalf("%s: %d VIPs", n.name, len(vips))
+	}
+	return vips[0].Ring.Fingerprint
+}
+
+// scrape returns the node's veloflux_vip_ring_fingerprint sample line.
+func (n *node) scrapeFingerprint(t *testing.T) string {
+	t.Helper()
+	resp, err := n.httpClient.Get("http://" + n.metrics + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		if strings.HasPrefix(sc.Text(), "veloflux_vip_ring_fingerprint{") {
+			return sc.Text()
+		}
+	}
+	t.Fatalf("%s: no veloflux_vip_ring_fingerprint in the scrape", n.name)
+	return ""
+}

@@ -13,8 +13,10 @@
 // VIP, each exchanging a line every 50 ms with a backend that prefixes its
 // name to every echo, makes something happen to one node (killed, silent,
 // restarted, drained, or cut off from its backends' health checks), and
-// asserts that every stream survived and never changed backend, and how the
-// router's kernel route changed. A negative control gives one node another
+// asserts how the router's kernel route changed and that every stream
+// survived and never changed backend (for the node cut off from the health
+// checks, the withdrawal only: it moves the flows of the backends it sees
+// down first, as a single node would). A negative control gives one node another
 // backend set and checks that streams do break and the fingerprints and
 // the alert rule show why.
 //

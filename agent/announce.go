@@ -9,7 +9,6 @@ import (
 	"maps"
 	"net"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -21,6 +20,7 @@ import (
 	"github.com/veloflux/veloflux/agent/dataplane"
 	"github.com/veloflux/veloflux/agent/metrics"
 	"github.com/veloflux/veloflux/agent/reconcile"
+	"github.com/veloflux/veloflux/agent/statefile"
 )
 
 // nodeDrainFile keeps the node drain across restarts, in the state dir.
@@ -410,42 +410,41 @@ func (a *Agent) SetNodeDrained(ctx context.Context, drained bool) error {
 	return nil
 }
 
+// nodeDrainState is the form of nodeDrainFile.
+type nodeDrainState struct {
+	Version int  `json:"version"`
+	Drained bool `json:"drained"`
+}
+
 func (a *Agent) saveNodeDrained(drained bool) error {
 	if a.opts.StateDir == "" {
 		return nil
 	}
-	data, err := json.Marshal(map[string]any{"version": 1, "drained": drained})
+	data, err := json.Marshal(nodeDrainState{Version: 1, Drained: drained})
 	if err != nil {
 		return err
 	}
-	path := filepath.Join(a.opts.StateDir, nodeDrainFile)
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, data, 0o600); err != nil {
-		return fmt.Errorf("save node drain to %s: %w", tmp, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("save node drain to %s: %w", path, err)
+	if err := statefile.Write(filepath.Join(a.opts.StateDir, nodeDrainFile), data, statefile.Options{}); err != nil {
+		return fmt.Errorf("save node drain: %w", err)
 	}
 	return nil
 }
 
+// loadNodeDrained restores the node drain. A file that does not parse is
+// moved aside by statefile.Read and the node starts undrained.
 func (a *Agent) loadNodeDrained() error {
 	if a.opts.StateDir == "" {
 		return nil
 	}
-	path := filepath.Join(a.opts.StateDir, nodeDrainFile)
-	data, err := os.ReadFile(path)
-	if errors.Is(err, os.ErrNotExist) {
+	var st nodeDrainState
+	_, err := statefile.Read(filepath.Join(a.opts.StateDir, nodeDrainFile), a.log, func(data []byte) error {
+		if err := json.Unmarshal(data, &st); err != nil {
+			return fmt.Errorf("%w: node drain: %w", statefile.ErrCorrupt, err)
+		}
 		return nil
-	}
+	})
 	if err != nil {
-		return fmt.Errorf("read node drain from %s: %w", path, err)
-	}
-	var st struct {
-		Drained bool `json:"drained"`
-	}
-	if err := json.Unmarshal(data, &st); err != nil {
-		return fmt.Errorf("read node drain from %s: %w", path, err)
+		return fmt.Errorf("load node drain: %w", err)
 	}
 	a.nodeDrained.Store(st.Drained)
 	return nil

@@ -23,6 +23,7 @@ import (
 
 	"github.com/veloflux/veloflux/tests/agenttest"
 	"github.com/veloflux/veloflux/tests/lab"
+	"github.com/veloflux/veloflux/tests/testenv"
 )
 
 func TestMain(m *testing.M) { agenttest.Main(m) }
@@ -68,13 +69,9 @@ type cluster struct {
 
 func newCluster(t *testing.T) *cluster {
 	t.Helper()
-	lab.RequireRoot(t)
-	if _, err := exec.LookPath("bird"); err != nil {
-		if os.Getenv(lab.RequirePrivEnv) == "1" {
-			t.Fatalf("needs BIRD 2 (apt bird2; deploy/install-deps.sh test): %v", err)
-		}
-		t.Skipf("needs BIRD 2 (apt bird2; deploy/install-deps.sh test): %v", err)
-	}
+	testenv.RequireRoot(t, "build network namespaces and load XDP")
+	testenv.RequireTool(t, "bird", "bird2")
+	testenv.RequireTool(t, "iptables", "iptables")
 	l := lab.ForTest(t, lab.Options{Backends: 3, VIPs: []netip.Addr{vip}, Prefix: "vfc" + fmt.Sprintf("%04x", os.Getpid()&0xffff)})
 	c := &cluster{t: t, lab: l, router: l.Client, bin: agenttest.BuildAgent(t, binaryEnv)}
 	n1, err := l.AddHost("n1", 3)

@@ -12,12 +12,12 @@ export GOTOOLCHAIN := local
 
 GENERATED := $(wildcard agent/dataplane/*_bpfel.o agent/dataplane/*_bpfel.go)
 
-.PHONY: all build generate check-generated vmlinux test vmtest fuzz bench demo image deps-build deps-test deps-vmtest deps-demo deps-bench clean
+.PHONY: all build generate check-generated vmlinux test vmtest fuzz bench demo demo-cluster image deps-build deps-test deps-vmtest deps-demo deps-democluster deps-bench clean
 
 all: build
 
 build:
-	$(GO) build -o bin/ ./cmd/... ./tests/demo
+	$(GO) build -o bin/ ./cmd/... ./tests/demo ./tests/democluster
 
 deps-build:
 	deploy/install-deps.sh build
@@ -30,6 +30,8 @@ deps-test:
 
 deps-demo:
 	deploy/install-deps.sh demo
+deps-democluster:
+	deploy/install-deps.sh democluster
 
 deps-bench:
 	deploy/install-deps.sh bench
@@ -87,6 +89,13 @@ bench: deps-test deps-bench build
 # demo directly and its exit status is make's.
 demo: deps-demo build
 	bin/demo --agent bin/veloflux --vfctl bin/vfctl --config deploy/demo.yaml
+
+# The lab of tests/cluster: a router running BIRD with ECMP over three
+# nodes that announce the VIP over BGP, three backends and client streams;
+# it prints how to kill, silence or drain a node. Until Ctrl-C, or for
+# DEMO_SECONDS; everything it creates is removed.
+demo-cluster: deps-democluster build
+	bin/democluster --agent bin/veloflux --vfctl bin/vfctl
 
 # The agent's container image from static binaries built here (no image is
 # pulled); see deploy/Dockerfile and the README. DOCKER=podman works too.

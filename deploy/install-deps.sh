@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages a VeloFlux make target needs, and only those
 # that are missing, so repeated runs cost nothing.
-#   deploy/install-deps.sh build|test|vmtest|demo|bench
+#   deploy/install-deps.sh build|test|vmtest|demo|democluster|bench
 set -euo pipefail
 
 declare -A sets=(
@@ -9,6 +9,7 @@ declare -A sets=(
 	[test]="iproute2 ethtool bpftool curl python3-websockets chromium prometheus prometheus-alertmanager podman runc qemu-system-x86 busybox-static bird2 iptables"
 	[vmtest]="qemu-system-x86 busybox-static"
 	[demo]="iproute2 ethtool bpftool curl"
+	[democluster]="iproute2 ethtool bpftool curl bird2"
 	[bench]="iproute2 ethtool wrk haproxy nftables nginx"
 )
 

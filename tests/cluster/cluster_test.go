@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -30,9 +31,7 @@ func TestMain(m *testing.M) { agenttest.Main(m) }
 
 const (
 	binaryEnv  = "VELOFLUX_CLUSTER_BINARY"
-	streamPort = 7100
-	nodeASN    = 65001
-	routerASN  = 65000
+	streamPort = StreamPort
 	// holdTime is the agents' default, which the silent node's route
 	// outlives at most.
 	holdTime = 3 * time.Second
@@ -59,6 +58,7 @@ type cluster struct {
 	// scenario belong to it, not to the scenario's subtest.
 	t        *testing.T
 	lab      *lab.Lab
+	topo     *Topology
 	router   *lab.Host
 	client   *lab.Host
 	nodes    []*node
@@ -73,25 +73,20 @@ func newCluster(t *testing.T) *cluster {
 	testenv.RequireTool(t, "bird", "bird2")
 	testenv.RequireTool(t, "iptables", "iptables")
 	l := lab.ForTest(t, lab.Options{Backends: 3, VIPs: []netip.Addr{vip}, Prefix: "vfc" + fmt.Sprintf("%04x", os.Getpid()&0xffff)})
-	c := &cluster{t: t, lab: l, router: l.Client, bin: agenttest.BuildAgent(t, binaryEnv)}
-	n1, err := l.AddHost("n1", 3)
+	topo, err := Build(l)
 	if err != nil {
 		t.Fatal(err)
 	}
-	n2, err := l.AddHost("n2", 4)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if c.client, err = l.AddHost("cl", 5); err != nil {
-		t.Fatal(err)
-	}
-	for i, h := range []*lab.Host{l.Balancer, n1, n2} {
-		c.nodes = append(c.nodes, &node{name: fmt.Sprintf("node%d", i), host: h,
+	c := &cluster{t: t, lab: l, topo: topo, router: topo.Router, client: topo.Client, bin: agenttest.BuildAgent(t, binaryEnv)}
+	for i, h := range topo.Nodes {
+		c.nodes = append(c.nodes, &node{name: NodeName(i), host: h,
 			api: fmt.Sprintf("127.0.0.1:%d", 19090+i), metrics: fmt.Sprintf("127.0.0.1:%d", 18080+i)})
 	}
-	c.setupRouter(t)
-	c.setupClient(t)
-	c.startStreamServers(t)
+	stopServers, err := topo.StartStreamServers(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(stopServers)
 	dir := t.TempDir()
 	for i, n := range c.nodes {
 		n.dir = filepath.Join(dir, n.name)
@@ -111,68 +106,12 @@ func newCluster(t *testing.T) *cluster {
 	return c
 }
 
-// setupRouter makes the lab's client namespace the router: it forwards,
-// hashes flows over ECMP next hops by their L4 5-tuple, and sends no
-// redirects (it forwards out the interface the packets came in on).
-func (c *cluster) setupRouter(t *testing.T) {
-	t.Helper()
-	ifname := c.router.IfName
-	err := c.router.Do(func() error {
-		for k, v := range map[string]string{
-			"net/ipv4/ip_forward":                         "1",
-			"net/ipv4/fib_multipath_hash_policy":          "3",
-			"net/ipv4/fib_multipath_hash_fields":          "0x37",
-			"net/ipv4/conf/all/send_redirects":            "0",
-			"net/ipv4/conf/" + ifname + "/send_redirects": "0",
-		} {
-			if err := os.WriteFile("/proc/sys/"+k, []byte(v), 0o644); err != nil {
-				return err
-			}
-		}
-		// The lab routes the VIP via its balancer; BIRD owns it here.
-		_, dst, _ := net.ParseCIDR(vip.String() + "/32")
-		return netlink.RouteDel(&netlink.Route{Dst: dst})
-	})
-	if err != nil {
-		t.Fatalf("set up the router: %v", err)
-	}
-}
-
-// setupClient routes the VIP via the router.
-func (c *cluster) setupClient(t *testing.T) {
-	t.Helper()
-	err := c.client.Do(func() error {
-		if err := os.WriteFile("/proc/sys/net/ipv4/conf/all/accept_redirects", []byte("0"), 0o644); err != nil {
-			return err
-		}
-		link, err := netlink.LinkByName(c.client.IfName)
-		if err != nil {
-			return err
-		}
-		_, dst, _ := net.ParseCIDR(vip.String() + "/32")
-		return netlink.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: dst, Gw: c.router.Addr4.AsSlice()})
-	})
-	if err != nil {
-		t.Fatalf("set up the client: %v", err)
-	}
-}
-
 // writeConfig writes n's configuration with the given backends.
 func (n *node) writeConfig(t *testing.T, c *cluster, backends []*lab.Host) {
 	t.Helper()
-	var b strings.Builder
-	fmt.Fprintf(&b, "node:\n  name: %s\n", n.name)
-	fmt.Fprintf(&b, "dataplane:\n  interfaces: [%s]\n  xdp_mode: native\n  conntrack_size: 65536\n", n.host.IfName)
-	fmt.Fprintf(&b, "api:\n  listen: %q\n  token_file: %s\n", n.api, filepath.Join(n.dir, "state", "api.token"))
-	fmt.Fprintf(&b, "metrics:\n  listen: %q\n", n.metrics)
-	b.WriteString("pools:\n  - name: streams\n    backends:\n")
-	for _, be := range backends {
-		fmt.Fprintf(&b, "      - {address: %s, port: %d}\n", be.Addr4, streamPort)
-	}
-	b.WriteString("    health_check: {type: tcp, interval: 200ms, timeout: 150ms, rise: 1, fall: 2}\n")
-	fmt.Fprintf(&b, "vips:\n  - {address: %s, port: %d, protocol: tcp, mode: dsr, pool: streams}\n", vip, streamPort)
-	fmt.Fprintf(&b, "bgp:\n  asn: %d\n  peers:\n    - {address: %s, asn: %d}\n", nodeASN, c.router.Addr4, routerASN)
-	if err := os.WriteFile(n.cfgPath, []byte(b.String()), 0o600); err != nil {
+	i := slices.Index(c.nodes, n)
+	cfg := c.topo.NodeConfig(i, n.api, n.metrics, filepath.Join(n.dir, "state", "api.token"), backends)
+	if err := os.WriteFile(n.cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -208,24 +147,8 @@ func (c *cluster) startAgent(t *testing.T, i int) {
 // helper, and the kernel protocol merging equal routes into one ECMP route.
 func (c *cluster) startBIRD(t *testing.T, dir string) {
 	t.Helper()
-	var b strings.Builder
-	fmt.Fprintf(&b, "log stderr all;\nrouter id %s;\n", c.router.Addr4)
-	b.WriteString("protocol device { scan time 10; }\n")
-	b.WriteString("protocol kernel { ipv4 { import none; export all; }; merge paths on; }\n")
-	fmt.Fprintf(&b, `template bgp vfnode {
-  local %s as %d;
-  passive on;
-  hold time 3; keepalive time 1;
-  error wait time 1, 2;
-  graceful restart on;
-  ipv4 { import all; export none; };
-}
-`, c.router.Addr4, routerASN)
-	for _, n := range c.nodes {
-		fmt.Fprintf(&b, "protocol bgp %s from vfnode { neighbor %s as %d; }\n", n.name, n.host.Addr4, nodeASN)
-	}
 	conf := filepath.Join(dir, "bird.conf")
-	if err := os.WriteFile(conf, []byte(b.String()), 0o600); err != nil {
+	if err := os.WriteFile(conf, []byte(c.topo.BIRDConfig()), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	c.birdSock = filepath.Join(dir, "bird.ctl")
@@ -372,58 +295,6 @@ func (w *routeWatch) since(from time.Time) []routeChange {
 		}
 	}
 	return out
-}
-
-// --- the backends' stream servers -------------------------------------------
-
-// startStreamServers runs, in every backend, a server on :7100 that echoes
-// each line it reads prefixed with the backend's name, so a client sees at
-// every exchange which backend answered.
-func (c *cluster) startStreamServers(t *testing.T) {
-	t.Helper()
-	var wg sync.WaitGroup
-	var conns sync.Map
-	var listeners []net.Listener
-	// One cleanup, in this order: the accept loops end only once their
-	// listeners are closed.
-	t.Cleanup(func() {
-		for _, ln := range listeners {
-			ln.Close()
-		}
-		conns.Range(func(k, _ any) bool { k.(net.Conn).Close(); return true })
-		wg.Wait()
-	})
-	for _, b := range c.lab.Backends {
-		ln, err := b.Listen(context.Background(), "tcp4", fmt.Sprintf("0.0.0.0:%d", streamPort))
-		if err != nil {
-			t.Fatalf("listen in %s: %v", b.Name, err)
-		}
-		listeners = append(listeners, ln)
-		name := b.Name
-		wg.Go(func() {
-			for {
-				conn, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				conns.Store(conn, true)
-				wg.Go(func() {
-					defer conn.Close()
-					defer conns.Delete(conn)
-					r := bufio.NewReader(conn)
-					for {
-						line, err := r.ReadString('\n')
-						if err != nil {
-							return
-						}
-						if _, err := io.WriteString(conn, name+" "+line); err != nil {
-							return
-						}
-					}
-				})
-			}
-		})
-	}
 }
 
 // --- the client's streams ----------------------------------------------------

@@ -210,7 +210,7 @@ func watchRoute(t *testing.T, router *lab.Host, dst netip.Addr) *routeWatch {
 			if err != nil {
 				return err
 			}
-			defer h.Delete()
+			defer h.Close()
 			_, ipn, _ := net.ParseCIDR(dst.String() + "/32")
 			filter := &netlink.Route{Dst: ipn}
 			tick := time.NewTicker(routeSampleEvery)

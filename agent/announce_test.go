@@ -122,3 +122,54 @@ func TestNodeDrainPersists(t *testing.T) {
 		t.Fatalf("after a restart the node is drained: %t (%v), want true", b.nodeDrained.Load(), err)
 	}
 }
+
+// A BGP change is all or nothing: one the speaker cannot take leaves the
+// running speaker and its peers as they were, and undo restores them.
+func TestBGPReconfigureIsAllOrNothing(t *testing.T) {
+	cfg, err := config.Parse([]byte(announceConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur, err := resolveBGP(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	an := &announcer{log: slog.New(slog.DiscardHandler), onChange: func() {}, announced: map[netip.Addr]bool{}}
+	if _, err := an.reconfigure(context.Background(), cur); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { an.stop(context.Background()) })
+	first := an.speaker
+
+	// A speaker cannot start with an IPv6 router id (validation refuses
+	// it; a plan is built by hand here to make the start fail).
+	bad := *cur
+	bad.opts.ASN = 65009
+	bad.opts.RouterID = netip.MustParseAddr("2001:db8::1")
+	if _, err := an.reconfigure(context.Background(), &bad); err == nil {
+		t.Fatal("a speaker with an IPv6 router id started")
+	}
+	if an.speaker != first || an.plan != cur {
+		t.Fatal("a failed change replaced the running speaker or plan")
+	}
+
+	// A new AS number replaces the speaker; undo brings the old settings back.
+	next := *cur
+	next.opts.ASN = 65002
+	undo, err := an.reconfigure(context.Background(), &next)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if an.speaker.Options().ASN != 65002 || len(an.speaker.Peers()) != 1 {
+		t.Fatalf("after the change: AS %d, peers %v", an.speaker.Options().ASN, an.speaker.Peers())
+	}
+	undo()
+	if an.speaker.Options().ASN != 65001 || an.plan != cur || len(an.speaker.Peers()) != 1 {
+		t.Fatalf("after undo: AS %d, plan restored %t", an.speaker.Options().ASN, an.plan == cur)
+	}
+
+	// Removing the section stops the speaker.
+	if _, err := an.reconfigure(context.Background(), nil); err != nil || an.speaker != nil {
+		t.Fatalf("without a bgp section: speaker %v, err %v", an.speaker, err)
+	}
+}

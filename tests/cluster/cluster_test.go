@@ -37,7 +37,10 @@ const (
 	holdTime = 3 * time.Second
 )
 
-var vip = netip.MustParseAddr("198.51.100.77")
+var (
+	vip     = netip.MustParseAddr("198.51.100.77") // dsr
+	ipipVIP = netip.MustParseAddr("198.51.100.78")
+)
 
 // node is one VeloFlux node: its namespace and its agent.
 type node struct {
@@ -72,7 +75,7 @@ func newCluster(t *testing.T) *cluster {
 	testenv.RequireRoot(t, "build network namespaces and load XDP")
 	testenv.RequireTool(t, "bird", "bird2")
 	testenv.RequireTool(t, "iptables", "iptables")
-	l := lab.ForTest(t, lab.Options{Backends: 3, VIPs: []netip.Addr{vip}, Prefix: "vfc" + fmt.Sprintf("%04x", os.Getpid()&0xffff)})
+	l := lab.ForTest(t, lab.Options{Backends: 3, VIPs: []netip.Addr{vip, ipipVIP}, Prefix: "vfc" + fmt.Sprintf("%04x", os.Getpid()&0xffff)})
 	topo, err := Build(l)
 	if err != nil {
 		t.Fatal(err)
@@ -87,6 +90,16 @@ func newCluster(t *testing.T) *cluster {
 		t.Fatal(err)
 	}
 	t.Cleanup(stopServers)
+	// The ipip VIP's backends strip the tunnel with the decapsulator, run
+	// as an operator would.
+	for _, b := range l.Backends {
+		p, err := agenttest.Start(t, "decap-"+b.Name, b.Command(context.Background(), c.bin, "decap",
+			"--interface", b.IfName, "--local", b.Addr4.String()))
+		if err != nil {
+			t.Fatalf("start the decapsulator on %s: %v", b.Name, err)
+		}
+		p.WaitLog("decapsulating", 0, 10*time.Second)
+	}
 	dir := t.TempDir()
 	for i, n := range c.nodes {
 		n.dir = filepath.Join(dir, n.name)
@@ -330,9 +343,15 @@ type streams struct {
 
 func (c *cluster) openStreams(t *testing.T) *streams {
 	t.Helper()
+	return c.openStreamsTo(t, vip)
+}
+
+// openStreamsTo opens streamCount streams to dst.
+func (c *cluster) openStreamsTo(t *testing.T, dst netip.Addr) *streams {
+	t.Helper()
 	s := &streams{stop: make(chan struct{})}
 	for i := range streamCount {
-		conn, err := c.client.DialContext(t.Context(), "tcp4", netip.AddrPortFrom(vip, streamPort).String())
+		conn, err := c.client.DialContext(t.Context(), "tcp4", netip.AddrPortFrom(dst, streamPort).String())
 		if err != nil {
 			close(s.stop)
 			s.wg.Wait()
@@ -519,15 +538,19 @@ func (n *node) flows(t *testing.T) int {
 func (n *node) fingerprint(t *testing.T) string {
 	t.Helper()
 	var vips []struct {
-		Ring struct {
+		Address string `json:"address"`
+		Ring    struct {
 			Fingerprint string `json:"fingerprint"`
 		} `json:"ring"`
 	}
 	n.call(t, http.MethodGet, "/api/vips", &vips)
-	if len(vips) != 1 {
-		t.Fatalf("%s: %d VIPs", n.name, len(vips))
+	for _, v := range vips {
+		if v.Address == vip.String() {
+			return v.Ring.Fingerprint
+		}
 	}
-	return vips[0].Ring.Fingerprint
+	t.Fatalf("%s: no VIP %s in %+v", n.name, vip, vips)
+	return ""
 }
 
 // scrape returns the node's veloflux_vip_ring_fingerprint sample line.
@@ -540,7 +563,7 @@ func (n *node) scrapeFingerprint(t *testing.T) string {
 	defer resp.Body.Close()
 	sc := bufio.NewScanner(resp.Body)
 	for sc.Scan() {
-		if strings.HasPrefix(sc.Text(), "veloflux_vip_ring_fingerprint{") {
+		if strings.HasPrefix(sc.Text(), fmt.Sprintf("veloflux_vip_ring_fingerprint{vip=%q}", netip.AddrPortFrom(vip, streamPort).String()+"/tcp")) {
 			return sc.Text()
 		}
 	}

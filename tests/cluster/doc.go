@@ -7,10 +7,12 @@
 //
 //	client 10.X.0.5 ──► router 10.X.0.2 (BIRD, ECMP) ──► node0 .1, node1 .3, node2 .4
 //	                                                       │ XDP, Maglev
-//	   ◄──────────────── backends .10 .11 .12 (VIP on lo) ◄┘
+//	   ◄──────────────── backends .10 .11 .12 (VIPs on lo) ◄┘
 //
-// Every scenario opens 50 long-lived TCP streams from the client to the
-// VIP, each exchanging a line every 50 ms with a backend that prefixes its
+// Two VIPs: one dsr, one ipip whose backends run the decapsulator as an
+// operator would (`veloflux decap`). Every scenario opens 50 long-lived TCP
+// streams from the client to the dsr VIP (the node-killed one 50 more to
+// the ipip VIP), each exchanging a line every 50 ms with a backend that prefixes its
 // name to every echo, makes something happen to one node (killed, silent,
 // restarted, drained, or cut off from its backends' health checks), and
 // asserts how the router's kernel route changed and that every stream

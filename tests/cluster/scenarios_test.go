@@ -50,6 +50,7 @@ func TestCluster(t *testing.T) {
 func nodeKilled(t *testing.T, c *cluster) {
 	victim := c.nodes[2]
 	s := c.openStreams(t)
+	tunnelled := c.openStreamsTo(t, ipipVIP)
 	time.Sleep(warmUp)
 	if n := victim.flows(t); n == 0 {
 		t.Fatalf("ECMP sent none of the %d streams to %s: the scenario would prove nothing", streamCount, victim.name)
@@ -70,10 +71,12 @@ func nodeKilled(t *testing.T, c *cluster) {
 	if d := at.Sub(start); d > time.Second {
 		t.Errorf("the route lost the killed node %s after detach began, want at most 1s", d)
 	}
-	if !s.answeredAfter(at, 8*time.Second) {
+	if !s.answeredAfter(at, 8*time.Second) || !tunnelled.answeredAfter(at, 8*time.Second) {
 		t.Errorf("streams did not all answer after the route changed")
 	}
 	c.requireIntact(t, s)
+	t.Log("ipip VIP:")
+	c.requireIntact(t, tunnelled)
 
 	c.startAgent(t, 2)
 	c.waitNextHops(t, 3, 15*time.Second)
@@ -131,7 +134,7 @@ func agentRestarted(t *testing.T, c *cluster) {
 			} `json:"peers"`
 		}
 		victim.call(t, http.MethodGet, "/api/bgp", &b)
-		if len(b.Peers) == 1 && b.Peers[0].Up && len(b.Peers[0].RoutesSent) == 1 {
+		if len(b.Peers) == 1 && b.Peers[0].Up && len(b.Peers[0].RoutesSent) == 2 { // both VIPs
 			break
 		}
 		if time.Now().After(deadline) {

@@ -26,27 +26,29 @@ const (
 	RouterASN  = 65000
 )
 
-// Topology is the cluster on a tests/lab lab with three backends and one
-// VIP: the lab's client namespace is the router (10.X.0.2), its balancer
-// is node0 (.1), and Build adds node1 (.3), node2 (.4) and the client (.5).
+// Topology is the cluster on a tests/lab lab with three backends and two
+// VIPs, the first dsr and the second ipip: the lab's client namespace is
+// the router (10.X.0.2), its balancer is node0 (.1), and Build adds node1
+// (.3), node2 (.4) and the client (.5).
 type Topology struct {
-	Lab    *lab.Lab
-	VIP    netip.Addr
-	Router *lab.Host
-	Client *lab.Host
-	Nodes  []*lab.Host
+	Lab     *lab.Lab
+	VIP     netip.Addr // dsr
+	IPIPVIP netip.Addr // ipip: the backends run `veloflux decap`
+	Router  *lab.Host
+	Client  *lab.Host
+	Nodes   []*lab.Host
 }
 
 // Build adds the two other nodes and the client to l, makes the lab's
 // client the router (it forwards, hashes flows over ECMP next hops by their
 // L4 5-tuple, and sends no redirects, since it forwards out the interface
 // the packets came in on), and routes the VIP from the client via the
-// router. The VIP is l's first.
+// router. The VIPs are l's first two.
 func Build(l *lab.Lab) (*Topology, error) {
-	if len(l.VIPs) == 0 || len(l.Backends) == 0 {
-		return nil, errors.New("cluster: the lab needs a VIP and backends")
+	if len(l.VIPs) < 2 || len(l.Backends) == 0 {
+		return nil, errors.New("cluster: the lab needs two VIPs and backends")
 	}
-	tp := &Topology{Lab: l, VIP: l.VIPs[0], Router: l.Client, Nodes: []*lab.Host{l.Balancer}}
+	tp := &Topology{Lab: l, VIP: l.VIPs[0], IPIPVIP: l.VIPs[1], Router: l.Client, Nodes: []*lab.Host{l.Balancer}}
 	for i, byte := range []int{3, 4} {
 		h, err := l.AddHost(fmt.Sprintf("n%d", i+1), byte)
 		if err != nil {
@@ -58,7 +60,11 @@ func Build(l *lab.Lab) (*Topology, error) {
 	if tp.Client, err = l.AddHost("cl", 5); err != nil {
 		return nil, err
 	}
-	_, dst, _ := net.ParseCIDR(tp.VIP.String() + "/32")
+	var dsts []*net.IPNet
+	for _, v := range []netip.Addr{tp.VIP, tp.IPIPVIP} {
+		_, dst, _ := net.ParseCIDR(v.String() + "/32")
+		dsts = append(dsts, dst)
+	}
 	ifname := tp.Router.IfName
 	err = tp.Router.Do(func() error {
 		for k, v := range map[string]string{
@@ -72,8 +78,13 @@ func Build(l *lab.Lab) (*Topology, error) {
 				return err
 			}
 		}
-		// The lab routes the VIP via its balancer; BIRD owns it here.
-		return netlink.RouteDel(&netlink.Route{Dst: dst})
+		// The lab routes the VIPs via its balancer; BIRD owns them here.
+		for _, dst := range dsts {
+			if err := netlink.RouteDel(&netlink.Route{Dst: dst}); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("cluster: set up the router: %w", err)
@@ -86,10 +97,22 @@ func Build(l *lab.Lab) (*Topology, error) {
 		if err != nil {
 			return err
 		}
-		return netlink.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: dst, Gw: tp.Router.Addr4.AsSlice()})
+		for _, dst := range dsts {
+			if err := netlink.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: dst, Gw: tp.Router.Addr4.AsSlice()}); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("cluster: set up the client: %w", err)
+	}
+	// ipip finds the next hop toward a backend with bpf_fib_lookup, which
+	// answers only where forwarding is on.
+	for _, n := range tp.Nodes {
+		if err := n.Do(func() error { return os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0o644) }); err != nil {
+			return nil, fmt.Errorf("cluster: forwarding on %s: %w", n.Name, err)
+		}
 	}
 	return tp, nil
 }
@@ -98,12 +121,13 @@ func Build(l *lab.Lab) (*Topology, error) {
 func NodeName(i int) string { return fmt.Sprintf("node%d", i) }
 
 // NodeConfig is node i's agent configuration over the given backends: the
-// dsr VIP on the stream port, tcp health checks every 200 ms (fall 2), and
+// dsr and the ipip VIP on the stream port, tcp health checks every 200 ms (fall 2), and
 // one BGP peer, the router.
 func (tp *Topology) NodeConfig(i int, api, metrics, tokenFile string, backends []*lab.Host) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "node:\n  name: %s\n", NodeName(i))
-	fmt.Fprintf(&b, "dataplane:\n  interfaces: [%s]\n  xdp_mode: native\n  conntrack_size: 65536\n", tp.Nodes[i].IfName)
+	fmt.Fprintf(&b, "dataplane:\n  interfaces: [%s]\n  xdp_mode: native\n  conntrack_size: 65536\n  encap_source_v4: %s\n",
+		tp.Nodes[i].IfName, tp.Nodes[i].Addr4)
 	fmt.Fprintf(&b, "api:\n  listen: %q\n  token_file: %s\n", api, tokenFile)
 	fmt.Fprintf(&b, "metrics:\n  listen: %q\n", metrics)
 	b.WriteString("pools:\n  - name: streams\n    backends:\n")
@@ -112,6 +136,7 @@ func (tp *Topology) NodeConfig(i int, api, metrics, tokenFile string, backends [
 	}
 	b.WriteString("    health_check: {type: tcp, interval: 200ms, timeout: 150ms, rise: 1, fall: 2}\n")
 	fmt.Fprintf(&b, "vips:\n  - {address: %s, port: %d, protocol: tcp, mode: dsr, pool: streams}\n", tp.VIP, StreamPort)
+	fmt.Fprintf(&b, "  - {address: %s, port: %d, protocol: tcp, mode: ipip, pool: streams}\n", tp.IPIPVIP, StreamPort)
 	fmt.Fprintf(&b, "bgp:\n  asn: %d\n  peers:\n    - {address: %s, asn: %d}\n", NodeASN, tp.Router.Addr4, RouterASN)
 	return b.String()
 }

@@ -41,7 +41,10 @@ const (
 	streams   = 30
 )
 
-var vip = netip.MustParseAddr("198.51.100.77")
+var (
+	vip     = netip.MustParseAddr("198.51.100.77") // dsr
+	ipipVIP = netip.MustParseAddr("198.51.100.78")
+)
 
 func main() {
 	agentBin := flag.String("agent", "bin/veloflux", "the veloflux binary")
@@ -90,7 +93,7 @@ func run(log *slog.Logger, agentBin, vfctlBin string) error {
 	if err := lab.Purge(labPrefix); err != nil {
 		log.Warn("purge leftovers of an earlier demo", "err", err)
 	}
-	l, err := lab.New(ctx, lab.Options{Prefix: labPrefix, Subnet: labSubnet, Backends: 3, VIPs: []netip.Addr{vip}, Logger: log})
+	l, err := lab.New(ctx, lab.Options{Prefix: labPrefix, Subnet: labSubnet, Backends: 3, VIPs: []netip.Addr{vip, ipipVIP}, Logger: log})
 	if err != nil {
 		return err
 	}
@@ -124,6 +127,24 @@ func run(log *slog.Logger, agentBin, vfctlBin string) error {
 		return fmt.Errorf("mount a BPF filesystem on %s: %w", bpffs, err)
 	}
 	defer unix.Unmount(bpffs, unix.MNT_DETACH)
+
+	// The ipip VIP's backends strip the tunnel with the decapsulator.
+	for _, b := range l.Backends {
+		decap := b.Command(context.Background(), agentBin, "decap", "--interface", b.IfName, "--local", b.Addr4.String())
+		decapLog, err := os.Create(filepath.Join(dir, "decap-"+b.Name+".log"))
+		if err != nil {
+			return err
+		}
+		defer decapLog.Close()
+		decap.Stdout, decap.Stderr = decapLog, decapLog
+		if err := decap.Start(); err != nil {
+			return fmt.Errorf("start the decapsulator on %s: %w", b.Name, err)
+		}
+		defer func() {
+			decap.Process.Signal(syscall.SIGTERM)
+			decap.Wait()
+		}()
+	}
 
 	var nodes []*node
 	// The nodes stop before BIRD does, so that their detach reaches it.
@@ -269,8 +290,9 @@ func nextHops(topo *cluster.Topology) (int, string) {
 
 func printHints(topo *cluster.Topology, nodes []*node, vfctlBin, agentBin, birdSock, dir string) {
 	fmt.Printf(`
-VeloFlux cluster demo: %d streams from %s to %s:%d, spread by the router (%s, BIRD with ECMP) over:
-`, streams, topo.Client.NetNS, vip, cluster.StreamPort, topo.Router.NetNS)
+VeloFlux cluster demo: %d streams from %s to %s:%d (dsr; %s is the ipip VIP, the backends run
+veloflux decap), spread by the router (%s, BIRD with ECMP) over:
+`, streams, topo.Client.NetNS, vip, cluster.StreamPort, topo.IPIPVIP, topo.Router.NetNS)
 	for _, n := range nodes {
 		fmt.Printf("  %s  netns %-18s %s  agent pid %d  API %s (token %s)\n", n.name, n.host.NetNS, n.host.Addr4,
 			n.cmd.Process.Pid, n.api, n.token)

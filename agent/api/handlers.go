@@ -126,7 +126,7 @@ func (s *Server) sendConfigPart(c echo.Context, status int, v any) error {
 }
 
 func (s *Server) getConfig(c echo.Context) error {
-	cfg := s.opts.Controller.Config()
+	cfg := s.opts.Controller.Config().Redacted()
 	if c.QueryParam("format") == "yaml" {
 		data, err := cfg.Marshal()
 		if err != nil {

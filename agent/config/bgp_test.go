@@ -2,6 +2,7 @@ package config
 
 import (
 	"slices"
+	"strings"
 	"testing"
 	"time"
 )
@@ -153,5 +154,29 @@ func TestParseCommunity(t *testing.T) {
 		if _, err := ParseCommunity(bad); err == nil {
 			t.Errorf("ParseCommunity(%q) succeeded", bad)
 		}
+	}
+}
+
+// GET /api/config shows Redacted: the BGP peers' passwords are replaced,
+// and the configuration in force keeps them.
+func TestRedactedHidesBGPPasswords(t *testing.T) {
+	c, err := Parse([]byte(minimal + "bgp:\n  asn: 65001\n  router_id: 10.0.0.1\n  peers:\n" +
+		"    - {address: 10.0.0.254, asn: 65000, password: s3cret}\n    - {address: 10.0.0.253, asn: 65000}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := c.Redacted()
+	if got := r.BGP.Peers[0].Password; got != redactedSecret {
+		t.Errorf("redacted password = %q", got)
+	}
+	if got := r.BGP.Peers[1].Password; got != "" {
+		t.Errorf("a peer without a password shows %q", got)
+	}
+	if c.BGP.Peers[0].Password != "s3cret" {
+		t.Error("Redacted changed the configuration it copied")
+	}
+	data, err := r.Marshal()
+	if err != nil || strings.Contains(string(data), "s3cret") {
+		t.Errorf("the redacted configuration still shows the password (%v):\n%s", err, data)
 	}
 }

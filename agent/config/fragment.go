@@ -60,3 +60,25 @@ func (c *Config) Modify(mutate func(*Config) error) (*Config, error) {
 	}
 	return Parse(data)
 }
+
+// redactedSecret stands in for a secret in Redacted's copy.
+const redactedSecret = "<redacted>"
+
+// Redacted returns a copy of c fit to show: the BGP peers' TCP MD5
+// passwords are replaced, so that GET /api/config does not hand them to
+// whoever may read it. It is for display only: what it does not change it
+// shares with c, so treat it as read-only, like the configuration in force.
+func (c *Config) Redacted() *Config {
+	out := *c
+	if c.BGP != nil && len(c.BGP.Peers) > 0 {
+		bgp := *c.BGP
+		bgp.Peers = append(bgp.Peers[:0:0], c.BGP.Peers...)
+		for i := range bgp.Peers {
+			if bgp.Peers[i].Password != "" {
+				bgp.Peers[i].Password = redactedSecret
+			}
+		}
+		out.BGP = &bgp
+	}
+	return &out
+}

@@ -19,9 +19,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"os/signal"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -55,17 +53,11 @@ func run(log *slog.Logger, agentBin, vfctlBin, cfgPath string) error {
 	if os.Geteuid() != 0 {
 		return errors.New("the demo builds network namespaces and loads XDP: run it as root (sudo make demo)")
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
-	if s := os.Getenv("DEMO_SECONDS"); s != "" {
-		secs, err := strconv.Atoi(s)
-		if err != nil || secs <= 0 {
-			return fmt.Errorf("DEMO_SECONDS=%q: want a positive number of seconds", s)
-		}
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, time.Duration(secs)*time.Second)
-		defer cancel()
+	ctx, stop, err := lab.DemoContext()
+	if err != nil {
+		return err
 	}
+	defer stop()
 
 	cfg, err := config.Load(cfgPath)
 	if err != nil {

@@ -19,10 +19,8 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -77,17 +75,11 @@ func run(log *slog.Logger, agentBin, vfctlBin string) error {
 	if err != nil {
 		return err
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
-	if s := os.Getenv("DEMO_SECONDS"); s != "" {
-		secs, err := strconv.Atoi(s)
-		if err != nil || secs <= 0 {
-			return fmt.Errorf("DEMO_SECONDS=%q: want a positive number of seconds", s)
-		}
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, time.Duration(secs)*time.Second)
-		defer cancel()
+	ctx, stop, err := lab.DemoContext()
+	if err != nil {
+		return err
 	}
+	defer stop()
 
 	// A demo killed earlier may have left its lab behind.
 	if err := lab.Purge(labPrefix); err != nil {

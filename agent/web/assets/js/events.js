@@ -73,8 +73,13 @@ async function loadDenylist() {
     return;
   }
   const list = $("#denylist");
+  const prefixes = res.prefixes || [];
+  // A change of configuration reloads the list; when its prefixes are the
+  // ones shown, the rows (and a button a user is about to press) stay.
+  const shown = [...list.querySelectorAll("li[data-prefix]")].map((li) => li.dataset.prefix);
+  if (shown.length && shown.join("\n") === prefixes.join("\n")) return;
   list.replaceChildren(
-    ...(res.prefixes || []).map((p) =>
+    ...prefixes.map((p) =>
       el("li", { data: { prefix: p } },
         el("span", { class: "mono" }, p),
         el("button", {

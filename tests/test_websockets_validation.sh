@@ -316,6 +316,21 @@ api DELETE "/api/backends/{id}/drain" "/api/backends/$BID/drain"
 [ "$CODE" = 200 ] && undo_drop "DELETE /api/backends/$BID/drain"
 expect "DELETE /api/backends/$BID/drain" 200 "d['drained'] is False and d['state'] != 'draining'" 'undrained'
 
+# The node drain (BGP): withdraws this node's VIPs from its routers while
+# the data path forwards; undone at once. Without a bgp section it changes
+# nothing but the saved flag.
+api GET /api/bgp /api/bgp
+expect "GET /api/bgp" 200 'isinstance(d["enabled"], bool) and isinstance(d["peers"], list) and isinstance(d["vips"], list) and d["node_drained"] is False' \
+	'enabled, peers and announced VIPs, node not drained'
+api POST /api/node/drain /api/node/drain '' noauth
+expect "POST /api/node/drain without a token" 401 'd["error"]["code"] == "unauthorized"' 'refused'
+api POST /api/node/drain /api/node/drain
+[ "$CODE" = 200 ] && undo_push "DELETE /api/node/drain"
+expect "POST /api/node/drain" 200 'd["node_drained"] is True' 'node drained'
+api DELETE /api/node/drain /api/node/drain
+[ "$CODE" = 200 ] && undo_drop "DELETE /api/node/drain"
+expect "DELETE /api/node/drain" 200 'd["node_drained"] is False' 'node undrained'
+
 api DELETE "/api/pools/{name}/backends/{backend}" "/api/pools/$POOL/backends/$BACKEND_ADDR:$BE2_PORT"
 [ "$CODE" = 204 ] && undo_drop "DELETE /api/pools/$POOL/backends/$BACKEND_ADDR:$BE2_PORT"
 expect "DELETE /api/pools/$POOL/backends/$BACKEND_ADDR:$BE2_PORT" 204

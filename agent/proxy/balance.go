@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/valyala/fasthttp"
+
 	"github.com/veloflux/veloflux/agent/config"
 	"github.com/veloflux/veloflux/agent/maglev"
 )
@@ -29,6 +31,27 @@ type upstream struct {
 	mu    sync.Mutex
 	ewma  float64 // peak EWMA of response latency, nanoseconds
 	stamp int64   // unix nanoseconds of the last ewma update
+
+	// client is the HTTP/1.1 engine's connection pool to the backend,
+	// built with clientKey; replaced (by Apply, under Proxy.mu) when the
+	// timeouts it was built with change.
+	client    *fasthttp.HostClient
+	clientKey transportKey
+}
+
+// hostClient returns the backend's connection pool for the timeouts of k,
+// keeping the current one (and its warm connections) when they are
+// unchanged. Called with Proxy.mu held.
+func (u *upstream) hostClient(k transportKey) *fasthttp.HostClient {
+	if u.client == nil || u.clientKey != k {
+		if old := u.client; old != nil {
+			// Idle connections close now; busy ones when their
+			// exchanges end.
+			go old.CloseIdleConnections()
+		}
+		u.client, u.clientKey = newHostClient(u.addr, k), k
+	}
+	return u.client
 }
 
 // Peak EWMA parameters, as in Finagle and linkerd: latencies decay with a
@@ -110,6 +133,7 @@ type member struct {
 	idx    int    // position in pool.members
 	weight int64  // effective weight; 0 takes no new requests
 	cookie string // sticky cookie value naming it, when the pool is sticky
+	client *fasthttp.HostClient
 }
 
 // liveness answers whether a backend may take new requests, besides its

@@ -3,8 +3,6 @@ package proxy
 import (
 	"bufio"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"io"
@@ -125,7 +123,7 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		writeError(rw, http.StatusServiceUnavailable, "not_configured", "the proxy has no configuration yet")
 		return
 	}
-	rs.reqID = requestID(r.Header.Get("X-Request-ID"))
+	rs.reqID = p.requestID(r.Header.Get("X-Request-ID"))
 	rw.Header()["X-Request-Id"] = []string{rs.reqID}
 	if p.draining.Load() && r.ProtoMajor == 1 && !isUpgrade(r) {
 		// Let keep-alive clients go politely as their last response ends.
@@ -214,81 +212,126 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	p.rp.ServeHTTP(rw, r.WithContext(&rs.ctx))
 }
 
-// finish accounts a completed request: releases its backend, records
-// metrics, statistics, usage and the access log. It runs deferred, so also
-// when ReverseProxy aborts a response midway (panic(http.ErrAbortHandler)),
-// which it lets continue.
+// finish accounts a completed request of the HTTP/2 engine (and of
+// Handler). It runs deferred, so also when ReverseProxy aborts a response
+// midway (panic(http.ErrAbortHandler)), which it lets continue.
 func (p *Proxy) finish(rs *reqState, r *http.Request, start time.Time) {
 	rec := recover()
-	now := p.now()
-	dur := now.Sub(start)
-	rw := &rs.rw
-	status := rw.status
+	status := rs.rw.status
 	switch {
 	case status == 0 && rs.inCtx.Err() != nil:
 		status = 499 // the client went away before an answer
 	case status == 0:
 		status = http.StatusOK // net/http's implicit answer
 	}
-	if m := rs.member; m != nil {
+	c := completion{
+		start:    start,
+		status:   status,
+		route:    rs.route,
+		member:   rs.member,
+		last:     rs.last,
+		bytesIn:  uint64(rs.bytesIn.Load()),
+		bytesOut: uint64(rs.bytesOut.Load()),
+		attempts: rs.attempts,
+		reason:   rs.reason,
+		client:   rs.client,
+		aborted:  rec != nil,
+	}
+	if p.log.Enabled(rs.inCtx, slog.LevelInfo) {
+		c.log = &accessLog{method: r.Method, host: r.Host, path: r.URL.Path, proto: r.Proto,
+			userAgent: r.UserAgent(), requestID: rs.reqID}
+	}
+	p.complete(&c)
+	if rec != nil {
+		panic(rec)
+	}
+}
+
+// completion is a finished request as both engines report it.
+type completion struct {
+	start             time.Time
+	status            int
+	route             *route
+	member            *member // holds an in-flight slot, released here
+	last              *member // the backend of the last attempt
+	bytesIn, bytesOut uint64
+	attempts          int
+	reason            string
+	client            netip.Addr
+	aborted           bool
+	log               *accessLog // nil: the access log is off
+}
+
+// accessLog is what the access log says of a request beyond its
+// completion, copied out of the engine's request.
+type accessLog struct {
+	method, host, path, proto, userAgent, requestID string
+}
+
+// complete accounts a completed request: releases its backend, records
+// metrics, statistics, usage and the access log.
+func (p *Proxy) complete(c *completion) {
+	now := p.now()
+	dur := now.Sub(c.start)
+	if m := c.member; m != nil {
 		m.inflight.Add(-1)
 	}
 	p.inflight.Add(-1)
 	p.prom.inflight.Dec()
 
-	in, out := uint64(rs.bytesIn.Load()), uint64(rs.bytesOut.Load())
 	p.count.requests.Add(1)
-	if c := status / 100; c >= 1 && c <= 5 {
-		p.count.class[c].Add(1)
+	if cl := c.status / 100; cl >= 1 && cl <= 5 {
+		p.count.class[cl].Add(1)
 	}
-	p.count.bytesIn.Add(in)
-	p.count.bytesOut.Add(out)
+	p.count.bytesIn.Add(c.bytesIn)
+	p.count.bytesOut.Add(c.bytesOut)
 	p.lat.record(now, dur)
 
 	var routeID, poolName, backend string
-	if rs.route != nil {
-		routeID, poolName = rs.route.id, rs.route.pool.name
-		p.prom.duration.WithLabelValues(routeID, poolName).Observe(dur.Seconds())
+	if r := c.route; r != nil {
+		routeID, poolName = r.id, r.pool.name
+		r.metrics.duration.Observe(dur.Seconds())
 	}
-	if m := rs.last; m != nil {
+	if m := c.last; m != nil {
 		backend = m.addr
 	}
-	p.prom.requests.WithLabelValues(routeID, poolName, backend, codeLabel(status)).Inc()
+	if r := c.route; r != nil {
+		r.metrics.requestsCounter(p.prom, r, c.last, c.status).Inc()
+	} else {
+		p.prom.requests.WithLabelValues(routeID, poolName, backend, codeLabel(c.status)).Inc()
+	}
 	if p.usage != nil && poolName != "" {
-		p.usage(poolName, 1, in, out)
+		p.usage(poolName, 1, c.bytesIn, c.bytesOut)
 	}
 
-	if p.log.Enabled(rs.inCtx, slog.LevelInfo) {
+	if l := c.log; l != nil {
 		attrs := make([]slog.Attr, 0, 17)
 		attrs = append(attrs,
-			slog.String("method", r.Method),
-			slog.String("host", r.Host),
-			slog.String("path", r.URL.Path),
-			slog.String("proto", r.Proto),
-			slog.Int("status", status),
-			slog.Uint64("bytes_in", in),
-			slog.Uint64("bytes_out", out),
+			slog.String("method", l.method),
+			slog.String("host", l.host),
+			slog.String("path", l.path),
+			slog.String("proto", l.proto),
+			slog.Int("status", c.status),
+			slog.Uint64("bytes_in", c.bytesIn),
+			slog.Uint64("bytes_out", c.bytesOut),
 			slog.Float64("duration_ms", float64(dur.Microseconds())/1000),
-			slog.String("client_ip", addrString(rs.client)),
-			slog.String("request_id", rs.reqID),
+			slog.String("client_ip", addrString(c.client)),
+			slog.String("request_id", l.requestID),
 			slog.String("route", routeID),
 			slog.String("pool", poolName),
 			slog.String("backend", backend),
-			slog.String("user_agent", r.UserAgent()),
+			slog.String("user_agent", l.userAgent),
 		)
-		if rs.attempts > 1 {
-			attrs = append(attrs, slog.Int("attempts", rs.attempts))
+		if c.attempts > 1 {
+			attrs = append(attrs, slog.Int("attempts", c.attempts))
 		}
-		if rs.reason != "" {
-			attrs = append(attrs, slog.String("upstream_error", rs.reason))
+		if c.reason != "" {
+			attrs = append(attrs, slog.String("upstream_error", c.reason))
 		}
-		if rec != nil {
+		if c.aborted {
 			attrs = append(attrs, slog.Bool("aborted", true))
 		}
-		p.log.LogAttrs(rs.inCtx, slog.LevelInfo, "http request", attrs...)
-	}
-	if rec != nil {
-		panic(rec)
+		p.log.LogAttrs(context.Background(), slog.LevelInfo, "http request", attrs...)
 	}
 }
 
@@ -352,24 +395,13 @@ func parseXFFAddr(s string) (netip.Addr, bool) {
 }
 
 // requestID keeps a client's X-Request-ID when it is short printable ASCII
-// without spaces (safe to log and forward) and otherwise makes one: 16
-// random bytes in hex.
-func requestID(in string) string {
-	if in != "" && len(in) <= 128 {
-		ok := true
-		for i := 0; i < len(in); i++ {
-			if c := in[i]; c <= ' ' || c >= 0x7f || c == '"' || c == '\\' {
-				ok = false
-				break
-			}
-		}
-		if ok {
-			return in
-		}
+// without spaces (safe to log and forward) and otherwise makes one.
+func (p *Proxy) requestID(in string) string {
+	if validRequestID([]byte(in)) {
+		return in
 	}
-	var b [16]byte
-	rand.Read(b[:])
-	return hex.EncodeToString(b[:])
+	var buf [requestIDLen]byte
+	return string(p.newRequestID(&buf))
 }
 
 func isEventStream(h http.Header) bool {

@@ -119,12 +119,24 @@ func newProxy(t *testing.T, cfg *config.Config, opts Options) *Proxy {
 	return p
 }
 
-// front serves p.Handler() on loopback, as a test stand-in for Serve.
-func front(t *testing.T, p *Proxy) *httptest.Server {
+// frontend is a proxy serving on loopback.
+type frontend struct{ URL string }
+
+// fronts remembers the proxies front has started.
+var fronts sync.Map // *Proxy -> *frontend
+
+// front serves p with Serve's listeners on loopback (once per proxy), so
+// that tests exercise the engines clients meet.
+func front(t *testing.T, p *Proxy) *frontend {
 	t.Helper()
-	s := httptest.NewServer(p.Handler())
-	t.Cleanup(s.Close)
-	return s
+	if f, ok := fronts.Load(p); ok {
+		return f.(*frontend)
+	}
+	httpAddr, _ := serve(t, p)
+	f := &frontend{URL: "http://" + httpAddr}
+	fronts.Store(p, f)
+	t.Cleanup(func() { fronts.Delete(p) })
+	return f
 }
 
 // client is an HTTP client with bounded waits and no connection reuse

@@ -257,3 +257,50 @@ func (w *latencyWindow) quantiles(now time.Time, qs ...float64) []float64 {
 	}
 	return out
 }
+
+// routeMetrics are a route's Prometheus children, looked up once per route
+// (and once per backend and status code) rather than on every request.
+type routeMetrics struct {
+	duration prometheus.Observer
+	mu       sync.Mutex                                   // serializes additions to requests
+	requests atomic.Pointer[map[requestsKey]prometheus.Counter] // copied on write
+}
+
+type requestsKey struct {
+	backend *member
+	code    int
+}
+
+func newRouteMetrics(pm *promMetrics, routeID, pool string) *routeMetrics {
+	rm := &routeMetrics{duration: pm.duration.WithLabelValues(routeID, pool)}
+	m := map[requestsKey]prometheus.Counter{}
+	rm.requests.Store(&m)
+	return rm
+}
+
+// requestsCounter is veloflux_http_requests_total's child for a request of
+// route r answered by backend m (nil: none) with code.
+func (rm *routeMetrics) requestsCounter(pm *promMetrics, r *route, m *member, code int) prometheus.Counter {
+	k := requestsKey{m, code}
+	if c, ok := (*rm.requests.Load())[k]; ok {
+		return c
+	}
+	rm.mu.Lock()
+	defer rm.mu.Unlock()
+	cur := *rm.requests.Load()
+	if c, ok := cur[k]; ok {
+		return c
+	}
+	backend := ""
+	if m != nil {
+		backend = m.addr
+	}
+	c := pm.requests.WithLabelValues(r.id, r.pool.name, backend, codeLabel(code))
+	next := make(map[requestsKey]prometheus.Counter, len(cur)+1)
+	for key, v := range cur {
+		next[key] = v
+	}
+	next[k] = c
+	rm.requests.Store(&next)
+	return c
+}

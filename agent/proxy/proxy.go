@@ -34,6 +34,7 @@ package proxy
 import (
 	"context"
 	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -96,6 +97,10 @@ type Proxy struct {
 
 	inflight atomic.Int64
 
+	// Request ids: a random prefix per process and a counter.
+	idPrefix  [16]byte
+	idCounter atomic.Uint64
+
 	// mu serializes Apply, Serve and Drain, and guards what follows.
 	mu        sync.Mutex
 	upstreams map[string]*upstream // by backend key, for the current state
@@ -133,6 +138,9 @@ func New(opts Options) (*Proxy, error) {
 	if p.log == nil {
 		p.log = slog.Default()
 	}
+	var pfx [8]byte
+	rand.Read(pfx[:])
+	hex.Encode(p.idPrefix[:], pfx[:])
 	if len(p.stickyKey) == 0 {
 		p.stickyKey = make([]byte, 32)
 		rand.Read(p.stickyKey)
@@ -239,6 +247,9 @@ func (p *Proxy) forgetRemoved(prev, st *state, ups map[string]*upstream) {
 			m := &pl.members[i]
 			if _, ok := ups[m.key]; !ok {
 				p.prom.requests.DeletePartialMatch(prometheus.Labels{"pool": pl.name, "backend": m.addr})
+				if m.client != nil {
+					go m.client.CloseIdleConnections()
+				}
 			}
 		}
 	}

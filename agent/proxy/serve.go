@@ -2,15 +2,18 @@ package proxy
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"strconv"
 	"syscall"
 	"time"
 
+	"github.com/valyala/fasthttp"
 	"golang.org/x/net/http2"
 
 	"github.com/veloflux/veloflux/agent/config"
@@ -66,15 +69,35 @@ func serverSpecs(pc *config.ProxyConfig, haveCerts bool) [2]serverSpec {
 	return s
 }
 
-// server is one running listener and its http.Server.
+// server is one running listener and its two engines: fasthttp's server
+// for HTTP/1.1, and for HTTP/2 (by ALPN over TLS, or h2c by prior
+// knowledge) golang.org/x/net/http2's server, whose connections are handed
+// over one by one.
 type server struct {
-	spec serverSpec
-	srv  *http.Server
-	ln   net.Listener
+	spec  serverSpec
+	fast  *fasthttp.Server
+	h2    *http.Server // the HTTP/2 connections' base configuration and graceful shutdown
+	h2s   *http2.Server
+	ln    net.Listener // the TCP listener
+	dl    *dispatchListener
+	conns connSet
+	guard *connGuard
 	// done is closed when the server's accept loop has returned, so that
 	// Listeners sees a failed listener at once rather than only after
 	// Serve has reacted to the failure.
 	done chan struct{}
+}
+
+// shutdown stops accepting connections and lets the open ones finish:
+// HTTP/1.1 keep-alive connections close when idle (a response still due
+// carries "Connection: close"), HTTP/2 connections get GOAWAY. It returns
+// when every HTTP/1.1 connection is closed, or with ctx's error.
+func (s *server) shutdown(ctx context.Context) error {
+	s.dl.Close()
+	errc := make(chan error, 1)
+	go func() { errc <- s.fast.ShutdownWithContext(ctx) }()
+	s.h2.Shutdown(ctx)
+	return <-errc
 }
 
 // accepting reports whether the server's accept loop still runs.
@@ -85,6 +108,12 @@ func (s *server) accepting() bool {
 	default:
 		return true
 	}
+}
+
+// close closes the listener and every connection at once.
+func (s *server) close() {
+	s.dl.Close()
+	s.conns.closeAll()
 }
 
 // listen opens a TCP listener with SO_REUSEPORT, so that a listener being
@@ -112,64 +141,91 @@ func (p *Proxy) needsRestart(role int, spec serverSpec) bool {
 	return cur.spec != spec
 }
 
-// newServer builds the http.Server for a role and the listener it serves:
-// ln's connections as clientConns, TLS ones included, the TLS handshake
-// being the proxy's rather than net/http's so that clientConn reads what
-// the client sends in the clear.
-//
-// HTTP/2 is served by golang.org/x/net/http2's server (which net/http hands
-// the connections that start with the HTTP/2 preface, h2 by ALPN as well
-// as h2c), as its connection errors are what clientConn uses to end a
-// connection with GOAWAY.
-func (p *Proxy) newServer(role int, spec serverSpec, ln net.Listener) (*http.Server, net.Listener, error) {
-	srv := &http.Server{
-		Handler:           http.HandlerFunc(p.serveHTTP),
-		ReadHeaderTimeout: spec.readHeader,
+// newServer builds the engines for a role and ln.
+func (p *Proxy) newServer(role int, spec serverSpec, ln net.Listener) (*server, error) {
+	s := &server{spec: spec, ln: ln, done: make(chan struct{})}
+	s.guard = &connGuard{p: p, h2: true, maxResets: spec.h2.maxResets, resetWindow: spec.h2.resetWindow}
+	s.fast = &fasthttp.Server{
+		Handler:                       p.serveH1,
+		ErrorHandler:                  p.h1ErrorHandler,
+		ExpectHandler:                 p.expectHandler,
+		ReadBufferSize:                maxHeaderBytes, // the request header limit
+		ReadTimeout:                   spec.readHeader,
+		IdleTimeout:                   spec.idle,
+		MaxRequestBodySize:            math.MaxInt, // the proxy applies max_body_bytes itself
+		StreamRequestBody:             true,
+		DisablePreParseMultipartForm:  true,
+		DisableHeaderNamesNormalizing: true,
+		NoDefaultServerHeader:         true,
+		NoDefaultDate:                 true,
+		NoDefaultContentType:          true,
+		CloseOnShutdown:               true,
+		ReduceMemoryUsage:             true,
+		SecureErrorLogMessage:         true,
+		Logger:                        fastLogger{p.log},
+	}
+	s.h2 = &http.Server{
 		IdleTimeout:       spec.idle,
+		ReadHeaderTimeout: spec.readHeader,
 		MaxHeaderBytes:    maxHeaderBytes,
 		ErrorLog:          slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
-		ConnContext:       withClientConn,
-		Protocols:         new(http.Protocols),
 	}
-	srv.Protocols.SetHTTP1(true)
-	cl := &clientListener{Listener: ln, guard: &connGuard{p: p, maxResets: spec.h2.maxResets, resetWindow: spec.h2.resetWindow}}
+	// x/net's server, not net/http's bundled copy: the connection guard
+	// ends a reset flood by returning an http2.ConnectionError from Read,
+	// which only x/net's server turns into a GOAWAY; and it serves
+	// connections handed to it one by one (ServeConn).
+	//lint:ignore SA1019 see above; net/http's HTTP2Config has no such hook
+	s.h2s = &http2.Server{MaxConcurrentStreams: spec.h2.maxStreams}
+	//lint:ignore SA1019 see above
+	if err := http2.ConfigureServer(s.h2, s.h2s); err != nil {
+		return nil, fmt.Errorf("proxy: %s server: http2: %w", roleName[role], err)
+	}
+	var tlsCfg *tls.Config
+	var h2c func(net.Conn)
 	if role == roleHTTPS {
-		cl.tls = p.certs.tlsConfig()
-		cl.guard.h2 = true
+		tlsCfg = p.certs.tlsConfig()
+		s.fast.NextProto("h2", func(c net.Conn) error {
+			s.serveH2(c)
+			return nil
+		})
 	} else if spec.h2c {
 		// HTTP/2 with prior knowledge, as nginx and HAProxy offer h2c
 		// (the deprecated Upgrade: h2c dance is not supported).
-		cl.guard.h2 = true
+		h2c = func(c net.Conn) { s.serveH2(c) }
 	}
-	if cl.guard.h2 {
-		// The handshake is ours, so net/http sees HTTP/2 over TLS as it
-		// sees h2c: a connection that starts with the preface.
-		srv.Protocols.SetUnencryptedHTTP2(true)
-		// x/net's server, not net/http's bundled copy: the connection
-		// guard ends a reset flood by returning an http2.ConnectionError
-		// from Read, which only x/net's server turns into a GOAWAY.
-		//lint:ignore SA1019 see above; net/http's HTTP2Config has no such hook
-		h2 := &http2.Server{MaxConcurrentStreams: spec.h2.maxStreams}
-		//lint:ignore SA1019 see above
-		if err := http2.ConfigureServer(srv, h2); err != nil {
-			return nil, nil, fmt.Errorf("proxy: %s server: http2: %w", roleName[role], err)
-		}
+	s.dl = newDispatchListener(ln, &s.conns, tlsCfg, h2c, spec.readHeader)
+	return s, nil
+}
+
+// serveH2 serves one HTTP/2 connection with the proxy's net/http handler,
+// through a clientConn that enforces the HTTP/2 guard.
+func (s *server) serveH2(c net.Conn) {
+	cc := &clientConn{Conn: c, guard: s.guard, peer: remoteAddr(c.RemoteAddr().String())}
+	if tc, ok := c.(*tlsClientConn); ok {
+		cc.tls = tc.Conn
 	}
-	return srv, cl, nil
+	s.h2s.ServeConn(cc, &http2.ServeConnOpts{
+		Context:    withClientConn(context.Background(), cc),
+		BaseConfig: s.h2,
+		Handler:    http.HandlerFunc(s.guard.p.serveHTTP),
+	})
+	c.Close()
 }
 
 // startServer serves ln in the background. Called with p.mu held.
 func (p *Proxy) startServer(role int, spec serverSpec, ln net.Listener) error {
-	srv, cl, err := p.newServer(role, spec, ln)
+	s, err := p.newServer(role, spec, ln)
 	if err != nil {
 		return err
 	}
-	s := &server{spec: spec, srv: srv, ln: ln, done: make(chan struct{})}
 	p.servers[role] = s
 	go func() {
-		err := s.srv.Serve(cl)
+		err := s.fast.Serve(s.dl)
+		if err == nil {
+			err = s.dl.err
+		}
 		close(s.done)
-		if err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err != nil && !errors.Is(err, net.ErrClosed) {
 			p.mu.Lock()
 			current := p.servers[role] == s
 			p.mu.Unlock()
@@ -183,6 +239,16 @@ func (p *Proxy) startServer(role int, spec serverSpec, ln net.Listener) error {
 	}()
 	p.log.Info("proxy: listening", "role", roleName[role], "addr", ln.Addr().String(), "h2c", spec.h2c)
 	return nil
+}
+
+// fastLogger sends fasthttp's log lines to the proxy's logger, at debug
+// level: they are about single connections.
+type fastLogger struct{ log *slog.Logger }
+
+func (l fastLogger) Printf(format string, args ...any) {
+	if l.log.Enabled(context.Background(), slog.LevelDebug) {
+		l.log.Debug(fmt.Sprintf(format, args...), "engine", "fasthttp")
+	}
 }
 
 // replaceServer starts the role's new server (ln may be nil to close the
@@ -202,7 +268,7 @@ func (p *Proxy) replaceServer(role int, spec serverSpec, ln net.Listener) {
 		// Close the old listener now, so that no connection reaches the
 		// old settings once Apply has returned; its open connections
 		// finish in the background.
-		old.ln.Close()
+		old.dl.Close()
 		timeout := p.state.Load().cfg.DrainTimeout.Std()
 		go p.retire(old, timeout)
 	}
@@ -212,8 +278,8 @@ func (p *Proxy) replaceServer(role int, spec serverSpec, ln net.Listener) {
 func (p *Proxy) retire(s *server, timeout time.Duration) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	if err := s.srv.Shutdown(ctx); err != nil {
-		s.srv.Close()
+	if err := s.shutdown(ctx); err != nil {
+		s.close()
 	}
 }
 
@@ -339,7 +405,7 @@ func (p *Proxy) shutdownNow() {
 	defer p.mu.Unlock()
 	for i, s := range p.servers {
 		if s != nil {
-			s.srv.Close()
+			s.close()
 			p.servers[i] = nil
 		}
 	}
@@ -375,7 +441,7 @@ func (p *Proxy) Drain(ctx context.Context) error {
 			continue
 		}
 		n++
-		go func() { errc <- s.srv.Shutdown(dctx) }()
+		go func() { errc <- s.shutdown(dctx) }()
 	}
 	for ; n > 0; n-- {
 		<-errc
@@ -391,7 +457,7 @@ func (p *Proxy) Drain(ctx context.Context) error {
 	if left := p.inflight.Load(); left > 0 {
 		for _, s := range servers {
 			if s != nil {
-				s.srv.Close()
+				s.close()
 			}
 		}
 		tunnels := p.hijacked.closeAll()

@@ -36,6 +36,8 @@ type route struct {
 	host   string
 	prefix string
 	pool   *pool
+	// metrics are its Prometheus children.
+	metrics *routeMetrics
 }
 
 // routeTable finds the route for a host and path. Host groups are tried from
@@ -188,6 +190,13 @@ func (p *Proxy) build(cfg *config.Config, prev *state) (*state, map[string]*upst
 		st.trusted = append(st.trusted, pfx)
 	}
 
+	st.tkey = transportKey{
+		dial:           pc.Timeouts.Dial.Std(),
+		tlsHandshake:   pc.Timeouts.TLSHandshake.Std(),
+		responseHeader: pc.Timeouts.ResponseHeader.Std(),
+		idle:           pc.Timeouts.Idle.Std(),
+	}
+
 	ups := make(map[string]*upstream)
 	for pi, cp := range cfg.Pools {
 		pl := &pool{name: cp.Name, algo: cp.Algorithm, sticky: cp.StickyCookie}
@@ -218,6 +227,7 @@ func (p *Proxy) build(cfg *config.Config, prev *state) (*state, map[string]*upst
 			ups[key] = u
 			m := &pl.members[bi]
 			m.upstream, m.idx, m.weight = u, bi, int64(b.EffectiveWeight())
+			m.client = u.hostClient(st.tkey)
 			if pl.sticky != "" {
 				m.cookie = stickyValue(p.stickyKey, cp.Name, u.stickyID)
 				pl.cookies[m.cookie] = m
@@ -236,6 +246,7 @@ func (p *Proxy) build(cfg *config.Config, prev *state) (*state, map[string]*upst
 		prefix := cmp.Or(cr.PathPrefix, "/")
 		host := strings.TrimSuffix(strings.ToLower(cr.Host), ".")
 		r := &route{id: host + prefix, host: host, prefix: prefix, pool: pl}
+		r.metrics = newRouteMetrics(p.prom, r.id, pl.name)
 		switch {
 		case host == "":
 			st.routes.any = append(st.routes.any, r)
@@ -257,12 +268,6 @@ func (p *Proxy) build(cfg *config.Config, prev *state) (*state, map[string]*upst
 	})
 	slices.SortStableFunc(st.routes.any, byPrefixLen)
 
-	st.tkey = transportKey{
-		dial:           pc.Timeouts.Dial.Std(),
-		tlsHandshake:   pc.Timeouts.TLSHandshake.Std(),
-		responseHeader: pc.Timeouts.ResponseHeader.Std(),
-		idle:           pc.Timeouts.Idle.Std(),
-	}
 	if prev != nil && prev.tkey == st.tkey {
 		st.transport = prev.transport
 	} else {

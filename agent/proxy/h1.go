@@ -196,7 +196,9 @@ func (rq *h1Request) handle() bool {
 		rq.writeError(http.StatusNotFound, "no_route", "no route for host "+strconv.Quote(host)+" and path "+strconv.Quote(path))
 		return false
 	}
-	if maxBody := st.cfg.MaxBodyBytes; maxBody > 0 && int64(h.ContentLength()) > maxBody {
+	if maxBody := st.cfg.MaxBodyBytes; (maxBody > 0 && int64(h.ContentLength()) > maxBody) || (rq.hdr.contentLength > 0 && h.ContentLength() == 0) {
+		// (A Content-Length the header hook found over the limit is
+		// zeroed there, so that fasthttp does not wait for its body.)
 		rq.refuseUnreadBody()
 		rq.bodyTooLarge()
 		return false
@@ -346,7 +348,8 @@ var (
 // h1Header is what the proxy needs from a request's raw header block,
 // found in one pass over it.
 type h1Header struct {
-	ambiguous bool   // both Content-Length and Transfer-Encoding
+	ambiguous     bool  // both Content-Length and Transfer-Encoding
+	contentLength int64 // the Content-Length as sent; -1 when none
 	problem   string // why the block was refused
 
 	connection [][]byte // Connection values
@@ -407,6 +410,7 @@ var crlf = []byte("\r\n")
 func (h *h1Header) scan(raw []byte) bool {
 	var hasCL, hasTE bool
 	ok := true
+	h.contentLength = -1
 	eachHeaderLine(raw, func(line, name, value []byte) bool {
 		if line[0] == ' ' || line[0] == '\t' {
 			h.problem = "obsolete line folding in the request header is not accepted"
@@ -421,6 +425,9 @@ func (h *h1Header) scan(raw []byte) bool {
 			switch {
 			case asciiEqualFold(name, "Content-Length"):
 				hasCL = true
+				if n, err := strconv.ParseInt(string(value), 10, 64); err == nil {
+					h.contentLength = n
+				}
 			case asciiEqualFold(name, "Connection"):
 				h.connection = append(h.connection, value)
 			case asciiEqualFold(name, "Cookie"):
@@ -624,13 +631,16 @@ func (p *Proxy) h1ErrorHandler(ctx *fasthttp.RequestCtx, err error) {
 	}
 }
 
-// expectHandler answers "Expect: 100-continue": a body announced over the
-// limit is refused at once with 413, before the client sends it.
-func (p *Proxy) expectHandler(ctx *fasthttp.RequestCtx) int {
-	st := p.state.Load()
-	if st != nil && st.cfg.MaxBodyBytes > 0 && int64(ctx.Request.Header.ContentLength()) > st.cfg.MaxBodyBytes {
-		writeFastError(ctx, http.StatusRequestEntityTooLarge, "body_too_large", "request body exceeds "+strconv.FormatInt(st.cfg.MaxBodyBytes, 10)+" bytes")
-		return http.StatusRequestEntityTooLarge
+// headerReceived runs when a request's header block is read, before its
+// body: a Content-Length over the limit is set to 0 there, so that fasthttp
+// does not read ahead into a body the proxy refuses (serveH1 finds the
+// length as sent in the raw header block, and answers 413).
+func (p *Proxy) headerReceived(h *fasthttp.RequestHeader) fasthttp.RequestConfig {
+	if st := p.state.Load(); st != nil && st.cfg.MaxBodyBytes > 0 && int64(h.ContentLength()) > st.cfg.MaxBodyBytes {
+		// No "100 Continue" either: the answer is 413 at once.
+		h.SetContentLength(0)
+		h.Del("Expect")
+		h.SetConnectionClose()
 	}
-	return fasthttp.StatusContinue
+	return fasthttp.RequestConfig{}
 }

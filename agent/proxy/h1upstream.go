@@ -4,9 +4,11 @@ import (
 	"bufio"
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strconv"
 	"syscall"
 	"time"
@@ -474,6 +476,11 @@ func (rq *h1Request) receive(l *upstreamLease) error {
 	}
 	if err := resp.ReadLimitBody(l.br, 0); err != nil {
 		fasthttp.ReleaseResponse(resp)
+		if !headerBy.IsZero() && !time.Now().Before(headerBy) {
+			// fasthttp does not always keep the net.Error of a read
+			// deadline; the clock says what happened.
+			return fmt.Errorf("backend response header: %w (%v)", os.ErrDeadlineExceeded, err)
+		}
 		return err
 	}
 	rq.resp = resp
@@ -532,7 +539,11 @@ func (rq *h1Request) relay() bool {
 	}
 	rq.body = stream
 	if cl < 0 {
-		cl = -1 // chunked toward the client, whatever the backend did
+		// Chunked toward the client, whatever the backend did, and
+		// the header sent at once: an event stream or a long poll may
+		// send nothing more for a while.
+		cl = -1
+		ctx.Response.ImmediateHeaderFlush = true
 	}
 	ctx.Response.SetBodyStream(rq, cl)
 	return true

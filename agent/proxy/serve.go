@@ -148,7 +148,7 @@ func (p *Proxy) newServer(role int, spec serverSpec, ln net.Listener) (*server, 
 	s.fast = &fasthttp.Server{
 		Handler:                       p.serveH1,
 		ErrorHandler:                  p.h1ErrorHandler,
-		ExpectHandler:                 p.expectHandler,
+		HeaderReceived:                p.headerReceived,
 		ReadBufferSize:                maxHeaderBytes, // the request header limit
 		ReadTimeout:                   spec.readHeader,
 		IdleTimeout:                   spec.idle,

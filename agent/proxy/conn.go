@@ -3,66 +3,35 @@ package proxy
 import (
 	"context"
 	"crypto/tls"
-	"errors"
-	"io"
 	"net"
 	"net/netip"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
 )
 
-// clientListener hands the proxy's HTTP server its client connections as
-// *clientConn: the accepted TCP connection, or for HTTPS the TLS connection
-// over it (whose handshake runs on the first read, in the server's goroutine
-// for that connection, under the server's header timeout).
-type clientListener struct {
-	net.Listener
-	tls   *tls.Config // nil: plain HTTP
-	guard *connGuard
-}
-
-func (l *clientListener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err != nil {
-		return nil, err
-	}
-	cc := &clientConn{Conn: c, guard: l.guard, peer: remoteAddr(c.RemoteAddr().String())}
-	if l.tls != nil {
-		cc.tls = tls.Server(c, l.tls)
-		cc.Conn = cc.tls
-	}
-	return cc, nil
-}
-
 // connGuard is what the connections of one server enforce, and where they
 // report abuse.
 type connGuard struct {
-	p  *Proxy
-	h2 bool // the server speaks HTTP/2 on these connections
+	p *Proxy
 	// maxResets is an HTTP/2 connection's budget of client stream resets,
 	// refilled at maxResets per resetWindow.
 	maxResets   int
 	resetWindow time.Duration
 }
 
-// clientConn is one client connection as the proxy's HTTP server sees it.
-// Everything the client sends passes through Read on its way to net/http,
-// which lets the proxy enforce what net/http does not:
+// clientConn is an HTTP/2 client connection (h2 by ALPN, or h2c by prior
+// knowledge) as the HTTP/2 server sees it. Everything the client sends
+// passes through Read on its way to the server, which lets the proxy
+// enforce what the server does not: every RST_STREAM the client sends
+// spends one unit of the connection's reset budget. A client over budget
+// (the rapid reset flood: streams opened and cancelled at once, each
+// costing a backend request and the client nothing) gets no further frame
+// through: the HTTP/2 server reads a connection error and ends the
+// connection with GOAWAY (ENHANCE_YOUR_CALM).
 //
-//   - HTTP/2 (h2 by ALPN, or h2c by prior knowledge): every RST_STREAM the
-//     client sends spends one unit of the connection's reset budget. A
-//     client over budget (the rapid reset flood: streams opened and
-//     cancelled at once, each costing a backend request and the client
-//     nothing) gets no further frame through: the HTTP/2 server reads a
-//     connection error and ends the connection with GOAWAY
-//     (ENHANCE_YOUR_CALM).
-//   - HTTP/1: a request with both Content-Length and Transfer-Encoding is
-//     refused before net/http parses it to the end (see h1Framing).
-//
-// net/http reads a connection from one goroutine at a time, so the
+// The HTTP/2 server reads a connection from one goroutine, so the
 // inspection state needs no lock.
 type clientConn struct {
 	net.Conn
@@ -73,36 +42,18 @@ type clientConn struct {
 	tlsOnce  sync.Once
 	tlsState *tls.ConnectionState
 
-	// The protocol, from the first bytes: sniffing until they match the
-	// HTTP/2 client preface or cannot.
-	proto   connProto
-	sniffed int // bytes of the preface matched so far
+	sniffed int // bytes of the client preface passed so far
 
 	// cutErr, once set, is what every further Read returns: the bytes
-	// after the cut are never passed on. (Only for HTTP/2, whose server
-	// reads from one goroutine: an HTTP/1 server's background read would
-	// take an error for a client gone away.)
-	cutErr    error
-	uninspect atomic.Bool
+	// after the cut are never passed on.
+	cutErr error
 
-	// HTTP/2.
 	frames   frameScanner
 	resets   int     // RST_STREAM frames received
 	tokens   float64 // reset budget left
 	refilled time.Time
 	cutAtEnd bool // the current frame is the last one passed on
-
-	// HTTP/1.
-	h1 h1Framing
 }
-
-type connProto uint8
-
-const (
-	protoSniffing connProto = iota
-	protoHTTP1
-	protoHTTP2
-)
 
 // errResetFlood is what the HTTP/2 server reads from a connection whose
 // client is over its reset budget. golang.org/x/net/http2's server handles
@@ -117,61 +68,30 @@ func (c *clientConn) Read(b []byte) (int, error) {
 		return 0, c.cutErr
 	}
 	n, err := c.Conn.Read(b)
-	if n > 0 && !c.uninspect.Load() {
+	if n > 0 {
 		n = c.inspect(b[:n])
 		if c.cutErr != nil && n == 0 {
 			return 0, c.cutErr
 		}
 	}
-	if err != nil {
-		c.plainHTTPOnTLS(err)
-	}
 	return n, err
 }
 
-// stopInspecting ends the inspection, for a connection taken over by an
-// upgrade (a WebSocket): what follows is not HTTP.
-func (c *clientConn) stopInspecting() { c.uninspect.Store(true) }
-
 // inspect looks at bytes the client sent and returns how many of them are
-// passed on.
+// passed on. The client preface comes first (the server checks it); the
+// frames after it are followed.
 func (c *clientConn) inspect(b []byte) int {
-	switch c.proto {
-	case protoHTTP1:
-		return c.inspectHTTP1(b)
-	case protoHTTP2:
-		return c.inspectFrames(b)
-	}
-	if !c.guard.h2 {
-		c.proto = protoHTTP1
-		return c.inspectHTTP1(b)
-	}
 	i := 0
-	for ; i < len(b) && c.sniffed < len(http2.ClientPreface); i++ {
-		if b[i] != http2.ClientPreface[c.sniffed] {
-			// HTTP/1 from the first byte: the part of the preface
-			// it shared (passed on already) is its start.
-			c.proto = protoHTTP1
-			c.h1.feed([]byte(http2.ClientPreface[:c.sniffed]))
-			return i + c.inspectHTTP1(b[i:])
-		}
-		c.sniffed++
-	}
 	if c.sniffed < len(http2.ClientPreface) {
-		return len(b)
+		i = min(len(b), len(http2.ClientPreface)-c.sniffed)
+		c.sniffed += i
+		if c.sniffed < len(http2.ClientPreface) {
+			return len(b)
+		}
+		c.tokens = float64(c.guard.maxResets)
+		c.refilled = c.guard.p.now()
 	}
-	c.proto = protoHTTP2
-	c.tokens = float64(c.guard.maxResets)
-	c.refilled = c.guard.p.now()
 	return i + c.inspectFrames(b[i:])
-}
-
-func (c *clientConn) inspectHTTP1(b []byte) int {
-	if i := c.h1.feed(b); i >= 0 {
-		b[i] = 0 // see h1Framing
-		c.guard.ambiguousFraming(c)
-	}
-	return len(b)
 }
 
 // inspectFrames follows HTTP/2 frames and spends the reset budget. Past
@@ -233,29 +153,6 @@ func (c *clientConn) TLS() *tls.ConnectionState {
 	return c.tlsState
 }
 
-// CloseWrite half-closes a plain connection (ReverseProxy does, toward a
-// client of an upgraded connection, when the backend is done sending).
-func (c *clientConn) CloseWrite() error {
-	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
-		return cw.CloseWrite()
-	}
-	return errors.ErrUnsupported
-}
-
-// plainHTTPOnTLS answers a plain HTTP request sent to the HTTPS listener
-// with a 400 in plain HTTP, as net/http does for the TLS it handles itself.
-func (c *clientConn) plainHTTPOnTLS(err error) {
-	var re tls.RecordHeaderError
-	if c.tls == nil || !errors.As(err, &re) || re.Conn == nil {
-		return
-	}
-	switch string(re.RecordHeader[:]) {
-	case "GET /", "HEAD ", "POST ", "PUT /", "OPTIO":
-		io.WriteString(re.Conn, "HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n")
-		re.Conn.Close()
-	}
-}
-
 type clientConnKey struct{}
 
 // withClientConn is the servers' ConnContext: requests find their
@@ -276,12 +173,6 @@ func clientConnOf(ctx context.Context) *clientConn {
 func (g *connGuard) resetFlood(c *clientConn) {
 	g.p.violation(ViolationResetFlood, c.peer, "proxy: HTTP/2 client over its stream reset budget; ending the connection with GOAWAY",
 		"resets", c.resets, "budget", g.maxResets, "window", g.resetWindow.String())
-}
-
-// ambiguousFraming reports a request refused for having both
-// Content-Length and Transfer-Encoding.
-func (g *connGuard) ambiguousFraming(c *clientConn) {
-	g.p.violation(ViolationAmbiguousFraming, c.peer, "proxy: request with both Content-Length and Transfer-Encoding refused; closing the connection")
 }
 
 // violation counts, logs and reports client abuse of a kind (a Violation

@@ -878,9 +878,6 @@ func (w *respWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		return nil, nil, err
 	}
 	w.status = http.StatusSwitchingProtocols
-	if cc := clientConnOf(w.rs.inCtx); cc != nil {
-		cc.stopInspecting() // what follows is not HTTP
-	}
 	hc := &hijackedConn{Conn: conn, rs: w.rs, set: &w.rs.p.hijacked}
 	w.rs.p.hijacked.add(hc)
 	return hc, brw, nil

@@ -538,30 +538,6 @@ func TestContentLengthWithTransferEncodingIsRefused(t *testing.T) {
 	}
 }
 
-// h1Framing finds the same request boundaries however the bytes are split
-// into reads, and marks the end of the ambiguous header block: the blank
-// line's first byte, or its LF when the CR came in an earlier read.
-func TestH1FramingAcrossReads(t *testing.T) {
-	end := strings.Index(smugglingStream, "0\r\n\r\nGET /smuggled") - len("\r\n")
-	for _, size := range []int{1, 2, 3, 7, 64, len(smugglingStream)} {
-		var f h1Framing
-		poisoned := -1
-		for i := 0; i < len(smugglingStream) && poisoned < 0; i += size {
-			chunk := smugglingStream[i:min(i+size, len(smugglingStream))]
-			if j := f.feed([]byte(chunk)); j >= 0 {
-				poisoned = i + j
-			}
-		}
-		want := end
-		if end%size == size-1 { // the CR ends a read
-			want++
-		}
-		if poisoned != want {
-			t.Errorf("reads of %d bytes: marked byte %d, want %d", size, poisoned, want)
-		}
-	}
-}
-
 // The HTTPS listener, whose TLS handshake is the proxy's, still answers a
 // plain HTTP request with a 400 saying so.
 func TestPlainHTTPToHTTPSListener(t *testing.T) {

@@ -144,7 +144,7 @@ func (p *Proxy) needsRestart(role int, spec serverSpec) bool {
 // newServer builds the engines for a role and ln.
 func (p *Proxy) newServer(role int, spec serverSpec, ln net.Listener) (*server, error) {
 	s := &server{spec: spec, ln: ln, done: make(chan struct{})}
-	s.guard = &connGuard{p: p, h2: true, maxResets: spec.h2.maxResets, resetWindow: spec.h2.resetWindow}
+	s.guard = &connGuard{p: p, maxResets: spec.h2.maxResets, resetWindow: spec.h2.resetWindow}
 	s.fast = &fasthttp.Server{
 		Handler:                       p.serveH1,
 		ErrorHandler:                  p.h1ErrorHandler,

@@ -1,0 +1,489 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/veloflux/veloflux/agent/config"
+)
+
+// rawBackend is a backend on a plain TCP listener that records each
+// request head exactly as the proxy wrote it, with its body as framed,
+// and answers with a fixed raw response.
+type rawBackend struct {
+	port     int
+	response string
+	mu       sync.Mutex
+	heads    []string
+	bodies   []string
+	hits     atomic.Int64
+}
+
+func newRawBackend(t *testing.T, response string) *rawBackend {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	b := &rawBackend{port: ln.Addr().(*net.TCPAddr).Port, response: response}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go b.serve(c)
+		}
+	}()
+	return b
+}
+
+func (b *rawBackend) serve(c net.Conn) {
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	br := bufio.NewReader(c)
+	for {
+		var head strings.Builder
+		for {
+			line, err := br.ReadString('\n')
+			if err != nil {
+				return
+			}
+			head.WriteString(line)
+			if line == "\r\n" {
+				break
+			}
+		}
+		b.hits.Add(1)
+		h := head.String()
+		var body []byte
+		switch {
+		case strings.Contains(strings.ToLower(h), "\r\ntransfer-encoding: chunked\r\n"):
+			// Kept as framed: size lines, data, the last chunk and
+			// the trailer section.
+			raw := &bytes.Buffer{}
+			for {
+				line, err := br.ReadString('\n')
+				raw.WriteString(line)
+				if err != nil {
+					return
+				}
+				n, err := strconv.ParseInt(strings.TrimSpace(strings.SplitN(line, ";", 2)[0]), 16, 64)
+				if err != nil {
+					return
+				}
+				if n == 0 {
+					break
+				}
+				if _, err := io.CopyN(raw, br, n+2); err != nil {
+					return
+				}
+			}
+			for {
+				line, err := br.ReadString('\n')
+				raw.WriteString(line)
+				if err != nil || line == "\r\n" {
+					break
+				}
+			}
+			body = raw.Bytes()
+		case strings.Contains(strings.ToLower(h), "\r\ncontent-length: "):
+			i := strings.Index(strings.ToLower(h), "\r\ncontent-length: ") + len("\r\ncontent-length: ")
+			n, _ := strconv.Atoi(h[i : i+strings.Index(h[i:], "\r\n")])
+			body = make([]byte, n)
+			io.ReadFull(br, body)
+		}
+		b.mu.Lock()
+		b.heads = append(b.heads, h)
+		b.bodies = append(b.bodies, string(body))
+		b.mu.Unlock()
+		io.WriteString(c, b.response)
+	}
+}
+
+func (b *rawBackend) last() (head, body string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if len(b.heads) == 0 {
+		return "", ""
+	}
+	return b.heads[len(b.heads)-1], b.bodies[len(b.bodies)-1]
+}
+
+func (b *rawBackend) pool() config.Pool {
+	w := uint32(1)
+	return config.Pool{Name: "web", Algorithm: config.AlgorithmRoundRobin,
+		Backends: []config.Backend{{Address: "127.0.0.1", Port: b.port, Weight: &w}}}
+}
+
+// readRawResponse reads one response and returns its head as sent, and
+// its body.
+func readRawResponse(t *testing.T, br *bufio.Reader) (head, body string) {
+	t.Helper()
+	var h strings.Builder
+	for {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatalf("reading the response head: %v (so far %q)", err, h.String())
+		}
+		h.WriteString(line)
+		if line == "\r\n" {
+			break
+		}
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(io.MultiReader(strings.NewReader(h.String()), br)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	return h.String(), string(b)
+}
+
+// Headers reach the backend, and the client, as they were sent: names in
+// their own case, repeated headers as separate lines in their order
+// (Cookie included), quotes kept; hop-by-hop headers, named in Connection
+// or not and in any case, are removed.
+func TestHeaderSemantics(t *testing.T) {
+	be := newRawBackend(t, "HTTP/1.1 200 OK\r\n"+
+		"Content-Length: 2\r\n"+
+		"Set-Cookie: a=1; Path=/\r\n"+
+		"Set-Cookie: a=2; Path=/x\r\n"+
+		"X-Dup: one\r\n"+
+		"X-Dup: two\r\n"+
+		"x-lower-Case: v\r\n"+
+		"X-Quoted: \"q v\"\r\n"+
+		"Connection: X-Hop-Resp\r\n"+
+		"X-Hop-Resp: secret\r\n"+
+		"keep-alive: timeout=5\r\n"+
+		"\r\nok")
+	cfg := testConfig([]config.Pool{be.pool()}, config.Route{PathPrefix: "/", Pool: "web"})
+	p := newProxy(t, cfg, Options{})
+	addr, _ := serve(t, p)
+
+	c := rawConn(t, addr)
+	io.WriteString(c, "GET /h?q=\"1\" HTTP/1.1\r\n"+
+		"Host: app\r\n"+
+		"Cookie: a=1\r\n"+
+		"Cookie: b=\"2\"\r\n"+
+		"X-Dup: one\r\n"+
+		"X-Dup: two\r\n"+
+		"x-lower-Case: v\r\n"+
+		"X-Quoted: \"q v\"\r\n"+
+		"Connection: keep-alive, X-Hop\r\n"+
+		"x-hop: secret\r\n"+
+		"KEEP-ALIVE: timeout=5\r\n"+
+		"te: trailers\r\n"+
+		"Proxy-Connection: keep-alive\r\n"+
+		"Upgrade: something\r\n"+
+		"\r\n")
+	head, body := readRawResponse(t, bufio.NewReader(c))
+	if body != "ok" {
+		t.Fatalf("body %q", body)
+	}
+	sent, _ := be.last()
+	if !strings.HasPrefix(sent, "GET /h?q=\"1\" HTTP/1.1\r\n") {
+		t.Errorf("request line toward the backend: %q", strings.SplitN(sent, "\r\n", 2)[0])
+	}
+	for _, tc := range []struct {
+		what, in string
+		want     []string // substrings, in this order
+		not      []string // lower-case substrings that must not appear
+	}{
+		{"request", sent,
+			[]string{"\r\nHost: app\r\n", "\r\nCookie: a=1\r\nCookie: b=\"2\"\r\n", "\r\nX-Dup: one\r\nX-Dup: two\r\n",
+				"\r\nx-lower-Case: v\r\n", "\r\nX-Quoted: \"q v\"\r\n"},
+			[]string{"x-hop", "keep-alive", "\r\nte:", "proxy-connection", "upgrade", "connection"}},
+		{"response", head,
+			[]string{"\r\nSet-Cookie: a=1; Path=/\r\n", "\r\nSet-Cookie: a=2; Path=/x\r\n"},
+			[]string{"x-hop-resp", "keep-alive"}},
+		{"response", head,
+			[]string{"\r\nX-Dup: one\r\n", "\r\nX-Dup: two\r\n"}, nil},
+		{"response", head, []string{"\r\nx-lower-Case: v\r\n"}, nil},
+		{"response", head, []string{"\r\nX-Quoted: \"q v\"\r\n"}, nil},
+	} {
+		rest := tc.in
+		for _, w := range tc.want {
+			i := strings.Index(rest, w)
+			if i < 0 {
+				t.Errorf("%s head lacks %q (in order):\n%s", tc.what, w, tc.in)
+				break
+			}
+			rest = rest[i+len(w)-2:]
+		}
+		for _, n := range tc.not {
+			if strings.Contains(strings.ToLower(tc.in), n) {
+				t.Errorf("%s head has %q:\n%s", tc.what, n, tc.in)
+			}
+		}
+	}
+}
+
+// Request headers of up to 64 KiB are served; a larger block is answered
+// 431 without reaching the backend.
+func TestRequestHeaderLimit(t *testing.T) {
+	be := newBackend(t, "b", nil)
+	cfg := testConfig([]config.Pool{poolOf("web", config.AlgorithmRoundRobin, be)}, config.Route{PathPrefix: "/", Pool: "web"})
+	p := newProxy(t, cfg, Options{})
+	addr, _ := serve(t, p)
+	for _, tc := range []struct {
+		size int
+		want int
+	}{{60 << 10, 200}, {70 << 10, http.StatusRequestHeaderFieldsTooLarge}} {
+		resp, _ := rawExchange(t, addr, "GET / HTTP/1.1\r\nHost: app\r\nCookie: c="+strings.Repeat("x", tc.size)+"\r\n\r\n")
+		if resp.StatusCode != tc.want {
+			t.Errorf("%d KiB of headers: %d, want %d", tc.size>>10, resp.StatusCode, tc.want)
+		}
+	}
+	if be.hits.Load() != 1 {
+		t.Errorf("backend hits %d, want 1", be.hits.Load())
+	}
+}
+
+// Requests whose framing could be read two ways, or that break the
+// header syntax, are refused with 400 and their connection closed; the
+// request pipelined behind them is never served, and the backend sees
+// none of them.
+func TestSmugglingTable(t *testing.T) {
+	be := newRawBackend(t, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+	cfg := testConfig([]config.Pool{be.pool()}, config.Route{PathPrefix: "/", Pool: "web"})
+	p := newProxy(t, cfg, Options{})
+	addr, _ := serve(t, p)
+	const next = "GET /smuggled HTTP/1.1\r\nHost: app\r\n\r\n"
+	for _, tc := range []struct{ name, req string }{
+		{"Content-Length then Transfer-Encoding", "POST / HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"},
+		{"Transfer-Encoding then Content-Length", "POST / HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n"},
+		{"Content-Length with Transfer-Encoding identity", "POST / HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\nTransfer-Encoding: identity\r\n\r\nhello"},
+		{"differing duplicate Content-Length", "POST / HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"},
+		{"equal duplicate Content-Length", "POST / HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello"},
+		{"Content-Length list", "POST / HTTP/1.1\r\nHost: app\r\nContent-Length: 5, 5\r\n\r\nhello"},
+		{"non-numeric Content-Length", "POST / HTTP/1.1\r\nHost: app\r\nContent-Length: +5\r\n\r\nhello"},
+		{"obs-fold", "GET / HTTP/1.1\r\nHost: app\r\nX-A: a\r\n b\r\n\r\n"},
+		{"obs-fold with a tab", "GET / HTTP/1.1\r\nHost: app\r\nX-A: a\r\n\tb\r\n\r\n"},
+		{"space before the colon", "POST / HTTP/1.1\r\nHost: app\r\nContent-Length : 5\r\n\r\nhello"},
+		{"tab before the colon", "POST / HTTP/1.1\r\nHost: app\r\nTransfer-Encoding\t: chunked\r\n\r\n0\r\n\r\n"},
+		{"unknown transfer coding", "POST / HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"},
+		{"duplicate Transfer-Encoding", "POST / HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"},
+		{"Transfer-Encoding on HTTP/1.0", "POST / HTTP/1.0\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"},
+		{"duplicate Host", "GET / HTTP/1.1\r\nHost: app\r\nHost: other\r\n\r\n"},
+		{"NUL in a header value", "GET / HTTP/1.1\r\nHost: app\r\nX-A: a\x00b\r\n\r\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := rawConn(t, addr)
+			io.WriteString(c, tc.req+next)
+			br := bufio.NewReader(c)
+			resp, _ := rawResponse(t, br)
+			if resp.StatusCode != http.StatusBadRequest || !resp.Close {
+				t.Errorf("%d, Connection: close %v; want 400 and close", resp.StatusCode, resp.Close)
+			}
+			if extra, err := br.ReadString('\n'); err == nil {
+				t.Errorf("the connection goes on after the refusal: %q", extra)
+			}
+		})
+	}
+	if n := be.hits.Load(); n != 0 {
+		t.Errorf("the backend saw %d requests", n)
+	}
+}
+
+// The proxy frames every body toward the backend itself: a chunked body
+// is sent chunked again, without the client's chunk extensions or
+// trailers; a body with a Content-Length is sent with it.
+func TestBodiesAreReframed(t *testing.T) {
+	be := newRawBackend(t, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+	cfg := testConfig([]config.Pool{be.pool()}, config.Route{PathPrefix: "/", Pool: "web"})
+	p := newProxy(t, cfg, Options{})
+	addr, _ := serve(t, p)
+
+	c := rawConn(t, addr)
+	io.WriteString(c, "POST /c HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n"+
+		"3;ext=\"x\"\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: v\r\n\r\n")
+	br := bufio.NewReader(c)
+	if _, body := readRawResponse(t, br); body != "ok" {
+		t.Fatalf("chunked: %q", body)
+	}
+	head, body := be.last()
+	lh := strings.ToLower(head)
+	if !strings.Contains(lh, "\r\ntransfer-encoding: chunked\r\n") || strings.Contains(lh, "content-length") {
+		t.Errorf("chunked request head toward the backend:\n%s", head)
+	}
+	if strings.Contains(body, "ext") || strings.Contains(body, "X-Trailer") {
+		t.Errorf("the client's chunk extensions or trailer reached the backend: %q", body)
+	}
+	if dec, _ := io.ReadAll(httputil.NewChunkedReader(strings.NewReader(body))); string(dec) != "abcde" {
+		t.Errorf("chunked body %q decodes to %q", body, dec)
+	}
+
+	io.WriteString(c, "PUT /l HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\n\r\nhello")
+	if _, b := readRawResponse(t, br); b != "ok" {
+		t.Fatalf("content-length: %q", b)
+	}
+	head, body = be.last()
+	if !strings.Contains(head, "\r\nContent-Length: 5\r\n") || strings.Contains(strings.ToLower(head), "transfer-encoding") || body != "hello" {
+		t.Errorf("content-length request toward the backend:\n%s%q", head, body)
+	}
+}
+
+// A response body is relayed as it arrives: an event stream event by
+// event, and a large download without being held in memory.
+func TestResponsesAreStreamed(t *testing.T) {
+	events := make(chan string)
+	be := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/big" {
+			w.Header().Set("Content-Length", strconv.Itoa(50<<20))
+			chunk := bytes.Repeat([]byte("x"), 1<<20)
+			for i := 0; i < 50; i++ {
+				w.Write(chunk)
+			}
+			return
+		}
+		w.Header().Set("Content-Type", "text/event-stream")
+		w.WriteHeader(200)
+		w.(http.Flusher).Flush()
+		for e := range events {
+			io.WriteString(w, "data: "+e+"\n\n")
+			w.(http.Flusher).Flush()
+		}
+	})
+	cfg := testConfig([]config.Pool{poolOf("web", config.AlgorithmRoundRobin, be)}, config.Route{PathPrefix: "/", Pool: "web"})
+	p := newProxy(t, cfg, Options{})
+	f := front(t, p)
+
+	resp, err := client().Get(f.URL + "/events")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	br := bufio.NewReader(resp.Body)
+	for _, e := range []string{"one", "two", "three"} {
+		events <- e
+		line, err := br.ReadString('\n')
+		if err != nil || line != "data: "+e+"\n" {
+			t.Fatalf("event %q arrived as %q, %v", e, line, err)
+		}
+		br.ReadString('\n')
+	}
+	close(events)
+
+	var before runtimeMem
+	before.read()
+	resp2, err := client().Get(f.URL + "/big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var peak uint64
+	buf := make([]byte, 64<<10)
+	var n int64
+	for {
+		m, err := resp2.Body.Read(buf)
+		n += int64(m)
+		if n%(10<<20) < int64(m) {
+			var cur runtimeMem
+			cur.read()
+			peak = max(peak, cur.heap)
+		}
+		if err != nil {
+			break
+		}
+	}
+	resp2.Body.Close()
+	if n != 50<<20 {
+		t.Fatalf("download of %d bytes, want %d", n, 50<<20)
+	}
+	// The test's own backend and client run in this process too; the
+	// bound is far below the 50 MB a buffering proxy would hold.
+	if peak > before.heap+24<<20 {
+		t.Errorf("heap grew from %d to %d MB during a 50 MB download", before.heap>>20, peak>>20)
+	}
+}
+
+// Many clients at once, each with its own path, body and request id: every
+// answer and access log line is its own request's, so nothing of a
+// request fasthttp recycles is kept past its handler (run with -race).
+func TestConcurrentRequestsKeepTheirOwnData(t *testing.T) {
+	be := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		fmt.Fprintf(w, "%s %s %s", r.URL.Path, r.Header.Get("X-Request-Id"), b)
+	})
+	cfg := testConfig([]config.Pool{poolOf("web", config.AlgorithmRoundRobin, be)}, config.Route{PathPrefix: "/", Pool: "web"})
+	var logBuf syncBuffer
+	p := newProxy(t, cfg, Options{Logger: slogJSON(&logBuf)})
+	f := front(t, p)
+	const clients, each = 8, 100
+	var wg sync.WaitGroup
+	errs := make(chan string, clients*each)
+	for c := 0; c < clients; c++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cl := client()
+			for i := 0; i < each; i++ {
+				path := fmt.Sprintf("/c%d/r%d", c, i)
+				id := fmt.Sprintf("id-%d-%d", c, i)
+				body := strings.Repeat(string(rune('a'+c)), 10+i)
+				method := http.MethodGet
+				var rd io.Reader
+				if i%2 == 0 {
+					method, rd = http.MethodPost, strings.NewReader(body)
+				} else {
+					body = ""
+				}
+				req, _ := http.NewRequest(method, f.URL+path, rd)
+				req.Header.Set("X-Request-Id", id)
+				resp, err := cl.Do(req)
+				if err != nil {
+					errs <- err.Error()
+					return
+				}
+				got, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if want := path + " " + id + " " + body; string(got) != want || resp.Header.Get("X-Request-Id") != id {
+					errs <- fmt.Sprintf("%s: got %q (id %q), want %q", path, got, resp.Header.Get("X-Request-Id"), want)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Error(e)
+	}
+	waitFor(t, 5*time.Second, "access log lines", func() bool {
+		return strings.Count(logBuf.String(), `"msg":"http request"`) >= clients*each
+	})
+	for _, line := range strings.Split(strings.TrimSpace(logBuf.String()), "\n") {
+		var e struct {
+			Msg, Path, RequestID string `json:",omitempty"`
+			ID                   string `json:"request_id"`
+		}
+		if json.Unmarshal([]byte(line), &e) != nil || e.Msg != "http request" {
+			continue
+		}
+		var c, i int
+		if _, err := fmt.Sscanf(e.Path, "/c%d/r%d", &c, &i); err != nil || e.ID != fmt.Sprintf("id-%d-%d", c, i) {
+			t.Errorf("access log line mixes requests: path %q, request id %q", e.Path, e.ID)
+		}
+	}
+}
+
+// runtimeMem is the heap in use.
+type runtimeMem struct{ heap uint64 }
+
+func (m *runtimeMem) read() {
+	var s runtime.MemStats
+	runtime.ReadMemStats(&s)
+	m.heap = s.HeapAlloc
+}

@@ -215,9 +215,16 @@ func (rq *h1Request) handle() bool {
 // refused before its body was read: the client may still be sending it,
 // and nothing it sends can be taken for the next request.
 func (rq *h1Request) refuseUnreadBody() {
-	if rq.hasBody() {
-		rq.ctx.SetConnectionClose()
+	if rq.hasBody() || rq.hdr.contentLength > 0 {
+		rq.closeUnread()
 	}
+}
+
+// closeUnread closes the connection after the answer, lingering so that a
+// client still sending a body reads the answer.
+func (rq *h1Request) closeUnread() {
+	rq.ctx.SetConnectionClose()
+	lingerOnClose(rq.ctx.Conn())
 }
 
 func (rq *h1Request) hasBody() bool {
@@ -226,7 +233,7 @@ func (rq *h1Request) hasBody() bool {
 }
 
 func (rq *h1Request) bodyTooLarge() {
-	rq.ctx.SetConnectionClose()
+	rq.closeUnread()
 	rq.writeError(http.StatusRequestEntityTooLarge, "body_too_large", "request body exceeds "+strconv.FormatInt(rq.st.cfg.MaxBodyBytes, 10)+" bytes")
 }
 

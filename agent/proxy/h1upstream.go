@@ -167,17 +167,17 @@ func (rq *h1Request) answerFailure(err error) {
 		rq.bodyTooLarge()
 		return
 	case bodyTooSlow:
-		rq.ctx.SetConnectionClose()
+		rq.closeUnread()
 		rq.writeError(http.StatusRequestTimeout, "request_timeout", "the request body was not received within the request timeout")
 		return
 	case bodyMalformed:
-		rq.ctx.SetConnectionClose()
+		rq.closeUnread()
 		rq.writeError(http.StatusBadRequest, "bad_request", "the request body could not be read: its framing is invalid or it ended early")
 		return
 	}
 	if rq.hasBody() {
 		// The body may be partly unread, and cannot be skipped safely.
-		rq.ctx.SetConnectionClose()
+		rq.closeUnread()
 	}
 	if isTimeout(err) {
 		rq.writeError(http.StatusGatewayTimeout, "gateway_timeout", "the backend did not answer in time")

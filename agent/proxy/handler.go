@@ -602,13 +602,6 @@ func (p *Proxy) errorHandler(w http.ResponseWriter, r *http.Request, err error) 
 	}
 }
 
-// refusedBodyLinger bounds how long the body of a refused HTTP/1 request is
-// read (and discarded) after the answer, so that a client still sending it
-// reads the answer before the connection closes, as nginx's lingering close
-// does, while a client that sends nothing (say, waiting for "100 Continue")
-// cannot hold the connection.
-const refusedBodyLinger = time.Second
-
 // refuseUnreadBody prepares the answer to a request the proxy turns down
 // before reading its body. Left alone, net/http would read and discard up
 // to 256 KiB of that body, with no deadline, before the answer, or after it

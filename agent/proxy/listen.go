@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -52,13 +53,55 @@ func (s *connSet) closeAll() int {
 // trackedConn is an accepted connection that leaves its set when closed.
 type trackedConn struct {
 	net.Conn
-	set  *connSet
-	once sync.Once
+	set    *connSet
+	once   sync.Once
+	linger atomic.Bool
 }
 
+// refusedBodyLinger bounds how long the rest of a refused request's body is
+// read (and discarded) after the answer, so that a client still sending it
+// reads the answer rather than a connection reset, as nginx's lingering
+// close does, while a client that sends nothing cannot hold the
+// connection.
+const refusedBodyLinger = time.Second
+
+// lingerOnClose makes Close end the connection politely: the answer is
+// followed by a FIN, and what the client still sends is discarded for up
+// to refusedBodyLinger before the socket closes.
+func (c *trackedConn) lingerOnClose() { c.linger.Store(true) }
+
 func (c *trackedConn) Close() error {
-	c.once.Do(func() { c.set.remove(c) })
+	first := false
+	c.once.Do(func() { first = true })
+	if !first {
+		return c.Conn.Close()
+	}
+	if c.linger.Load() {
+		if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
+			go func() {
+				c.Conn.SetReadDeadline(time.Now().Add(refusedBodyLinger))
+				io.Copy(io.Discard, c.Conn)
+				c.Conn.Close()
+				c.set.remove(c)
+			}()
+			return nil
+		}
+	}
+	c.set.remove(c)
 	return c.Conn.Close()
+}
+
+// lingerOnClose finds the tracked connection under a client connection and
+// asks it to close politely.
+func lingerOnClose(c net.Conn) {
+	switch v := c.(type) {
+	case *trackedConn:
+		v.lingerOnClose()
+	case *prefixConn:
+		v.lingerOnClose()
+	case *tlsClientConn:
+		lingerOnClose(v.NetConn())
+	}
 }
 
 // CloseWrite half-closes the connection (an upgraded tunnel does, toward
@@ -107,8 +150,7 @@ func (d *dispatchListener) acceptLoop() {
 				time.Sleep(5 * time.Millisecond)
 				continue
 			}
-			d.err = err
-			d.Close()
+			d.fail(err)
 			return
 		}
 		tc := &trackedConn{Conn: c, set: d.conns}
@@ -172,11 +214,17 @@ func (d *dispatchListener) Accept() (net.Conn, error) {
 }
 
 func (d *dispatchListener) Close() error {
+	d.fail(nil)
+	return nil
+}
+
+// fail closes the listener; err is why (nil: it was closed on purpose).
+func (d *dispatchListener) fail(err error) {
 	d.closeOnce.Do(func() {
+		d.err = err
 		close(d.done)
 		d.ln.Close()
 	})
-	return nil
 }
 
 func (d *dispatchListener) Addr() net.Addr { return d.ln.Addr() }

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"io"
 	"log/slog"
 	"net"
@@ -10,11 +11,13 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/veloflux/veloflux/agent/config"
 )
 
-// The benchmarks drive keep-alive HTTP/1.1 over loopback with 64 parallel
+// The benchmarks drive keep-alive HTTP/1.1 over loopback, through the
+// proxy's own listeners (its HTTP/1.1 engine), with 64 parallel
 // clients (b.SetParallelism scales with GOMAXPROCS), a 1 KiB response, and
 // report requests per second. BenchmarkDirectKeepAlive is the same load
 // without the proxy, for comparison.
@@ -77,9 +80,19 @@ func benchProxy(b *testing.B, algo config.Algorithm, log *slog.Logger) {
 	if err := p.Apply(benchConfig(b, be, algo)); err != nil {
 		b.Fatal(err)
 	}
-	f := httptest.NewServer(p.Handler())
-	b.Cleanup(f.Close)
-	runClients(b, f.URL+"/bench")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Serve(ctx) }()
+	b.Cleanup(func() { cancel(); <-done })
+	var addr string
+	for i := 0; i < 500 && addr == ""; i++ {
+		time.Sleep(10 * time.Millisecond)
+		addr, _ = p.listenAddrs()
+	}
+	if addr == "" {
+		b.Fatal("Serve did not open its listener")
+	}
+	runClients(b, "http://"+addr+"/bench")
 }
 
 // BenchmarkProxyKeepAlive is the proxy with access logging disabled.

@@ -634,6 +634,7 @@ type l7Result struct {
 
 	Wall      time.Duration
 	ProxyCPU  time.Duration // the proxy's process (0 for direct)
+	Syscalls  int64         // system calls the proxy's process made (0: not counted)
 	CPUBusy   [2]float64    // share busy of l7LoadCPU, l7ProxyCPU (user+system+irq+softirq)
 	Steal     float64       // share of the two CPUs stolen by the hypervisor
 	Foreign   time.Duration // CPU time of processes foreign to the benchmark
@@ -667,10 +668,13 @@ func l7RunWrk(ctx context.Context, url string, d time.Duration, proxyPID int) (l
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	before := l7SampleCPU(proxyPID)
+	count := l7CountSyscalls(proxyPID)
 	if err := l7Start(cmd); err != nil {
+		count()
 		return l7Result{}, "", err
 	}
 	err := cmd.Wait()
+	syscalls := count()
 	after := l7SampleCPU(proxyPID)
 	if err != nil {
 		return l7Result{}, out.String(), fmt.Errorf("wrk %s: %w", url, err)
@@ -680,7 +684,40 @@ func l7RunWrk(ctx context.Context, url string, d time.Duration, proxyPID int) (l
 		return r, out.String(), fmt.Errorf("wrk %s: %w", url, err)
 	}
 	after.into(&r, before)
+	r.Syscalls = syscalls
 	return r, out.String(), nil
+}
+
+// l7CountSyscalls counts the system calls of process pid (0: none) with
+// perf's raw_syscalls:sys_enter tracepoint, in counting mode (no
+// sampling, no cost to the process) until the returned function is
+// called, which returns the count (0 when perf is missing or failed).
+func l7CountSyscalls(pid int) func() int64 {
+	if pid == 0 {
+		return func() int64 { return 0 }
+	}
+	if _, err := exec.LookPath("perf"); err != nil {
+		return func() int64 { return 0 }
+	}
+	cmd := exec.Command("perf", "stat", "-x", ",", "-e", "raw_syscalls:sys_enter", "-p", strconv.Itoa(pid))
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		return func() int64 { return 0 }
+	}
+	time.Sleep(100 * time.Millisecond) // perf attaches
+	return func() int64 {
+		cmd.Process.Signal(os.Interrupt)
+		cmd.Wait()
+		for line := range strings.SplitSeq(out.String(), "\n") {
+			f := strings.Split(line, ",")
+			if len(f) > 2 && strings.Contains(line, "raw_syscalls:sys_enter") {
+				n, _ := strconv.ParseInt(f[0], 10, 64)
+				return n
+			}
+		}
+		return 0
+	}
 }
 
 // ---- CPU accounting ----
@@ -897,8 +934,8 @@ func BenchmarkL7(b *testing.B) {
 			}
 			res.QuietWait, res.Quiet, res.Retried = waited, quiet, attempt > 0
 			disturbed := res.Foreign.Seconds() > l7ForeignLimit*res.Wall.Seconds()
-			b.Logf("%-8s %-5s %8.0f req/s  p50 %-9v p99 %-9v  proxy CPU %5.1f µs/req  CPU%d %3.0f%% CPU%d %3.0f%%  foreign %4.1f%% of a CPU, steal %2.0f%%%s",
-				name, mode, res.ReqPerSec, res.P50, res.P99, l7PerReq(res.ProxyCPU, res.Requests),
+			b.Logf("%-8s %-5s %8.0f req/s  p50 %-9v p99 %-9v  proxy CPU %5.1f µs/req  %4.1f syscalls/req  CPU%d %3.0f%% CPU%d %3.0f%%  foreign %4.1f%% of a CPU, steal %2.0f%%%s",
+				name, mode, res.ReqPerSec, res.P50, res.P99, l7PerReq(res.ProxyCPU, res.Requests), l7SyscallsPerReq(res),
 				l7LoadCPU, 100*res.CPUBusy[0], l7ProxyCPU, 100*res.CPUBusy[1],
 				100*res.Foreign.Seconds()/res.Wall.Seconds(), 100*res.Steal, map[bool]string{true: "  DISTURBED", false: ""}[disturbed])
 			if !disturbed || retriesLeft == 0 {
@@ -941,11 +978,19 @@ func BenchmarkL7(b *testing.B) {
 				b.ReportMetric(ms(s.p50), "p50-ms")
 				b.ReportMetric(ms(s.p99), "p99-ms")
 				b.ReportMetric(s.proxyCPU, "proxy-cpu-us/req")
+				b.ReportMetric(s.syscalls, "proxy-syscalls/req")
 				b.ReportMetric(s.rps/h.rps, "req/s-x-haproxy")
 				b.ReportMetric(float64(s.p99)/float64(h.p99), "p99-x-haproxy")
 			})
 		}
 	}
+}
+
+func l7SyscallsPerReq(r l7Result) float64 {
+	if r.Requests == 0 {
+		return 0
+	}
+	return float64(r.Syscalls) / float64(r.Requests)
 }
 
 func l7PerReq(d time.Duration, n int64) float64 {
@@ -962,6 +1007,7 @@ type l7Summary struct {
 	p50, p99            time.Duration
 	p99Min, p99Max      time.Duration
 	proxyCPU            float64 // µs per request, the proxy's process
+	syscalls            float64 // system calls per request, the proxy's process
 	busy                [2]float64
 	foreignMax          float64 // share of one CPU, worst run
 	retried, loud       int     // runs repeated; runs started on a busy machine
@@ -977,13 +1023,14 @@ func l7Summarize(results map[string]map[string][]l7Result) l7Sum {
 	for name, modes := range results {
 		s.by[name] = map[string]l7Summary{}
 		for mode, rs := range modes {
-			var rps, cpu, busy0, busy1 []float64
+			var rps, cpu, sys, busy0, busy1 []float64
 			var p50, p99 []time.Duration
 			var m l7Summary
 			for _, r := range rs {
 				rps = append(rps, r.ReqPerSec)
 				p50, p99 = append(p50, r.P50), append(p99, r.P99)
 				cpu = append(cpu, l7PerReq(r.ProxyCPU, r.Requests))
+				sys = append(sys, l7SyscallsPerReq(r))
 				busy0, busy1 = append(busy0, r.CPUBusy[0]), append(busy1, r.CPUBusy[1])
 				m.foreignMax = max(m.foreignMax, r.Foreign.Seconds()/r.Wall.Seconds())
 				if r.Retried {
@@ -996,6 +1043,7 @@ func l7Summarize(results map[string]map[string][]l7Result) l7Sum {
 			m.rps, m.rpsMin, m.rpsMax = median(rps), slices.Min(rps), slices.Max(rps)
 			m.p50, m.p99, m.p99Min, m.p99Max = median(p50), median(p99), slices.Min(p99), slices.Max(p99)
 			m.proxyCPU = median(cpu)
+			m.syscalls = median(sys)
 			m.busy = [2]float64{median(busy0), median(busy1)}
 			m.runs = rs
 			s.by[name][mode] = m
@@ -1007,16 +1055,16 @@ func l7Summarize(results map[string]map[string][]l7Result) l7Sum {
 func (s l7Sum) table(tlsInfo map[string]string) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "L7 keep-alive, %s; median of %d rounds (min-max)\n", strings.Join(l7WrkArgs("URL", l7WrkDuration), " "), l7Rounds)
-	fmt.Fprintf(&b, "%-9s %-5s | %-24s | %-7s | %-8s | %-19s | %-7s | %-9s | %-9s\n",
-		"proxy", "mode", "req/s", "x HAP", "p50 ms", "p99 ms", "x HAP", "CPU µs/r", "CPU0/CPU1")
+	fmt.Fprintf(&b, "%-9s %-5s | %-24s | %-7s | %-8s | %-19s | %-7s | %-9s | %-6s | %-9s\n",
+		"proxy", "mode", "req/s", "x HAP", "p50 ms", "p99 ms", "x HAP", "CPU µs/r", "sys/r", "CPU0/CPU1")
 	goals := []string{}
 	for _, mode := range l7Modes {
 		h := s.by["haproxy"][mode]
 		for _, name := range l7Proxies {
 			m := s.by[name][mode]
-			fmt.Fprintf(&b, "%-9s %-5s | %7.0f (%7.0f-%7.0f) | x%5.2f | %8.2f | %5.2f (%5.2f-%5.2f) | x%5.2f | %9.1f | %3.0f%%/%3.0f%%\n",
+			fmt.Fprintf(&b, "%-9s %-5s | %7.0f (%7.0f-%7.0f) | x%5.2f | %8.2f | %5.2f (%5.2f-%5.2f) | x%5.2f | %9.1f | %6.1f | %3.0f%%/%3.0f%%\n",
 				name, mode, m.rps, m.rpsMin, m.rpsMax, m.rps/h.rps, ms(m.p50), ms(m.p99), ms(m.p99Min), ms(m.p99Max),
-				float64(m.p99)/float64(h.p99), m.proxyCPU, 100*m.busy[0], 100*m.busy[1])
+				float64(m.p99)/float64(h.p99), m.proxyCPU, m.syscalls, 100*m.busy[0], 100*m.busy[1])
 		}
 		v := s.by["veloflux"][mode]
 		rr, pr := v.rps/h.rps, float64(v.p99)/float64(h.p99)
@@ -1039,8 +1087,8 @@ func (s l7Sum) table(tlsInfo map[string]string) string {
 		}
 	}
 	if d, ok := s.by["direct"]["plain"]; ok {
-		fmt.Fprintf(&b, "%-9s %-5s | %7.0f %17s | %6s | %8.2f | %5.2f %13s | %6s | %9s | %3.0f%%/%3.0f%%  (one %s run)\n",
-			"direct", "plain", d.rps, "", "", ms(d.p50), ms(d.p99), "", "", "", 100*d.busy[0], 100*d.busy[1], l7DirectRun)
+		fmt.Fprintf(&b, "%-9s %-5s | %7.0f %17s | %6s | %8.2f | %5.2f %13s | %6s | %9s | %6s | %3.0f%%/%3.0f%%  (one %s run)\n",
+			"direct", "plain", d.rps, "", "", ms(d.p50), ms(d.p99), "", "", "", "", 100*d.busy[0], 100*d.busy[1], l7DirectRun)
 	}
 	for _, g := range goals {
 		b.WriteString(g + "\n")

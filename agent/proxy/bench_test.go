@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -134,4 +135,73 @@ func BenchmarkBareReverseProxyKeepAlive(b *testing.B) {
 	f := httptest.NewServer(rp)
 	b.Cleanup(f.Close)
 	runClients(b, f.URL+"/bench")
+}
+
+// BenchmarkIdleConnMemory reports what an idle keep-alive client connection
+// costs the proxy in memory (heap and goroutine stacks, B/idle-conn), with
+// the read and write buffers handed back between requests (fasthttp's
+// ReduceMemoryUsage, the proxy's setting) and kept per connection.
+func BenchmarkIdleConnMemory(b *testing.B) {
+	const conns = 1000
+	for _, keep := range []bool{false, true} {
+		b.Run(fmt.Sprintf("keep-buffers=%v", keep), func(b *testing.B) {
+			be := benchBackend(b)
+			p, err := New(Options{Logger: slog.New(slog.DiscardHandler)})
+			if err != nil {
+				b.Fatal(err)
+			}
+			p.keepBuffers = keep
+			if err := p.Apply(benchConfig(b, be, config.AlgorithmRoundRobin)); err != nil {
+				b.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() { done <- p.Serve(ctx) }()
+			b.Cleanup(func() { cancel(); <-done })
+			var addr string
+			for i := 0; i < 500 && addr == ""; i++ {
+				time.Sleep(10 * time.Millisecond)
+				addr, _ = p.listenAddrs()
+			}
+			before := inUse()
+			open := make([]net.Conn, 0, conns)
+			b.Cleanup(func() {
+				for _, c := range open {
+					c.Close()
+				}
+			})
+			buf := make([]byte, 4096)
+			for range conns {
+				c, err := net.Dial("tcp", addr)
+				if err != nil {
+					b.Fatal(err)
+				}
+				open = append(open, c)
+				io.WriteString(c, "GET /bench HTTP/1.1\r\nHost: bench\r\n\r\n")
+				// One 1 KiB answer: its head and body fit in buf.
+				for got := 0; got < len(benchBody); {
+					n, err := c.Read(buf)
+					if err != nil {
+						b.Fatal(err)
+					}
+					got += n
+					if got > 0 && strings.Contains(string(buf[:n]), benchBody[:16]) {
+						break
+					}
+				}
+			}
+			time.Sleep(100 * time.Millisecond) // the proxy's side settles into its idle wait
+			after := inUse()
+			b.ReportMetric(float64(after-before)/conns, "B/idle-conn")
+			b.ReportMetric(0, "ns/op")
+		})
+	}
+}
+
+// inUse is the heap and stack memory in use after a collection.
+func inUse() int64 {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return int64(m.HeapInuse + m.StackInuse)
 }

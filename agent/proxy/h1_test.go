@@ -487,3 +487,26 @@ func (m *runtimeMem) read() {
 	runtime.ReadMemStats(&s)
 	m.heap = s.HeapAlloc
 }
+
+// A backend connection the backend closed while it sat idle in the pool is
+// not used for the next request: a request with a body, which cannot be
+// sent twice, is not lost to it.
+func TestBackendClosedIdleConnectionIsNotUsed(t *testing.T) {
+	be := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		w.Write(b)
+	})
+	be.srv.Config.IdleTimeout = 100 * time.Millisecond
+	cfg := testConfig([]config.Pool{poolOf("web", config.AlgorithmRoundRobin, be)}, config.Route{PathPrefix: "/", Pool: "web"})
+	p := newProxy(t, cfg, Options{})
+	f := front(t, p)
+	c := client()
+	if r := get(t, c, f.URL); r.status != 200 {
+		t.Fatalf("first request: %d", r.status)
+	}
+	time.Sleep(staleAfter + 200*time.Millisecond) // the backend has closed its side
+	req, _ := http.NewRequest(http.MethodPost, f.URL+"/post", strings.NewReader("payload"))
+	if r := do(t, c, req); r.status != 200 || r.body != "payload" {
+		t.Errorf("POST after the backend closed the idle connection: %d %q", r.status, r.body)
+	}
+}

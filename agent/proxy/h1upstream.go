@@ -46,13 +46,50 @@ type upstreamLease struct {
 }
 
 // acquire takes a connection to the backend, idle or newly dialed. since
-// is when the attempt began: a connection created before it was idle.
+// is when the attempt began: a connection created before it was idle. An
+// idle connection unused for longer than staleAfter is checked first, and
+// dropped if the backend has closed it since (many servers close idle
+// keep-alive connections after a few seconds): a request with a body
+// could not be sent again had it been written to a closed connection.
 func acquire(hc *fasthttp.HostClient, since time.Time) (upstreamLease, error) {
-	cc, err := hc.AcquireConn(0, false)
-	if err != nil {
-		return upstreamLease{}, err
+	for {
+		cc, err := hc.AcquireConn(0, false)
+		if err != nil {
+			return upstreamLease{}, err
+		}
+		l := upstreamLease{hc: hc, cc: cc, conn: cc.Conn(), reused: cc.CreatedTime().Before(since)}
+		if l.reused && since.Sub(cc.LastUseTime()) > staleAfter && peerClosed(l.conn) {
+			l.release(false)
+			continue
+		}
+		return l, nil
 	}
-	return upstreamLease{hc: hc, cc: cc, conn: cc.Conn(), reused: cc.CreatedTime().Before(since)}, nil
+}
+
+// staleAfter is how long a backend connection may have been idle before it
+// is checked for a close by the backend.
+const staleAfter = time.Second
+
+// peerClosed reports whether the backend has closed conn (or sent bytes
+// nobody asked for), with one non-blocking peek.
+func peerClosed(conn net.Conn) bool {
+	sc, ok := conn.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	closed := false
+	var b [1]byte
+	rc.Read(func(fd uintptr) bool {
+		n, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		closed = err == nil // 0 bytes: the backend closed; more: a stray answer
+		_ = n
+		return true
+	})
+	return closed
 }
 
 // release hands the connection back to the pool when reuse is true (the

@@ -2,21 +2,30 @@
 // (HTTP/1.1, HTTP/2 over TLS by ALPN, optionally h2c) and sends requests to
 // the same pools the XDP VIPs use, judged by the same active health checks.
 //
-// It is built on net/http and httputil.ReverseProxy: a request is routed by
-// host and longest path prefix to a pool, rate limited per client, and handed
-// to a ReverseProxy whose RoundTripper picks a backend with the pool's
-// algorithm (round_robin, weighted_round_robin, least_conn, ip_hash through
-// Maglev, or p2c_ewma), retries idempotent requests whose connection could
-// not be established, and feeds passive outlier ejection, with the
-// backend's failures only: a client's broken or slow body is answered 400
-// or 408 and counts against no backend.
+// One engine-neutral core decides what happens to a request: routing by
+// host and longest path prefix, per-client rate limiting, the choice of a
+// backend with the pool's algorithm (round_robin, weighted_round_robin,
+// least_conn, ip_hash through Maglev, or p2c_ewma) and sticky cookies,
+// retries of idempotent requests whose connection could not be
+// established, passive outlier ejection (with the backend's failures
+// only: a client's broken or slow body is answered 400 or 408 and counts
+// against no backend), drain, and the accounting (metrics, statistics,
+// usage, the access log). Two engines carry requests through it:
 //
-// The listeners do their own TLS handshake and hand net/http every client
-// connection through a guard that reads what the client sends on its way
-// in, for what net/http does not enforce: a per-connection budget of
-// HTTP/2 stream resets (rapid reset floods end with GOAWAY), and the
-// refusal of requests with both Content-Length and Transfer-Encoding.
-// HTTP/2 is golang.org/x/net/http2's server.
+//   - HTTP/1.1, plain and over TLS, is valyala/fasthttp's server. The proxy
+//     writes each request toward the backend itself, from the raw header
+//     block fasthttp has parsed and validated, over connections from one
+//     fasthttp.HostClient pool per backend: header names, order, duplicates
+//     and values pass as sent, hop-by-hop headers are removed, and the body
+//     is always framed anew. Bodies stream both ways. Requests with both
+//     Content-Length and Transfer-Encoding, or with obsolete line folding,
+//     are refused (400, connection closed) before they reach a backend.
+//   - HTTP/2 is golang.org/x/net/http2's server with httputil.ReverseProxy,
+//     handed its connections by the HTTP/1.1 engine: h2 by ALPN through
+//     fasthttp's NextProto hook, h2c by the client preface, sniffed in front
+//     of the plain listener. Each HTTP/2 connection reads through a guard
+//     that enforces a budget of stream resets (rapid reset floods end with
+//     GOAWAY).
 //
 // Everything a configuration decides is compiled into an immutable state
 // published with an atomic pointer, so Apply never disturbs requests in
@@ -114,6 +123,7 @@ type Proxy struct {
 	hijacked hijackedSet
 
 	// Test hooks.
+	keepBuffers bool          // HTTP/1.1 connections keep their buffers while idle
 	seed      uint64        // nonzero: seeded p2c random sources
 	certPoll  time.Duration // certificate file polling period
 	now       func() time.Time
@@ -280,9 +290,10 @@ func (t *routeTable) each(f func(*route)) {
 	}
 }
 
-// Handler returns the proxy's request handler, without listeners: routing,
-// limits and proxying as Serve's listeners do (requests without r.TLS count
-// as plain HTTP, so redirect_https applies to them).
+// Handler returns the HTTP/2 engine's request handler (net/http), without
+// listeners: routing, limits and proxying as Serve's listeners do
+// (requests without r.TLS count as plain HTTP, so redirect_https applies to
+// them). Serve's HTTP/1.1 requests go through the fasthttp engine instead.
 func (p *Proxy) Handler() http.Handler { return http.HandlerFunc(p.serveHTTP) }
 
 // Draining reports whether Drain has been called: the proxy no longer

@@ -233,9 +233,10 @@ func (rq *h1Request) exchange(m *member, body io.Reader, since time.Time) (diale
 		if err != nil {
 			return false, err
 		}
-		err = rq.send(&lease, m, body)
+		headerBy := rq.headerDeadline()
+		err = rq.send(&lease, body, headerBy)
 		if err == nil {
-			err = rq.receive(&lease)
+			err = rq.receive(&lease, body != nil, headerBy)
 		}
 		if err == nil {
 			rq.up = lease
@@ -258,10 +259,31 @@ func staleConnError(err error) bool {
 		errors.Is(err, fasthttp.ErrConnectionClosed)
 }
 
-// send writes the request head and body to the backend.
-func (rq *h1Request) send(l *upstreamLease, m *member, body io.Reader) error {
+// headerDeadline is when the backend's response header must have arrived:
+// within the response header timeout, and the request's deadline.
+func (rq *h1Request) headerDeadline() time.Time {
+	by := rq.deadline
+	if d := rq.st.tkey.responseHeader; d > 0 {
+		if t := time.Now().Add(d); by.IsZero() || t.Before(by) {
+			by = t
+		}
+	}
+	return by
+}
+
+// send writes the request head and body to the backend. A body must be
+// sent within the request's deadline; a request without one is only a
+// head, and one deadline for the connection covers writing it and reading
+// the answer's header.
+func (rq *h1Request) send(l *upstreamLease, body io.Reader, headerBy time.Time) error {
 	conn := l.conn
-	if err := conn.SetWriteDeadline(rq.deadline); err != nil {
+	var err error
+	if body == nil {
+		err = conn.SetDeadline(headerBy)
+	} else {
+		err = conn.SetWriteDeadline(rq.deadline)
+	}
+	if err != nil {
 		return err
 	}
 	bw := l.hc.AcquireWriter(conn)
@@ -488,21 +510,16 @@ func (rq *h1Request) noteFault(f uint32) {
 	}
 }
 
-// receive reads the backend's response header: within the response
-// header timeout (and the request's deadline), then the body within the
-// deadline, except for event streams, which last as long as both sides
-// want.
-func (rq *h1Request) receive(l *upstreamLease) error {
+// receive reads the backend's response header by headerBy (send has set
+// that deadline unless the request had a body), then lets the body take
+// until the request's deadline, except for event streams and upgrades,
+// which last as long as both sides want.
+func (rq *h1Request) receive(l *upstreamLease, hadBody bool, headerBy time.Time) error {
 	conn := l.conn
-	tk := rq.st.tkey
-	headerBy := rq.deadline
-	if tk.responseHeader > 0 {
-		if t := time.Now().Add(tk.responseHeader); headerBy.IsZero() || t.Before(headerBy) {
-			headerBy = t
+	if hadBody {
+		if err := conn.SetReadDeadline(headerBy); err != nil {
+			return err
 		}
-	}
-	if err := conn.SetReadDeadline(headerBy); err != nil {
-		return err
 	}
 	l.br = l.hc.AcquireReader(conn)
 	resp := fasthttp.AcquireResponse()
@@ -526,10 +543,14 @@ func (rq *h1Request) receive(l *upstreamLease) error {
 	if rq.eventStream || rq.upgrade {
 		bodyBy = time.Time{}
 	}
-	if !bodyBy.Equal(headerBy) {
-		return conn.SetReadDeadline(bodyBy)
+	if bodyBy.Equal(headerBy) {
+		return nil
 	}
-	return nil
+	if cl := resp.Header.ContentLength(); resp.SkipBody || (cl >= 0 && cl <= l.br.Buffered()) {
+		// The whole body has arrived with the header: no read waits.
+		return nil
+	}
+	return conn.SetReadDeadline(bodyBy)
 }
 
 func isEventStreamType(ct []byte) bool {

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"io"
 	"log/slog"
@@ -144,7 +145,7 @@ func (rq *h1Request) handle() bool {
 		rq.writeError(http.StatusBadRequest, "bad_request", rq.hdr.problem)
 		return false
 	}
-	if p.log.Enabled(nil, slog.LevelInfo) {
+	if p.log.Enabled(context.Background(), slog.LevelInfo) {
 		rq.logging = true
 		rq.logMethod = string(h.Method())
 		rq.logHost = string(h.Host())
@@ -355,9 +356,9 @@ var (
 // h1Header is what the proxy needs from a request's raw header block,
 // found in one pass over it.
 type h1Header struct {
-	ambiguous     bool  // both Content-Length and Transfer-Encoding
-	contentLength int64 // the Content-Length as sent; -1 when none
-	problem   string // why the block was refused
+	ambiguous     bool   // both Content-Length and Transfer-Encoding
+	contentLength int64  // the Content-Length as sent; -1 when none
+	problem       string // why the block was refused
 
 	connection [][]byte // Connection values
 	upgradeVal []byte   // the Upgrade value

@@ -113,9 +113,6 @@ func (l *upstreamLease) release(reuse bool) {
 // type, which it does not export.
 func releaseWith[C any](f func(C), cc any) { f(cc.(C)) }
 
-// errBackendFailed marks a backend failure found after the exchange.
-var errStaleConn = errors.New("backend closed an idle connection")
-
 // proxy sends the request to a backend of the route's pool, retrying as
 // the configuration allows, and prepares the response. It reports whether
 // the response body is relayed from the backend (accounted for when it is

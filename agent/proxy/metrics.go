@@ -262,7 +262,7 @@ func (w *latencyWindow) quantiles(now time.Time, qs ...float64) []float64 {
 // (and once per backend and status code) rather than on every request.
 type routeMetrics struct {
 	duration prometheus.Observer
-	mu       sync.Mutex                                   // serializes additions to requests
+	mu       sync.Mutex                                         // serializes additions to requests
 	requests atomic.Pointer[map[requestsKey]prometheus.Counter] // copied on write
 }
 

@@ -124,10 +124,10 @@ type Proxy struct {
 
 	// Test hooks.
 	keepBuffers bool          // HTTP/1.1 connections keep their buffers while idle
-	seed      uint64        // nonzero: seeded p2c random sources
-	certPoll  time.Duration // certificate file polling period
-	now       func() time.Time
-	drainPoll time.Duration
+	seed        uint64        // nonzero: seeded p2c random sources
+	certPoll    time.Duration // certificate file polling period
+	now         func() time.Time
+	drainPoll   time.Duration
 }
 
 // New returns a proxy with no configuration; call Apply before serving.

@@ -74,9 +74,10 @@ func serverSpecs(pc *config.ProxyConfig, haveCerts bool) [2]serverSpec {
 // knowledge) golang.org/x/net/http2's server, whose connections are handed
 // over one by one.
 type server struct {
-	spec  serverSpec
-	fast  *fasthttp.Server
-	h2    *http.Server // the HTTP/2 connections' base configuration and graceful shutdown
+	spec serverSpec
+	fast *fasthttp.Server
+	h2   *http.Server // the HTTP/2 connections' base configuration and graceful shutdown
+	//lint:ignore SA1019 see newServer: the guard needs x/net's server
 	h2s   *http2.Server
 	ln    net.Listener // the TCP listener
 	dl    *dispatchListener
@@ -162,9 +163,9 @@ func (p *Proxy) newServer(role int, spec serverSpec, ln net.Listener) (*server, 
 		CloseOnShutdown:               true,
 		// Idle keep-alive connections hand their 64 KiB read buffer
 		// and the write buffer back (BenchmarkIdleConnMemory).
-		ReduceMemoryUsage:             !p.keepBuffers,
-		SecureErrorLogMessage:         true,
-		Logger:                        fastLogger{p.log},
+		ReduceMemoryUsage:     !p.keepBuffers,
+		SecureErrorLogMessage: true,
+		Logger:                fastLogger{p.log},
 	}
 	s.h2 = &http.Server{
 		IdleTimeout:       spec.idle,
@@ -206,6 +207,7 @@ func (s *server) serveH2(c net.Conn) {
 	if tc, ok := c.(*tlsClientConn); ok {
 		cc.tls = tc.Conn
 	}
+	//lint:ignore SA1019 see newServer: the guard needs x/net's server
 	s.h2s.ServeConn(cc, &http2.ServeConnOpts{
 		Context:    withClientConn(context.Background(), cc),
 		BaseConfig: s.h2,

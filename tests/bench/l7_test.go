@@ -2,14 +2,15 @@ package bench
 
 // BenchmarkL7 compares three reverse proxies in HTTP mode, each in front of
 // the same three backends with round robin and keep-alive to the backends:
-// the VeloFlux agent's L7 proxy (agent/proxy), HAProxy and nginx. It loads
-// each with wrk over keep-alive connections, in plain HTTP and with TLS on
-// the client side, and reports requests/s and p50/p99 latency as ratios to
-// HAProxy. Three net/http references from tests/bench/refproxy run in the
-// same rounds (a bare httputil.ReverseProxy, the same over a synchronous
-// RoundTripper, and net/http's server answering by itself), to separate
-// VeloFlux's own cost from the cost of net/http. docs/BENCHMARKS.md records
-// the figures.
+// the VeloFlux agent's L7 proxy (agent/proxy, whose HTTP/1.1 engine this
+// load exercises), HAProxy and nginx. It loads each with wrk over
+// keep-alive connections, in plain HTTP and with TLS on the client side,
+// and reports requests/s, p50/p99 latency, and the proxy's CPU time and
+// system calls (perf) per request, as ratios to HAProxy. With VF_L7_REFS=1
+// three net/http references from tests/bench/refproxy run in the same
+// rounds (a bare httputil.ReverseProxy, the same over a synchronous
+// RoundTripper, and net/http's server answering by itself): what the
+// net/http stack costs. docs/BENCHMARKS.md records the figures.
 //
 //	go test -run '^$' -bench BenchmarkL7 -benchtime 1x ./tests/bench/ -v
 //

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/http/httputil"
 	"runtime"
 	"strconv"
@@ -492,11 +493,15 @@ func (m *runtimeMem) read() {
 // not used for the next request: a request with a body, which cannot be
 // sent twice, is not lost to it.
 func TestBackendClosedIdleConnectionIsNotUsed(t *testing.T) {
-	be := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+	// A backend that closes idle keep-alive connections after 100 ms.
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		b, _ := io.ReadAll(r.Body)
 		w.Write(b)
-	})
-	be.srv.Config.IdleTimeout = 100 * time.Millisecond
+	}))
+	srv.Config.IdleTimeout = 100 * time.Millisecond
+	srv.Start()
+	t.Cleanup(srv.Close)
+	be := &backend{name: "b", srv: srv, port: srv.Listener.Addr().(*net.TCPAddr).Port}
 	cfg := testConfig([]config.Pool{poolOf("web", config.AlgorithmRoundRobin, be)}, config.Route{PathPrefix: "/", Pool: "web"})
 	p := newProxy(t, cfg, Options{})
 	f := front(t, p)

@@ -112,7 +112,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 65536);
+	__uint(max_entries, VF_DENY_MAX_PREFIXES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct vf_lpm4_key);
 	__type(value, __u32);
@@ -121,7 +121,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 65536);
+	__uint(max_entries, VF_DENY_MAX_PREFIXES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct vf_lpm6_key);
 	__type(value, __u32);
@@ -168,33 +168,19 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } vf_events SEC(".maps");
 
-/* Gives struct vf_event a BTF entry even though it is only built on the
- * stack, so bpf2go can export it. Never read. */
+/* Give struct vf_event and the enums that no map or struct uses a BTF
+ * entry, so bpf2go can export them. Never read. */
 const struct vf_event *vf_unused_event __attribute__((unused));
+const enum vf_size *vf_unused_size __attribute__((unused));
+const enum vf_family *vf_unused_family __attribute__((unused));
 
 static __always_inline int vf_reason_verdict(__u32 reason)
 {
-	switch (reason) {
-	case VF_R_TX_DSR:
-	case VF_R_TX_IPIP:
+	if (reason >= VF_R_TX_FIRST && reason <= VF_R_TX_LAST)
 		return XDP_TX;
-	case VF_R_DROP_MALFORMED_L2:
-	case VF_R_DROP_MALFORMED_L3:
-	case VF_R_DROP_MALFORMED_L4:
-	case VF_R_DROP_DENYLIST:
-	case VF_R_DROP_NO_REAL:
-	case VF_R_DROP_NO_ROUTE:
-	case VF_R_DROP_ENCAP:
-	case VF_R_DROP_MARTIAN_VIP:
-	case VF_R_DROP_MARTIAN_UNSPEC:
-	case VF_R_DROP_MARTIAN_BROADCAST:
-	case VF_R_DROP_MARTIAN_MULTICAST:
-	case VF_R_DROP_MARTIAN_LOOPBACK:
-	case VF_R_DROP_NEW_FLOW_RATE_LIMITED:
+	if (reason >= VF_R_DROP_FIRST && reason <= VF_R_DROP_LAST)
 		return XDP_DROP;
-	default:
-		return XDP_PASS;
-	}
+	return XDP_PASS;
 }
 
 static __always_inline int vf_reason_has_event(__u32 reason)
@@ -205,7 +191,7 @@ static __always_inline int vf_reason_has_event(__u32 reason)
 	case VF_R_DROP_MALFORMED_L3:
 	case VF_R_DROP_MALFORMED_L4:
 	case VF_R_DROP_MARTIAN_VIP:
-	case VF_R_DROP_MARTIAN_UNSPEC:
+	case VF_R_DROP_MARTIAN_UNSPECIFIED:
 	case VF_R_DROP_MARTIAN_BROADCAST:
 	case VF_R_DROP_MARTIAN_MULTICAST:
 	case VF_R_DROP_MARTIAN_LOOPBACK:
@@ -277,7 +263,7 @@ static __always_inline int vf_martian4(__be32 src, __be32 dst)
 	if (src == dst)
 		return VF_R_DROP_MARTIAN_VIP;
 	if ((host >> 24) == VF_IPV4_NET_THIS)
-		return VF_R_DROP_MARTIAN_UNSPEC;
+		return VF_R_DROP_MARTIAN_UNSPECIFIED;
 	if ((host >> 24) == VF_IPV4_NET_LOOPBACK)
 		return VF_R_DROP_MARTIAN_LOOPBACK;
 	if (host == VF_IPV4_BROADCAST)
@@ -296,7 +282,7 @@ static __always_inline int vf_martian6(const __u32 *src, const __u32 *dst)
 	if ((src[0] | src[1] | src[2]) != 0)
 		return VF_CONTINUE;
 	if (src[3] == 0)
-		return VF_R_DROP_MARTIAN_UNSPEC;
+		return VF_R_DROP_MARTIAN_UNSPECIFIED;
 	if (src[3] == bpf_htonl(1))
 		return VF_R_DROP_MARTIAN_LOOPBACK;
 	return VF_CONTINUE;

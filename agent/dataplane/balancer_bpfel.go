@@ -40,6 +40,13 @@ type balancerVfEvent struct {
 	Pad    uint16
 }
 
+type balancerVfFamily uint32
+
+const (
+	balancerVfFamilyVF_AF_INET  balancerVfFamily = 2
+	balancerVfFamilyVF_AF_INET6 balancerVfFamily = 10
+)
+
 type balancerVfFlow4Key struct {
 	_     structs.HostLayout
 	Src   uint32
@@ -128,6 +135,7 @@ type balancerVfReason uint32
 
 const (
 	balancerVfReasonVF_R_PASS_NOT_IP                balancerVfReason = 0
+	balancerVfReasonVF_R_PASS_FIRST                 balancerVfReason = 0
 	balancerVfReasonVF_R_PASS_NOT_VIP               balancerVfReason = 1
 	balancerVfReasonVF_R_PASS_FRAGMENT              balancerVfReason = 2
 	balancerVfReasonVF_R_PASS_UNKNOWN_L4            balancerVfReason = 3
@@ -135,7 +143,9 @@ const (
 	balancerVfReasonVF_R_PASS_VLAN_NESTED           balancerVfReason = 5
 	balancerVfReasonVF_R_PASS_NOT_OUR_MAC           balancerVfReason = 6
 	balancerVfReasonVF_R_PASS_IFACE_UNKNOWN         balancerVfReason = 7
+	balancerVfReasonVF_R_PASS_LAST                  balancerVfReason = 7
 	balancerVfReasonVF_R_DROP_MALFORMED_L2          balancerVfReason = 8
+	balancerVfReasonVF_R_DROP_FIRST                 balancerVfReason = 8
 	balancerVfReasonVF_R_DROP_MALFORMED_L3          balancerVfReason = 9
 	balancerVfReasonVF_R_DROP_MALFORMED_L4          balancerVfReason = 10
 	balancerVfReasonVF_R_DROP_DENYLIST              balancerVfReason = 11
@@ -143,13 +153,16 @@ const (
 	balancerVfReasonVF_R_DROP_NO_ROUTE              balancerVfReason = 13
 	balancerVfReasonVF_R_DROP_ENCAP                 balancerVfReason = 14
 	balancerVfReasonVF_R_DROP_MARTIAN_VIP           balancerVfReason = 15
-	balancerVfReasonVF_R_DROP_MARTIAN_UNSPEC        balancerVfReason = 16
+	balancerVfReasonVF_R_DROP_MARTIAN_UNSPECIFIED   balancerVfReason = 16
 	balancerVfReasonVF_R_DROP_MARTIAN_BROADCAST     balancerVfReason = 17
 	balancerVfReasonVF_R_DROP_MARTIAN_MULTICAST     balancerVfReason = 18
 	balancerVfReasonVF_R_DROP_MARTIAN_LOOPBACK      balancerVfReason = 19
 	balancerVfReasonVF_R_DROP_NEW_FLOW_RATE_LIMITED balancerVfReason = 20
+	balancerVfReasonVF_R_DROP_LAST                  balancerVfReason = 20
 	balancerVfReasonVF_R_TX_DSR                     balancerVfReason = 21
+	balancerVfReasonVF_R_TX_FIRST                   balancerVfReason = 21
 	balancerVfReasonVF_R_TX_IPIP                    balancerVfReason = 22
+	balancerVfReasonVF_R_TX_LAST                    balancerVfReason = 22
 	balancerVfReasonVF_R_MAX                        balancerVfReason = 23
 )
 
@@ -173,6 +186,20 @@ type balancerVfSettings struct {
 	NewFlowRate       uint32
 	NewFlowBurst      uint32
 }
+
+type balancerVfSize uint32
+
+const (
+	balancerVfSizeVF_DEFAULT_MAX_VIPS        balancerVfSize = 4096
+	balancerVfSizeVF_DEFAULT_MAX_REALS       balancerVfSize = 16384
+	balancerVfSizeVF_DEFAULT_RING_SIZE       balancerVfSize = 65537
+	balancerVfSizeVF_DEFAULT_CT_SIZE         balancerVfSize = 1048576
+	balancerVfSizeVF_DEFAULT_FLOW_LIMIT_SIZE balancerVfSize = 65536
+	balancerVfSizeVF_DENY_MAX_PREFIXES       balancerVfSize = 65536
+	balancerVfSizeVF_EVENTS_BYTES            balancerVfSize = 262144
+	balancerVfSizeVF_DECAP_MAX_LOCAL         balancerVfSize = 64
+	balancerVfSizeVF_MAX_IFACES              balancerVfSize = 256
+)
 
 type balancerVfVipKey struct {
 	_      structs.HostLayout
@@ -201,22 +228,24 @@ type balancerVfVipStats struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	balancerMapVfConfig      = "vf_config"
-	balancerMapVfCounters    = "vf_counters"
-	balancerMapVfCt4         = "vf_ct4"
-	balancerMapVfCt6         = "vf_ct6"
-	balancerMapVfDeny4       = "vf_deny4"
-	balancerMapVfDeny6       = "vf_deny6"
-	balancerMapVfEvents      = "vf_events"
-	balancerMapVfFlowLimit   = "vf_flow_limit"
-	balancerMapVfIfaces      = "vf_ifaces"
-	balancerMapVfReals       = "vf_reals"
-	balancerMapVfRings       = "vf_rings"
-	balancerMapVfStatsReal   = "vf_stats_real"
-	balancerMapVfStatsVip    = "vf_stats_vip"
-	balancerMapVfVips        = "vf_vips"
-	balancerProgVfBalancer   = "vf_balancer"
-	balancerVarVfUnusedEvent = "vf_unused_event"
+	balancerMapVfConfig       = "vf_config"
+	balancerMapVfCounters     = "vf_counters"
+	balancerMapVfCt4          = "vf_ct4"
+	balancerMapVfCt6          = "vf_ct6"
+	balancerMapVfDeny4        = "vf_deny4"
+	balancerMapVfDeny6        = "vf_deny6"
+	balancerMapVfEvents       = "vf_events"
+	balancerMapVfFlowLimit    = "vf_flow_limit"
+	balancerMapVfIfaces       = "vf_ifaces"
+	balancerMapVfReals        = "vf_reals"
+	balancerMapVfRings        = "vf_rings"
+	balancerMapVfStatsReal    = "vf_stats_real"
+	balancerMapVfStatsVip     = "vf_stats_vip"
+	balancerMapVfVips         = "vf_vips"
+	balancerProgVfBalancer    = "vf_balancer"
+	balancerVarVfUnusedEvent  = "vf_unused_event"
+	balancerVarVfUnusedFamily = "vf_unused_family"
+	balancerVarVfUnusedSize   = "vf_unused_size"
 )
 
 // loadBalancer returns the embedded CollectionSpec for balancer.
@@ -288,7 +317,9 @@ type balancerMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type balancerVariableSpecs struct {
-	VfUnusedEvent *ebpf.VariableSpec `ebpf:"vf_unused_event"`
+	VfUnusedEvent  *ebpf.VariableSpec `ebpf:"vf_unused_event"`
+	VfUnusedFamily *ebpf.VariableSpec `ebpf:"vf_unused_family"`
+	VfUnusedSize   *ebpf.VariableSpec `ebpf:"vf_unused_size"`
 }
 
 // balancerObjects contains all objects after they have been loaded into the kernel.
@@ -350,7 +381,9 @@ func (m *balancerMaps) Close() error {
 //
 // It can be passed to loadBalancerObjects or ebpf.CollectionSpec.LoadAndAssign.
 type balancerVariables struct {
-	VfUnusedEvent *ebpf.Variable `ebpf:"vf_unused_event"`
+	VfUnusedEvent  *ebpf.Variable `ebpf:"vf_unused_event"`
+	VfUnusedFamily *ebpf.Variable `ebpf:"vf_unused_family"`
+	VfUnusedSize   *ebpf.Variable `ebpf:"vf_unused_size"`
 }
 
 // balancerPrograms contains all programs after they have been loaded into the kernel.

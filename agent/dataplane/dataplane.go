@@ -19,13 +19,14 @@ import (
 // DefaultPinPath is where the maps and XDP links live between agent runs.
 const DefaultPinPath = "/sys/fs/bpf/veloflux"
 
-// Defaults mirror bpf/include/vf_types.h.
+// The map sizes Load uses for a zero Options field: enum vf_size of
+// bpf/include/vf_types.h, as bpf2go exports it.
 const (
-	DefaultMaxVIPs       = 4096
-	DefaultMaxReals      = 16384
-	DefaultRingSize      = 65537
-	DefaultConntrackSize = 1 << 20
-	DefaultNewFlowTable  = 65536
+	DefaultMaxVIPs       = uint32(balancerVfSizeVF_DEFAULT_MAX_VIPS)
+	DefaultMaxReals      = uint32(balancerVfSizeVF_DEFAULT_MAX_REALS)
+	DefaultRingSize      = uint32(balancerVfSizeVF_DEFAULT_RING_SIZE)
+	DefaultConntrackSize = uint32(balancerVfSizeVF_DEFAULT_CT_SIZE)
+	DefaultNewFlowTable  = uint32(balancerVfSizeVF_DEFAULT_FLOW_LIMIT_SIZE)
 )
 
 // linkPinPrefix names pinned XDP links: link_xdp_<ifname>.

@@ -9,13 +9,17 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strings"
+	"sync"
 	"time"
+
+	"github.com/cilium/ebpf/btf"
 )
 
-// Address families as the data path stores them (Linux AF_* values).
+// Address families as the data path stores them (enum vf_family).
 const (
-	afInet  = 2
-	afInet6 = 10
+	afInet  = uint8(balancerVfFamilyVF_AF_INET)
+	afInet6 = uint8(balancerVfFamilyVF_AF_INET6)
 )
 
 // Protocol is an IP protocol number that a VIP can carry.
@@ -105,7 +109,7 @@ const (
 	// The martian sources of a VIP packet: the VIP itself, 0.0.0.0/8 or ::,
 	// 255.255.255.255, 224.0.0.0/4 or ff00::/8, 127.0.0.0/8 or ::1.
 	ReasonDropMartianVIP       Reason = Reason(balancerVfReasonVF_R_DROP_MARTIAN_VIP)
-	ReasonDropMartianUnspec    Reason = Reason(balancerVfReasonVF_R_DROP_MARTIAN_UNSPEC)
+	ReasonDropMartianUnspec    Reason = Reason(balancerVfReasonVF_R_DROP_MARTIAN_UNSPECIFIED)
 	ReasonDropMartianBroadcast Reason = Reason(balancerVfReasonVF_R_DROP_MARTIAN_BROADCAST)
 	ReasonDropMartianMulticast Reason = Reason(balancerVfReasonVF_R_DROP_MARTIAN_MULTICAST)
 	ReasonDropMartianLoopback  Reason = Reason(balancerVfReasonVF_R_DROP_MARTIAN_LOOPBACK)
@@ -117,31 +121,29 @@ const (
 	numReasons                          = int(balancerVfReasonVF_R_MAX)
 )
 
-var reasonNames = [numReasons]string{
-	ReasonPassNotIP:              "pass_not_ip",
-	ReasonPassNotVIP:             "pass_not_vip",
-	ReasonPassFragment:           "pass_fragment",
-	ReasonPassUnknownL4:          "pass_unknown_l4",
-	ReasonPassIPv6ExtLimit:       "pass_ipv6_ext_limit",
-	ReasonPassVLANNested:         "pass_vlan_nested",
-	ReasonPassNotOurMAC:          "pass_not_our_mac",
-	ReasonPassIfaceUnknown:       "pass_iface_unknown",
-	ReasonDropMalformedL2:        "drop_malformed_l2",
-	ReasonDropMalformedL3:        "drop_malformed_l3",
-	ReasonDropMalformedL4:        "drop_malformed_l4",
-	ReasonDropDenylist:           "drop_denylist",
-	ReasonDropNoReal:             "drop_no_real",
-	ReasonDropNoRoute:            "drop_no_route",
-	ReasonDropEncap:              "drop_encap",
-	ReasonDropMartianVIP:         "drop_martian_vip",
-	ReasonDropMartianUnspec:      "drop_martian_unspecified",
-	ReasonDropMartianBroadcast:   "drop_martian_broadcast",
-	ReasonDropMartianMulticast:   "drop_martian_multicast",
-	ReasonDropMartianLoopback:    "drop_martian_loopback",
-	ReasonDropNewFlowRateLimited: "drop_new_flow_rate_limited",
-	ReasonTxDSR:                  "tx_dsr",
-	ReasonTxIPIP:                 "tx_ipip",
-}
+// reasonNames are the counters' names, read once from the program's BTF:
+// the enumerators of enum vf_reason, lower-cased without their VF_R_ prefix
+// (VF_R_TX_IPIP is "tx_ipip"), so C holds the only list. The group markers
+// (VF_R_*_FIRST, VF_R_*_LAST) and VF_R_MAX name no reason of their own.
+var reasonNames = sync.OnceValue(func() [numReasons]string {
+	var names [numReasons]string
+	spec, err := loadBalancer()
+	if err != nil {
+		return names // unreachable: the object is embedded; String falls back
+	}
+	var enum *btf.Enum
+	if err := spec.Types.TypeByName("vf_reason", &enum); err != nil {
+		return names
+	}
+	for _, v := range enum.Values {
+		name, ok := strings.CutPrefix(v.Name, "VF_R_")
+		if !ok || v.Value >= uint64(numReasons) || strings.HasSuffix(name, "_FIRST") || strings.HasSuffix(name, "_LAST") {
+			continue
+		}
+		names[v.Value] = strings.ToLower(name)
+	}
+	return names
+})
 
 // Reasons lists every reason in counter order.
 func Reasons() []Reason {
@@ -153,11 +155,13 @@ func Reasons() []Reason {
 }
 
 func (r Reason) String() string {
-	if int(r) < numReasons {
-		return reasonNames[r]
+	if int(r) < numReasons && reasonNames()[r] != "" {
+		return reasonNames()[r]
 	}
-	return fmt.Sprintf("reason-%d", uint32(r))
+	return reasonFallbackName(r)
 }
+
+func reasonFallbackName(r Reason) string { return fmt.Sprintf("reason-%d", uint32(r)) }
 
 // Verdict is the XDP action a reason leads to, as the program returns it.
 type Verdict uint32
@@ -183,12 +187,13 @@ func (v Verdict) String() string {
 	return fmt.Sprintf("verdict-%d", uint32(v))
 }
 
-// Verdict mirrors vf_reason_verdict in balancer.bpf.c.
+// Verdict is vf_reason_verdict of balancer.bpf.c: the verdict of the group
+// (VF_R_*_FIRST to VF_R_*_LAST) the reason falls in.
 func (r Reason) Verdict() Verdict {
 	switch {
-	case r == ReasonTxDSR || r == ReasonTxIPIP:
+	case r >= Reason(balancerVfReasonVF_R_TX_FIRST) && r <= Reason(balancerVfReasonVF_R_TX_LAST):
 		return VerdictTx
-	case r >= ReasonDropMalformedL2 && r <= ReasonDropNewFlowRateLimited:
+	case r >= Reason(balancerVfReasonVF_R_DROP_FIRST) && r <= Reason(balancerVfReasonVF_R_DROP_LAST):
 		return VerdictDrop
 	}
 	return VerdictPass

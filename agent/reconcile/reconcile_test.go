@@ -1248,10 +1248,25 @@ func TestReconcileLatestReadsStateUnderLock(t *testing.T) {
 }
 
 // config refuses what the data plane cannot hold without loading it; its
-// limits must be the data plane's sizes less the reserved id 0.
+// limits must be the data plane's sizes less the reserved id 0, and its
+// default sizes the data plane's. The data plane's figures are enum vf_size
+// of bpf/include/vf_types.h, which config, free of cilium/ebpf, cannot read.
 func TestConfigCapacityMatchesDataplane(t *testing.T) {
 	if config.VIPCapacity != dataplane.DefaultMaxVIPs-1 || config.RealCapacity != dataplane.DefaultMaxReals-1 {
 		t.Fatalf("config capacity %d VIPs / %d reals, the data plane holds %d / %d less id 0",
 			config.VIPCapacity, config.RealCapacity, dataplane.DefaultMaxVIPs, dataplane.DefaultMaxReals)
+	}
+	d := config.Default().Dataplane
+	for _, c := range []struct {
+		name         string
+		config, want uint32
+	}{
+		{"conntrack_size", uint32(d.ConntrackSize), dataplane.DefaultConntrackSize},
+		{"ring_size", uint32(d.RingSize), dataplane.DefaultRingSize},
+		{"new_flow_limit.table_size", uint32(d.NewFlowLimit.TableSize), dataplane.DefaultNewFlowTable},
+	} {
+		if c.config != c.want {
+			t.Errorf("config's default %s is %d, the data plane's %d", c.name, c.config, c.want)
+		}
 	}
 }

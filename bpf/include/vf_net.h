@@ -9,9 +9,6 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#define VF_AF_INET          2
-#define VF_AF_INET6         10
-
 #define VF_ETH_ALEN         6
 #define VF_ETH_P_IP         0x0800
 #define VF_ETH_P_IPV6       0x86DD

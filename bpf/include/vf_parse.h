@@ -10,8 +10,6 @@
 #include "vf_types.h"
 #include "vf_net.h"
 
-#define VF_CONTINUE (-1)
-
 /* Where the L4 header may start at the latest. The verifier only learns a
  * packet range from a pointer whose variable offset it can bound, and this
  * bound also caps the IPv6 extension chain (see the packet rules). */

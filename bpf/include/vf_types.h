@@ -11,15 +11,29 @@
 #ifndef VF_TYPES_H
 #define VF_TYPES_H
 
-/* Defaults for the sizes the agent can override at load time. */
-#define VF_DEFAULT_MAX_VIPS     4096
-#define VF_DEFAULT_MAX_REALS    16384
-#define VF_DEFAULT_RING_SIZE    65537
-#define VF_DEFAULT_CT_SIZE      1048576
-#define VF_EVENTS_BYTES         (256 * 1024)
-#define VF_DECAP_MAX_LOCAL      64
-#define VF_MAX_IFACES           256
-#define VF_DEFAULT_FLOW_LIMIT_SIZE 65536
+/*
+ * Map sizes. The agent overrides the VIP, real, ring, conntrack and
+ * new-flow sizes at load time; the others are fixed. An enum rather than
+ * #defines so that bpf2go exports the values to Go (-type vf_size), and Go
+ * has no second copy of them.
+ */
+enum vf_size {
+	VF_DEFAULT_MAX_VIPS        = 4096,
+	VF_DEFAULT_MAX_REALS       = 16384,
+	VF_DEFAULT_RING_SIZE       = 65537,
+	VF_DEFAULT_CT_SIZE         = 1048576,
+	VF_DEFAULT_FLOW_LIMIT_SIZE = 65536,
+	VF_DENY_MAX_PREFIXES       = 65536, /* per family */
+	VF_EVENTS_BYTES            = 256 * 1024,
+	VF_DECAP_MAX_LOCAL         = 64,
+	VF_MAX_IFACES              = 256,
+};
+
+/* Address families as the maps store them (Linux AF_* values). */
+enum vf_family {
+	VF_AF_INET  = 2,
+	VF_AF_INET6 = 10,
+};
 
 /* How many IPv6 extension headers are walked before giving up (see README). */
 #define VF_IPV6_MAX_EXT_HDRS    4
@@ -53,10 +67,15 @@ enum vf_real_state {
 /*
  * Why the balancer returned what it returned. Every packet is counted under
  * exactly one reason, so the counters add up to the packets seen. The
- * verdict of each reason is fixed (vf_reason_verdict in balancer.bpf.c).
+ * reasons are grouped by verdict, and each group's first and last member are
+ * named (VF_R_*_FIRST/LAST): the verdict of a reason is the group it falls
+ * in, the one rule that vf_reason_verdict and Go's Reason.Verdict both read.
+ * A new reason goes at the end of its group. The names are the counters'
+ * names in Go and in the metrics, lower-cased without VF_R_.
  */
 enum vf_reason {
 	VF_R_PASS_NOT_IP = 0,       /* not IPv4/IPv6 (ARP, LLDP, ...) */
+	VF_R_PASS_FIRST = VF_R_PASS_NOT_IP,
 	VF_R_PASS_NOT_VIP,          /* IP, but not addressed to a VIP */
 	VF_R_PASS_FRAGMENT,         /* IPv4 or IPv6 fragment */
 	VF_R_PASS_UNKNOWN_L4,       /* L4 protocol other than TCP/UDP/ICMP */
@@ -64,7 +83,9 @@ enum vf_reason {
 	VF_R_PASS_VLAN_NESTED,      /* a second VLAN tag (QinQ) */
 	VF_R_PASS_NOT_OUR_MAC,      /* VIP packet in a frame to another MAC (flooded, broadcast, multicast) */
 	VF_R_PASS_IFACE_UNKNOWN,    /* VIP packet on an interface the agent registered no MAC for */
+	VF_R_PASS_LAST = VF_R_PASS_IFACE_UNKNOWN,
 	VF_R_DROP_MALFORMED_L2,     /* truncated Ethernet or VLAN header */
+	VF_R_DROP_FIRST = VF_R_DROP_MALFORMED_L2,
 	VF_R_DROP_MALFORMED_L3,     /* truncated or inconsistent IP header */
 	VF_R_DROP_MALFORMED_L4,     /* truncated TCP/UDP/ICMP header */
 	VF_R_DROP_DENYLIST,         /* source address in the denylist */
@@ -72,15 +93,22 @@ enum vf_reason {
 	VF_R_DROP_NO_ROUTE,         /* no MAC for the real or the next hop */
 	VF_R_DROP_ENCAP,            /* encapsulation impossible for this packet */
 	VF_R_DROP_MARTIAN_VIP,      /* VIP packet whose source is the VIP itself */
-	VF_R_DROP_MARTIAN_UNSPEC,   /* VIP packet from 0.0.0.0/8 or :: */
+	VF_R_DROP_MARTIAN_UNSPECIFIED, /* VIP packet from 0.0.0.0/8 or :: */
 	VF_R_DROP_MARTIAN_BROADCAST, /* VIP packet from 255.255.255.255 */
 	VF_R_DROP_MARTIAN_MULTICAST, /* VIP packet from 224.0.0.0/4 or ff00::/8 */
 	VF_R_DROP_MARTIAN_LOOPBACK, /* VIP packet from 127.0.0.0/8 or ::1 */
 	VF_R_DROP_NEW_FLOW_RATE_LIMITED, /* the source spent its new-flow budget */
+	VF_R_DROP_LAST = VF_R_DROP_NEW_FLOW_RATE_LIMITED,
 	VF_R_TX_DSR,                /* forwarded by MAC rewrite */
+	VF_R_TX_FIRST = VF_R_TX_DSR,
 	VF_R_TX_IPIP,               /* forwarded inside an IPIP/IP6IP6 header */
+	VF_R_TX_LAST = VF_R_TX_IPIP,
 	VF_R_MAX,
 };
+
+/* What a step of the balancer returns to say "not decided yet, go on": not
+ * a reason, so outside the enum's range, and never counted. */
+#define VF_CONTINUE (-1)
 
 struct vf_vip_key {
 	__u32 addr[4];

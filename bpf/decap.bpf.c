@@ -14,6 +14,7 @@
 
 #include "vf_types.h"
 #include "vf_net.h"
+#include "vf_parse.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -111,7 +112,7 @@ static __always_inline int vf_strip(struct xdp_md *ctx, __u32 l3_off, const stru
 	struct ethhdr *old_eth = data, *eth;
 	__u32 inner_min;
 
-	if (outer_len < VF_IPV4_HDR_LEN || outer_len > 60)
+	if (outer_len < VF_IPV4_HDR_LEN || outer_len > VF_IPV4_MAX_HDR_LEN)
 		return VF_D_MALFORMED;
 	inner_min = tun->inner_proto == bpf_htons(VF_ETH_P_IP) ? VF_IPV4_HDR_LEN : VF_IPV6_HDR_LEN;
 	if (data + l3_off + outer_len + inner_min > data_end)
@@ -138,27 +139,22 @@ static __always_inline int vf_strip(struct xdp_md *ctx, __u32 l3_off, const stru
 	return VF_D_DECAP;
 }
 
+/* The outer L2 header is parsed as the balancer parses it (vf_parse_l2):
+ * Ethernet with at most one VLAN tag. Whatever it would not forward
+ * (malformed, QinQ) is no tunnel of ours and goes to the stack untouched. */
 static __always_inline int vf_decap_handle(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = data;
+	struct vf_pkt pkt = {};
 	struct vf_tunnel tun = {};
-	__u32 l3_off = sizeof(*eth);
-	__be16 proto;
+	__be16 proto = 0;
+	__u32 l3_off;
 	int ret;
 
-	if ((void *)(eth + 1) > data_end)
+	if (vf_parse_l2(data, data_end, &pkt, &proto) != VF_CONTINUE)
 		return VF_D_NOT_TUNNEL;
-	proto = eth->h_proto;
-	if (proto == bpf_htons(VF_ETH_P_8021Q) || proto == bpf_htons(VF_ETH_P_8021AD)) {
-		struct vf_vlan_hdr *vlan = (void *)(eth + 1);
-
-		if ((void *)(vlan + 1) > data_end)
-			return VF_D_NOT_TUNNEL;
-		proto = vlan->encap_proto;
-		l3_off += sizeof(*vlan);
-	}
+	l3_off = pkt.l3_off;
 	if (proto == bpf_htons(VF_ETH_P_IP))
 		ret = vf_outer_ipv4(data, data_end, l3_off, &tun);
 	else if (proto == bpf_htons(VF_ETH_P_IPV6))

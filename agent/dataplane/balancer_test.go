@@ -608,13 +608,19 @@ func TestDecap(t *testing.T) {
 	if v, out := run(plain); v != VerdictPass || !bytes.Equal(out, plain) {
 		t.Fatalf("plain packet was touched: %v", v)
 	}
+	// Two VLAN tags: the balancer never forwards those, so no tunnel of
+	// ours arrives in one; it goes to the stack as it came.
+	nested := qinq(t, ipipReference(t, cases[0].inner.l3(t), netip.MustParseAddr(real4b), 0))
+	if v, out := run(nested); v != VerdictPass || !bytes.Equal(out, nested) {
+		t.Fatalf("tunnel packet in a QinQ frame was touched: %v", v)
+	}
 	truncated := ipipReference(t, cases[0].inner.l3(t), netip.MustParseAddr(real4b), 0)[:14+20+10]
 	if v, _ := run(truncated); v != VerdictDrop {
 		t.Fatalf("tunnel packet with a cut inner header: verdict %v, want drop", v)
 	}
 	s, err := d.Stats()
 	h.must(err)
-	if s.DecapPackets != 3 || s.PassNotLocal != 1 || s.PassNotTunnel != 1 || s.DropMalformed != 1 {
+	if s.DecapPackets != 3 || s.PassNotLocal != 1 || s.PassNotTunnel != 2 || s.DropMalformed != 1 {
 		t.Fatalf("decap stats %+v", s)
 	}
 }

@@ -45,6 +45,7 @@
 #define VF_IPV6_MULTICAST_BYTE   0xff
 
 #define VF_IPV4_HDR_LEN     ((__u32)sizeof(struct iphdr))
+#define VF_IPV4_MAX_HDR_LEN (15 * 4) /* ihl is 4 bits of 4-byte words */
 #define VF_IPV6_HDR_LEN     ((__u32)sizeof(struct ipv6hdr))
 #define VF_DEFAULT_TTL      64
 

@@ -347,7 +347,7 @@ static __always_inline __u32 vf_maglev_pick(const struct vf_settings *cfg,
 	return real_id ? *real_id : 0;
 }
 
-static __always_inline void vf_flow4_key(const struct vf_pkt *pkt, struct vf_flow4_key *key)
+static __always_inline void vf_build_flow4_key(const struct vf_pkt *pkt, struct vf_flow4_key *key)
 {
 	key->src = pkt->flow.src[0];
 	key->dst = pkt->flow.dst[0];
@@ -447,7 +447,7 @@ static __always_inline int vf_select_real(const struct vf_settings *cfg,
 	__u32 real_id;
 
 	if (pkt->flow.family == VF_AF_INET)
-		vf_flow4_key(pkt, &key4);
+		vf_build_flow4_key(pkt, &key4);
 	ct = pkt->tcp_syn ? NULL : vf_ct_lookup(pkt, &key4);
 	if (ct) {
 		real_id = ct->real_id;

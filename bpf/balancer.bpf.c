@@ -202,7 +202,8 @@ static __always_inline int vf_reason_has_event(__u32 reason)
 	}
 }
 
-static __always_inline int vf_check_denylist(const struct vf_settings *cfg, const struct vf_pkt *pkt)
+static __always_inline int vf_check_denylist(const struct vf_settings *cfg,
+					     const struct vf_pkt *pkt)
 {
 	if (pkt->flow.family == VF_AF_INET) {
 		struct vf_lpm4_key key = { .prefixlen = 32, .addr = pkt->flow.src[0] };
@@ -319,7 +320,8 @@ static __always_inline int vf_real_selectable(const struct vf_real *real)
 	return real && real->family != 0 && real->state != VF_REAL_DOWN;
 }
 
-static __always_inline __u64 vf_idle_timeout(const struct vf_settings *cfg, const struct vf_pkt *pkt)
+static __always_inline __u64 vf_idle_timeout(const struct vf_settings *cfg,
+					     const struct vf_pkt *pkt)
 {
 	return pkt->flow.proto == VF_IPPROTO_UDP ? cfg->udp_timeout : cfg->tcp_timeout;
 }
@@ -327,8 +329,7 @@ static __always_inline __u64 vf_idle_timeout(const struct vf_settings *cfg, cons
 /* Maglev: the ring slot is picked by a multiply-shift instead of a modulo,
  * which maps the 32-bit hash uniformly onto [0, ring_size) without a divide. */
 static __always_inline __u32 vf_maglev_pick(const struct vf_settings *cfg,
-					    const struct vf_vip_meta *vip,
-					    const struct vf_pkt *pkt)
+					    const struct vf_vip_meta *vip, const struct vf_pkt *pkt)
 {
 	__u32 vip_id = vip->vip_id;
 	__u32 hash, slot;
@@ -357,7 +358,7 @@ static __always_inline void vf_build_flow4_key(const struct vf_pkt *pkt, struct 
 }
 
 static __always_inline struct vf_ct_entry *vf_ct_lookup(const struct vf_pkt *pkt,
-							 struct vf_flow4_key *key4)
+							struct vf_flow4_key *key4)
 {
 	if (pkt->flow.family == VF_AF_INET)
 		return bpf_map_lookup_elem(&vf_ct4, key4);
@@ -381,7 +382,8 @@ static __always_inline void vf_ct_store(const struct vf_pkt *pkt, const struct v
  * the agent did the one division. A source seen for the first time (or
  * evicted since) starts with a full bucket.
  */
-static __always_inline int vf_charge_new_flow(const struct vf_settings *cfg, const struct vf_pkt *pkt)
+static __always_inline int vf_charge_new_flow(const struct vf_settings *cfg,
+					      const struct vf_pkt *pkt)
 {
 	__u64 interval = cfg->new_flow_interval_ns, depth = cfg->new_flow_burst_ns;
 	struct vf_flow_limit_key key = {};
@@ -437,8 +439,8 @@ static __always_inline int vf_charge_new_flow(const struct vf_settings *cfg, con
  * the idle flows of everyone else.
  */
 static __always_inline int vf_select_real(const struct vf_settings *cfg,
-					  const struct vf_vip_meta *vip,
-					  struct vf_pkt *pkt, const struct vf_real **out)
+					  const struct vf_vip_meta *vip, struct vf_pkt *pkt,
+					  const struct vf_real **out)
 {
 	struct vf_ct_entry *ct, entry = {};
 	struct vf_flow4_key key4 = {};
@@ -547,8 +549,8 @@ static __always_inline int vf_ipip_nexthop(struct xdp_md *ctx, const struct vf_s
  * the outer IP header, or NULL when the kernel refused the headroom.
  */
 static __always_inline void *vf_push_outer(struct xdp_md *ctx, const struct vf_pkt *pkt,
-					   __u32 outer_len, __be16 eth_proto,
-					   const __u8 *smac, const __u8 *dmac)
+					   __u32 outer_len, __be16 eth_proto, const __u8 *smac,
+					   const __u8 *dmac)
 {
 	struct vf_vlan_hdr *vlan;
 	struct ethhdr *eth;
@@ -617,7 +619,8 @@ static __always_inline int vf_encap_ipv6(struct xdp_md *ctx, const struct vf_set
 {
 	struct ipv6hdr *ip6;
 
-	if ((cfg->encap_src6[0] | cfg->encap_src6[1] | cfg->encap_src6[2] | cfg->encap_src6[3]) == 0 ||
+	if ((cfg->encap_src6[0] | cfg->encap_src6[1] | cfg->encap_src6[2] | cfg->encap_src6[3]) ==
+		    0 ||
 	    pkt->l3_len > 0xffff)
 		return VF_R_DROP_ENCAP;
 	ip6 = vf_push_outer(ctx, pkt, VF_IPV6_HDR_LEN, bpf_htons(VF_ETH_P_IPV6), smac, dmac);
@@ -744,7 +747,8 @@ static __always_inline void vf_account(const struct vf_settings *cfg, const stru
 		counter->packets++;
 		counter->bytes += pkt->frame_len;
 		if (vf_reason_has_event(reason) &&
-		    (cfg->event_sample_every <= 1 || counter->packets % cfg->event_sample_every == 0))
+		    (cfg->event_sample_every <= 1 ||
+		     counter->packets % cfg->event_sample_every == 0))
 			vf_emit_event(pkt, reason);
 	}
 	if (pkt->vip_matched) {

@@ -34,8 +34,8 @@ struct {
 
 /* What the outer header told us. */
 struct vf_tunnel {
-	__u32 outer_len;     /* bytes to strip */
-	__be16 inner_proto;  /* ethertype of the inner packet */
+	__u32 outer_len;    /* bytes to strip */
+	__be16 inner_proto; /* ethertype of the inner packet */
 };
 
 static __always_inline int vf_inner_ethertype(__u8 proto, __be16 *ethertype)

@@ -9,11 +9,11 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#define VF_ETH_ALEN         6
-#define VF_ETH_P_IP         0x0800
-#define VF_ETH_P_IPV6       0x86DD
-#define VF_ETH_P_8021Q      0x8100
-#define VF_ETH_P_8021AD     0x88A8
+#define VF_ETH_ALEN     6
+#define VF_ETH_P_IP     0x0800
+#define VF_ETH_P_IPV6   0x86DD
+#define VF_ETH_P_8021Q  0x8100
+#define VF_ETH_P_8021AD 0x88A8
 
 #define VF_IPPROTO_HOPOPTS  0
 #define VF_IPPROTO_ICMP     1
@@ -27,9 +27,9 @@
 #define VF_IPPROTO_ICMPV6   58
 #define VF_IPPROTO_DSTOPTS  60
 
-#define VF_IP_MF            0x2000
-#define VF_IP_DF            0x4000
-#define VF_IP_OFFSET        0x1FFF
+#define VF_IP_MF     0x2000
+#define VF_IP_DF     0x4000
+#define VF_IP_OFFSET 0x1FFF
 
 #define VF_ICMP_DEST_UNREACH 3
 #define VF_ICMP_FRAG_NEEDED  4

@@ -17,22 +17,22 @@
 
 /* What the parsers learn about one packet. */
 struct vf_pkt {
-	struct vf_flow_key flow;  /* for ICMP errors: the quoted flow, reversed */
-	__u32 frame_len;          /* bytes on the wire, as counted in stats */
-	__u32 l3_len;             /* IP packet length per its header (no L2 padding) */
-	__u16 l3_off;             /* Ethernet header, plus 4 with a VLAN tag */
+	struct vf_flow_key flow; /* for ICMP errors: the quoted flow, reversed */
+	__u32 frame_len;         /* bytes on the wire, as counted in stats */
+	__u32 l3_len;            /* IP packet length per its header (no L2 padding) */
+	__u16 l3_off;            /* Ethernet header, plus 4 with a VLAN tag */
 	__u16 l4_off;
 	__u32 vip_id;
 	__u32 real_id;
-	__u8  vlan;
-	__u8  df;                 /* IPv4 don't-fragment, copied to the outer header */
-	__u8  tos;
-	__u8  fragment;
-	__u8  ext_limit;          /* IPv6 extension chain longer than we walk */
-	__u8  icmp_error;         /* flow came from the packet quoted in an ICMP error */
-	__u8  vip_matched;
-	__u8  new_flow;
-	__u8  tcp_syn;            /* a TCP SYN without ACK: a connection being opened */
+	__u8 vlan;
+	__u8 df; /* IPv4 don't-fragment, copied to the outer header */
+	__u8 tos;
+	__u8 fragment;
+	__u8 ext_limit;  /* IPv6 extension chain longer than we walk */
+	__u8 icmp_error; /* flow came from the packet quoted in an ICMP error */
+	__u8 vip_matched;
+	__u8 new_flow;
+	__u8 tcp_syn; /* a TCP SYN without ACK: a connection being opened */
 };
 
 static __always_inline int vf_is_vlan(__be16 proto)

@@ -18,36 +18,36 @@
  * has no second copy of them.
  */
 enum vf_size {
-	VF_DEFAULT_MAX_VIPS        = 4096,
-	VF_DEFAULT_MAX_REALS       = 16384,
-	VF_DEFAULT_RING_SIZE       = 65537,
-	VF_DEFAULT_CT_SIZE         = 1048576,
+	VF_DEFAULT_MAX_VIPS = 4096,
+	VF_DEFAULT_MAX_REALS = 16384,
+	VF_DEFAULT_RING_SIZE = 65537,
+	VF_DEFAULT_CT_SIZE = 1048576,
 	VF_DEFAULT_FLOW_LIMIT_SIZE = 65536,
-	VF_DENY_MAX_PREFIXES       = 65536, /* per family */
-	VF_EVENTS_BYTES            = 256 * 1024,
-	VF_DECAP_MAX_LOCAL         = 64,
-	VF_MAX_IFACES              = 256,
+	VF_DENY_MAX_PREFIXES = 65536, /* per family */
+	VF_EVENTS_BYTES = 256 * 1024,
+	VF_DECAP_MAX_LOCAL = 64,
+	VF_MAX_IFACES = 256,
 };
 
 /* Address families as the maps store them (Linux AF_* values). */
 enum vf_family {
-	VF_AF_INET  = 2,
+	VF_AF_INET = 2,
 	VF_AF_INET6 = 10,
 };
 
 /* How many IPv6 extension headers are walked before giving up (see README). */
-#define VF_IPV6_MAX_EXT_HDRS    4
+#define VF_IPV6_MAX_EXT_HDRS 4
 
 /* A conntrack hit refreshes last_seen at most every this many jiffies
  * (32-320 ms for HZ 1000-100), so an established flow does not write its
  * entry on every packet. Idle timeouts are seconds, so this is invisible. */
-#define VF_CT_TOUCH_JIFFIES     32
+#define VF_CT_TOUCH_JIFFIES 32
 
 /* Forwarding mode of a VIP. Zero is invalid so a zeroed entry never forwards. */
 enum vf_mode {
 	VF_MODE_INVALID = 0,
-	VF_MODE_DSR     = 1,
-	VF_MODE_IPIP    = 2,
+	VF_MODE_DSR = 1,
+	VF_MODE_IPIP = 2,
 };
 
 /* Per-VIP behaviour bits in vf_vip_meta.flags. */
@@ -59,9 +59,9 @@ enum vf_vip_flag {
  * flows conntrack already gave it but is absent from new rings. A zeroed
  * slot (family 0) is an unused id. */
 enum vf_real_state {
-	VF_REAL_UP       = 0,
+	VF_REAL_UP = 0,
 	VF_REAL_DRAINING = 1,
-	VF_REAL_DOWN     = 2,
+	VF_REAL_DOWN = 2,
 };
 
 /*
@@ -74,34 +74,34 @@ enum vf_real_state {
  * names in Go and in the metrics, lower-cased without VF_R_.
  */
 enum vf_reason {
-	VF_R_PASS_NOT_IP = 0,       /* not IPv4/IPv6 (ARP, LLDP, ...) */
+	VF_R_PASS_NOT_IP = 0, /* not IPv4/IPv6 (ARP, LLDP, ...) */
 	VF_R_PASS_FIRST = VF_R_PASS_NOT_IP,
-	VF_R_PASS_NOT_VIP,          /* IP, but not addressed to a VIP */
-	VF_R_PASS_FRAGMENT,         /* IPv4 or IPv6 fragment */
-	VF_R_PASS_UNKNOWN_L4,       /* L4 protocol other than TCP/UDP/ICMP */
-	VF_R_PASS_IPV6_EXT_LIMIT,   /* more IPv6 extension headers than we walk */
-	VF_R_PASS_VLAN_NESTED,      /* a second VLAN tag (QinQ) */
-	VF_R_PASS_NOT_OUR_MAC,      /* VIP packet in a frame to another MAC (flooded, broadcast, multicast) */
-	VF_R_PASS_IFACE_UNKNOWN,    /* VIP packet on an interface the agent registered no MAC for */
+	VF_R_PASS_NOT_VIP,        /* IP, but not addressed to a VIP */
+	VF_R_PASS_FRAGMENT,       /* IPv4 or IPv6 fragment */
+	VF_R_PASS_UNKNOWN_L4,     /* L4 protocol other than TCP/UDP/ICMP */
+	VF_R_PASS_IPV6_EXT_LIMIT, /* more IPv6 extension headers than we walk */
+	VF_R_PASS_VLAN_NESTED,    /* a second VLAN tag (QinQ) */
+	VF_R_PASS_NOT_OUR_MAC, /* VIP packet in a frame to another MAC (flooded, broadcast, multicast) */
+	VF_R_PASS_IFACE_UNKNOWN, /* VIP packet on an interface the agent registered no MAC for */
 	VF_R_PASS_LAST = VF_R_PASS_IFACE_UNKNOWN,
-	VF_R_DROP_MALFORMED_L2,     /* truncated Ethernet or VLAN header */
+	VF_R_DROP_MALFORMED_L2, /* truncated Ethernet or VLAN header */
 	VF_R_DROP_FIRST = VF_R_DROP_MALFORMED_L2,
-	VF_R_DROP_MALFORMED_L3,     /* truncated or inconsistent IP header */
-	VF_R_DROP_MALFORMED_L4,     /* truncated TCP/UDP/ICMP header */
-	VF_R_DROP_DENYLIST,         /* source address in the denylist */
-	VF_R_DROP_NO_REAL,          /* VIP has no live real */
-	VF_R_DROP_NO_ROUTE,         /* no MAC for the real or the next hop */
-	VF_R_DROP_ENCAP,            /* encapsulation impossible for this packet */
-	VF_R_DROP_MARTIAN_VIP,      /* VIP packet whose source is the VIP itself */
-	VF_R_DROP_MARTIAN_UNSPECIFIED, /* VIP packet from 0.0.0.0/8 or :: */
-	VF_R_DROP_MARTIAN_BROADCAST, /* VIP packet from 255.255.255.255 */
-	VF_R_DROP_MARTIAN_MULTICAST, /* VIP packet from 224.0.0.0/4 or ff00::/8 */
-	VF_R_DROP_MARTIAN_LOOPBACK, /* VIP packet from 127.0.0.0/8 or ::1 */
+	VF_R_DROP_MALFORMED_L3,          /* truncated or inconsistent IP header */
+	VF_R_DROP_MALFORMED_L4,          /* truncated TCP/UDP/ICMP header */
+	VF_R_DROP_DENYLIST,              /* source address in the denylist */
+	VF_R_DROP_NO_REAL,               /* VIP has no live real */
+	VF_R_DROP_NO_ROUTE,              /* no MAC for the real or the next hop */
+	VF_R_DROP_ENCAP,                 /* encapsulation impossible for this packet */
+	VF_R_DROP_MARTIAN_VIP,           /* VIP packet whose source is the VIP itself */
+	VF_R_DROP_MARTIAN_UNSPECIFIED,   /* VIP packet from 0.0.0.0/8 or :: */
+	VF_R_DROP_MARTIAN_BROADCAST,     /* VIP packet from 255.255.255.255 */
+	VF_R_DROP_MARTIAN_MULTICAST,     /* VIP packet from 224.0.0.0/4 or ff00::/8 */
+	VF_R_DROP_MARTIAN_LOOPBACK,      /* VIP packet from 127.0.0.0/8 or ::1 */
 	VF_R_DROP_NEW_FLOW_RATE_LIMITED, /* the source spent its new-flow budget */
 	VF_R_DROP_LAST = VF_R_DROP_NEW_FLOW_RATE_LIMITED,
-	VF_R_TX_DSR,                /* forwarded by MAC rewrite */
+	VF_R_TX_DSR, /* forwarded by MAC rewrite */
 	VF_R_TX_FIRST = VF_R_TX_DSR,
-	VF_R_TX_IPIP,               /* forwarded inside an IPIP/IP6IP6 header */
+	VF_R_TX_IPIP, /* forwarded inside an IPIP/IP6IP6 header */
 	VF_R_TX_LAST = VF_R_TX_IPIP,
 	VF_R_MAX,
 };
@@ -112,22 +112,22 @@ enum vf_reason {
 
 struct vf_vip_key {
 	__u32 addr[4];
-	__u16 port;   /* network order; 0 = every port of addr/proto */
-	__u8  proto;  /* IPPROTO_TCP or IPPROTO_UDP */
-	__u8  family; /* AF_INET or AF_INET6 */
+	__u16 port;  /* network order; 0 = every port of addr/proto */
+	__u8 proto;  /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 family; /* AF_INET or AF_INET6 */
 };
 
 struct vf_vip_meta {
-	__u32 vip_id;        /* index into vf_rings and vf_stats_vip */
+	__u32 vip_id; /* index into vf_rings and vf_stats_vip */
 	enum vf_mode mode;
-	__u32 flags;         /* enum vf_vip_flag bits */
+	__u32 flags; /* enum vf_vip_flag bits */
 };
 
 struct vf_real {
 	__u32 addr[4];
-	__u8  mac[6];        /* dsr: the real's MAC; ipip: unused */
-	__u8  family;
-	__u8  pad;
+	__u8 mac[6]; /* dsr: the real's MAC; ipip: unused */
+	__u8 family;
+	__u8 pad;
 	enum vf_real_state state;
 };
 
@@ -136,8 +136,8 @@ struct vf_flow_key {
 	__u32 dst[4];
 	__u16 sport;
 	__u16 dport;
-	__u8  proto;
-	__u8  family;
+	__u8 proto;
+	__u8 family;
 	__u16 pad;
 };
 
@@ -148,12 +148,12 @@ struct vf_flow4_key {
 	__u32 dst;
 	__u16 sport;
 	__u16 dport;
-	__u8  proto;
-	__u8  pad[3];
+	__u8 proto;
+	__u8 pad[3];
 };
 
 struct vf_ct_entry {
-	__u64 last_seen;     /* jiffies: bpf_jiffies64() is inlined by the verifier, a clock read is a call */
+	__u64 last_seen; /* jiffies: bpf_jiffies64() is inlined by the verifier, a clock read is a call */
 	__u32 real_id;
 	__u32 vip_id;
 };
@@ -162,7 +162,7 @@ struct vf_vip_stats {
 	__u64 packets;
 	__u64 bytes;
 	__u64 new_flows;
-	__u64 drops;         /* packets for the VIP that were dropped (no real, no route, encap, martian, rate limit) */
+	__u64 drops; /* packets for the VIP that were dropped (no real, no route, encap, martian, rate limit) */
 };
 
 struct vf_real_stats {
@@ -176,48 +176,48 @@ struct vf_counter {
 };
 
 struct vf_settings {
-	__u8  gw_mac[6];     /* next hop for ipip when bpf_fib_lookup gives nothing */
+	__u8 gw_mac[6]; /* next hop for ipip when bpf_fib_lookup gives nothing */
 	__u16 pad;
 	__u32 encap_src4;
 	__u32 encap_src6[4];
-	__u32 ring_size;     /* entries in every inner ring map */
+	__u32 ring_size;          /* entries in every inner ring map */
 	__u32 event_sample_every; /* emit one event per N drops of a reason, per CPU; 0 or 1 = all */
-	__u8  use_fib;       /* ipip: ask bpf_fib_lookup for the next hop first */
-	__u8  deny4_active;  /* skip the LPM lookup while the v4 denylist is empty */
-	__u8  deny6_active;
-	__u8  wildcard_active; /* some VIP has port 0: a miss needs a second lookup */
-	__u32 hz;            /* the kernel tick rate the agent measured, for the timeouts below */
+	__u8 use_fib;             /* ipip: ask bpf_fib_lookup for the next hop first */
+	__u8 deny4_active;        /* skip the LPM lookup while the v4 denylist is empty */
+	__u8 deny6_active;
+	__u8 wildcard_active; /* some VIP has port 0: a miss needs a second lookup */
+	__u32 hz;             /* the kernel tick rate the agent measured, for the timeouts below */
 	/* The per-source new-flow limit (vf_charge_new_flow), as a token
 	 * bucket counted in nanoseconds of credit: a new flow costs
 	 * new_flow_interval_ns (1e9 / rate), the bucket holds
 	 * new_flow_burst_ns (burst * interval). Interval 0 = no limit. */
 	__u32 new_flow_interval_ns;
-	__u64 tcp_timeout;   /* idle timeouts in jiffies */
+	__u64 tcp_timeout; /* idle timeouts in jiffies */
 	__u64 udp_timeout;
 	__u64 new_flow_burst_ns;
-	__u32 new_flow_rate; /* rate and burst as configured, read back by the agent; */
+	__u32 new_flow_rate;  /* rate and burst as configured, read back by the agent; */
 	__u32 new_flow_burst; /* the program only reads the two derived fields */
 };
 
 /* An interface the program is attached to, by ifindex (vf_ifaces): its own
  * MAC, the only destination it forwards from and the source it sends with. */
 struct vf_iface {
-	__u8  mac[6];
+	__u8 mac[6];
 	__u16 pad;
 };
 
 /* A source's new-flow bucket on one CPU (vf_flow_limit). IPv4 sources are
  * limited per address, IPv6 ones per /64, what one host usually holds. */
 struct vf_flow_limit_key {
-	__u32 prefix[2];     /* IPv4: the address in prefix[0]; IPv6: the first 64 bits */
+	__u32 prefix[2]; /* IPv4: the address in prefix[0]; IPv6: the first 64 bits */
 	__u32 cpu;
-	__u8  family;
-	__u8  pad[3];
+	__u8 family;
+	__u8 pad[3];
 };
 
 struct vf_flow_limit_bucket {
-	__u64 credit_ns;     /* unspent credit, at most new_flow_burst_ns */
-	__u64 last_ns;       /* bpf_ktime_get_ns() when credit was last brought up to date */
+	__u64 credit_ns; /* unspent credit, at most new_flow_burst_ns */
+	__u64 last_ns;   /* bpf_ktime_get_ns() when credit was last brought up to date */
 };
 
 struct vf_lpm4_key {
@@ -240,8 +240,8 @@ struct vf_event {
 	__u32 dst[4];
 	__u16 sport;
 	__u16 dport;
-	__u8  proto;
-	__u8  family;
+	__u8 proto;
+	__u8 family;
 	__u16 pad;
 };
 

@@ -12,7 +12,7 @@ export GOTOOLCHAIN := local
 
 GENERATED := $(wildcard agent/dataplane/*_bpfel.o agent/dataplane/*_bpfel.go)
 
-.PHONY: all build generate check-generated vmlinux test vmtest fuzz bench demo demo-cluster image deps-build deps-test deps-vmtest deps-demo deps-democluster deps-bench clean
+.PHONY: all build generate check-generated check-format vmlinux test vmtest fuzz bench demo demo-cluster image deps-build deps-test deps-vmtest deps-demo deps-democluster deps-bench clean
 
 all: build
 
@@ -52,10 +52,19 @@ check-generated: generate
 vmlinux: deps-build
 	$(BPFTOOL) btf dump file /sys/kernel/btf/vmlinux format c > vmlinux/vmlinux.h
 
-# Unit tests, BPF tests through BPF_PROG_TEST_RUN, namespace tests, then a
+# The Go tree is gofmt'ed (vmlinux/ holds only the generated vmlinux.h) and
+# the BPF C follows bpf/.clang-format.
+CLANG_FORMAT ?= clang-format-19
+GOFMT ?= gofmt
+check-format:
+	@out=$$($(GOFMT) -l $$(git ls-files '*.go' | grep -v '^vmlinux/')); \
+		test -z "$$out" || { echo "gofmt needed on:" $$out >&2; exit 1; }
+	$(CLANG_FORMAT) --dry-run --Werror bpf/*.c bpf/include/*.h
+
+# Formatting, unit tests, BPF tests through BPF_PROG_TEST_RUN, namespace tests, then a
 # bounded fuzz run seeded from the table cases. Privileged parts skip
 # without root unless VELOFLUX_REQUIRE_PRIV=1.
-test: deps-test
+test: deps-test check-format
 	$(GO) vet ./...
 	$(GO) run $(STATICCHECK) ./...
 	$(GO) test -count=1 ./...

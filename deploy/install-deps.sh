@@ -6,7 +6,7 @@ set -euo pipefail
 
 declare -A sets=(
 	[build]="clang-19 llvm-19 libbpf-dev bpftool"
-	[test]="iproute2 ethtool bpftool curl python3-websockets chromium prometheus prometheus-alertmanager podman runc qemu-system-x86 busybox-static bird2 iptables"
+	[test]="clang-format-19 iproute2 ethtool bpftool curl python3-websockets chromium prometheus prometheus-alertmanager podman runc qemu-system-x86 busybox-static bird2 iptables"
 	[vmtest]="qemu-system-x86 busybox-static"
 	[demo]="iproute2 ethtool bpftool curl"
 	[democluster]="iproute2 ethtool bpftool curl bird2"

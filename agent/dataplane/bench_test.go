@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
+	"runtime"
 	"testing"
 	"time"
 
@@ -11,15 +12,23 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/gopacket/gopacket/layers"
 	"github.com/veloflux/veloflux/agent/maglev"
+	"golang.org/x/sys/unix"
 )
 
 // The per-packet cost is the kernel's own measurement from BPF_PROG_RUN
 // (docs/ARCHITECTURE.md, "Measuring"). Paths that leave the packet as it is run
 // with Repeat; paths that rewrite it (encapsulation) or need a new packet
 // per call (new flows) run many Repeat=1 calls and average the kernel's
-// durations, because a repeated run would process its own output. A trivial
+// durations, because a repeated run would process its own output. The
+// non-VIP path is measured both ways, since the two are not comparable: a
+// Repeat=1 call runs with caches the syscall has just cooled. A trivial
 // XDP_PASS program, measured the same way in the same sub-benchmark, is the
 // floor, and every result is also reported as ns above that floor.
+//
+// Everything runs on one CPU, the conntrack fill included: with
+// BPF_F_NO_COMMON_LRU each CPU evicts from its own list of max/ncpu
+// entries, so a fill from another CPU would leave the measured CPU's list
+// half empty and the "full table" would not be full where it is measured.
 
 const benchRealsPerVIP = 100
 
@@ -27,10 +36,16 @@ type benchFixture struct {
 	h     *harness
 	floor *ebpf.Program
 	vips  int
+	cpu   int // where the fill ran, and where every measurement must run
 }
 
+// newBenchFixture pins the calling goroutine to one CPU before it fills
+// conntrack: the CPU its thread is already confined to, if one, else the
+// lowest it may use. Sub-benchmarks run in goroutines of their own and
+// call pin to join it.
 func newBenchFixture(b *testing.B, vips int, ctSize uint32, prefill bool) *benchFixture {
 	b.Helper()
+	cpu := pinBenchThread(b, -1)
 	h := newHarness(b, Options{
 		RingSize:      maglev.DefaultTableSize,
 		ConntrackSize: ctSize,
@@ -69,11 +84,45 @@ func newBenchFixture(b *testing.B, vips int, ctSize uint32, prefill bool) *bench
 	})
 	h.must(err)
 	b.Cleanup(func() { floor.Close() })
-	return &benchFixture{h: h, floor: floor, vips: vips}
+	return &benchFixture{h: h, floor: floor, vips: vips, cpu: cpu}
 }
 
-// fillConntrack fills the table with unrelated flows, so lookups walk a
-// full hash table and every new flow evicts.
+// pin puts the calling goroutine on the fixture's CPU.
+func (f *benchFixture) pin(b *testing.B) { pinBenchThread(b, f.cpu) }
+
+// pinBenchThread locks the goroutine to its thread and the thread to cpu,
+// or, with cpu < 0, to the lowest CPU it may run on (the harness of a
+// caller that pinned the thread already keeps its CPU). It returns the CPU. The thread is never unlocked: it ends with
+// the goroutine instead of serving others with a narrowed affinity.
+func pinBenchThread(b *testing.B, cpu int) int {
+	b.Helper()
+	runtime.LockOSThread()
+	if cpu < 0 {
+		var set unix.CPUSet
+		if err := unix.SchedGetaffinity(0, &set); err != nil {
+			b.Fatalf("read CPU affinity: %v", err)
+		}
+		for i := 0; i < len(set)*64 && cpu < 0; i++ {
+			if set.IsSet(i) {
+				cpu = i
+			}
+		}
+		if set.Count() == 1 {
+			return cpu
+		}
+	}
+	var set unix.CPUSet
+	set.Set(cpu)
+	if err := unix.SchedSetaffinity(0, &set); err != nil {
+		b.Fatalf("pin to CPU %d: %v", cpu, err)
+	}
+	return cpu
+}
+
+// fillConntrack fills the table with n unrelated flows, so lookups walk a
+// full hash table and every new flow evicts. The inserts go to the LRU
+// list of the CPU the caller runs on (newBenchFixture pins it first); n is
+// the table's total size, so that list is filled twice over.
 func fillConntrack(b *testing.B, dp *Dataplane, n int) {
 	b.Helper()
 	const chunk = 1 << 16
@@ -141,6 +190,11 @@ func report(b *testing.B, ns, floor float64) {
 	b.ReportMetric(0, "ns/op") // wall time per op is syscall overhead, not the program's cost
 }
 
+// BenchmarkXDP measures each class the way its Katran counterpart is
+// measured (docs/BENCHMARKS.md): established and non-VIP frames are 118-byte
+// TCP ACKs with 64 bytes of payload, new-flow frames 54-byte TCP SYNs of a
+// new 5-tuple each. Katran always encapsulates, so ipip is its counterpart;
+// dsr has none and is measured for itself.
 func BenchmarkXDP(b *testing.B) {
 	requirePrivileged(b)
 	tcp := layers.IPProtocolTCP
@@ -159,6 +213,7 @@ func BenchmarkXDP(b *testing.B) {
 			}
 
 			b.Run("established-dsr", func(b *testing.B) {
+				f.pin(b)
 				floor := repeated(b, f.floor, dsr)
 				sent := f.h.counters()[ReasonTxDSR].Packets
 				report(b, repeated(b, prog, dsr), floor)
@@ -168,16 +223,24 @@ func BenchmarkXDP(b *testing.B) {
 				}
 			})
 			b.Run("established-ipip", func(b *testing.B) {
+				f.pin(b)
 				floor, ns := singles(b, f.floor, prog, func(int) []byte { return ipip }, uint32(VerdictTx))
 				report(b, ns, floor)
 			})
-			b.Run("new-flow", func(b *testing.B) {
-				floor, ns := singles(b, f.floor, prog, newFlowSource(b, vip), uint32(VerdictTx))
+			b.Run("new-flow-ipip", func(b *testing.B) {
+				f.pin(b)
+				floor, ns := singles(b, f.floor, prog, newFlowSource(b, vip, 8080), uint32(VerdictTx))
+				report(b, ns, floor)
+			})
+			b.Run("new-flow-dsr", func(b *testing.B) {
+				f.pin(b)
+				floor, ns := singles(b, f.floor, prog, newFlowSource(b, vip, 80), uint32(VerdictTx))
 				report(b, ns, floor)
 			})
 			// The same new flows with the per-source limit on and never
 			// reached: what the bucket lookup and refill add.
-			b.Run("new-flow-limit-on", func(b *testing.B) {
+			b.Run("new-flow-ipip-limit-on", func(b *testing.B) {
+				f.pin(b)
 				s, err := f.h.dp.Settings()
 				f.h.must(err)
 				s.NewFlowLimit = NewFlowLimit{RatePerSecond: MaxNewFlowRate, Burst: MaxNewFlowBurst}
@@ -186,27 +249,35 @@ func BenchmarkXDP(b *testing.B) {
 					s.NewFlowLimit = NewFlowLimit{}
 					f.h.must(f.h.dp.SetSettings(s))
 				}()
-				floor, ns := singles(b, f.floor, prog, newFlowSource(b, vip), uint32(VerdictTx))
+				floor, ns := singles(b, f.floor, prog, newFlowSource(b, vip, 8080), uint32(VerdictTx))
 				report(b, ns, floor)
 			})
 			b.Run("non-vip", func(b *testing.B) {
+				f.pin(b)
 				floor := repeated(b, f.floor, nonVIP)
 				report(b, repeated(b, prog, nonVIP), floor)
+			})
+			b.Run("non-vip-singles", func(b *testing.B) {
+				f.pin(b)
+				floor, ns := singles(b, f.floor, prog, func(int) []byte { return nonVIP }, uint32(VerdictPass))
+				report(b, ns, floor)
 			})
 		})
 	}
 	// Katran's other new-flow figure: a 1k LRU that keeps evicting.
-	b.Run("vips=1/ct=1k/new-flow", func(b *testing.B) {
+	b.Run("vips=1/ct=1k/new-flow-ipip", func(b *testing.B) {
 		f := newBenchFixture(b, 1, 1024, true)
-		floor, ns := singles(b, f.floor, f.h.dp.objs.VfBalancer, newFlowSource(b, f.vipAddr()), uint32(VerdictTx))
+		floor, ns := singles(b, f.floor, f.h.dp.objs.VfBalancer, newFlowSource(b, f.vipAddr(), 8080), uint32(VerdictTx))
 		report(b, ns, floor)
 	})
 }
 
-// newFlowSource gives a frame of a flow never seen before on every call:
-// the source port changes each time, the source address every 60,000 ports.
-func newFlowSource(b *testing.B, vip string) func(i int) []byte {
-	base := pkt{src: client4, dst: vip, sport: 1024, dport: 80, proto: layers.IPProtocolTCP, tcpFlags: "S"}.frame(b)
+// newFlowSource gives a 54-byte SYN of a flow never seen before on every
+// call: the source port changes each time, the source address every 60,000
+// ports. The sequence restarts with each call of newFlowSource, and the
+// frame is one buffer rewritten in place.
+func newFlowSource(b *testing.B, vip string, dport uint16) func(i int) []byte {
+	base := pkt{src: client4, dst: vip, sport: 1024, dport: dport, proto: layers.IPProtocolTCP, tcpFlags: "S"}.frame(b)
 	frame := append([]byte(nil), base...)
 	const ipOff, tcpOff = 14, 14 + 20
 	return func(i int) []byte {

@@ -106,9 +106,9 @@ struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct vf_settings);
+	__type(value, vf_settings_t);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} vf_config SEC(".maps");
+} vf_settings SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -779,7 +779,7 @@ int vf_balancer(struct xdp_md *ctx)
 	__u32 zero = 0;
 	int reason;
 
-	cfg = bpf_map_lookup_elem(&vf_config, &zero);
+	cfg = bpf_map_lookup_elem(&vf_settings, &zero);
 	if (!cfg)
 		return XDP_PASS; /* unreachable: an array always has slot 0 */
 	reason = vf_handle(ctx, cfg, &pkt);

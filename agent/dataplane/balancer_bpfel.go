@@ -166,7 +166,7 @@ const (
 	balancerVfReasonVF_R_MAX                        balancerVfReason = 23
 )
 
-type balancerVfSettings struct {
+type balancerVfSettingsT struct {
 	_                 structs.HostLayout
 	GwMac             [6]uint8
 	Pad               uint16
@@ -228,7 +228,6 @@ type balancerVfVipStats struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	balancerMapVfConfig       = "vf_config"
 	balancerMapVfCounters     = "vf_counters"
 	balancerMapVfCt4          = "vf_ct4"
 	balancerMapVfCt6          = "vf_ct6"
@@ -239,6 +238,7 @@ const (
 	balancerMapVfIfaces       = "vf_ifaces"
 	balancerMapVfReals        = "vf_reals"
 	balancerMapVfRings        = "vf_rings"
+	balancerMapVfSettings     = "vf_settings"
 	balancerMapVfStatsReal    = "vf_stats_real"
 	balancerMapVfStatsVip     = "vf_stats_vip"
 	balancerMapVfVips         = "vf_vips"
@@ -297,7 +297,6 @@ type balancerProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type balancerMapSpecs struct {
-	VfConfig    *ebpf.MapSpec `ebpf:"vf_config"`
 	VfCounters  *ebpf.MapSpec `ebpf:"vf_counters"`
 	VfCt4       *ebpf.MapSpec `ebpf:"vf_ct4"`
 	VfCt6       *ebpf.MapSpec `ebpf:"vf_ct6"`
@@ -308,6 +307,7 @@ type balancerMapSpecs struct {
 	VfIfaces    *ebpf.MapSpec `ebpf:"vf_ifaces"`
 	VfReals     *ebpf.MapSpec `ebpf:"vf_reals"`
 	VfRings     *ebpf.MapSpec `ebpf:"vf_rings"`
+	VfSettings  *ebpf.MapSpec `ebpf:"vf_settings"`
 	VfStatsReal *ebpf.MapSpec `ebpf:"vf_stats_real"`
 	VfStatsVip  *ebpf.MapSpec `ebpf:"vf_stats_vip"`
 	VfVips      *ebpf.MapSpec `ebpf:"vf_vips"`
@@ -342,7 +342,6 @@ func (o *balancerObjects) Close() error {
 //
 // It can be passed to loadBalancerObjects or ebpf.CollectionSpec.LoadAndAssign.
 type balancerMaps struct {
-	VfConfig    *ebpf.Map `ebpf:"vf_config"`
 	VfCounters  *ebpf.Map `ebpf:"vf_counters"`
 	VfCt4       *ebpf.Map `ebpf:"vf_ct4"`
 	VfCt6       *ebpf.Map `ebpf:"vf_ct6"`
@@ -353,6 +352,7 @@ type balancerMaps struct {
 	VfIfaces    *ebpf.Map `ebpf:"vf_ifaces"`
 	VfReals     *ebpf.Map `ebpf:"vf_reals"`
 	VfRings     *ebpf.Map `ebpf:"vf_rings"`
+	VfSettings  *ebpf.Map `ebpf:"vf_settings"`
 	VfStatsReal *ebpf.Map `ebpf:"vf_stats_real"`
 	VfStatsVip  *ebpf.Map `ebpf:"vf_stats_vip"`
 	VfVips      *ebpf.Map `ebpf:"vf_vips"`
@@ -360,7 +360,6 @@ type balancerMaps struct {
 
 func (m *balancerMaps) Close() error {
 	return _BalancerClose(
-		m.VfConfig,
 		m.VfCounters,
 		m.VfCt4,
 		m.VfCt6,
@@ -371,6 +370,7 @@ func (m *balancerMaps) Close() error {
 		m.VfIfaces,
 		m.VfReals,
 		m.VfRings,
+		m.VfSettings,
 		m.VfStatsReal,
 		m.VfStatsVip,
 		m.VfVips,

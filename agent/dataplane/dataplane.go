@@ -139,9 +139,15 @@ func Load(opts Options) (*Dataplane, error) {
 
 	d := &Dataplane{opts: opts, inner: inner.Copy(), links: map[string]link.Link{}}
 	if opts.PinPath != "" {
-		if d.replacedPins, err = replaceStalePins(spec, opts.PinPath); err != nil {
+		retired, err := removeRetiredPins(opts.PinPath)
+		if err != nil {
 			return nil, explainPrivilege(err)
 		}
+		stale, err := replaceStalePins(spec, opts.PinPath)
+		if err != nil {
+			return nil, explainPrivilege(err)
+		}
+		d.replacedPins = append(retired, stale...)
 	}
 	err = spec.LoadAndAssign(&d.objs, &ebpf.CollectionOptions{Maps: mapOpts})
 	if errors.Is(err, ebpf.ErrMapIncompatible) {

@@ -252,16 +252,16 @@ func (d *Dataplane) DeleteRing(vipID uint32) error {
 	return nil
 }
 
-func (d *Dataplane) readSettings() (balancerVfSettings, error) {
-	var s balancerVfSettings
-	if err := d.objs.VfConfig.Lookup(uint32(0), &s); err != nil {
+func (d *Dataplane) readSettings() (balancerVfSettingsT, error) {
+	var s balancerVfSettingsT
+	if err := d.objs.VfSettings.Lookup(uint32(0), &s); err != nil {
 		return s, fmt.Errorf("read settings: %w", err)
 	}
 	return s, nil
 }
 
-func (d *Dataplane) writeSettings(s balancerVfSettings) error {
-	if err := d.objs.VfConfig.Put(uint32(0), &s); err != nil {
+func (d *Dataplane) writeSettings(s balancerVfSettingsT) error {
+	if err := d.objs.VfSettings.Put(uint32(0), &s); err != nil {
 		return fmt.Errorf("write settings: %w", err)
 	}
 	return nil
@@ -274,7 +274,7 @@ func (d *Dataplane) SetSettings(in Settings) error {
 	if err != nil {
 		return err
 	}
-	next := balancerVfSettings{
+	next := balancerVfSettingsT{
 		RingSize:         d.opts.RingSize,
 		EventSampleEvery: in.EventSampleEvery,
 		Deny4Active:      cur.Deny4Active,

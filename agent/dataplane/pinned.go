@@ -23,7 +23,7 @@ func OpenPinned(pinPath string) (*Dataplane, error) {
 	}{
 		{"vf_vips", &d.objs.VfVips}, {"vf_rings", &d.objs.VfRings}, {"vf_reals", &d.objs.VfReals},
 		{"vf_ct4", &d.objs.VfCt4}, {"vf_ct6", &d.objs.VfCt6}, {"vf_stats_vip", &d.objs.VfStatsVip},
-		{"vf_stats_real", &d.objs.VfStatsReal}, {"vf_counters", &d.objs.VfCounters}, {"vf_config", &d.objs.VfConfig},
+		{"vf_stats_real", &d.objs.VfStatsReal}, {"vf_counters", &d.objs.VfCounters}, {"vf_settings", &d.objs.VfSettings},
 		{"vf_deny4", &d.objs.VfDeny4}, {"vf_deny6", &d.objs.VfDeny6}, {"vf_events", &d.objs.VfEvents},
 	}
 	for _, target := range targets {

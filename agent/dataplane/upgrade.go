@@ -3,8 +3,10 @@ package dataplane
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 
 	"github.com/cilium/ebpf"
 )
@@ -12,7 +14,7 @@ import (
 // rebuiltPins are the pinned maps whose content a starting agent rewrites
 // whole (the settings) or that only count (the reason counters, the event
 // ring). When an upgrade changes one's layout (a new reason makes
-// vf_counters longer, a new setting makes vf_config's value larger), the
+// vf_counters longer, a new setting makes vf_settings' value larger), the
 // new agent replaces the pin instead of refusing to start: the program
 // still attached keeps its references to the old map until the new one is
 // swapped onto the link, so forwarding never stops, and only the reason
@@ -21,7 +23,30 @@ import (
 // Maps that hold flows or the ids flows refer to (conntrack, VIPs, reals,
 // rings) and the per-VIP and per-real statistics are never replaced: a
 // change of their layout still needs `veloflux detach`.
-var rebuiltPins = []string{"vf_config", "vf_counters", "vf_events"}
+var rebuiltPins = []string{"vf_settings", "vf_counters", "vf_events"}
+
+// retiredPins are pins an earlier version made under names this one no
+// longer uses, and what replaces each. A starting agent removes them (the
+// attached program keeps its references until the new one is swapped on),
+// so they do not linger beside their successors.
+var retiredPins = map[string]string{
+	"vf_config": "vf_settings", // renamed to match its value's struct
+}
+
+// removeRetiredPins removes retiredPins from pinDir and returns their names.
+func removeRetiredPins(pinDir string) ([]string, error) {
+	var removed []string
+	for _, old := range slices.Sorted(maps.Keys(retiredPins)) {
+		err := os.Remove(filepath.Join(pinDir, old))
+		switch {
+		case err == nil:
+			removed = append(removed, old)
+		case !errors.Is(err, os.ErrNotExist):
+			return removed, fmt.Errorf("remove the pin %s of an older version: %w", old, err)
+		}
+	}
+	return removed, nil
+}
 
 // IncompatiblePinError says which pinned map a new layout cannot reuse.
 type IncompatiblePinError struct {

@@ -2,6 +2,7 @@ package dataplane
 
 import (
 	"errors"
+	"os"
 	"path/filepath"
 	"slices"
 	"testing"
@@ -54,19 +55,29 @@ func TestLoadReplacesRebuiltPinsOfAnotherLayout(t *testing.T) {
 	h.real(1, real4a)
 	h.must(first.Close())
 
-	for _, name := range []string{"vf_config", "vf_counters"} {
+	for _, name := range []string{"vf_settings", "vf_counters"} {
 		if err := removePin(pin, name); err != nil {
 			t.Fatal(err)
 		}
 		pinStale(t, pin, name)
 	}
+	// The settings map's name before it was renamed to match its struct.
+	old, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 64, MaxEntries: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.must(old.Pin(filepath.Join(pin, "vf_config")))
+	old.Close()
 	second, err := Load(opts)
 	if err != nil {
 		t.Fatalf("Load over stale settings and counters: %v", err)
 	}
 	defer second.Close()
-	if got := second.ReplacedPins(); !slices.Equal(got, []string{"vf_config", "vf_counters"}) {
-		t.Errorf("ReplacedPins = %v, want [vf_config vf_counters]", got)
+	if got := second.ReplacedPins(); !slices.Equal(got, []string{"vf_config", "vf_settings", "vf_counters"}) {
+		t.Errorf("ReplacedPins = %v, want [vf_config vf_settings vf_counters]", got)
+	}
+	if _, err := os.Stat(filepath.Join(pin, "vf_config")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the retired pin vf_config is still there: %v", err)
 	}
 	reals, err := second.Reals()
 	if err != nil || reals[1].Addr.String() != real4a {

@@ -199,6 +199,12 @@ struct vf_settings {
 	__u32 new_flow_burst; /* the program only reads the two derived fields */
 };
 
+/* The settings map is named vf_settings like its value's struct; bpf2go's
+ * -type lookup cannot tell a struct from a variable of the same name, so
+ * Go's type is generated from this typedef.
+ */
+typedef struct vf_settings vf_settings_t;
+
 /* An interface the program is attached to, by ifindex (vf_ifaces): its own
  * MAC, the only destination it forwards from and the source it sends with. */
 struct vf_iface {

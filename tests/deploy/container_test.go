@@ -705,7 +705,7 @@ func (c *agentContainer) checkAttached(t *testing.T, l *lab.Lab) {
 	}
 	pins := filepath.Join(c.bpffs, "veloflux")
 	for _, name := range []string{"link_xdp_" + l.Balancer.IfName, "vf_vips", "vf_rings", "vf_reals",
-		"vf_ct4", "vf_ct6", "vf_counters", "vf_config"} {
+		"vf_ct4", "vf_ct6", "vf_counters", "vf_settings"} {
 		if _, err := os.Stat(filepath.Join(pins, name)); err != nil {
 			t.Errorf("pin %s: %v", name, err)
 		}

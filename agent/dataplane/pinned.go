@@ -29,6 +29,12 @@ func OpenPinned(pinPath string) (*Dataplane, error) {
 	for _, target := range targets {
 		name, dst := target.name, target.dst
 		m, err := ebpf.LoadPinnedMap(filepath.Join(pinPath, name), &ebpf.LoadPinOptions{ReadOnly: true})
+		for old, successor := range retiredPins {
+			// Pins an agent older than this vfctl made.
+			if successor == name && errors.Is(err, os.ErrNotExist) {
+				m, err = ebpf.LoadPinnedMap(filepath.Join(pinPath, old), &ebpf.LoadPinOptions{ReadOnly: true})
+			}
+		}
 		if err != nil {
 			d.objs.Close()
 			if errors.Is(err, os.ErrNotExist) {

@@ -912,32 +912,5 @@ func (c *hijackedConn) Close() error {
 	return c.Conn.Close()
 }
 
-type hijackedSet struct {
-	mu sync.Mutex
-	m  map[*hijackedConn]struct{}
-}
-
-func (s *hijackedSet) add(c *hijackedConn) {
-	s.mu.Lock()
-	s.m[c] = struct{}{}
-	s.mu.Unlock()
-}
-
-func (s *hijackedSet) remove(c *hijackedConn) {
-	s.mu.Lock()
-	delete(s.m, c)
-	s.mu.Unlock()
-}
-
-func (s *hijackedSet) closeAll() int {
-	s.mu.Lock()
-	conns := make([]*hijackedConn, 0, len(s.m))
-	for c := range s.m {
-		conns = append(conns, c)
-	}
-	s.mu.Unlock()
-	for _, c := range conns {
-		c.Close()
-	}
-	return len(conns)
-}
+// hijackedSet tracks upgraded connections (WebSockets) for the drain.
+type hijackedSet = closeSet[*hijackedConn]

@@ -13,33 +13,37 @@ import (
 	"golang.org/x/net/http2"
 )
 
-// connSet tracks open client connections, so that a server being retired
-// or drained can close whatever its engines left open when its time is
-// up: HTTP/1 keep-alives, HTTP/2 connections, upgraded tunnels.
-type connSet struct {
+// closeSet tracks open connections, so that a server being retired or
+// drained can close whatever its engines left open when its time is up:
+// HTTP/1 keep-alives, HTTP/2 connections, upgraded tunnels. The zero value
+// is ready to use.
+type closeSet[C interface {
+	comparable
+	Close() error
+}] struct {
 	mu sync.Mutex
-	m  map[*trackedConn]struct{}
+	m  map[C]struct{}
 }
 
-func (s *connSet) add(c *trackedConn) {
+func (s *closeSet[C]) add(c C) {
 	s.mu.Lock()
 	if s.m == nil {
-		s.m = map[*trackedConn]struct{}{}
+		s.m = map[C]struct{}{}
 	}
 	s.m[c] = struct{}{}
 	s.mu.Unlock()
 }
 
-func (s *connSet) remove(c *trackedConn) {
+func (s *closeSet[C]) remove(c C) {
 	s.mu.Lock()
 	delete(s.m, c)
 	s.mu.Unlock()
 }
 
 // closeAll closes every tracked connection and returns how many there were.
-func (s *connSet) closeAll() int {
+func (s *closeSet[C]) closeAll() int {
 	s.mu.Lock()
-	conns := make([]*trackedConn, 0, len(s.m))
+	conns := make([]C, 0, len(s.m))
 	for c := range s.m {
 		conns = append(conns, c)
 	}
@@ -49,6 +53,9 @@ func (s *connSet) closeAll() int {
 	}
 	return len(conns)
 }
+
+// connSet tracks a server's client connections.
+type connSet = closeSet[*trackedConn]
 
 // trackedConn is an accepted connection that leaves its set when closed.
 type trackedConn struct {

@@ -164,7 +164,6 @@ func New(opts Options) (*Proxy, error) {
 		return nil, fmt.Errorf("proxy: register metrics: %w", err)
 	}
 	p.certs = &certStore{log: p.log}
-	p.hijacked.m = map[*hijackedConn]struct{}{}
 	p.rp = &httputil.ReverseProxy{
 		Rewrite:        p.rewrite,
 		Transport:      roundTripper{p},

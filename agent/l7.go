@@ -130,11 +130,7 @@ func (a *Agent) onProxySecurityEvent(kind string, data map[string]any) {
 		case "method":
 			ev.Method = fmt.Sprint(v)
 		case "suppressed":
-			if n, ok := v.(uint64); ok {
-				ev.Suppressed = n
-			} else if n, ok := v.(int64); ok && n > 0 {
-				ev.Suppressed = uint64(n)
-			} else if n, ok := v.(int); ok && n > 0 {
+			if n, ok := v.(int); ok && n > 0 {
 				ev.Suppressed = uint64(n)
 			}
 		default:

@@ -87,6 +87,8 @@ type Config struct {
 	Security SecurityConfig `yaml:"security"`
 	// BGP announces the VIPs to upstream routers; nil announces nothing.
 	BGP *BGPConfig `yaml:"bgp,omitempty"`
+	// Decap is read by `veloflux decap` on a backend, not by the agent.
+	Decap *DecapConfig `yaml:"decap,omitempty"`
 }
 
 // NodeConfig identifies this agent.
@@ -578,6 +580,9 @@ func (c *Config) normalize() {
 		for i := range b.VIPs {
 			canonIP(&b.VIPs[i].Address)
 		}
+	}
+	if c.Decap != nil {
+		c.Decap.Normalize()
 	}
 	for i := range c.Routes {
 		// Host names are case-insensitive (RFC 4343).

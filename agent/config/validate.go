@@ -58,6 +58,7 @@ func (c *Config) validate() []FieldError {
 	c.validateRoutes(v, pools)
 	c.validateSecurity(v)
 	c.validateBGP(v)
+	c.validateDecap(v)
 	return v.errs
 }
 

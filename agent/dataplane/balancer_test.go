@@ -49,7 +49,7 @@ func standardHarness(tb testing.TB) *harness {
 
 // ipipReference builds the expected encapsulated frame independently of the
 // BPF code: gopacket computes the outer header and its checksum.
-func ipipReference(t *testing.T, inner []byte, realAddr netip.Addr, vlan uint16) []byte {
+func ipipReference(t testing.TB, inner []byte, realAddr netip.Addr, vlan uint16) []byte {
 	t.Helper()
 	if realAddr.Is4() {
 		innerIP := &layers.IPv4{}
@@ -555,73 +555,6 @@ func TestCountersAddUp(t *testing.T) {
 	}
 	if realPackets != byVerdict[VerdictTx] {
 		t.Fatalf("real stats count %d packets, %d were transmitted", realPackets, byVerdict[VerdictTx])
-	}
-}
-
-func TestDecap(t *testing.T) {
-	requirePrivileged(t)
-	d, err := LoadDecap()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { d.Close() })
-	h := &harness{tb: t}
-	h.must(d.AddLocal(netip.MustParseAddr(real4b)))
-	h.must(d.AddLocal(netip.MustParseAddr(real6a)))
-	run := func(in []byte) (Verdict, []byte) {
-		out := make([]byte, len(in)+64)
-		ret, outData, err := d.objs.VfDecap.Test(in)
-		_ = out
-		if err != nil {
-			t.Fatal(err)
-		}
-		return Verdict(ret), outData
-	}
-
-	tcp, udp := layers.IPProtocolTCP, layers.IPProtocolUDP
-	cases := []struct {
-		name  string
-		inner pkt
-		real  string
-		vlan  uint16
-	}{
-		{"ipip", pkt{src: client4, dst: vip4, sport: 49000, dport: 8080, proto: tcp, tcpFlags: "S", payload: []byte("abc")}, real4b, 0},
-		{"ip6ip6", pkt{src: client6, dst: vip6, sport: 49001, dport: 53, proto: udp, payload: []byte("query")}, real6a, 0},
-		{"ipip vlan", pkt{src: client4, dst: vip4, sport: 49002, dport: 8080, proto: tcp, tcpFlags: "A"}, real4b, 9},
-	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			inner := tc.inner.l3(t)
-			tunneled := ipipReference(t, inner, netip.MustParseAddr(tc.real), tc.vlan)
-			v, out := run(tunneled)
-			want := withMACs(frame(t, inner, tc.vlan), gwMAC, lbMAC)
-			if v != VerdictPass || !bytes.Equal(out, want) {
-				t.Fatalf("verdict %v\n got  %x\n want %x", v, out, want)
-			}
-		})
-	}
-	notLocal := ipipReference(t, cases[0].inner.l3(t), netip.MustParseAddr(real4a), 0)
-	if v, out := run(notLocal); v != VerdictPass || !bytes.Equal(out, notLocal) {
-		t.Fatalf("tunnel to another host was touched: %v", v)
-	}
-	plain := cases[0].inner.frame(t)
-	if v, out := run(plain); v != VerdictPass || !bytes.Equal(out, plain) {
-		t.Fatalf("plain packet was touched: %v", v)
-	}
-	// Two VLAN tags: the balancer never forwards those, so no tunnel of
-	// ours arrives in one; it goes to the stack as it came.
-	nested := qinq(t, ipipReference(t, cases[0].inner.l3(t), netip.MustParseAddr(real4b), 0))
-	if v, out := run(nested); v != VerdictPass || !bytes.Equal(out, nested) {
-		t.Fatalf("tunnel packet in a QinQ frame was touched: %v", v)
-	}
-	truncated := ipipReference(t, cases[0].inner.l3(t), netip.MustParseAddr(real4b), 0)[:14+20+10]
-	if v, _ := run(truncated); v != VerdictDrop {
-		t.Fatalf("tunnel packet with a cut inner header: verdict %v, want drop", v)
-	}
-	s, err := d.Stats()
-	h.must(err)
-	if s.DecapPackets != 3 || s.PassNotLocal != 1 || s.PassNotTunnel != 2 || s.DropMalformed != 1 {
-		t.Fatalf("decap stats %+v", s)
 	}
 }
 

@@ -13,14 +13,35 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-type decapVfDecapCounters struct {
-	_             structs.HostLayout
-	DecapPackets  uint64
-	DecapBytes    uint64
-	PassNotTunnel uint64
-	PassNotLocal  uint64
-	DropMalformed uint64
+type decapVfDecapConfigT struct {
+	_       structs.HostLayout
+	GuePort uint16
+	Pad     uint16
+	Pad2    uint32
 }
+
+type decapVfDecapCounters struct {
+	_                  structs.HostLayout
+	Ipip4Packets       uint64
+	Ipip6Packets       uint64
+	Gue4Packets        uint64
+	Gue6Packets        uint64
+	DecapBytes         uint64
+	PassNotTunnel      uint64
+	PassNotLocal       uint64
+	PassGueControl     uint64
+	DropTruncated      uint64
+	DropBadLength      uint64
+	DropBadInner       uint64
+	DropGueVariant     uint64
+	DropGueUnsupported uint64
+}
+
+type decapVfDecapDefault uint32
+
+const (
+	decapVfDecapDefaultVF_DECAP_DEFAULT_GUE_PORT decapVfDecapDefault = 6080
+)
 
 type decapVfLocalKey struct {
 	_      structs.HostLayout
@@ -32,9 +53,11 @@ type decapVfLocalKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	decapMapVfDecapLocal = "vf_decap_local"
-	decapMapVfDecapStats = "vf_decap_stats"
-	decapProgVfDecap     = "vf_decap"
+	decapMapVfDecapConfig        = "vf_decap_config"
+	decapMapVfDecapLocal         = "vf_decap_local"
+	decapMapVfDecapStats         = "vf_decap_stats"
+	decapProgVfDecap             = "vf_decap"
+	decapVarVfUnusedDecapDefault = "vf_unused_decap_default"
 )
 
 // loadDecap returns the embedded CollectionSpec for decap.
@@ -86,14 +109,16 @@ type decapProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type decapMapSpecs struct {
-	VfDecapLocal *ebpf.MapSpec `ebpf:"vf_decap_local"`
-	VfDecapStats *ebpf.MapSpec `ebpf:"vf_decap_stats"`
+	VfDecapConfig *ebpf.MapSpec `ebpf:"vf_decap_config"`
+	VfDecapLocal  *ebpf.MapSpec `ebpf:"vf_decap_local"`
+	VfDecapStats  *ebpf.MapSpec `ebpf:"vf_decap_stats"`
 }
 
 // decapVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type decapVariableSpecs struct {
+	VfUnusedDecapDefault *ebpf.VariableSpec `ebpf:"vf_unused_decap_default"`
 }
 
 // decapObjects contains all objects after they have been loaded into the kernel.
@@ -116,12 +141,14 @@ func (o *decapObjects) Close() error {
 //
 // It can be passed to loadDecapObjects or ebpf.CollectionSpec.LoadAndAssign.
 type decapMaps struct {
-	VfDecapLocal *ebpf.Map `ebpf:"vf_decap_local"`
-	VfDecapStats *ebpf.Map `ebpf:"vf_decap_stats"`
+	VfDecapConfig *ebpf.Map `ebpf:"vf_decap_config"`
+	VfDecapLocal  *ebpf.Map `ebpf:"vf_decap_local"`
+	VfDecapStats  *ebpf.Map `ebpf:"vf_decap_stats"`
 }
 
 func (m *decapMaps) Close() error {
 	return _DecapClose(
+		m.VfDecapConfig,
 		m.VfDecapLocal,
 		m.VfDecapStats,
 	)
@@ -131,6 +158,7 @@ func (m *decapMaps) Close() error {
 //
 // It can be passed to loadDecapObjects or ebpf.CollectionSpec.LoadAndAssign.
 type decapVariables struct {
+	VfUnusedDecapDefault *ebpf.Variable `ebpf:"vf_unused_decap_default"`
 }
 
 // decapPrograms contains all programs after they have been loaded into the kernel.

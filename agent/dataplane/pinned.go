@@ -74,9 +74,14 @@ func (d *Dataplane) PinnedLinks() ([]AttachedLink, error) {
 	if d.opts.PinPath == "" {
 		return nil, nil
 	}
-	entries, err := os.ReadDir(d.opts.PinPath)
+	return pinnedLinks(d.opts.PinPath)
+}
+
+// pinnedLinks describes every XDP link pinned under pinPath.
+func pinnedLinks(pinPath string) ([]AttachedLink, error) {
+	entries, err := os.ReadDir(pinPath)
 	if err != nil {
-		return nil, fmt.Errorf("list pins in %s: %w", d.opts.PinPath, err)
+		return nil, fmt.Errorf("list pins in %s: %w", pinPath, err)
 	}
 	var out []AttachedLink
 	for _, e := range entries {
@@ -84,7 +89,7 @@ func (d *Dataplane) PinnedLinks() ([]AttachedLink, error) {
 		if !ok {
 			continue
 		}
-		l, err := link.LoadPinnedLink(filepath.Join(d.opts.PinPath, e.Name()), nil)
+		l, err := link.LoadPinnedLink(filepath.Join(pinPath, e.Name()), nil)
 		if err != nil {
 			return nil, fmt.Errorf("open pinned link of %s: %w", ifname, err)
 		}

@@ -66,8 +66,14 @@ func (e *IncompatiblePinError) Unwrap() error { return e.Err }
 // replaceStalePins removes the pins of rebuiltPins whose layout the spec
 // no longer matches, and returns their names.
 func replaceStalePins(spec *ebpf.CollectionSpec, pinDir string) ([]string, error) {
+	return replaceIncompatiblePins(spec, pinDir, rebuiltPins)
+}
+
+// replaceIncompatiblePins removes the pins of names whose layout the spec
+// no longer matches, and returns their names.
+func replaceIncompatiblePins(spec *ebpf.CollectionSpec, pinDir string, names []string) ([]string, error) {
 	var replaced []string
-	for _, name := range rebuiltPins {
+	for _, name := range names {
 		ms, ok := spec.Maps[name]
 		if !ok {
 			continue

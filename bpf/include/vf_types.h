@@ -251,18 +251,4 @@ struct vf_event {
 	__u16 pad;
 };
 
-/* Outer-header addresses that decap.bpf.c accepts as "addressed to the host". */
-struct vf_local_key {
-	__u32 addr[4];
-	__u32 family;
-};
-
-struct vf_decap_counters {
-	__u64 decap_packets;
-	__u64 decap_bytes;
-	__u64 pass_not_tunnel;
-	__u64 pass_not_local;
-	__u64 drop_malformed;
-};
-
 #endif /* VF_TYPES_H */

@@ -6,8 +6,11 @@
 //	veloflux validate --config F     exit 0, or 2 with every error listed
 //	veloflux detach [--pin-path P] [--config F]
 //	                                 withdraw the BGP routes, remove every VeloFlux attachment and pin
-//	veloflux decap --interface IF --local ADDR
-//	                                 run the ipip decapsulator of a backend until SIGTERM
+//	veloflux decap --interface IF[,IF] --local ADDR[,ADDR] [--gue-port N] [--pin-path P]
+//	veloflux decap --config F        run a backend's IPIP/GUE decapsulator until SIGTERM
+//	                                 (it stays pinned and attached after)
+//	veloflux decap detach [--pin-path P]
+//	                                 remove the decapsulator
 //	veloflux version
 package main
 
@@ -54,7 +57,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "detach":
 		return detach(args, stdout, stderr)
 	case "decap":
-		return decap(args, stdout, stderr)
+		return runDecap(args, stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "veloflux", version)
 		return 0

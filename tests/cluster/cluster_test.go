@@ -91,10 +91,11 @@ func newCluster(t *testing.T) *cluster {
 	}
 	t.Cleanup(stopServers)
 	// The ipip VIP's backends strip the tunnel with the decapsulator, run
-	// as an operator would.
+	// as an operator would, but pinning nothing: the backends share this
+	// host's BPF filesystem, and the decapsulator goes with its process.
 	for _, b := range l.Backends {
 		p, err := agenttest.Start(t, "decap-"+b.Name, b.Command(context.Background(), c.bin, "decap",
-			"--interface", b.IfName, "--local", b.Addr4.String()))
+			"--interface", b.IfName, "--local", b.Addr4.String(), "--pin-path="))
 		if err != nil {
 			t.Fatalf("start the decapsulator on %s: %v", b.Name, err)
 		}

@@ -120,9 +120,11 @@ func run(log *slog.Logger, agentBin, vfctlBin string) error {
 	}
 	defer unix.Unmount(bpffs, unix.MNT_DETACH)
 
-	// The ipip VIP's backends strip the tunnel with the decapsulator.
+	// The ipip VIP's backends strip the tunnel with the decapsulator,
+	// pinning nothing, so that it goes with the demo.
 	for _, b := range l.Backends {
-		decap := b.Command(context.Background(), agentBin, "decap", "--interface", b.IfName, "--local", b.Addr4.String())
+		decap := b.Command(context.Background(), agentBin, "decap", "--interface", b.IfName, "--local", b.Addr4.String(),
+			"--pin-path=")
 		decapLog, err := os.Create(filepath.Join(dir, "decap-"+b.Name+".log"))
 		if err != nil {
 			return err

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"net/netip"
 	"testing"
 	"time"
 
@@ -23,7 +24,7 @@ func TestIPIPWithFIBNexthop(t *testing.T) {
 
 	decaps := make([]*dataplane.Decap, len(e.lab.Backends))
 	for i, b := range e.lab.Backends {
-		d, err := dataplane.LoadDecap()
+		d, err := dataplane.LoadDecap(dataplane.DecapOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -32,10 +33,10 @@ func TestIPIPWithFIBNexthop(t *testing.T) {
 				t.Errorf("close decap on %s: %v", b.Name, err)
 			}
 		})
-		if err := d.AddLocal(b.Addr4); err != nil {
+		if err := d.SetLocals([]netip.Addr{b.Addr4}); err != nil {
 			t.Fatal(err)
 		}
-		if err := b.Do(func() error { return d.Attach(b.IfName, dataplane.XDPAuto) }); err != nil {
+		if err := b.Do(func() error { _, err := d.Attach(b.IfName, dataplane.XDPAuto); return err }); err != nil {
 			t.Fatal(err)
 		}
 		decaps[i] = d
@@ -61,11 +62,11 @@ func TestIPIPWithFIBNexthop(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Logf("%s decap: %+v", e.lab.Backends[i].Name, st)
-		if st.DecapPackets == 0 {
+		if st.IPIP4Packets == 0 {
 			t.Errorf("%s: the decapsulator saw no tunnel packet", e.lab.Backends[i].Name)
 		}
-		if st.DropMalformed != 0 {
-			t.Errorf("%s: the decapsulator dropped %d malformed packets", e.lab.Backends[i].Name, st.DropMalformed)
+		if st.Dropped() != 0 {
+			t.Errorf("%s: the decapsulator dropped %d tunnel packets", e.lab.Backends[i].Name, st.Dropped())
 		}
 	}
 	c := e.counters()

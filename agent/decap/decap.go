@@ -1,0 +1,208 @@
+// Package decap runs the backend side of ipip and gue VIPs: it puts the XDP
+// decapsulator on a backend's interfaces with the addresses and GUE port it
+// is told, keeps it there when an interface is made again, and leaves it
+// pinned when it stops, so that restarting it changes nothing on the wire.
+package decap
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/veloflux/veloflux/agent/config"
+	"github.com/veloflux/veloflux/agent/dataplane"
+)
+
+// watchInterval is how often Run looks for interfaces that went away and
+// came back (a link on a deleted interface is severed for good).
+const watchInterval = 2 * time.Second
+
+// Settings are what the decapsulator is to do.
+type Settings struct {
+	Interfaces []string
+	Local      []netip.Addr
+	GUEPort    uint16 // 0: no GUE
+	XDPMode    dataplane.XDPMode
+}
+
+// FromConfig turns a decap section into Settings, refusing one with any
+// problem (every problem is listed, each with its path under prefix).
+func FromConfig(c config.DecapConfig, prefix string) (Settings, error) {
+	if problems := c.Problems(prefix); len(problems) > 0 {
+		return Settings{}, &config.ValidationError{Errors: problems}
+	}
+	s := Settings{Interfaces: slices.Clone(c.Interfaces), GUEPort: uint16(c.GUEPort), XDPMode: dataplane.XDPMode(c.XDPMode)}
+	for _, a := range c.Local {
+		addr, err := netip.ParseAddr(a)
+		if err != nil { // Problems checked it; this is a bug if it happens
+			return Settings{}, fmt.Errorf("decap: local address %q: %w", a, err)
+		}
+		s.Local = append(s.Local, addr)
+	}
+	return s, nil
+}
+
+// Service holds the loaded decapsulator and what it was last told.
+type Service struct {
+	log *slog.Logger
+	d   *dataplane.Decap
+	cur Settings
+}
+
+// Start loads the decapsulator (adopting what an earlier run pinned under
+// pinPath; "" pins nothing) and applies s.
+func Start(log *slog.Logger, pinPath string, s Settings) (*Service, error) {
+	d, err := dataplane.LoadDecap(dataplane.DecapOptions{PinPath: pinPath})
+	if err != nil {
+		return nil, err
+	}
+	svc := &Service{log: log, d: d}
+	if err := svc.Apply(s); err != nil {
+		d.Close()
+		return nil, err
+	}
+	return svc, nil
+}
+
+// Apply makes the decapsulator do what s says: these local addresses and
+// GUE port, on exactly these interfaces. Every interface must exist before
+// anything changes; if attaching to one fails, the interfaces attached
+// here are detached again and the previous addresses and port restored.
+// Interfaces an earlier run or an earlier Apply attached to, and s no
+// longer names, are detached once the rest succeeded.
+func (s *Service) Apply(next Settings) error {
+	for _, name := range next.Interfaces {
+		if _, err := net.InterfaceByName(name); err != nil {
+			return fmt.Errorf("decap: interface %s: %w", name, err)
+		}
+	}
+	prevLocals, err := s.d.Locals()
+	if err != nil {
+		return err
+	}
+	prevPort, err := s.d.GUEPort()
+	if err != nil {
+		return err
+	}
+	restore := func(cause error) error {
+		errs := []error{cause}
+		if err := s.d.SetLocals(prevLocals); err != nil {
+			errs = append(errs, fmt.Errorf("restoring the previous local addresses: %w", err))
+		}
+		if err := s.d.SetGUEPort(prevPort); err != nil {
+			errs = append(errs, fmt.Errorf("restoring the previous GUE port: %w", err))
+		}
+		return errors.Join(errs...)
+	}
+	if err := s.d.SetGUEPort(next.GUEPort); err != nil {
+		return restore(err)
+	}
+	if err := s.d.SetLocals(next.Local); err != nil {
+		return restore(err)
+	}
+	var attachedHere []string
+	for _, name := range next.Interfaces {
+		adopted, err := s.d.Attach(name, next.XDPMode)
+		if err != nil {
+			for _, done := range attachedHere {
+				if derr := s.d.Detach(done); derr != nil {
+					err = errors.Join(err, fmt.Errorf("undoing the attachment to %s: %w", done, derr))
+				}
+			}
+			return restore(err)
+		}
+		if adopted {
+			s.log.Info("decap: adopted the pinned link", "interface", name)
+		} else {
+			attachedHere = append(attachedHere, name)
+			s.log.Info("decap: attached", "interface", name, "xdp_mode", string(next.XDPMode))
+		}
+	}
+	var errs []error
+	for _, name := range s.attachedElsewhere(next.Interfaces) {
+		if err := s.d.Detach(name); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		s.log.Info("decap: detached from an interface no longer configured", "interface", name)
+	}
+	s.cur = next
+	return errors.Join(errs...)
+}
+
+// attachedElsewhere names the interfaces the decapsulator is on, held or
+// pinned, that are not in keep.
+func (s *Service) attachedElsewhere(keep []string) []string {
+	names := s.d.Attached()
+	if pinned, err := s.d.PinnedLinks(); err == nil {
+		for _, l := range pinned {
+			names = append(names, l.Interface)
+		}
+	} else {
+		s.log.Warn("decap: cannot list the pinned links", "err", err)
+	}
+	slices.Sort(names)
+	names = slices.Compact(names)
+	return slices.DeleteFunc(names, func(n string) bool { return slices.Contains(keep, n) })
+}
+
+// Settings is what the decapsulator was last told.
+func (s *Service) Settings() Settings { return s.cur }
+
+// Stats reads the decapsulator's counters.
+func (s *Service) Stats() (dataplane.DecapStats, error) { return s.d.Stats() }
+
+// Run keeps the decapsulator on its interfaces until ctx ends: an
+// interface deleted and made again gets it back. On each value from
+// reload it calls load and applies the result; a failure is logged and
+// the settings in force stay.
+func (s *Service) Run(ctx context.Context, reload <-chan struct{}, load func() (Settings, error)) {
+	tick := time.NewTicker(watchInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-reload:
+			next, err := load()
+			if err == nil {
+				err = s.Apply(next)
+			}
+			if err != nil {
+				s.log.Error("decap: reload rejected; the settings in force stay", "err", err)
+				continue
+			}
+			s.log.Info("decap: reloaded", "interfaces", next.Interfaces, "local", next.Local, "gue_port", next.GUEPort)
+		case <-tick.C:
+			s.reattachSevered()
+		}
+	}
+}
+
+// reattachSevered puts the decapsulator back on interfaces whose link lost
+// its interface, once an interface of that name exists again.
+func (s *Service) reattachSevered() {
+	severed, err := s.d.Severed()
+	if err != nil {
+		s.log.Warn("decap: cannot check the XDP links", "err", err)
+		return
+	}
+	for _, name := range severed {
+		if _, err := net.InterfaceByName(name); err != nil {
+			continue // still gone
+		}
+		if _, err := s.d.Attach(name, s.cur.XDPMode); err != nil {
+			s.log.Error("decap: cannot attach to the interface made again", "interface", name, "err", err)
+			continue
+		}
+		s.log.Info("decap: attached to the interface made again", "interface", name)
+	}
+}
+
+// Close releases this process's handles; what is pinned stays attached.
+func (s *Service) Close() error { return s.d.Close() }

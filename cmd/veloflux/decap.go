@@ -93,7 +93,7 @@ func runDecap(args []string, stdout, stderr io.Writer) int {
 	}
 	settings, err := load()
 	if err != nil {
-		printDecapError(stderr, err)
+		printDecapError(stderr, *cfgPath, err)
 		return exitConfig
 	}
 
@@ -159,31 +159,31 @@ func decapFromFlags(ifaces, locals []string, guePort, mode string) (decap.Settin
 	c.Interfaces, c.Local, c.XDPMode = ifaces, locals, config.XDPMode(mode)
 	port, err := strconv.Atoi(guePort)
 	if err != nil {
-		return decap.Settings{}, &config.ValidationError{Errors: []config.FieldError{
-			{Path: "gue_port", Message: fmt.Sprintf("want a port number, got %q", guePort)}}}
+		// Listed with every other problem, so that one run shows them all.
+		problems := append([]config.FieldError{{Path: "gue_port", Message: fmt.Sprintf("want a port number, got %q", guePort)}},
+			c.Problems("")...)
+		return decap.Settings{}, &config.ValidationError{Errors: problems}
 	}
 	c.GUEPort = port
 	return decap.FromConfig(c, "")
 }
 
-// printDecapError prints every problem of the settings, naming the flag
-// (interfaces[1] is --interface) or the file's path of each.
-func printDecapError(w io.Writer, err error) {
+// printDecapError prints every problem of the settings, each located in
+// the file (cfgPath) or by its flag (interfaces[1] is --interface).
+func printDecapError(w io.Writer, cfgPath string, err error) {
 	var verr *config.ValidationError
 	if !errors.As(err, &verr) {
 		fmt.Fprintln(w, "veloflux decap:", err)
 		return
 	}
 	for _, fe := range verr.Errors {
-		where := fe.Path
-		if !strings.HasPrefix(where, "decap.") {
-			name, _, _ := strings.Cut(where, "[")
-			name = strings.ReplaceAll(strings.TrimSuffix(name, "s"), "_", "-")
-			if name == "local" || name == "interface" || name == "gue-port" || name == "xdp-mode" {
-				where = "--" + name
-			}
+		if cfgPath != "" {
+			fmt.Fprintf(w, "veloflux decap: %s: %s\n", cfgPath, fe.Error())
+			continue
 		}
-		fmt.Fprintf(w, "veloflux decap: %s: %s\n", where, fe.Message)
+		name, _, _ := strings.Cut(fe.Path, "[")
+		name = strings.ReplaceAll(strings.TrimSuffix(name, "s"), "_", "-")
+		fmt.Fprintf(w, "veloflux decap: --%s: %s\n", name, fe.Message)
 	}
 }
 

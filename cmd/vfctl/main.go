@@ -5,8 +5,9 @@
 //
 //	vfctl [--pin-path /sys/fs/bpf/veloflux] [-o table|json] <command>
 //
-// Commands: status, vips, reals, flows [-n 50], counters, deny, and bgp,
-// which asks the agent's API since the BGP state is the agent's own.
+// Commands: status, vips, reals, flows [-n 50], counters, deny; decap, which
+// reads what a backend's `veloflux decap` pinned; and bgp, which asks the
+// agent's API since the BGP state is the agent's own.
 package main
 
 import (
@@ -40,6 +41,10 @@ commands:
   flows [-n 50]   a sample of conntrack flows (-n 0: all)
   counters        packets and bytes per reason, in counter order
   deny            denied prefixes
+  decap [--pin-path DIR]
+                  a backend's decapsulator (veloflux decap): local addresses,
+                  GUE port, interfaces, packets decapsulated, passed and dropped
+                  (default DIR %s)
   bgp [--api URL] [--token-file F]
                   BGP sessions and announced VIPs, asked of the agent's API
                   (default %s)
@@ -92,7 +97,9 @@ var commands = map[string]command{
 // run is main without the process: it returns the exit code, 0 on success,
 // 1 when the maps cannot be read, 2 on a usage error.
 func run(args []string, stdout, stderr io.Writer) int {
-	usage := func() { fmt.Fprintf(stderr, usageText, dataplane.DefaultPinPath, defaultAPI) }
+	usage := func() {
+		fmt.Fprintf(stderr, usageText, dataplane.DefaultPinPath, dataplane.DefaultDecapPinPath, defaultAPI)
+	}
 	global := flag.NewFlagSet("vfctl", flag.ContinueOnError)
 	global.SetOutput(stderr)
 	global.Usage = usage
@@ -108,6 +115,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 	name := global.Arg(0)
 	if name == "bgp" {
 		return runBGP(global.Args()[1:], *format, stdout, stderr)
+	}
+	if name == "decap" {
+		decapPin := ""
+		global.Visit(func(f *flag.Flag) {
+			if f.Name == "pin-path" {
+				decapPin = *pinPath
+			}
+		})
+		return runDecap(global.Args()[1:], decapPin, *format, stdout, stderr)
 	}
 	cmd, ok := commands[name]
 	if !ok {

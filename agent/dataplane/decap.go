@@ -385,6 +385,23 @@ func (d *Decap) Severed() ([]string, error) {
 	return out, nil
 }
 
+// Unpinned lists the interfaces this Decap holds a link for whose pin was
+// removed behind its back (`veloflux decap detach` while it runs): the
+// link lives on only through this process's handle.
+func (d *Decap) Unpinned() []string {
+	if d.pinPath == "" {
+		return nil
+	}
+	var out []string
+	for name := range d.links {
+		if _, err := os.Stat(d.linkPin(name)); errors.Is(err, os.ErrNotExist) {
+			out = append(out, name)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
 // Stats sums the per-CPU counters.
 func (d *Decap) Stats() (DecapStats, error) {
 	var per []decapVfDecapCounters

@@ -157,17 +157,23 @@ func (s *Service) Settings() Settings { return s.cur }
 // Stats reads the decapsulator's counters.
 func (s *Service) Stats() (dataplane.DecapStats, error) { return s.d.Stats() }
 
-// Run keeps the decapsulator on its interfaces until ctx ends: an
-// interface deleted and made again gets it back. On each value from
-// reload it calls load and applies the result; a failure is logged and
-// the settings in force stay.
-func (s *Service) Run(ctx context.Context, reload <-chan struct{}, load func() (Settings, error)) {
+// ErrDetached is what Run returns when the pins of every link it held were
+// removed (`veloflux decap detach` while it ran): it let the links go, and
+// the decapsulator is off every interface.
+var ErrDetached = errors.New("decap: its pins were removed, and with them the decapsulator")
+
+// Run keeps the decapsulator on its interfaces until ctx ends (it returns
+// nil) or its pins are removed (ErrDetached): an interface deleted and
+// made again gets it back, and a link whose pin was removed is let go. On
+// each value from reload it calls load and applies the result; a failure
+// is logged and the settings in force stay.
+func (s *Service) Run(ctx context.Context, reload <-chan struct{}, load func() (Settings, error)) error {
 	tick := time.NewTicker(watchInterval)
 	defer tick.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			return
+			return nil
 		case <-reload:
 			next, err := load()
 			if err == nil {
@@ -179,9 +185,26 @@ func (s *Service) Run(ctx context.Context, reload <-chan struct{}, load func() (
 			}
 			s.log.Info("decap: reloaded", "interfaces", next.Interfaces, "local", next.Local, "gue_port", next.GUEPort)
 		case <-tick.C:
+			if s.releaseUnpinned() {
+				return ErrDetached
+			}
 			s.reattachSevered()
 		}
 	}
+}
+
+// releaseUnpinned lets go of the links whose pins were removed, and
+// reports whether that left the decapsulator on no interface.
+func (s *Service) releaseUnpinned() bool {
+	gone := s.d.Unpinned()
+	for _, name := range gone {
+		if err := s.d.Detach(name); err != nil {
+			s.log.Error("decap: cannot let go of the link whose pin was removed", "interface", name, "err", err)
+			continue
+		}
+		s.log.Info("decap: its pin was removed: detached", "interface", name)
+	}
+	return len(gone) > 0 && len(s.d.Attached()) == 0
 }
 
 // reattachSevered puts the decapsulator back on interfaces whose link lost

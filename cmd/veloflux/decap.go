@@ -131,7 +131,10 @@ func runDecap(args []string, stdout, stderr io.Writer) int {
 			}
 		}
 	}()
-	svc.Run(ctx, reload, load)
+	if err := svc.Run(ctx, reload, load); errors.Is(err, decap.ErrDetached) {
+		log.Info("decap: detached (its pins were removed); exiting", "pin_path", *pinPath)
+		return 0
+	}
 	if *pinPath == "" {
 		log.Info("decap: stopped; nothing was pinned, so the decapsulator is gone")
 	} else {

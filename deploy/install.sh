@@ -48,6 +48,10 @@ fi
 	echo "install.sh: $config does not validate (errors above); fix it before starting" >&2
 install -m 0644 deploy/veloflux.service "$destdir$unitdir/veloflux.service"
 install -m 0644 README.md "$destdir$docdir/README.md"
+# For backends of ipip and gue VIPs: the decapsulator's unit (never enabled
+# here) and its example settings (README, "Backends").
+install -m 0644 deploy/veloflux-decap.service "$destdir$unitdir/veloflux-decap.service"
+install -m 0644 deploy/decap.yaml "$destdir$docdir/decap.yaml"
 
 if [ ! -d /run/systemd/system ]; then
 	# systemd creates the state directory (StateDirectory=); others do not.
@@ -61,3 +65,4 @@ if [ ! -d /run/systemd/system ]; then
 fi
 systemctl daemon-reload || fail "systemctl daemon-reload failed (see above): systemd does not know the unit yet"
 say "installed; start with: systemctl enable --now veloflux"
+say "on a backend of ipip or gue VIPs: copy $docdir/decap.yaml to $confdir/, edit it, then systemctl enable --now veloflux-decap"

@@ -28,7 +28,8 @@ func installTree(t *testing.T) (string, string) {
 			t.Fatal(err)
 		}
 	}
-	for _, rel := range []string{"deploy/install.sh", "deploy/veloflux.service", "deploy/veloflux.yaml", "README.md"} {
+	for _, rel := range []string{"deploy/install.sh", "deploy/veloflux.service", "deploy/veloflux.yaml", "README.md",
+		"deploy/veloflux-decap.service", "deploy/decap.yaml"} {
 		copyFile(t, repoPath(t, rel), filepath.Join(tree, rel))
 	}
 	copyFile(t, agenttest.BuildAgent(t, binaryEnv), filepath.Join(tree, "bin/veloflux"))
@@ -129,7 +130,8 @@ func TestInstallScript(t *testing.T) {
 			t.Fatalf("exit %d, want 0:\n%s", r.code, r.out)
 		}
 		for _, rel := range []string{"usr/local/bin/veloflux", "usr/local/bin/vfctl", "etc/systemd/system/veloflux.service",
-			"etc/veloflux/veloflux.yaml", "usr/local/share/doc/veloflux/README.md", "var/lib/veloflux"} {
+			"etc/veloflux/veloflux.yaml", "usr/local/share/doc/veloflux/README.md", "var/lib/veloflux",
+			"etc/systemd/system/veloflux-decap.service", "usr/local/share/doc/veloflux/decap.yaml"} {
 			if _, err := os.Stat(filepath.Join(r.destdir, rel)); err != nil {
 				t.Errorf("not installed: %v", err)
 			}

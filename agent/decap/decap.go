@@ -154,9 +154,6 @@ func (s *Service) attachedElsewhere(keep []string) []string {
 // Settings is what the decapsulator was last told.
 func (s *Service) Settings() Settings { return s.cur }
 
-// Stats reads the decapsulator's counters.
-func (s *Service) Stats() (dataplane.DecapStats, error) { return s.d.Stats() }
-
 // ErrDetached is what Run returns when the pins of every link it held were
 // removed (`veloflux decap detach` while it ran): it let the links go, and
 // the decapsulator is off every interface.
@@ -175,15 +172,7 @@ func (s *Service) Run(ctx context.Context, reload <-chan struct{}, load func() (
 		case <-ctx.Done():
 			return nil
 		case <-reload:
-			next, err := load()
-			if err == nil {
-				err = s.Apply(next)
-			}
-			if err != nil {
-				s.log.Error("decap: reload rejected; the settings in force stay", "err", err)
-				continue
-			}
-			s.log.Info("decap: reloaded", "interfaces", next.Interfaces, "local", next.Local, "gue_port", next.GUEPort)
+			s.reload(load)
 		case <-tick.C:
 			if s.releaseUnpinned() {
 				return ErrDetached
@@ -191,6 +180,20 @@ func (s *Service) Run(ctx context.Context, reload <-chan struct{}, load func() (
 			s.reattachSevered()
 		}
 	}
+}
+
+// reload applies what load returns; when either fails, it logs why and the
+// settings in force stay.
+func (s *Service) reload(load func() (Settings, error)) {
+	next, err := load()
+	if err == nil {
+		err = s.Apply(next)
+	}
+	if err != nil {
+		s.log.Error("decap: reload rejected; the settings in force stay", "err", err)
+		return
+	}
+	s.log.Info("decap: reloaded", "interfaces", next.Interfaces, "local", next.Local, "gue_port", next.GUEPort)
 }
 
 // releaseUnpinned lets go of the links whose pins were removed, and

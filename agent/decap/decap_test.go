@@ -1,6 +1,8 @@
 package decap
 
 import (
+	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"net/netip"
@@ -139,6 +141,58 @@ func TestApplyAllOrNothing(t *testing.T) {
 		}
 		if xdpAttached(t, "vfdc2") {
 			t.Fatal("XDP still on vfdc2 after the pins were removed and the service let go")
+		}
+	})
+}
+
+// A reload applies what load returns, or, when load or the apply fails,
+// keeps the settings in force; an interface deleted and made again gets
+// the decapsulator back.
+func TestReloadAndReattach(t *testing.T) {
+	testenv.RequireRoot(t, "load BPF programs")
+	a := netip.MustParseAddr
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	inNewNetns(t, func() {
+		addLink(t, &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "vfdc3"}, PeerName: "vfdc3p"})
+		first := Settings{Interfaces: []string{"vfdc3"}, Local: []netip.Addr{a("10.0.0.11")}, GUEPort: 6080, XDPMode: dataplane.XDPAuto}
+		svc, err := Start(log, "", first)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer svc.Close()
+
+		next := Settings{Interfaces: []string{"vfdc3"}, Local: []netip.Addr{a("10.0.0.12"), a("fd00::12")}, GUEPort: 7000,
+			XDPMode: dataplane.XDPAuto}
+		loads := []func() (Settings, error){
+			func() (Settings, error) { return Settings{}, errors.New("the file does not validate") },
+			func() (Settings, error) { return Settings{Interfaces: []string{"nonesuch0"}, Local: next.Local}, nil },
+			func() (Settings, error) { return next, nil },
+		}
+		wants := []Settings{first, first, next}
+		for i, load := range loads {
+			svc.reload(load)
+			if got := svc.Settings(); !slices.Equal(got.Local, wants[i].Local) || got.GUEPort != wants[i].GUEPort {
+				t.Errorf("after reload %d: settings %+v, want %+v", i, got, wants[i])
+			}
+		}
+		// Run ends with its context.
+		ctx, cancel := context.WithCancel(t.Context())
+		cancel()
+		if err := svc.Run(ctx, nil, nil); err != nil {
+			t.Fatalf("Run ended with %v when its context did", err)
+		}
+
+		l, err := netlink.LinkByName("vfdc3")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := netlink.LinkDel(l); err != nil {
+			t.Fatal(err)
+		}
+		addLink(t, &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "vfdc3"}, PeerName: "vfdc3p"})
+		svc.reattachSevered()
+		if !xdpAttached(t, "vfdc3") {
+			t.Fatal("the decapsulator is not back on the interface made again")
 		}
 	})
 }

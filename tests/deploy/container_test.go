@@ -106,6 +106,7 @@ func TestContainer(t *testing.T) {
 	}
 
 	t.Run("commands", func(t *testing.T) { testCommands(t, pm) })
+	t.Run("decap", func(t *testing.T) { testDecapContainer(t, pm, l) })
 	t.Run("compose capabilities", func(t *testing.T) { testComposeCaps(t, pm, l, caps) })
 	for _, ev := range capEvidence {
 		if !slices.Contains(caps, ev.cap) {

@@ -140,9 +140,10 @@ func OpenPinnedDecap(pinPath string) (*Decap, error) {
 // PinPath is the directory the decapsulator pins under ("" when unpinned).
 func (d *Decap) PinPath() string { return d.pinPath }
 
-// SetLocals makes addrs the set of outer destination addresses accepted:
-// the new ones are added first, then those no longer wanted removed, so an
-// address in both sets never stops being accepted.
+// SetLocals makes addrs the set of outer destination addresses accepted.
+// Addresses in both the old and the new set are never touched, so they
+// never stop being accepted; those no longer wanted go first, which leaves
+// room for the new ones in a full map.
 func (d *Decap) SetLocals(addrs []netip.Addr) error {
 	if len(addrs) > MaxDecapLocals {
 		return fmt.Errorf("decap: %d local addresses, at most %d fit", len(addrs), MaxDecapLocals)
@@ -159,17 +160,17 @@ func (d *Decap) SetLocals(addrs []netip.Addr) error {
 	if err != nil {
 		return err
 	}
-	for key := range want {
-		if err := d.objs.VfDecapLocal.Put(&key, uint32(1)); err != nil {
-			return fmt.Errorf("decap: add local address %v: %w", localKeyAddr(key), err)
-		}
-	}
 	for _, key := range have {
 		if want[key] {
 			continue
 		}
 		if err := d.objs.VfDecapLocal.Delete(&key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("decap: remove local address %v: %w", localKeyAddr(key), err)
+		}
+	}
+	for key := range want {
+		if err := d.objs.VfDecapLocal.Put(&key, uint32(1)); err != nil {
+			return fmt.Errorf("decap: add local address %v: %w", localKeyAddr(key), err)
 		}
 	}
 	return nil
@@ -251,9 +252,11 @@ func (d *Decap) Attach(ifname string, mode XDPMode) (adopted bool, err error) {
 		if err != nil {
 			return false, fmt.Errorf("decap: read the XDP link of %s: %w", ifname, err)
 		}
-		if x := info.XDP(); x != nil && int(x.Ifindex) == iface.Index {
+		if x := info.XDP(); x != nil && int(x.Ifindex) == iface.Index && d.inMode(iface.Index, mode) {
 			return true, nil // already there, with this program
 		}
+		// Severed, or asked for another mode: a link keeps the mode it
+		// was made in, so it is replaced.
 		delete(d.links, ifname)
 		if err := d.closeLink(ifname, held, true); err != nil {
 			return false, err
@@ -295,15 +298,7 @@ func (d *Decap) adopt(ifname string, ifindex int, mode XDPMode) (bool, error) {
 		pinned.Close()
 		return false, fmt.Errorf("decap: read the pinned link %s: %w", d.linkPin(ifname), err)
 	}
-	holds := false
-	if x := info.XDP(); x != nil && int(x.Ifindex) == ifindex {
-		holds = true
-		if mode != XDPAuto && mode != "" {
-			have, err := attachedMode(ifindex)
-			holds = err == nil && have == mode
-		}
-	}
-	if holds {
+	if x := info.XDP(); x != nil && int(x.Ifindex) == ifindex && d.inMode(ifindex, mode) {
 		err := pinned.Update(d.objs.VfDecap)
 		if err == nil {
 			d.links[ifname] = pinned
@@ -316,6 +311,16 @@ func (d *Decap) adopt(ifname string, ifindex int, mode XDPMode) (bool, error) {
 	}
 	// Severed, on another interface of that name, or in the wrong mode.
 	return false, d.closeLink(ifname, pinned, true)
+}
+
+// inMode reports whether the XDP program on the interface runs in the
+// mode asked for; auto accepts either.
+func (d *Decap) inMode(ifindex int, mode XDPMode) bool {
+	if mode == XDPAuto || mode == "" {
+		return true
+	}
+	have, err := attachedMode(ifindex)
+	return err == nil && have == mode
 }
 
 // Detach removes the decapsulator from an interface, pinned link included.

@@ -302,6 +302,22 @@ func TestDecapSetLocals(t *testing.T) {
 	if err := h.d.SetLocals(tooMany); err == nil {
 		t.Fatal("more local addresses than the map holds were accepted")
 	}
+	// A full map can be replaced by another full set.
+	for _, third := range []byte{1, 2} {
+		full := make([]netip.Addr, MaxDecapLocals)
+		for i := range full {
+			full[i] = netip.AddrFrom4([4]byte{10, 8, third, byte(i)})
+		}
+		if err := h.d.SetLocals(full); err != nil {
+			t.Fatalf("replacing the set with %d others: %v", len(full), err)
+		}
+		if got, _ := h.d.Locals(); len(got) != MaxDecapLocals || got[0] != full[0] {
+			t.Fatalf("after replacing the set: %d addresses from %v", len(got), got[:1])
+		}
+	}
+	if err := h.d.SetLocals([]netip.Addr{a("10.0.0.99"), a(real4b), a(real6a)}); err != nil {
+		t.Fatal(err)
+	}
 	if err := h.d.SetLocals([]netip.Addr{{}}); err == nil {
 		t.Fatal("an invalid address was accepted")
 	}
@@ -403,6 +419,14 @@ func TestDecapPinnedAdoption(t *testing.T) {
 		}
 		if xdp := linkXDP(t, veth); xdp == nil || !xdp.Attached || xdp.ProgId != uint32(progID) {
 			t.Fatalf("XDP on the re-created interface is %+v, want program %d", xdp, progID)
+		}
+
+		// Asked for another mode, it moves to a link in that mode.
+		if adopted, err := second.Attach(ifname, XDPGeneric); err != nil || adopted {
+			t.Fatalf("attach in generic mode: adopted %v, %v", adopted, err)
+		}
+		if mode, err := attachedMode(veth.Attrs().Index); err != nil || mode != XDPGeneric {
+			t.Fatalf("after asking for generic: mode %q, %v", mode, err)
 		}
 
 		if err := RemovePins(pin); err != nil {

@@ -103,7 +103,11 @@ func runDecap(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	defer svc.Close()
-	log.Info("decapsulating IPIP/IP6IP6 and GUE until SIGTERM", "interfaces", settings.Interfaces,
+	kinds := "IPIP/IP6IP6 and GUE"
+	if settings.GUEPort == 0 {
+		kinds = "IPIP/IP6IP6 (GUE off)"
+	}
+	log.Info("decapsulating "+kinds+" until SIGTERM", "interfaces", settings.Interfaces,
 		"local", settings.Local, "gue_port", settings.GUEPort, "pin_path", *pinPath)
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)

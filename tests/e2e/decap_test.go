@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -242,6 +243,21 @@ func TestDecapCommandGUE(t *testing.T) {
 	}
 	if s := e.decapStats(b0); s.DropGUEVariant != 1 {
 		t.Errorf("%s: drop_gue_variant is %d after one GUE variant 2 packet, want 1", b0.Name, s.DropGUEVariant)
+	}
+	// bpftool names every counter, from the object's BTF.
+	if bpftool, err := exec.LookPath("bpftool"); err == nil {
+		out, err := exec.Command(bpftool, "map", "dump", "pinned", filepath.Join(e.decapPin(b0), "vf_decap_stats")).CombinedOutput()
+		if err != nil {
+			t.Errorf("bpftool map dump: %v\n%s", err, out)
+		}
+		for _, field := range []string{"ipip4_packets", "gue4_packets", "gue6_packets", "pass_not_local", "drop_bad_length",
+			"drop_gue_variant"} {
+			if !strings.Contains(string(out), `"`+field+`"`) {
+				t.Errorf("bpftool map dump of vf_decap_stats does not name %s:\n%s", field, out)
+			}
+		}
+	} else {
+		t.Log("bpftool not installed: the dump's field names are not checked")
 	}
 
 	// Restart: the new process adopts the pinned link, which never left.

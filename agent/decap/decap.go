@@ -105,22 +105,19 @@ func (s *Service) Apply(next Settings) error {
 	if err := s.d.SetLocals(next.Local); err != nil {
 		return restore(err)
 	}
-	var attachedHere []string
+	held, before := s.d.Attached(), s.attachedNow()
+	var attachedHere []string // new links, in place of none or of one in another mode
 	for _, name := range next.Interfaces {
 		adopted, err := s.d.Attach(name, next.XDPMode)
 		if err != nil {
-			for _, done := range attachedHere {
-				if derr := s.d.Detach(done); derr != nil {
-					err = errors.Join(err, fmt.Errorf("undoing the attachment to %s: %w", done, derr))
-				}
-			}
-			return restore(err)
+			return restore(errors.Join(err, s.undoAttach(attachedHere, before)))
 		}
-		if adopted {
-			s.log.Info("decap: adopted the pinned link", "interface", name)
-		} else {
+		switch {
+		case !adopted:
 			attachedHere = append(attachedHere, name)
 			s.log.Info("decap: attached", "interface", name, "xdp_mode", string(next.XDPMode))
+		case !slices.Contains(held, name):
+			s.log.Info("decap: adopted the pinned link", "interface", name)
 		}
 	}
 	var errs []error
@@ -135,9 +132,27 @@ func (s *Service) Apply(next Settings) error {
 	return errors.Join(errs...)
 }
 
-// attachedElsewhere names the interfaces the decapsulator is on, held or
-// pinned, that are not in keep.
-func (s *Service) attachedElsewhere(keep []string) []string {
+// undoAttach takes back the links a failed Apply made: an interface that
+// had the decapsulator before gets it back in the mode in force, one that
+// had not is left.
+func (s *Service) undoAttach(made, before []string) error {
+	var errs []error
+	for _, name := range made {
+		var err error
+		if slices.Contains(before, name) {
+			_, err = s.d.Attach(name, s.cur.XDPMode)
+		} else {
+			err = s.d.Detach(name)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("undoing the attachment to %s: %w", name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// attachedNow names the interfaces the decapsulator is on, held or pinned.
+func (s *Service) attachedNow() []string {
 	names := s.d.Attached()
 	if pinned, err := s.d.PinnedLinks(); err == nil {
 		for _, l := range pinned {
@@ -147,8 +162,13 @@ func (s *Service) attachedElsewhere(keep []string) []string {
 		s.log.Warn("decap: cannot list the pinned links", "err", err)
 	}
 	slices.Sort(names)
-	names = slices.Compact(names)
-	return slices.DeleteFunc(names, func(n string) bool { return slices.Contains(keep, n) })
+	return slices.Compact(names)
+}
+
+// attachedElsewhere names the interfaces the decapsulator is on that are
+// not in keep.
+func (s *Service) attachedElsewhere(keep []string) []string {
+	return slices.DeleteFunc(s.attachedNow(), func(n string) bool { return slices.Contains(keep, n) })
 }
 
 // Settings is what the decapsulator was last told.

@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
@@ -54,6 +55,19 @@ func addLink(t *testing.T, l netlink.Link) {
 	if err := netlink.LinkSetUp(l); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// xdpMode is the kernel's XDP attach mode on an interface (nl.XDP_ATTACHED_*).
+func xdpMode(t *testing.T, name string) uint32 {
+	t.Helper()
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.Attrs().Xdp == nil {
+		return 0
+	}
+	return l.Attrs().Xdp.AttachMode
 }
 
 func xdpAttached(t *testing.T, name string) bool {
@@ -117,8 +131,21 @@ func TestApplyAllOrNothing(t *testing.T) {
 		if !slices.Equal(locals, first.Local) || port != 6080 {
 			t.Fatalf("after a failed Apply: locals %v, GUE port %d; want %v and 6080", locals, port, first.Local)
 		}
-		if err := svc.Apply(Settings{Interfaces: []string{"vfdc1"}, XDPMode: dataplane.XDPNative, Local: []netip.Addr{a("10.0.0.11")},
-			GUEPort: 6080}); err != nil {
+		// A mode change that fails on another interface puts the first
+		// one back in the mode in force.
+		generic := first
+		generic.XDPMode = dataplane.XDPGeneric
+		if err := svc.Apply(generic); err != nil {
+			t.Fatal(err)
+		}
+		if err := svc.Apply(Settings{Interfaces: []string{"vfdc1", "lo"}, Local: first.Local, GUEPort: 6080,
+			XDPMode: dataplane.XDPNative}); err == nil {
+			t.Fatal("attaching natively to loopback succeeded")
+		}
+		if mode := xdpMode(t, "vfdc1"); mode != nl.XDP_ATTACHED_SKB {
+			t.Fatalf("after a failed Apply: vfdc1 in XDP attach mode %d, want generic (%d)", mode, nl.XDP_ATTACHED_SKB)
+		}
+		if err := svc.Apply(first); err != nil {
 			t.Fatal(err)
 		}
 

@@ -130,15 +130,41 @@ struct {
 
 /* ifindex -> the interface's own MAC, written by the agent before it puts
  * the program on the interface. Not pinned: every agent writes the entries
- * of the interfaces it attaches, so none outlives what an agent knows. A
- * hash and not an array, because an ifindex is not bounded by anything we
- * could size an array with; there are a handful of entries. */
+ * of the interfaces it attaches, so none outlives what an agent knows.
+ *
+ * Direct-mapped, because every VIP packet reads it: slot ifindex modulo
+ * VF_MAX_IFACES of an array is an inlined load, where a hash costs a helper
+ * call and a hash of the key. An ifindex is not bounded by anything we
+ * could size the array with, so an interface whose slot another one holds
+ * goes to the overflow hash vf_ifaces, which is only read when the slot
+ * belongs to another interface (or to none). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, VF_MAX_IFACES);
+	__type(key, __u32);
+	__type(value, struct vf_iface);
+} vf_iface_slots SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, VF_MAX_IFACES);
 	__type(key, __u32);
 	__type(value, struct vf_iface);
 } vf_ifaces SEC(".maps");
+
+/* A one-hash-function Bloom filter of the VIP addresses: slot
+ * vf_vip_filter_slot(dst) holds how many VIPs (of any port and protocol)
+ * have an address that hashes there. A packet whose slot is 0 is addressed
+ * to no VIP, and is passed without the hash lookup in vf_vips: non-VIP
+ * traffic, most of what a host receives, pays one inlined array load. The
+ * agent keeps the counts with vf_vips and rebuilds the map from it on every
+ * load, hence not pinned. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, VF_VIP_FILTER_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} vf_vip_filter SEC(".maps");
 
 /*
  * The per-source new-flow buckets. Per CPU, by putting the CPU in the key of
@@ -230,18 +256,27 @@ static __always_inline int vf_check_denylist(const struct vf_settings *cfg,
  * teach the switch a wrong port for it. The stack drops them or answers
  * them as it does without XDP. An interface the agent registered no MAC for
  * passes too: forwarding without knowing our own address is the bug above.
- * One lookup; the MAC compares as a 4-byte and a 2-byte word.
+ * One array load; the MAC compares as a 4-byte and a 2-byte word.
  */
+static __always_inline const struct vf_iface *vf_lookup_iface(__u32 ifindex)
+{
+	__u32 slot = ifindex % VF_MAX_IFACES;
+	const struct vf_iface *iface = bpf_map_lookup_elem(&vf_iface_slots, &slot);
+
+	if (iface && iface->ifindex == ifindex)
+		return iface;
+	return bpf_map_lookup_elem(&vf_ifaces, &ifindex);
+}
+
 static __always_inline int vf_check_our_mac(struct xdp_md *ctx, const struct vf_iface **out)
 {
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = (void *)(long)ctx->data;
-	__u32 ifindex = ctx->ingress_ifindex;
 	const struct vf_iface *iface;
 
 	if ((void *)(eth + 1) > data_end)
 		return VF_R_DROP_MALFORMED_L2;
-	iface = bpf_map_lookup_elem(&vf_ifaces, &ifindex);
+	iface = vf_lookup_iface(ctx->ingress_ifindex);
 	if (!iface)
 		return VF_R_PASS_IFACE_UNKNOWN;
 	if (!vf_mac_equal(eth->h_dest, iface->mac))
@@ -296,14 +331,29 @@ static __always_inline int vf_martian(const struct vf_pkt *pkt)
 	return vf_martian6(pkt->flow.src, pkt->flow.dst);
 }
 
-/* The exact {addr, port, proto} first, then the all-ports entry, which is
- * only looked for while some VIP has one: non-VIP traffic pays one lookup. */
+static __always_inline __u32 vf_vip_filter_slot(const __u32 *addr, __u8 family)
+{
+	__u32 word = addr[0];
+
+	if (family == VF_AF_INET6)
+		word ^= addr[1] ^ addr[2] ^ addr[3];
+	return (word * VF_VIP_FILTER_MULT) >> (32 - VF_VIP_FILTER_BITS);
+}
+
+/* The filter first: an address no VIP hashes to is no VIP's. Then the exact
+ * {addr, port, proto}, then the all-ports entry, which is only looked for
+ * while some VIP has one. */
 static __always_inline struct vf_vip_meta *vf_lookup_vip(const struct vf_settings *cfg,
 							 const struct vf_pkt *pkt)
 {
+	__u32 slot = vf_vip_filter_slot(pkt->flow.dst, pkt->flow.family);
 	struct vf_vip_key key = {};
 	struct vf_vip_meta *vip;
+	__u32 *vips_here;
 
+	vips_here = bpf_map_lookup_elem(&vf_vip_filter, &slot);
+	if (!vips_here || !*vips_here)
+		return NULL;
 	__builtin_memcpy(key.addr, pkt->flow.dst, sizeof(key.addr));
 	key.port = pkt->flow.dport;
 	key.proto = pkt->flow.proto;

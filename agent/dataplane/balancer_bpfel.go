@@ -83,9 +83,10 @@ type balancerVfFlowLimitKey struct {
 }
 
 type balancerVfIface struct {
-	_   structs.HostLayout
-	Mac [6]uint8
-	Pad uint16
+	_       structs.HostLayout
+	Mac     [6]uint8
+	Pad     uint16
+	Ifindex uint32
 }
 
 type balancerVfLpm4Key struct {
@@ -199,6 +200,7 @@ const (
 	balancerVfSizeVF_EVENTS_BYTES            balancerVfSize = 262144
 	balancerVfSizeVF_DECAP_MAX_LOCAL         balancerVfSize = 64
 	balancerVfSizeVF_MAX_IFACES              balancerVfSize = 256
+	balancerVfSizeVF_VIP_FILTER_SLOTS        balancerVfSize = 65536
 )
 
 type balancerVfVipKey struct {
@@ -235,12 +237,14 @@ const (
 	balancerMapVfDeny6        = "vf_deny6"
 	balancerMapVfEvents       = "vf_events"
 	balancerMapVfFlowLimit    = "vf_flow_limit"
+	balancerMapVfIfaceSlots   = "vf_iface_slots"
 	balancerMapVfIfaces       = "vf_ifaces"
 	balancerMapVfReals        = "vf_reals"
 	balancerMapVfRings        = "vf_rings"
 	balancerMapVfSettings     = "vf_settings"
 	balancerMapVfStatsReal    = "vf_stats_real"
 	balancerMapVfStatsVip     = "vf_stats_vip"
+	balancerMapVfVipFilter    = "vf_vip_filter"
 	balancerMapVfVips         = "vf_vips"
 	balancerProgVfBalancer    = "vf_balancer"
 	balancerVarVfUnusedEvent  = "vf_unused_event"
@@ -297,20 +301,22 @@ type balancerProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type balancerMapSpecs struct {
-	VfCounters  *ebpf.MapSpec `ebpf:"vf_counters"`
-	VfCt4       *ebpf.MapSpec `ebpf:"vf_ct4"`
-	VfCt6       *ebpf.MapSpec `ebpf:"vf_ct6"`
-	VfDeny4     *ebpf.MapSpec `ebpf:"vf_deny4"`
-	VfDeny6     *ebpf.MapSpec `ebpf:"vf_deny6"`
-	VfEvents    *ebpf.MapSpec `ebpf:"vf_events"`
-	VfFlowLimit *ebpf.MapSpec `ebpf:"vf_flow_limit"`
-	VfIfaces    *ebpf.MapSpec `ebpf:"vf_ifaces"`
-	VfReals     *ebpf.MapSpec `ebpf:"vf_reals"`
-	VfRings     *ebpf.MapSpec `ebpf:"vf_rings"`
-	VfSettings  *ebpf.MapSpec `ebpf:"vf_settings"`
-	VfStatsReal *ebpf.MapSpec `ebpf:"vf_stats_real"`
-	VfStatsVip  *ebpf.MapSpec `ebpf:"vf_stats_vip"`
-	VfVips      *ebpf.MapSpec `ebpf:"vf_vips"`
+	VfCounters   *ebpf.MapSpec `ebpf:"vf_counters"`
+	VfCt4        *ebpf.MapSpec `ebpf:"vf_ct4"`
+	VfCt6        *ebpf.MapSpec `ebpf:"vf_ct6"`
+	VfDeny4      *ebpf.MapSpec `ebpf:"vf_deny4"`
+	VfDeny6      *ebpf.MapSpec `ebpf:"vf_deny6"`
+	VfEvents     *ebpf.MapSpec `ebpf:"vf_events"`
+	VfFlowLimit  *ebpf.MapSpec `ebpf:"vf_flow_limit"`
+	VfIfaceSlots *ebpf.MapSpec `ebpf:"vf_iface_slots"`
+	VfIfaces     *ebpf.MapSpec `ebpf:"vf_ifaces"`
+	VfReals      *ebpf.MapSpec `ebpf:"vf_reals"`
+	VfRings      *ebpf.MapSpec `ebpf:"vf_rings"`
+	VfSettings   *ebpf.MapSpec `ebpf:"vf_settings"`
+	VfStatsReal  *ebpf.MapSpec `ebpf:"vf_stats_real"`
+	VfStatsVip   *ebpf.MapSpec `ebpf:"vf_stats_vip"`
+	VfVipFilter  *ebpf.MapSpec `ebpf:"vf_vip_filter"`
+	VfVips       *ebpf.MapSpec `ebpf:"vf_vips"`
 }
 
 // balancerVariableSpecs contains global variables before they are loaded into the kernel.
@@ -342,20 +348,22 @@ func (o *balancerObjects) Close() error {
 //
 // It can be passed to loadBalancerObjects or ebpf.CollectionSpec.LoadAndAssign.
 type balancerMaps struct {
-	VfCounters  *ebpf.Map `ebpf:"vf_counters"`
-	VfCt4       *ebpf.Map `ebpf:"vf_ct4"`
-	VfCt6       *ebpf.Map `ebpf:"vf_ct6"`
-	VfDeny4     *ebpf.Map `ebpf:"vf_deny4"`
-	VfDeny6     *ebpf.Map `ebpf:"vf_deny6"`
-	VfEvents    *ebpf.Map `ebpf:"vf_events"`
-	VfFlowLimit *ebpf.Map `ebpf:"vf_flow_limit"`
-	VfIfaces    *ebpf.Map `ebpf:"vf_ifaces"`
-	VfReals     *ebpf.Map `ebpf:"vf_reals"`
-	VfRings     *ebpf.Map `ebpf:"vf_rings"`
-	VfSettings  *ebpf.Map `ebpf:"vf_settings"`
-	VfStatsReal *ebpf.Map `ebpf:"vf_stats_real"`
-	VfStatsVip  *ebpf.Map `ebpf:"vf_stats_vip"`
-	VfVips      *ebpf.Map `ebpf:"vf_vips"`
+	VfCounters   *ebpf.Map `ebpf:"vf_counters"`
+	VfCt4        *ebpf.Map `ebpf:"vf_ct4"`
+	VfCt6        *ebpf.Map `ebpf:"vf_ct6"`
+	VfDeny4      *ebpf.Map `ebpf:"vf_deny4"`
+	VfDeny6      *ebpf.Map `ebpf:"vf_deny6"`
+	VfEvents     *ebpf.Map `ebpf:"vf_events"`
+	VfFlowLimit  *ebpf.Map `ebpf:"vf_flow_limit"`
+	VfIfaceSlots *ebpf.Map `ebpf:"vf_iface_slots"`
+	VfIfaces     *ebpf.Map `ebpf:"vf_ifaces"`
+	VfReals      *ebpf.Map `ebpf:"vf_reals"`
+	VfRings      *ebpf.Map `ebpf:"vf_rings"`
+	VfSettings   *ebpf.Map `ebpf:"vf_settings"`
+	VfStatsReal  *ebpf.Map `ebpf:"vf_stats_real"`
+	VfStatsVip   *ebpf.Map `ebpf:"vf_stats_vip"`
+	VfVipFilter  *ebpf.Map `ebpf:"vf_vip_filter"`
+	VfVips       *ebpf.Map `ebpf:"vf_vips"`
 }
 
 func (m *balancerMaps) Close() error {
@@ -367,12 +375,14 @@ func (m *balancerMaps) Close() error {
 		m.VfDeny6,
 		m.VfEvents,
 		m.VfFlowLimit,
+		m.VfIfaceSlots,
 		m.VfIfaces,
 		m.VfReals,
 		m.VfRings,
 		m.VfSettings,
 		m.VfStatsReal,
 		m.VfStatsVip,
+		m.VfVipFilter,
 		m.VfVips,
 	)
 }

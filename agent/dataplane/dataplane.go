@@ -3,6 +3,7 @@ package dataplane
 import (
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
@@ -97,6 +98,10 @@ type Dataplane struct {
 
 	mu    sync.Mutex
 	links map[string]link.Link // by interface name
+
+	// vipMu serialises the VIP writes, which keep vf_vip_filter's counts
+	// in step with vf_vips by reading before they write.
+	vipMu sync.Mutex
 }
 
 // Load loads the balancer. With a pin path, maps already pinned there are
@@ -161,6 +166,10 @@ func Load(opts Options) (*Dataplane, error) {
 		return nil, explainPrivilege(fmt.Errorf("load balancer objects: %w", err))
 	}
 	if err := d.initSettings(); err != nil {
+		d.objs.Close()
+		return nil, err
+	}
+	if err := d.rebuildVIPFilter(); err != nil {
 		d.objs.Close()
 		return nil, err
 	}
@@ -377,14 +386,59 @@ func (d *Dataplane) registerInterface(iface *net.Interface) error {
 	return d.setInterfaceMAC(iface.Index, iface.HardwareAddr)
 }
 
+// setInterfaceMAC writes the interface's entry into its slot of
+// vf_iface_slots, or into the overflow hash vf_ifaces when another
+// interface holds the slot. The program reads the slot first, so an entry
+// there must never be left in the hash as well (a stale MAC would win
+// after the slot is freed); the hash entry is removed once the slot is
+// written.
 func (d *Dataplane) setInterfaceMAC(ifindex int, mac net.HardwareAddr) error {
-	var val balancerVfIface
+	if ifindex <= 0 || ifindex > math.MaxUint32 {
+		return fmt.Errorf("register MAC %s: interface index %d out of range", mac, ifindex)
+	}
+	val := balancerVfIface{Ifindex: uint32(ifindex)}
 	copy(val.Mac[:], mac)
-	if err := d.objs.VfIfaces.Put(uint32(ifindex), &val); err != nil {
+	slot := ifaceSlot(uint32(ifindex))
+	var held balancerVfIface
+	if err := d.objs.VfIfaceSlots.Lookup(slot, &held); err != nil {
+		return fmt.Errorf("read interface slot %d: %w", slot, err)
+	}
+	if held.Ifindex != 0 && held.Ifindex != uint32(ifindex) {
+		if err := d.objs.VfIfaces.Put(uint32(ifindex), &val); err != nil {
+			return fmt.Errorf("register MAC %s of interface %d: %w", mac, ifindex, err)
+		}
+		return nil
+	}
+	if err := d.objs.VfIfaceSlots.Put(slot, &val); err != nil {
 		return fmt.Errorf("register MAC %s of interface %d: %w", mac, ifindex, err)
+	}
+	if err := d.objs.VfIfaces.Delete(uint32(ifindex)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("remove the overflow entry of interface %d: %w", ifindex, err)
 	}
 	return nil
 }
+
+// interfaceMAC returns the MAC the program holds for ifindex, or nil.
+func (d *Dataplane) interfaceMAC(ifindex int) (net.HardwareAddr, error) {
+	var val balancerVfIface
+	if err := d.objs.VfIfaceSlots.Lookup(ifaceSlot(uint32(ifindex)), &val); err != nil {
+		return nil, fmt.Errorf("read interface slot of %d: %w", ifindex, err)
+	}
+	if val.Ifindex == uint32(ifindex) {
+		return net.HardwareAddr(val.Mac[:]), nil
+	}
+	err := d.objs.VfIfaces.Lookup(uint32(ifindex), &val)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read overflow entry of interface %d: %w", ifindex, err)
+	}
+	return net.HardwareAddr(val.Mac[:]), nil
+}
+
+// ifaceSlot is the slot of vf_iface_slots the program reads for ifindex.
+func ifaceSlot(ifindex uint32) uint32 { return ifindex % uint32(balancerVfSizeVF_MAX_IFACES) }
 
 // forgetInterface removes the MAC entry of an interface the program left,
 // so that a later interface given the same index starts unregistered.
@@ -397,6 +451,16 @@ func (d *Dataplane) forgetInterface(ifname string) error {
 }
 
 func (d *Dataplane) forgetIndex(ifname string, ifindex int) error {
+	slot := ifaceSlot(uint32(ifindex))
+	var held balancerVfIface
+	if err := d.objs.VfIfaceSlots.Lookup(slot, &held); err != nil {
+		return fmt.Errorf("read interface slot %d: %w", slot, err)
+	}
+	if held.Ifindex == uint32(ifindex) {
+		if err := d.objs.VfIfaceSlots.Put(slot, &balancerVfIface{}); err != nil {
+			return fmt.Errorf("forget MAC of interface %s: %w", ifname, err)
+		}
+	}
 	if err := d.objs.VfIfaces.Delete(uint32(ifindex)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("forget MAC of interface %s: %w", ifname, err)
 	}

@@ -44,7 +44,27 @@ func (d *Dataplane) SetVIP(v VIP, meta VIPMeta) error {
 	if meta.SourceAffinity {
 		val.Flags |= 1 // VF_VIP_F_SRC_AFFINITY
 	}
+	d.vipMu.Lock()
+	defer d.vipMu.Unlock()
+	var old balancerVfVipMeta
+	err = d.objs.VfVips.Lookup(&key, &old)
+	isNew := errors.Is(err, ebpf.ErrKeyNotExist)
+	if err != nil && !isNew {
+		return fmt.Errorf("read VIP %v: %w", v, err)
+	}
+	// Counted in the filter before it exists, so that no packet to it
+	// is passed as not a VIP's.
+	if isNew {
+		if err := d.countInVIPFilter(key, +1); err != nil {
+			return fmt.Errorf("VIP %v: %w", v, err)
+		}
+	}
 	if err := d.objs.VfVips.Put(&key, &val); err != nil {
+		if isNew {
+			if undo := d.countInVIPFilter(key, -1); undo != nil {
+				return fmt.Errorf("write VIP %v: %w (and undo its filter count: %v)", v, err, undo)
+			}
+		}
 		return fmt.Errorf("write VIP %v: %w", v, err)
 	}
 	if v.Port == 0 {
@@ -59,7 +79,15 @@ func (d *Dataplane) DeleteVIP(v VIP) error {
 	if err != nil {
 		return err
 	}
-	if err := d.objs.VfVips.Delete(&key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+	d.vipMu.Lock()
+	defer d.vipMu.Unlock()
+	err = d.objs.VfVips.Delete(&key)
+	switch {
+	case err == nil:
+		if err := d.countInVIPFilter(key, -1); err != nil {
+			return fmt.Errorf("VIP %v: %w", v, err)
+		}
+	case !errors.Is(err, ebpf.ErrKeyNotExist):
 		return fmt.Errorf("delete VIP %v: %w", v, err)
 	}
 	if v.Port == 0 {

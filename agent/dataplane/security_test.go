@@ -82,7 +82,7 @@ func TestForwardsOnlyFramesToOurMAC(t *testing.T) {
 // cannot tell whether the frame is ours, so it leaves it to the stack.
 func TestUnregisteredInterfacePasses(t *testing.T) {
 	h := standardHarness(t)
-	h.must(h.dp.objs.VfIfaces.Delete(uint32(testRunIfindex)))
+	h.must(h.dp.forgetIndex("lo", testRunIfindex))
 	in := pkt{src: client4, dst: vip4, sport: 53100, dport: 80, proto: layers.IPProtocolTCP, tcpFlags: "S"}.frame(t)
 	before := h.counters()
 	verdict, out := h.run(in)
@@ -136,7 +136,7 @@ func TestAttachRegistersInterfaceMAC(t *testing.T) {
 		}
 
 		h.must(h.dp.Detach("vfx13mac0"))
-		if entry, err := h.dp.objs.VfIfaces.LookupBytes(ifindex); err != nil || entry != nil {
+		if entry, err := h.dp.interfaceMAC(int(ifindex)); err != nil || entry != nil {
 			t.Fatalf("after Detach the interface's MAC entry is %x (%v), want none", entry, err)
 		}
 		before := h.counters()[ReasonPassIfaceUnknown].Packets
@@ -362,7 +362,7 @@ func TestAttachWithoutMACRegistersNothing(t *testing.T) {
 	h := standardHarness(t) // registered lbMAC for index 1, the loopback
 	inNewNetns(t, func() {
 		h.must(h.dp.Attach("lo", XDPGeneric))
-		if entry, err := h.dp.objs.VfIfaces.LookupBytes(uint32(testRunIfindex)); err != nil || entry != nil {
+		if entry, err := h.dp.interfaceMAC(testRunIfindex); err != nil || entry != nil {
 			t.Fatalf("the loopback's entry is %x (%v), want none", entry, err)
 		}
 		in := pkt{src: client4, dst: vip4, sport: 53300, dport: 80, proto: layers.IPProtocolTCP, tcpFlags: "S"}.frame(t)

@@ -26,8 +26,14 @@ enum vf_size {
 	VF_DENY_MAX_PREFIXES = 65536, /* per family */
 	VF_EVENTS_BYTES = 256 * 1024,
 	VF_DECAP_MAX_LOCAL = 64,
-	VF_MAX_IFACES = 256,
+	VF_MAX_IFACES = 256, /* slots of vf_iface_slots, and entries of its overflow vf_ifaces */
+	VF_VIP_FILTER_SLOTS = 65536,
 };
+
+/* vf_vip_filter is indexed by the top VF_VIP_FILTER_BITS bits of a
+ * multiplicative (Fibonacci) hash of the destination address. */
+#define VF_VIP_FILTER_BITS 16
+#define VF_VIP_FILTER_MULT 0x9e3779b1u
 
 /* Address families as the maps store them (Linux AF_* values). */
 enum vf_family {
@@ -205,11 +211,14 @@ struct vf_settings {
  */
 typedef struct vf_settings vf_settings_t;
 
-/* An interface the program is attached to, by ifindex (vf_ifaces): its own
- * MAC, the only destination it forwards from and the source it sends with. */
+/* An interface the program is attached to (vf_iface_slots, vf_ifaces): its
+ * own MAC, the only destination it forwards from and the source it sends
+ * with. ifindex says which interface a slot of vf_iface_slots belongs to;
+ * 0, which no interface has, marks a free slot. */
 struct vf_iface {
 	__u8 mac[6];
 	__u16 pad;
+	__u32 ifindex;
 };
 
 /* A source's new-flow bucket on one CPU (vf_flow_limit). IPv4 sources are

@@ -29,6 +29,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } vf_vips SEC(".maps");
 
+/* vf_vips again, indexed by VIP id, for established flows (vf_vip_of_flow).
+ * Derived from vf_vips: the agent writes a slot with every VIP and
+ * rebuilds the map from vf_vips on every load, hence not pinned. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, VF_DEFAULT_MAX_VIPS);
+	__type(key, __u32);
+	__type(value, struct vf_vip_slot);
+} vf_vips_by_id SEC(".maps");
+
 /* One Maglev ring per VIP. The agent builds a new inner map and swaps it in
  * with a single outer update, so a lookup never sees a half-written ring.
  * Rings are mmapable so that the agent fills 65537 slots with one copy
@@ -340,20 +350,24 @@ static __always_inline __u32 vf_vip_filter_slot(const __u32 *addr, __u8 family)
 	return (word * VF_VIP_FILTER_MULT) >> (32 - VF_VIP_FILTER_BITS);
 }
 
-/* The filter first: an address no VIP hashes to is no VIP's. Then the exact
- * {addr, port, proto}, then the all-ports entry, which is only looked for
- * while some VIP has one. */
+/* Whether some VIP's address hashes to the packet's slot of vf_vip_filter:
+ * if not, the packet is no VIP's. */
+static __always_inline int vf_maybe_vip(const struct vf_pkt *pkt)
+{
+	__u32 slot = vf_vip_filter_slot(pkt->flow.dst, pkt->flow.family);
+	__u32 *vips_here = bpf_map_lookup_elem(&vf_vip_filter, &slot);
+
+	return vips_here && *vips_here;
+}
+
+/* The exact {addr, port, proto} first, then the all-ports entry, which is
+ * only looked for while some VIP has one. */
 static __always_inline struct vf_vip_meta *vf_lookup_vip(const struct vf_settings *cfg,
 							 const struct vf_pkt *pkt)
 {
-	__u32 slot = vf_vip_filter_slot(pkt->flow.dst, pkt->flow.family);
 	struct vf_vip_key key = {};
 	struct vf_vip_meta *vip;
-	__u32 *vips_here;
 
-	vips_here = bpf_map_lookup_elem(&vf_vip_filter, &slot);
-	if (!vips_here || !*vips_here)
-		return NULL;
 	__builtin_memcpy(key.addr, pkt->flow.dst, sizeof(key.addr));
 	key.port = pkt->flow.dport;
 	key.proto = pkt->flow.proto;
@@ -363,6 +377,30 @@ static __always_inline struct vf_vip_meta *vf_lookup_vip(const struct vf_setting
 		return vip;
 	key.port = 0;
 	return bpf_map_lookup_elem(&vf_vips, &key);
+}
+
+/* The VIP of an established flow, from the id its conntrack entry holds:
+ * the VIP of that id if the packet is addressed to exactly it. An all-ports
+ * VIP is left to vf_lookup_vip, because an exact VIP added for the port
+ * since takes precedence; so is anything the slot does not confirm (a VIP
+ * removed, or its id given to another). What vf_lookup_vip would find for
+ * the packet is then the same VIP. */
+static __always_inline struct vf_vip_meta *vf_vip_of_flow(const struct vf_ct_entry *ct,
+							  const struct vf_pkt *pkt)
+{
+	__u32 vip_id = ct->vip_id;
+	struct vf_vip_slot *slot = bpf_map_lookup_elem(&vf_vips_by_id, &vip_id);
+
+	if (!slot || slot->key.family != pkt->flow.family || slot->key.port != pkt->flow.dport ||
+	    slot->key.proto != pkt->flow.proto || slot->meta.vip_id != vip_id)
+		return NULL;
+	if (pkt->flow.family == VF_AF_INET) {
+		if (slot->key.addr[0] != pkt->flow.dst[0])
+			return NULL;
+	} else if (!vf_addr6_equal(slot->key.addr, pkt->flow.dst)) {
+		return NULL;
+	}
+	return &slot->meta;
 }
 
 static __always_inline int vf_real_selectable(const struct vf_real *real)
@@ -408,7 +446,7 @@ static __always_inline void vf_build_flow4_key(const struct vf_pkt *pkt, struct 
 }
 
 static __always_inline struct vf_ct_entry *vf_ct_lookup(const struct vf_pkt *pkt,
-							struct vf_flow4_key *key4)
+							const struct vf_flow4_key *key4)
 {
 	if (pkt->flow.family == VF_AF_INET)
 		return bpf_map_lookup_elem(&vf_ct4, key4);
@@ -473,6 +511,9 @@ static __always_inline int vf_charge_new_flow(const struct vf_settings *cfg,
 }
 
 /*
+ * ct is the packet's conntrack entry, looked up by vf_handle (NULL for a
+ * miss, and for a SYN, which is not looked up).
+ *
  * Conntrack first: a live entry keeps its real, even a draining one. A miss,
  * an idle entry or a real that went down falls through to Maglev, and the
  * choice is remembered. ICMP errors only read conntrack: they must not create
@@ -490,17 +531,14 @@ static __always_inline int vf_charge_new_flow(const struct vf_settings *cfg,
  */
 static __always_inline int vf_select_real(const struct vf_settings *cfg,
 					  const struct vf_vip_meta *vip, struct vf_pkt *pkt,
+					  struct vf_ct_entry *ct, const struct vf_flow4_key *key4,
 					  const struct vf_real **out)
 {
-	struct vf_ct_entry *ct, entry = {};
-	struct vf_flow4_key key4 = {};
+	struct vf_ct_entry entry = {};
 	const struct vf_real *real;
 	__u64 now = bpf_jiffies64();
 	__u32 real_id;
 
-	if (pkt->flow.family == VF_AF_INET)
-		vf_build_flow4_key(pkt, &key4);
-	ct = pkt->tcp_syn ? NULL : vf_ct_lookup(pkt, &key4);
 	if (ct) {
 		real_id = ct->real_id;
 		real = bpf_map_lookup_elem(&vf_reals, &real_id);
@@ -530,7 +568,7 @@ static __always_inline int vf_select_real(const struct vf_settings *cfg,
 		entry.last_seen = now;
 		entry.real_id = real_id;
 		entry.vip_id = vip->vip_id;
-		vf_ct_store(pkt, &key4, &entry);
+		vf_ct_store(pkt, key4, &entry);
 		pkt->new_flow = 1;
 	}
 	pkt->real_id = real_id;
@@ -713,7 +751,9 @@ static __always_inline int vf_handle(struct xdp_md *ctx, const struct vf_setting
 	void *data_end = (void *)(long)ctx->data_end;
 	const struct vf_iface *iface = NULL;
 	const struct vf_real *real = NULL;
-	struct vf_vip_meta *vip;
+	struct vf_flow4_key key4 = {};
+	struct vf_vip_meta *vip = NULL;
+	struct vf_ct_entry *ct = NULL;
 	__be16 l3_proto = 0;
 	int ret, martian;
 
@@ -743,7 +783,20 @@ static __always_inline int vf_handle(struct xdp_md *ctx, const struct vf_setting
 	if (ret != VF_CONTINUE)
 		return ret;
 
-	vip = vf_lookup_vip(cfg, pkt);
+	if (!vf_maybe_vip(pkt))
+		return VF_R_PASS_NOT_VIP;
+	/* Conntrack before the VIP: the entry of an established flow names
+	 * its VIP, which an array slot then confirms, so such a packet makes
+	 * one hashed lookup instead of two. */
+	if (pkt->flow.family == VF_AF_INET)
+		vf_build_flow4_key(pkt, &key4);
+	if (!pkt->tcp_syn) {
+		ct = vf_ct_lookup(pkt, &key4);
+		if (ct)
+			vip = vf_vip_of_flow(ct, pkt);
+	}
+	if (!vip)
+		vip = vf_lookup_vip(cfg, pkt);
 	if (!vip)
 		return VF_R_PASS_NOT_VIP;
 	/* Not counted for the VIP: the packet is another host's. */
@@ -755,7 +808,7 @@ static __always_inline int vf_handle(struct xdp_md *ctx, const struct vf_setting
 	if (martian != VF_CONTINUE)
 		return martian;
 
-	ret = vf_select_real(cfg, vip, pkt, &real);
+	ret = vf_select_real(cfg, vip, pkt, ct, &key4, &real);
 	if (ret != VF_CONTINUE)
 		return ret;
 	if (!real)

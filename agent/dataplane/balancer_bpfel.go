@@ -218,6 +218,12 @@ type balancerVfVipMeta struct {
 	Flags uint32
 }
 
+type balancerVfVipSlot struct {
+	_    structs.HostLayout
+	Key  balancerVfVipKey
+	Meta balancerVfVipMeta
+}
+
 type balancerVfVipStats struct {
 	_        structs.HostLayout
 	Packets  uint64
@@ -246,6 +252,7 @@ const (
 	balancerMapVfStatsVip     = "vf_stats_vip"
 	balancerMapVfVipFilter    = "vf_vip_filter"
 	balancerMapVfVips         = "vf_vips"
+	balancerMapVfVipsById     = "vf_vips_by_id"
 	balancerProgVfBalancer    = "vf_balancer"
 	balancerVarVfUnusedEvent  = "vf_unused_event"
 	balancerVarVfUnusedFamily = "vf_unused_family"
@@ -317,6 +324,7 @@ type balancerMapSpecs struct {
 	VfStatsVip   *ebpf.MapSpec `ebpf:"vf_stats_vip"`
 	VfVipFilter  *ebpf.MapSpec `ebpf:"vf_vip_filter"`
 	VfVips       *ebpf.MapSpec `ebpf:"vf_vips"`
+	VfVipsById   *ebpf.MapSpec `ebpf:"vf_vips_by_id"`
 }
 
 // balancerVariableSpecs contains global variables before they are loaded into the kernel.
@@ -364,6 +372,7 @@ type balancerMaps struct {
 	VfStatsVip   *ebpf.Map `ebpf:"vf_stats_vip"`
 	VfVipFilter  *ebpf.Map `ebpf:"vf_vip_filter"`
 	VfVips       *ebpf.Map `ebpf:"vf_vips"`
+	VfVipsById   *ebpf.Map `ebpf:"vf_vips_by_id"`
 }
 
 func (m *balancerMaps) Close() error {
@@ -384,6 +393,7 @@ func (m *balancerMaps) Close() error {
 		m.VfStatsVip,
 		m.VfVipFilter,
 		m.VfVips,
+		m.VfVipsById,
 	)
 }
 

@@ -114,6 +114,7 @@ func Load(opts Options) (*Dataplane, error) {
 	}
 	sizes := map[string]uint32{
 		"vf_vips":       opts.MaxVIPs,
+		"vf_vips_by_id": opts.MaxVIPs,
 		"vf_rings":      opts.MaxVIPs,
 		"vf_stats_vip":  opts.MaxVIPs,
 		"vf_reals":      opts.MaxReals,
@@ -169,7 +170,7 @@ func Load(opts Options) (*Dataplane, error) {
 		d.objs.Close()
 		return nil, err
 	}
-	if err := d.rebuildVIPFilter(); err != nil {
+	if err := d.rebuildVIPIndexes(); err != nil {
 		d.objs.Close()
 		return nil, err
 	}

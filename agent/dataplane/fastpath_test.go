@@ -158,3 +158,70 @@ func TestVIPFilterRebuiltFromPins(t *testing.T) {
 		t.Fatalf("pinned VIP after a reload: verdict %v, want tx", v)
 	}
 }
+
+// An established flow finds its VIP through the id in its conntrack entry.
+// What it finds must follow vf_vips: a new mode is used at once, a VIP that
+// changed its id is still found, a removed VIP no longer forwards, and an
+// exact VIP added beside an all-ports one takes its packets.
+func TestEstablishedFlowFollowsVIPChanges(t *testing.T) {
+	h := standardHarness(t)
+	vip := VIP{Addr: netip.MustParseAddr(vip4), Port: 80, Proto: ProtoTCP}
+	syn := pkt{src: client4, dst: vip4, sport: 53700, dport: 80, proto: layers.IPProtocolTCP, tcpFlags: "S"}.frame(t)
+	ack := pkt{src: client4, dst: vip4, sport: 53700, dport: 80, proto: layers.IPProtocolTCP, tcpFlags: "A"}.frame(t)
+	if v, _ := h.run(syn); v != VerdictTx {
+		t.Fatalf("SYN: verdict %v, want tx", v)
+	}
+	reasonOf := func(frame []byte) Reason {
+		t.Helper()
+		before := h.counters()
+		h.run(frame)
+		after := h.counters()
+		for r := range after {
+			if after[r].Packets != before[r].Packets {
+				return Reason(r)
+			}
+		}
+		t.Fatal("no counter moved")
+		return 0
+	}
+	if r := reasonOf(ack); r != ReasonTxDSR {
+		t.Fatalf("established packet: %v, want %v", r, ReasonTxDSR)
+	}
+	h.must(h.dp.SetVIP(vip, VIPMeta{ID: vipIDDSR, Mode: ModeIPIP}))
+	if r := reasonOf(ack); r != ReasonTxIPIP {
+		t.Fatalf("after the VIP turned ipip: %v, want %v", r, ReasonTxIPIP)
+	}
+	const movedID = 40
+	h.must(h.dp.SetVIP(vip, VIPMeta{ID: movedID, Mode: ModeDSR}))
+	h.ring(movedID, 1)
+	if r := reasonOf(ack); r != ReasonTxDSR {
+		t.Fatalf("after the VIP changed its id: %v, want %v", r, ReasonTxDSR)
+	}
+	if s, err := h.dp.VIPStats(movedID); err != nil || s.Packets == 0 {
+		t.Fatalf("packets of the VIP under its new id: %+v, %v; want them counted there", s, err)
+	}
+	// A flow opened under the new id, whose entry names it.
+	newSyn := pkt{src: client4, dst: vip4, sport: 53702, dport: 80, proto: layers.IPProtocolTCP, tcpFlags: "S"}.frame(t)
+	newAck := pkt{src: client4, dst: vip4, sport: 53702, dport: 80, proto: layers.IPProtocolTCP, tcpFlags: "A"}.frame(t)
+	if v, _ := h.run(newSyn); v != VerdictTx {
+		t.Fatalf("SYN under the new id: verdict %v, want tx", v)
+	}
+	h.must(h.dp.DeleteVIP(vip))
+	for _, frame := range [][]byte{ack, newAck} {
+		if r := reasonOf(frame); r != ReasonPassNotVIP {
+			t.Fatalf("after the VIP was removed: %v, want %v", r, ReasonPassNotVIP)
+		}
+	}
+
+	// 10.100.0.2 serves every TCP port (dsr); an established flow of it
+	// moves to an exact VIP added for its port.
+	anySyn := pkt{src: client4, dst: "10.100.0.2", sport: 53701, dport: 9000, proto: layers.IPProtocolTCP, tcpFlags: "S"}.frame(t)
+	anyAck := pkt{src: client4, dst: "10.100.0.2", sport: 53701, dport: 9000, proto: layers.IPProtocolTCP, tcpFlags: "A"}.frame(t)
+	if v, _ := h.run(anySyn); v != VerdictTx {
+		t.Fatalf("SYN to the all-ports VIP: verdict %v, want tx", v)
+	}
+	h.vip("10.100.0.2", 9000, ProtoTCP, VIPMeta{ID: 41, Mode: ModeIPIP}, 2)
+	if r := reasonOf(anyAck); r != ReasonTxIPIP {
+		t.Fatalf("established flow after an exact VIP took its port: %v, want %v", r, ReasonTxIPIP)
+	}
+}

@@ -67,6 +67,17 @@ func (d *Dataplane) SetVIP(v VIP, meta VIPMeta) error {
 		}
 		return fmt.Errorf("write VIP %v: %w", v, err)
 	}
+	if !isNew && old.VipId != meta.ID {
+		if err := d.clearVIPSlot(old.VipId, key); err != nil {
+			return fmt.Errorf("VIP %v: %w", v, err)
+		}
+	}
+	// An update in place (a new mode or flags under the same id) is not
+	// atomic for a packet reading the slot meanwhile: it may see the old
+	// mode with the new flags, each of them a state the VIP had or has.
+	if err := d.objs.VfVipsById.Put(meta.ID, &balancerVfVipSlot{Key: key, Meta: val}); err != nil {
+		return fmt.Errorf("write VIP %v under its id %d: %w", v, meta.ID, err)
+	}
 	if v.Port == 0 {
 		return d.refreshFlags()
 	}
@@ -81,6 +92,22 @@ func (d *Dataplane) DeleteVIP(v VIP) error {
 	}
 	d.vipMu.Lock()
 	defer d.vipMu.Unlock()
+	var old balancerVfVipMeta
+	err = d.objs.VfVips.Lookup(&key, &old)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		if v.Port == 0 {
+			return d.refreshFlags()
+		}
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read VIP %v: %w", v, err)
+	}
+	// Out of the by-id slots first: until vf_vips forgets it, a flow
+	// of the VIP still finds it there.
+	if err := d.clearVIPSlot(old.VipId, key); err != nil {
+		return fmt.Errorf("VIP %v: %w", v, err)
+	}
 	err = d.objs.VfVips.Delete(&key)
 	switch {
 	case err == nil:

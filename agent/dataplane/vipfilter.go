@@ -47,10 +47,31 @@ func (d *Dataplane) countInVIPFilter(key balancerVfVipKey, delta int) error {
 	return nil
 }
 
-// rebuildVIPFilter fills a freshly loaded (zeroed) filter from vf_vips,
-// which may hold the VIPs of an earlier agent's pins. The program is not
-// on any interface yet, so no packet sees the filter half built.
-func (d *Dataplane) rebuildVIPFilter() error {
+// clearVIPSlot empties the vf_vips_by_id slot of id if it holds key, so
+// that the flows of a VIP that left (or changed its id) stop finding it
+// there. A slot another VIP took over is left to that VIP.
+func (d *Dataplane) clearVIPSlot(id uint32, key balancerVfVipKey) error {
+	if id >= d.opts.MaxVIPs {
+		return nil
+	}
+	var slot balancerVfVipSlot
+	if err := d.objs.VfVipsById.Lookup(id, &slot); err != nil {
+		return fmt.Errorf("read VIP slot %d: %w", id, err)
+	}
+	if slot.Key != key {
+		return nil
+	}
+	if err := d.objs.VfVipsById.Put(id, &balancerVfVipSlot{}); err != nil {
+		return fmt.Errorf("clear VIP slot %d: %w", id, err)
+	}
+	return nil
+}
+
+// rebuildVIPIndexes fills the freshly loaded (zeroed) maps derived from
+// vf_vips, which may hold the VIPs of an earlier agent's pins: the filter
+// and the by-id slots. The program is not on any interface yet, so no
+// packet sees them half built.
+func (d *Dataplane) rebuildVIPIndexes() error {
 	d.vipMu.Lock()
 	defer d.vipMu.Unlock()
 	counts := map[uint32]uint32{}
@@ -59,6 +80,13 @@ func (d *Dataplane) rebuildVIPFilter() error {
 	it := d.objs.VfVips.Iterate()
 	for it.Next(&key, &val) {
 		counts[vipFilterSlot(key)]++
+		if val.VipId >= d.opts.MaxVIPs {
+			return fmt.Errorf("pinned VIP %v has id %d, beyond the %d VIPs configured",
+				wordsAddr(key.Addr, key.Family), val.VipId, d.opts.MaxVIPs)
+		}
+		if err := d.objs.VfVipsById.Put(val.VipId, &balancerVfVipSlot{Key: key, Meta: val}); err != nil {
+			return fmt.Errorf("write VIP slot %d: %w", val.VipId, err)
+		}
 	}
 	if err := it.Err(); err != nil {
 		return fmt.Errorf("iterate VIPs to build the VIP filter: %w", err)

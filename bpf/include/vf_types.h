@@ -129,6 +129,15 @@ struct vf_vip_meta {
 	__u32 flags; /* enum vf_vip_flag bits */
 };
 
+/* A VIP by its id (vf_vips_by_id): what an established flow, which knows
+ * its VIP's id from conntrack, needs to confirm that the packet is still
+ * that VIP's, without the hash lookup in vf_vips. A zeroed slot (family 0)
+ * matches no packet. */
+struct vf_vip_slot {
+	struct vf_vip_key key;
+	struct vf_vip_meta meta;
+};
+
 struct vf_real {
 	__u32 addr[4];
 	__u8 mac[6]; /* dsr: the real's MAC; ipip: unused */

@@ -625,18 +625,33 @@ func appendJSONString(b []byte, s string) []byte {
 
 // h1ErrorHandler answers requests fasthttp could not read: 431 for a
 // header block over the limit, 408 for one not received in time, 400 for
-// anything malformed. The connection is closed after it.
+// anything malformed. The connection is closed after it. The request is
+// accounted for like any other (metrics, statistics, access log): the
+// handler never saw it.
 func (p *Proxy) h1ErrorHandler(ctx *fasthttp.RequestCtx, err error) {
 	var small *fasthttp.ErrSmallBuffer
 	var ne net.Error
+	var status int
 	switch {
 	case errors.As(err, &small):
-		writeFastError(ctx, http.StatusRequestHeaderFieldsTooLarge, "header_too_large", "request header exceeds "+strconv.Itoa(maxHeaderBytes)+" bytes")
+		status = http.StatusRequestHeaderFieldsTooLarge
+		writeFastError(ctx, status, "header_too_large", "request header exceeds "+strconv.Itoa(maxHeaderBytes)+" bytes")
 	case errors.As(err, &ne) && ne.Timeout():
-		writeFastError(ctx, http.StatusRequestTimeout, "request_timeout", "the request was not received in time")
+		status = http.StatusRequestTimeout
+		writeFastError(ctx, status, "request_timeout", "the request was not received in time")
 	default:
-		writeFastError(ctx, http.StatusBadRequest, "bad_request", "the request could not be parsed")
+		status = http.StatusBadRequest
+		writeFastError(ctx, status, "bad_request", "the request could not be parsed")
 	}
+	p.inflight.Add(1)
+	p.prom.inflight.Inc()
+	c := completion{start: p.now(), status: status, client: remoteIP(ctx)}
+	if p.log.Enabled(context.Background(), slog.LevelInfo) {
+		// Nothing of the request is known for sure: its header block
+		// did not parse.
+		c.log = &accessLog{}
+	}
+	p.complete(&c)
 }
 
 // headerReceived runs when a request's header block is read, before its

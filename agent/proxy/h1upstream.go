@@ -73,24 +73,97 @@ const staleAfter = time.Second
 // peerClosed reports whether the backend has closed conn (or sent bytes
 // nobody asked for), with one non-blocking peek.
 func peerClosed(conn net.Conn) bool {
+	_, n, err := peekSocket(conn)
+	return n == 0 && err == nil || n > 0 // 0 bytes: the backend closed; more: a stray answer
+}
+
+// peekSocket looks at the next byte waiting on a TCP connection without
+// consuming it or blocking: n is 1 with the byte, or 0 with a nil error at
+// the end of the stream (the peer closed its side), or 0 with the error
+// (syscall.EAGAIN: nothing yet; errors.ErrUnsupported: conn is no socket).
+func peekSocket(conn net.Conn) (b byte, n int, err error) {
 	sc, ok := conn.(syscall.Conn)
 	if !ok {
-		return false
+		return 0, 0, errors.ErrUnsupported
 	}
 	rc, err := sc.SyscallConn()
 	if err != nil {
-		return false
+		return 0, 0, err
 	}
-	closed := false
-	var b [1]byte
-	rc.Read(func(fd uintptr) bool {
-		n, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
-		closed = err == nil // 0 bytes: the backend closed; more: a stray answer
-		_ = n
+	var buf [1]byte
+	if cerr := rc.Read(func(fd uintptr) bool {
+		n, _, err = syscall.Recvfrom(int(fd), buf[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
 		return true
-	})
-	return closed
+	}); cerr != nil {
+		return 0, 0, cerr
+	}
+	if err != nil {
+		return 0, 0, err
+	}
+	return buf[0], n, nil
 }
+
+// clientCheckAfter is how long a request must have waited for its backend
+// before the proxy checks, once, that its client is still connected: a
+// client that gave up meanwhile is answered with nothing and the request
+// accounted as 499 (client closed request), as nginx does. Quicker
+// exchanges skip the check, and its system call: their client is almost
+// always still there, and the answer is on its way either way.
+const clientCheckAfter = 100 * time.Millisecond
+
+// tlsAlertRecord is the content type of a TLS alert record: a client
+// closing a TLS connection sends close_notify before its FIN.
+const tlsAlertRecord = 21
+
+// clientGone reports whether the client of a request has closed its
+// connection (or reset it), with one non-blocking peek under any TLS
+// layer. A client that sent more, such as its next pipelined request, is
+// still there.
+func clientGone(c net.Conn) bool {
+	overTLS := false
+	for {
+		switch v := c.(type) {
+		case *tlsClientConn:
+			c, overTLS = v.NetConn(), true
+			continue
+		case *prefixConn:
+			if len(v.prefix) > 0 {
+				return false
+			}
+			c = v.trackedConn
+			continue
+		case *trackedConn:
+			c = v.Conn
+			continue
+		}
+		break
+	}
+	b, n, err := peekSocket(c)
+	switch {
+	case errors.Is(err, syscall.ECONNRESET):
+		return true
+	case err != nil:
+		return false
+	case n == 0:
+		return true
+	default:
+		return overTLS && b == tlsAlertRecord
+	}
+}
+
+// clientLeft ends a request whose client has gone: no answer is written
+// (fasthttp closes the connection instead), and the request is accounted
+// as 499.
+func (rq *h1Request) clientLeft() {
+	rq.status = statusClientClosedRequest
+	rq.ctx.SetConnectionClose()
+	rq.ctx.HijackSetNoResponse(true)
+	rq.ctx.Hijack(func(net.Conn) {}) // fasthttp closes the connection when this returns
+}
+
+// statusClientClosedRequest is nginx's status for a request whose client
+// closed the connection before the answer.
+const statusClientClosedRequest = 499
 
 // release hands the connection back to the pool when reuse is true (the
 // exchange ended cleanly at a message boundary), and closes it otherwise.
@@ -164,6 +237,11 @@ func (rq *h1Request) proxy() bool {
 				m.passiveSuccess()
 			}
 			rq.member = m // the in-flight slot is released by complete
+			if done.Sub(rq.start) >= clientCheckAfter && rq.resp.StatusCode() != http.StatusSwitchingProtocols && clientGone(ctx.Conn()) {
+				rq.releaseUpstream(false)
+				rq.clientLeft()
+				return false
+			}
 			return rq.relay()
 		}
 		m.inflight.Add(-1)
@@ -207,6 +285,10 @@ func (rq *h1Request) answerFailure(err error) {
 	case bodyMalformed:
 		rq.closeUnread()
 		rq.writeError(http.StatusBadRequest, "bad_request", "the request body could not be read: its framing is invalid or it ended early")
+		return
+	}
+	if time.Since(rq.start) >= clientCheckAfter && clientGone(rq.ctx.Conn()) {
+		rq.clientLeft()
 		return
 	}
 	if rq.hasBody() {
@@ -350,8 +432,14 @@ func (rq *h1Request) appendHead(b []byte, cl int) []byte {
 	b = append(b, h.RequestURI()...)
 	b = append(b, " HTTP/1.1\r\n"...)
 	named := len(rq.hdr.connection) > 0
+	chunked := cl == -1
 	eachHeaderLine(h.RawHeaders(), func(_, name, value []byte) bool {
-		if len(name) == 0 || hopByHop(name) || replacedByProxy(name) {
+		if len(name) == 0 || replacedByProxy(name) {
+			return true
+		}
+		// The Trailer announcement goes with a chunked body, whose
+		// trailer fields copyBody relays.
+		if hopByHop(name) && !(chunked && isTrailerField(name)) {
 			return true
 		}
 		if named && rq.connectionNames(name) {
@@ -482,7 +570,9 @@ func (rq *h1Request) copyBody(bw *bufio.Writer, body io.Reader, cl int) error {
 				return io.ErrUnexpectedEOF
 			}
 			if cl == -1 {
-				_, err := bw.WriteString("0\r\n\r\n")
+				bw.WriteString("0\r\n")
+				bw.Write(rq.trailerSection(rq.head[:0], &rq.ctx.Request.Header))
+				_, err := bw.WriteString("\r\n")
 				return err
 			}
 			return nil
@@ -550,6 +640,52 @@ func (rq *h1Request) receive(l *upstreamLease, hadBody bool, headerBy time.Time)
 	return conn.SetReadDeadline(bodyBy)
 }
 
+func isTrailerField(name []byte) bool { return asciiEqualFold(name, "Trailer") }
+
+// trailerFields is what fasthttp's request and response headers have in
+// common for trailers: the trailer section as received, after the body.
+type trailerFields interface{ TrailerHeader() []byte }
+
+// trailerSection appends the trailer fields received with a chunked body
+// (one "name: value\r\n" line each) that may be relayed: not those that
+// concern one connection, nor those the proxy sets itself. fasthttp has
+// refused the ones the HTTP specification forbids in a trailer (framing,
+// routing, authentication, X-Forwarded-*).
+func (rq *h1Request) trailerSection(b []byte, h trailerFields) []byte {
+	eachHeaderLine(h.TrailerHeader(), func(_, name, value []byte) bool {
+		if len(name) == 0 || hopByHop(name) || replacedByProxy(name) {
+			return true
+		}
+		b = append(b, name...)
+		b = append(b, ": "...)
+		b = append(b, value...)
+		b = append(b, "\r\n"...)
+		return true
+	})
+	return b
+}
+
+// relayTrailers puts the trailer fields the backend sent after its chunked
+// body on the client's response, which fasthttp writes after the body.
+func (rq *h1Request) relayTrailers() {
+	if rq.resp.Header.ContentLength() != -1 {
+		return // no chunked body, no trailer
+	}
+	out := &rq.ctx.Response.Header
+	eachHeaderLine(rq.resp.Header.TrailerHeader(), func(_, name, value []byte) bool {
+		if len(name) == 0 || hopByHop(name) {
+			return true
+		}
+		// Announced now if the backend did not: the client's header
+		// block is gone, but fasthttp writes announced fields after
+		// the body.
+		if out.AddTrailerBytes(name) == nil {
+			out.AddBytesKV(name, value)
+		}
+		return true
+	})
+}
+
 func isEventStreamType(ct []byte) bool {
 	if i := bytes.IndexByte(ct, ';'); i >= 0 {
 		ct = ct[:i]
@@ -599,6 +735,11 @@ func (rq *h1Request) relay() bool {
 		// send nothing more for a while.
 		cl = -1
 		ctx.Response.ImmediateHeaderFlush = true
+		for _, name := range resp.Header.PeekTrailerKeys() {
+			if !hopByHop(name) {
+				out.AddTrailerBytes(name) // fasthttp has refused forbidden names
+			}
+		}
 	}
 	ctx.Response.SetBodyStream(rq, cl)
 	return true
@@ -653,6 +794,7 @@ func (rq *h1Request) Read(b []byte) (int, error) {
 	rq.bytesOut.Add(int64(n))
 	if err == io.EOF {
 		rq.bodyDone = true
+		rq.relayTrailers()
 	} else if err != nil && rq.reason == "" {
 		// The backend's body ended early: the client's response is cut
 		// (fasthttp closes its connection), and the backend blamed.

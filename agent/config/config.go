@@ -191,8 +191,13 @@ type ProxyConfig struct {
 	TrustedProxies []string     `yaml:"trusted_proxies,omitempty"`
 	Timeouts       ProxyTimeout `yaml:"timeouts"`
 	// MaxBodyBytes bounds a request body; larger ones get 413.
-	MaxBodyBytes int64     `yaml:"max_body_bytes"`
-	RateLimit    RateLimit `yaml:"rate_limit"`
+	MaxBodyBytes int64 `yaml:"max_body_bytes"`
+	// MaxHeaderBytes bounds a request's header block (request line and
+	// header fields); larger ones get 431. On HTTP/1.1 it is also the
+	// read buffer every keep-alive connection keeps while idle: a
+	// smaller bound serves many idle clients with less memory.
+	MaxHeaderBytes int       `yaml:"max_header_bytes"`
+	RateLimit      RateLimit `yaml:"rate_limit"`
 	// Retries is how many other backends an idempotent request may try
 	// when its connection failed before anything was sent.
 	Retries int `yaml:"retries"`
@@ -515,11 +520,12 @@ func staticDefaults() *Config {
 				Idle:           Duration(90 * time.Second),
 				Request:        Duration(60 * time.Second),
 			},
-			MaxBodyBytes:  10 << 20,
-			Retries:       1,
-			PassiveHealth: PassiveHealth{ConsecutiveFailures: 5, Ejection: Duration(30 * time.Second)},
-			DrainTimeout:  Duration(15 * time.Second),
-			HTTP2:         HTTP2Limits{MaxConcurrentStreams: 100, MaxClientResets: 200, ResetWindow: Duration(10 * time.Second)},
+			MaxBodyBytes:   10 << 20,
+			MaxHeaderBytes: 64 << 10,
+			Retries:        1,
+			PassiveHealth:  PassiveHealth{ConsecutiveFailures: 5, Ejection: Duration(30 * time.Second)},
+			DrainTimeout:   Duration(15 * time.Second),
+			HTTP2:          HTTP2Limits{MaxConcurrentStreams: 100, MaxClientResets: 200, ResetWindow: Duration(10 * time.Second)},
 		},
 	}
 }

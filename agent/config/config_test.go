@@ -67,7 +67,7 @@ func TestParseMinimalAppliesDefaults(t *testing.T) {
 		Proxy: ProxyConfig{HTTPListen: ":80", HTTPSListen: ":443",
 			Timeouts: ProxyTimeout{Dial: Duration(2 * time.Second), TLSHandshake: Duration(5 * time.Second),
 				ResponseHeader: Duration(15 * time.Second), Idle: Duration(90 * time.Second), Request: Duration(time.Minute)},
-			MaxBodyBytes: 10 << 20, Retries: 1,
+			MaxBodyBytes: 10 << 20, MaxHeaderBytes: 64 << 10, Retries: 1,
 			PassiveHealth: PassiveHealth{ConsecutiveFailures: 5, Ejection: Duration(30 * time.Second)},
 			DrainTimeout:  Duration(15 * time.Second),
 			HTTP2:         HTTP2Limits{MaxConcurrentStreams: 100, MaxClientResets: 200, ResetWindow: Duration(10 * time.Second)}},
@@ -337,6 +337,16 @@ pools:
 				"proxy.http2.max_client_resets: must be between 1 and 1000000, got 0",
 				"proxy.http2.reset_window: must be positive, got 0s",
 			},
+		},
+		{
+			name: "header limit below its bound",
+			yaml: minimal + "proxy:\n  max_header_bytes: 1024\n",
+			want: []string{"proxy.max_header_bytes: must be between 4096 and 1048576, got 1024"},
+		},
+		{
+			name: "header limit above its bound",
+			yaml: minimal + "proxy:\n  max_header_bytes: 2000000\n",
+			want: []string{"proxy.max_header_bytes: must be between 4096 and 1048576, got 2000000"},
 		},
 		{
 			name: "http2 resets below concurrent streams",

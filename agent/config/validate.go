@@ -204,6 +204,9 @@ func (c *Config) validateProxy(v *collector) {
 	if p.MaxBodyBytes <= 0 {
 		v.add("proxy.max_body_bytes", "must be positive, got %d", p.MaxBodyBytes)
 	}
+	if p.MaxHeaderBytes < minProxyHeaderBytes || p.MaxHeaderBytes > maxProxyHeaderBytes {
+		v.add("proxy.max_header_bytes", "must be between %d and %d, got %d", minProxyHeaderBytes, maxProxyHeaderBytes, p.MaxHeaderBytes)
+	}
 	if p.RateLimit.RequestsPerSecond < 0 {
 		v.add("proxy.rate_limit.requests_per_second", "must be 0 (off) or positive, got %g", p.RateLimit.RequestsPerSecond)
 	}
@@ -241,6 +244,14 @@ func (c *Config) validateProxy(v *collector) {
 const (
 	maxHTTP2Streams = 10000
 	maxHTTP2Resets  = 1000000
+)
+
+// Bounds of proxy.max_header_bytes: below 4 KiB ordinary browser requests
+// with a few cookies no longer fit; above 1 MiB one idle keep-alive client
+// would hold a megabyte.
+const (
+	minProxyHeaderBytes = 4 << 10
+	maxProxyHeaderBytes = 1 << 20
 )
 
 func (c *Config) validateListeners(v *collector) {

@@ -139,19 +139,26 @@ func BenchmarkBareReverseProxyKeepAlive(b *testing.B) {
 
 // BenchmarkIdleConnMemory reports what an idle keep-alive client connection
 // costs the proxy in memory (heap and goroutine stacks, B/idle-conn), with
-// the read and write buffers handed back between requests (fasthttp's
-// ReduceMemoryUsage, the proxy's setting) and kept per connection.
+// the write buffer handed back between requests (fasthttp's
+// ReduceMemoryUsage, the proxy's setting) and kept per connection, at the
+// default header limit (64 KiB, the size of the read buffer every
+// connection keeps) and at 16 KiB (proxy.max_header_bytes).
 func BenchmarkIdleConnMemory(b *testing.B) {
 	const conns = 1000
-	for _, keep := range []bool{false, true} {
-		b.Run(fmt.Sprintf("keep-buffers=%v", keep), func(b *testing.B) {
+	for _, c := range []struct {
+		keep      bool
+		maxHeader int
+	}{{false, 64 << 10}, {true, 64 << 10}, {false, 16 << 10}} {
+		b.Run(fmt.Sprintf("keep-buffers=%v/max-header=%dk", c.keep, c.maxHeader>>10), func(b *testing.B) {
 			be := benchBackend(b)
 			p, err := New(Options{Logger: slog.New(slog.DiscardHandler)})
 			if err != nil {
 				b.Fatal(err)
 			}
-			p.keepBuffers = keep
-			if err := p.Apply(benchConfig(b, be, config.AlgorithmRoundRobin)); err != nil {
+			p.keepBuffers = c.keep
+			cfg := benchConfig(b, be, config.AlgorithmRoundRobin)
+			cfg.Proxy.MaxHeaderBytes = c.maxHeader
+			if err := p.Apply(cfg); err != nil {
 				b.Fatal(err)
 			}
 			ctx, cancel := context.WithCancel(context.Background())

@@ -628,14 +628,14 @@ func appendJSONString(b []byte, s string) []byte {
 // anything malformed. The connection is closed after it. The request is
 // accounted for like any other (metrics, statistics, access log): the
 // handler never saw it.
-func (p *Proxy) h1ErrorHandler(ctx *fasthttp.RequestCtx, err error) {
+func (p *Proxy) h1ErrorHandler(ctx *fasthttp.RequestCtx, err error, maxHeader int) {
 	var small *fasthttp.ErrSmallBuffer
 	var ne net.Error
 	var status int
 	switch {
 	case errors.As(err, &small):
 		status = http.StatusRequestHeaderFieldsTooLarge
-		writeFastError(ctx, status, "header_too_large", "request header exceeds "+strconv.Itoa(maxHeaderBytes)+" bytes")
+		writeFastError(ctx, status, "header_too_large", "request header exceeds "+strconv.Itoa(maxHeader)+" bytes")
 	case errors.As(err, &ne) && ne.Timeout():
 		status = http.StatusRequestTimeout
 		writeFastError(ctx, status, "request_timeout", "the request was not received in time")

@@ -254,6 +254,31 @@ func TestRequestHeaderLimit(t *testing.T) {
 	}
 }
 
+// proxy.max_header_bytes sets the limit: with 16 KiB, a 12 KiB header
+// block is served and a 20 KiB one answered 431 (and logged so).
+func TestRequestHeaderLimitIsConfigurable(t *testing.T) {
+	be := newBackend(t, "b", nil)
+	cfg := testConfig([]config.Pool{poolOf("web", config.AlgorithmRoundRobin, be)}, config.Route{PathPrefix: "/", Pool: "web"})
+	cfg.Proxy.MaxHeaderBytes = 16 << 10
+	p := newProxy(t, cfg, Options{})
+	addr, _ := serve(t, p)
+	for _, tc := range []struct {
+		size int
+		want int
+	}{{12 << 10, 200}, {20 << 10, http.StatusRequestHeaderFieldsTooLarge}} {
+		resp, body := rawExchange(t, addr, "GET / HTTP/1.1\r\nHost: app\r\nCookie: c="+strings.Repeat("x", tc.size)+"\r\n\r\n")
+		if resp.StatusCode != tc.want {
+			t.Errorf("%d KiB of headers: %d, want %d", tc.size>>10, resp.StatusCode, tc.want)
+		}
+		if tc.want == http.StatusRequestHeaderFieldsTooLarge && !strings.Contains(body, "exceeds 16384 bytes") {
+			t.Errorf("431 body %q does not name the limit", body)
+		}
+	}
+	if be.hits.Load() != 1 {
+		t.Errorf("backend hits %d, want 1", be.hits.Load())
+	}
+}
+
 // Requests whose framing could be read two ways, or that break the
 // header syntax, are refused with 400 and their connection closed; the
 // request pipelined behind them is never served, and the backend sees

@@ -33,6 +33,7 @@ type serverSpec struct {
 	h2c        bool
 	idle       time.Duration
 	readHeader time.Duration
+	maxHeader  int // bytes of a request's header block (proxy.max_header_bytes)
 	h2         h2Limits
 }
 
@@ -43,10 +44,6 @@ type h2Limits struct {
 	resetWindow time.Duration
 }
 
-// maxHeaderBytes bounds request headers, like HAProxy's 16k buffers and
-// nginx's large_client_header_buffers, with room for large cookies.
-const maxHeaderBytes = 64 << 10
-
 func serverSpecs(pc *config.ProxyConfig, haveCerts bool) [2]serverSpec {
 	var s [2]serverSpec
 	if !pc.Enabled {
@@ -54,7 +51,7 @@ func serverSpecs(pc *config.ProxyConfig, haveCerts bool) [2]serverSpec {
 	}
 	// ReadHeaderTimeout bounds a request's headers (slowloris) and, since
 	// net/http applies it to the TLS handshake too, the client's handshake.
-	common := serverSpec{idle: pc.Timeouts.Idle.Std(), readHeader: pc.Timeouts.TLSHandshake.Std(), h2: h2Limits{
+	common := serverSpec{idle: pc.Timeouts.Idle.Std(), readHeader: pc.Timeouts.TLSHandshake.Std(), maxHeader: pc.MaxHeaderBytes, h2: h2Limits{
 		maxStreams:  uint32(pc.HTTP2.MaxConcurrentStreams),
 		maxResets:   pc.HTTP2.MaxClientResets,
 		resetWindow: pc.HTTP2.ResetWindow.Std(),
@@ -147,10 +144,13 @@ func (p *Proxy) newServer(role int, spec serverSpec, ln net.Listener) (*server, 
 	s := &server{spec: spec, ln: ln, done: make(chan struct{})}
 	s.guard = &connGuard{p: p, maxResets: spec.h2.maxResets, resetWindow: spec.h2.resetWindow}
 	s.fast = &fasthttp.Server{
-		Handler:                       p.serveH1,
-		ErrorHandler:                  p.h1ErrorHandler,
-		HeaderReceived:                p.headerReceived,
-		ReadBufferSize:                maxHeaderBytes, // the request header limit
+		Handler:        p.serveH1,
+		ErrorHandler:   func(ctx *fasthttp.RequestCtx, err error) { p.h1ErrorHandler(ctx, err, spec.maxHeader) },
+		HeaderReceived: p.headerReceived,
+		// The read buffer is fasthttp's request header limit, and
+		// what an idle keep-alive connection keeps (streamed request
+		// bodies keep fasthttp from handing it back).
+		ReadBufferSize:                spec.maxHeader,
 		ReadTimeout:                   spec.readHeader,
 		IdleTimeout:                   spec.idle,
 		MaxRequestBodySize:            math.MaxInt, // the proxy applies max_body_bytes itself
@@ -170,7 +170,7 @@ func (p *Proxy) newServer(role int, spec serverSpec, ln net.Listener) (*server, 
 	s.h2 = &http.Server{
 		IdleTimeout:       spec.idle,
 		ReadHeaderTimeout: spec.readHeader,
-		MaxHeaderBytes:    maxHeaderBytes,
+		MaxHeaderBytes:    spec.maxHeader,
 		ErrorLog:          slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
 	}
 	// x/net's server, not net/http's bundled copy: the connection guard

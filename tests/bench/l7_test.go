@@ -5,8 +5,11 @@ package bench
 // the VeloFlux agent's L7 proxy (agent/proxy, whose HTTP/1.1 engine this
 // load exercises), HAProxy and nginx. It loads each with wrk over
 // keep-alive connections, in plain HTTP and with TLS on the client side,
-// and reports requests/s, p50/p99 latency, and the proxy's CPU time and
-// system calls (perf) per request, as ratios to HAProxy. With VF_L7_REFS=1
+// and reports requests/s, requests per core (requests per second of the
+// proxy's own CPU time: the client cannot saturate a pinned core, so this,
+// not requests/s, says what one core serves), p50/p99 latency, and the
+// proxy's CPU time and system calls (perf) per request, with same-round
+// ratios to HAProxy and the load average. With VF_L7_REFS=1
 // three net/http references from tests/bench/refproxy run in the same
 // rounds (a bare httputil.ReverseProxy, the same over a synchronous
 // RoundTripper, and net/http's server answering by itself): what the
@@ -29,7 +32,8 @@ package bench
 //
 // CPU layout: every proxy is pinned to CPU 1 with one worker (HAProxy
 // nbthread 1, nginx one worker process, the agent GOMAXPROCS=1); wrk (one
-// thread) and the backends (one nginx worker) are pinned to CPU 0.
+// thread) and the backends (one nginx worker answering from memory) are
+// pinned to CPU 0.
 
 import (
 	"bufio"
@@ -966,9 +970,12 @@ func BenchmarkL7(b *testing.B) {
 			}
 			res.QuietWait, res.Quiet, res.Retried = waited, quiet, attempt > 0
 			disturbed := res.Foreign.Seconds() > l7ForeignLimit*res.Wall.Seconds()
-			if res.Errors > 0 && !disturbed {
+			if res.Errors > 0 && !disturbed && res.Quiet {
 				// Requests slower than wrk's timeout, or failed, on a
-				// machine to ourselves: the proxy's doing.
+				// machine to ourselves: the proxy's doing. (On a busy
+				// machine, short-lived processes such as compilers
+				// escape the foreign count; such errors are kept and
+				// shown in the table.)
 				b.Fatalf("%s %s: %d errors in %d requests\n%s", name, mode, res.Errors, res.Requests, out)
 			}
 			b.Logf("%-8s %-5s %8.0f req/s %8.0f per core  p50 %-9v p99 %-9v  proxy CPU %5.1f µs/req  %4.1f syscalls/req  CPU%d %3.0f%% CPU%d %3.0f%%  foreign %4.1f%% of a CPU, steal %2.0f%%, load %.2f-%.2f%s%s",
@@ -1060,6 +1067,7 @@ type l7Summary struct {
 	busy                               [2]float64
 	foreignMax                         float64 // share of one CPU, worst run
 	retried, loud                      int     // runs repeated; runs started on a busy machine
+	errors                             int64   // wrk's socket errors and non-2xx answers, all runs
 	runs                               []l7Result
 }
 
@@ -1089,6 +1097,7 @@ func l7Summarize(results map[string]map[string][]l7Result) l7Sum {
 				sys = append(sys, l7SyscallsPerReq(r))
 				busy0, busy1 = append(busy0, r.CPUBusy[0]), append(busy1, r.CPUBusy[1])
 				m.foreignMax = max(m.foreignMax, r.Foreign.Seconds()/r.Wall.Seconds())
+				m.errors += r.Errors
 				if r.Retried {
 					m.retried++
 				}
@@ -1179,12 +1188,23 @@ func (s l7Sum) table(tlsInfo map[string]string) string {
 		tlsInfo["haproxy"], tlsInfo["nginx"], tlsInfo["veloflux"])
 	var foreign float64
 	var retried, loud int
-	for _, modes := range s.by {
-		for _, m := range modes {
+	var errs []string
+	for _, name := range append([]string{"direct"}, l7Proxies...) {
+		for _, mode := range l7Modes {
+			m, ok := s.by[name][mode]
+			if !ok {
+				continue
+			}
 			foreign = max(foreign, m.foreignMax)
 			retried += m.retried
 			loud += m.loud
+			if m.errors > 0 {
+				errs = append(errs, fmt.Sprintf("%s %s %d", name, mode, m.errors))
+			}
 		}
+	}
+	if len(errs) > 0 {
+		fmt.Fprintf(&b, "errors (socket errors and non-2xx answers, runs on a busy machine): %s\n", strings.Join(errs, ", "))
 	}
 	fmt.Fprintf(&b, "other processes: at most %.0f%% of a CPU during a kept run; %d runs repeated for being disturbed; %d runs started on a busy machine\n",
 		100*foreign, retried, loud)

@@ -2,6 +2,8 @@ package proxy
 
 import (
 	"bufio"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"io"
 	"log/slog"
@@ -72,36 +74,55 @@ func TestRequestsRefusedByTheParserAreAccounted(t *testing.T) {
 
 // A client that goes away while the backend is still working is logged
 // and counted as 499 (client closed request), as on the HTTP/2 engine and
-// as nginx does, not as the backend's status.
+// as nginx does, not as the backend's status; in plain HTTP (the end of
+// its stream) and over TLS (its close_notify alert).
 func TestClientGoneBeforeTheAnswerIs499(t *testing.T) {
-	release := make(chan struct{})
-	be := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
-		select {
-		case <-release:
-		case <-time.After(5 * time.Second):
-		}
-		io.WriteString(w, "late")
-	})
-	cfg := testConfig([]config.Pool{poolOf("web", config.AlgorithmRoundRobin, be)}, config.Route{PathPrefix: "/", Pool: "web"})
-	var log syncBuffer
-	p := newProxy(t, cfg, Options{Logger: slogJSON(&log)})
-	addr, _ := serve(t, p)
+	for _, overTLS := range []bool{false, true} {
+		t.Run(map[bool]string{false: "plain", true: "tls"}[overTLS], func(t *testing.T) {
+			release := make(chan struct{})
+			be := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+				select {
+				case <-release:
+				case <-time.After(5 * time.Second):
+				}
+				io.WriteString(w, "late")
+			})
+			cfg := testConfig([]config.Pool{poolOf("web", config.AlgorithmRoundRobin, be)}, config.Route{PathPrefix: "/", Pool: "web"})
+			var roots *x509.CertPool
+			if overTLS {
+				cf, kf, cert := writeCert(t, t.TempDir(), "app", 1, "app")
+				cfg.Proxy.TLS = []config.TLSCert{{CertFile: cf, KeyFile: kf}}
+				roots = x509.NewCertPool()
+				roots.AddCert(cert)
+			}
+			var log syncBuffer
+			p := newProxy(t, cfg, Options{Logger: slogJSON(&log)})
+			addr, httpsAddr := serve(t, p)
 
-	c := rawConn(t, addr)
-	io.WriteString(c, "GET /slow HTTP/1.1\r\nHost: app\r\n\r\n")
-	waitFor(t, 5*time.Second, "the request at the backend", func() bool { return be.hits.Load() == 1 })
-	c.Close()
-	// The backend answers after the client left, and after the proxy's
-	// threshold for checking on its client.
-	time.Sleep(clientCheckAfter + 50*time.Millisecond)
-	close(release)
-	waitFor(t, 5*time.Second, "the request accounted", func() bool { return p.Stats().Requests == 1 })
-	if s := p.Stats(); s.Status["4xx"] != 1 || s.Status["2xx"] != 0 {
-		t.Errorf("status classes %v, want one 4xx", s.Status)
-	}
-	waitFor(t, 5*time.Second, "an access log record", func() bool { return len(accessLogStatuses(t, log.String())) == 1 })
-	if got := accessLogStatuses(t, log.String()); got[0] != 499 {
-		t.Errorf("access log status %d, want 499", got[0])
+			var c net.Conn = rawConn(t, addr)
+			if overTLS {
+				tc := tls.Client(rawConn(t, httpsAddr), &tls.Config{ServerName: "app", RootCAs: roots, NextProtos: []string{"http/1.1"}})
+				if err := tc.Handshake(); err != nil {
+					t.Fatal(err)
+				}
+				c = tc
+			}
+			io.WriteString(c, "GET /slow HTTP/1.1\r\nHost: app\r\n\r\n")
+			waitFor(t, 5*time.Second, "the request at the backend", func() bool { return be.hits.Load() == 1 })
+			c.Close()
+			// The backend answers after the client left, and after the
+			// proxy's threshold for checking on its client.
+			time.Sleep(clientCheckAfter + 50*time.Millisecond)
+			close(release)
+			waitFor(t, 5*time.Second, "the request accounted", func() bool { return p.Stats().Requests == 1 })
+			if s := p.Stats(); s.Status["4xx"] != 1 || s.Status["2xx"] != 0 {
+				t.Errorf("status classes %v, want one 4xx", s.Status)
+			}
+			waitFor(t, 5*time.Second, "an access log record", func() bool { return len(accessLogStatuses(t, log.String())) == 1 })
+			if got := accessLogStatuses(t, log.String()); got[0] != 499 {
+				t.Errorf("access log status %d, want 499", got[0])
+			}
+		})
 	}
 }
 

@@ -15,6 +15,7 @@ import (
 	"unsafe"
 
 	"github.com/valyala/fasthttp"
+	"golang.org/x/sys/unix"
 )
 
 // newHostClient is the connection pool of one backend for the HTTP/1.1
@@ -120,14 +121,13 @@ func peekSocket(conn net.Conn) (b byte, n int, err error) {
 // always still there, and the answer is on its way either way.
 const clientCheckAfter = 100 * time.Millisecond
 
-// tlsAlertRecord is the content type of a TLS alert record: a client
-// closing a TLS connection sends close_notify before its FIN.
-const tlsAlertRecord = 21
-
 // clientGone reports whether the client of a request has closed its
-// connection (or reset it), with one non-blocking peek under any TLS
-// layer. A client that sent more, such as its next pipelined request, is
-// still there.
+// connection (or reset it), with one non-blocking system call. In plain
+// HTTP a peek tells: the end of the stream, or a reset; a client that sent
+// more, such as its next pipelined request, is still there. Over TLS the
+// bytes before the end cannot tell (TLS 1.3 encrypts the close_notify
+// alert like data), so the socket's state does: the client's FIN (after
+// whatever it sent) or a reset.
 func clientGone(c net.Conn) bool {
 	overTLS := false
 	for {
@@ -147,17 +147,40 @@ func clientGone(c net.Conn) bool {
 		}
 		break
 	}
-	b, n, err := peekSocket(c)
+	if overTLS {
+		return peerHungUp(c)
+	}
+	_, n, err := peekSocket(c)
 	switch {
 	case errors.Is(err, syscall.ECONNRESET):
 		return true
 	case err != nil:
 		return false
-	case n == 0:
-		return true
 	default:
-		return overTLS && b == tlsAlertRecord
+		return n == 0
 	}
+}
+
+// peerHungUp reports whether the peer of a TCP connection has closed its
+// side (FIN received) or reset it, whatever data is still unread, with one
+// zero-timeout poll(2).
+func peerHungUp(conn net.Conn) bool {
+	sc, ok := conn.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	hungUp := false
+	rc.Control(func(fd uintptr) {
+		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
+		if n, err := unix.Poll(pfd, 0); err == nil && n > 0 {
+			hungUp = pfd[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR) != 0
+		}
+	})
+	return hungUp
 }
 
 // clientLeft ends a request whose client has gone: no answer is written

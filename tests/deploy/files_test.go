@@ -458,9 +458,9 @@ func checkMountedFile(t *testing.T, s composeService, deployDir, inContainer, wa
 }
 
 // TestVagrantfile validates deploy/Vagrantfile with Vagrant itself, in each
-// of the variants its environment switches select. Vagrant is optional: it
-// drags in Ruby and cannot boot a VM here (no box download, no KVM), so CI
-// does not install it; the check runs wherever it is installed.
+// of the variants its environment switches select, wherever Vagrant is
+// installed (`make test` installs it with vagrant-libvirt where they
+// install). tests/vm/vagrant boots the file for real.
 func TestVagrantfile(t *testing.T) {
 	bin, err := exec.LookPath("vagrant")
 	if err != nil {

@@ -43,4 +43,10 @@
 // Environment: VMTEST_SERIES, VMTEST_PACKAGES, VMTEST_RUN (a -test.run
 // pattern), VMTEST_TIMEOUT (seconds per VM), VMTEST_CACHE, VMTEST_OUT and
 // VMTEST_KEEP=1; see the head of run.sh.
+//
+// A whole Debian 12 system, rather than a kernel with the tests as init, is
+// what image.sh builds (debootstrap, cached in /var/cache/veloflux-vm) and
+// what the packages below boot: install (deploy/install.sh and the unit
+// under systemd, XDP on virtio-net) and vagrant (deploy/Vagrantfile on a
+// box of the same image); vmimage is what they share.
 package vm

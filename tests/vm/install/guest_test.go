@@ -27,6 +27,9 @@ type guest struct {
 	ns      *lab.Host // namespace qemu and ssh run in
 	key     string
 	console string // the serial console's log
+	// control is the socket of the ssh master connection the test's
+	// commands share: a new login costs the emulated guest seconds.
+	control string
 	qemu    *exec.Cmd
 	exited  chan struct{}
 	waitErr error
@@ -43,7 +46,8 @@ func bootGuest(t *testing.T, img vmimage.Image, ns *lab.Host, lanTap, mac string
 		"-b", img.Disk, overlay).CombinedOutput(); err != nil {
 		t.Fatalf("qemu-img create overlay of %s: %v\n%s", img.Disk, err, out)
 	}
-	g := &guest{ns: ns, key: img.Key, console: filepath.Join(dir, "console.log"), exited: make(chan struct{})}
+	g := &guest{ns: ns, key: img.Key, console: filepath.Join(dir, "console.log"),
+		control: filepath.Join(dir, "ssh"), exited: make(chan struct{})}
 	args := []string{
 		// Multi-threaded TCG: Debian 12's 6.1 boots in about half the
 		// time it takes on one host thread.
@@ -59,6 +63,9 @@ func bootGuest(t *testing.T, img vmimage.Image, ns *lab.Host, lanTap, mac string
 		"-device", "virtio-net-pci,netdev=lan,mq=on,vectors=10,mac=" + mac,
 	}
 	g.qemu = ns.Command(context.Background(), "qemu-system-x86_64", args...)
+	// Should the test binary die without its cleanups (go test's timeout
+	// panic), qemu goes with it.
+	g.qemu.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	var stderr bytes.Buffer
 	g.qemu.Stderr = &stderr
 	if err := g.qemu.Start(); err != nil {
@@ -70,6 +77,7 @@ func bootGuest(t *testing.T, img vmimage.Image, ns *lab.Host, lanTap, mac string
 		close(g.exited)
 	}()
 	t.Cleanup(func() {
+		g.closeMaster()
 		g.stop(t)
 		if s := strings.TrimSpace(stderr.String()); s != "" {
 			t.Logf("qemu stderr:\n%s", s)
@@ -115,7 +123,17 @@ func (g *guest) sshArgs() []string {
 		"-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
 		"-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
 		"-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=4",
+		"-o", "ControlMaster=auto", "-o", "ControlPath=" + g.control, "-o", "ControlPersist=60",
 		"root@127.0.0.1"}
+}
+
+// closeMaster ends the shared ssh connection, if one is up: before a
+// reboot, so that no command waits on a dead connection, and at the end.
+func (g *guest) closeMaster() {
+	if _, err := os.Stat(g.control); err != nil {
+		return
+	}
+	_ = g.ns.Command(context.Background(), "ssh", "-o", "ControlPath="+g.control, "-O", "exit", "root@127.0.0.1").Run()
 }
 
 // run runs script with bash (errexit, pipefail) as root in the guest and

@@ -120,9 +120,10 @@ test "$(systemctl is-active veloflux || true)" = inactive`)
 	})
 
 	t.Run("reboot", func(t *testing.T) {
-		// The ssh session may end with the connection rather than an exit
-		// status; the new boot id is what counts.
-		_, _ = g.run(ctx, "systemctl reboot")
+		// --no-block: the command returns before the connection drops. Its
+		// outcome shows in the boot id changing.
+		_, _ = g.run(ctx, "systemctl reboot --no-block")
+		g.closeMaster()
 		start := time.Now()
 		if _, err := g.waitBoot(ctx, bootID); err != nil {
 			t.Fatal(err)

@@ -231,6 +231,9 @@ func startDaemon(t *testing.T, ns, logPath, name string) {
 	}
 	cmd := exec.Command("ip", "netns", "exec", ns, name)
 	cmd.Stdout, cmd.Stderr = logf, logf
+	// Should the test binary die without its cleanups (go test's timeout
+	// panic), the daemon goes with it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 	if err := cmd.Start(); err != nil {
 		logf.Close()
 		t.Fatalf("start %s: %v", name, err)
@@ -371,4 +374,21 @@ func lastLines(s string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+func TestVolumeNames(t *testing.T) {
+	table := ` Name                                                              Path
+-------------------------------------------------------------------------------------------------
+ debian-VAGRANTSLASH-bookworm64_vagrant_box_image_0_1_box.img   /var/lib/libvirt/images/debian-VAGRANTSLASH-bookworm64_vagrant_box_image_0_1_box.img
+ deploy_default.img                                                /var/lib/libvirt/images/deploy_default.img
+
+`
+	got := strings.Join(volumeNames(table), " ")
+	want := "debian-VAGRANTSLASH-bookworm64_vagrant_box_image_0_1_box.img deploy_default.img"
+	if got != want {
+		t.Errorf("volumeNames = %q, want %q", got, want)
+	}
+	if got := volumeNames(" Name   Path\n------------\n\n"); len(got) != 0 {
+		t.Errorf("volumeNames of an empty pool = %q", got)
+	}
 }

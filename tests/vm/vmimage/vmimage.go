@@ -104,7 +104,10 @@ func ForTest(t testing.TB) Image {
 // that they run on any Linux, deploy/ and README.md.
 func WritePayload(ctx context.Context, repo, dir string) error {
 	bin := filepath.Join(dir, "bin")
-	build := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", bin+"/", "./cmd/veloflux", "./cmd/vfctl")
+	// Without symbol tables (-s -w): a third smaller, so quicker to copy
+	// into an emulated VM, and the same code.
+	build := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin+"/",
+		"./cmd/veloflux", "./cmd/vfctl")
 	build.Dir = repo
 	build.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := build.CombinedOutput(); err != nil {

@@ -137,7 +137,8 @@ test "$(systemctl is-active veloflux || true)" = inactive`)
 	t.Run("uninstall as the README says", func(t *testing.T) {
 		g.must(t, ctx, "cd /root/veloflux\n"+readmeUninstall(t, filepath.Join(payload, "README.md")))
 		g.must(t, ctx, `! systemctl cat veloflux >/dev/null 2>&1
-for f in /usr/local/bin/veloflux /usr/local/bin/vfctl /etc/veloflux /var/lib/veloflux; do
+for f in /usr/local/bin/veloflux /usr/local/bin/vfctl /etc/systemd/system/veloflux-decap.service \
+	/usr/local/share/doc/veloflux /etc/veloflux /var/lib/veloflux; do
 	if [ -e "$f" ]; then echo "$f is still there" >&2; exit 1; fi
 done
 if ls /sys/fs/bpf/veloflux 2>/dev/null | grep -E '^(vf_|link_)'; then echo "pins are left" >&2; exit 1; fi

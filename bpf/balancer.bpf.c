@@ -4,6 +4,8 @@
  *
  *   parse -> denylist -> VIP -> our MAC? -> martian source? -> conntrack
  *         -> (new flow: per-source limit) -> Maglev -> forward (dsr | ipip)
+ *   nat VIPs keep their own state instead of conntrack (vf_nat.h), and a
+ *   packet to no VIP may be a nat reply to one of our SNAT addresses.
  *
  * Every packet ends under exactly one enum vf_reason, which fixes its verdict
  * and is counted once in vf_counters. The agent owns every map; this program
@@ -756,6 +758,9 @@ static __always_inline int vf_forward_ipip(struct xdp_md *ctx, const struct vf_s
 	return vf_encap_ipv6(ctx, cfg, pkt, real, smac, dmac);
 }
 
+/* --- mode nat: the NAT tables and both directions, using the helpers above --- */
+#include "vf_nat.h"
+
 static __always_inline int vf_handle(struct xdp_md *ctx, const struct vf_settings *cfg,
 				     struct vf_pkt *pkt)
 {
@@ -796,7 +801,7 @@ static __always_inline int vf_handle(struct xdp_md *ctx, const struct vf_setting
 		return ret;
 
 	if (!vf_maybe_vip(pkt))
-		return VF_R_PASS_NOT_VIP;
+		return vf_nat_reverse(ctx, cfg, pkt); /* nat hook: a bitmap test unless nat is on */
 	/* Conntrack before the VIP: the entry of an established flow names
 	 * its VIP, which an array slot then confirms, so such a packet makes
 	 * one hashed lookup instead of two. */
@@ -810,7 +815,7 @@ static __always_inline int vf_handle(struct xdp_md *ctx, const struct vf_setting
 	if (!vip)
 		vip = vf_lookup_vip(cfg, pkt);
 	if (!vip)
-		return VF_R_PASS_NOT_VIP;
+		return vf_nat_reverse(ctx, cfg, pkt); /* nat hook, as above */
 	/* Not counted for the VIP: the packet is another host's. */
 	ret = vf_check_our_mac(ctx, &iface);
 	if (ret != VF_CONTINUE)
@@ -819,6 +824,9 @@ static __always_inline int vf_handle(struct xdp_md *ctx, const struct vf_setting
 	pkt->vip_matched = 1;
 	if (martian != VF_CONTINUE)
 		return martian;
+
+	if (vip->mode == VF_MODE_NAT) /* nat hook: its own flow table */
+		return vf_nat_forward(ctx, cfg, iface, vip, pkt);
 
 	ret = vf_select_real(cfg, vip, pkt, ct, &key4, &real);
 	if (ret != VF_CONTINUE)
@@ -876,7 +884,7 @@ static __always_inline void vf_account(const struct vf_settings *cfg, const stru
 			vs->drops += vf_reason_verdict(reason) == XDP_DROP;
 		}
 	}
-	if (reason == VF_R_TX_DSR || reason == VF_R_TX_IPIP) {
+	if (reason == VF_R_TX_DSR || reason == VF_R_TX_IPIP || reason == VF_R_TX_NAT) {
 		struct vf_real_stats *rs = bpf_map_lookup_elem(&vf_stats_real, &real_id);
 
 		if (rs) {

@@ -107,7 +107,32 @@ const (
 	balancerVfModeVF_MODE_INVALID balancerVfMode = 0
 	balancerVfModeVF_MODE_DSR     balancerVfMode = 1
 	balancerVfModeVF_MODE_IPIP    balancerVfMode = 2
+	balancerVfModeVF_MODE_NAT     balancerVfMode = 3
 )
+
+type balancerVfNatAddrKey struct {
+	_      structs.HostLayout
+	Addr   [4]uint32
+	Family uint32
+}
+
+type balancerVfNatEntry struct {
+	_        structs.HostLayout
+	Peer     balancerVfFlowKey
+	LastSeen uint64
+	RealId   uint32
+	VipId    uint32
+	Closing  uint8
+	Pad      [7]uint8
+}
+
+type balancerVfNatVip struct {
+	_        structs.HostLayout
+	SnatAddr [4]uint32
+	RealPort uint16
+	Family   uint8
+	Pad      uint8
+}
 
 type balancerVfReal struct {
 	_      structs.HostLayout
@@ -159,12 +184,16 @@ const (
 	balancerVfReasonVF_R_DROP_MARTIAN_MULTICAST     balancerVfReason = 18
 	balancerVfReasonVF_R_DROP_MARTIAN_LOOPBACK      balancerVfReason = 19
 	balancerVfReasonVF_R_DROP_NEW_FLOW_RATE_LIMITED balancerVfReason = 20
-	balancerVfReasonVF_R_DROP_LAST                  balancerVfReason = 20
-	balancerVfReasonVF_R_TX_DSR                     balancerVfReason = 21
-	balancerVfReasonVF_R_TX_FIRST                   balancerVfReason = 21
-	balancerVfReasonVF_R_TX_IPIP                    balancerVfReason = 22
-	balancerVfReasonVF_R_TX_LAST                    balancerVfReason = 22
-	balancerVfReasonVF_R_MAX                        balancerVfReason = 23
+	balancerVfReasonVF_R_DROP_NAT_NO_PORT           balancerVfReason = 21
+	balancerVfReasonVF_R_DROP_NAT_UNCONFIGURED      balancerVfReason = 22
+	balancerVfReasonVF_R_DROP_LAST                  balancerVfReason = 22
+	balancerVfReasonVF_R_TX_DSR                     balancerVfReason = 23
+	balancerVfReasonVF_R_TX_FIRST                   balancerVfReason = 23
+	balancerVfReasonVF_R_TX_IPIP                    balancerVfReason = 24
+	balancerVfReasonVF_R_TX_NAT                     balancerVfReason = 25
+	balancerVfReasonVF_R_TX_NAT_REPLY               balancerVfReason = 26
+	balancerVfReasonVF_R_TX_LAST                    balancerVfReason = 26
+	balancerVfReasonVF_R_MAX                        balancerVfReason = 27
 )
 
 type balancerVfSettingsT struct {
@@ -186,6 +215,11 @@ type balancerVfSettingsT struct {
 	NewFlowBurstNs    uint64
 	NewFlowRate       uint32
 	NewFlowBurst      uint32
+	NatPortMin        uint16
+	NatPortMax        uint16
+	NatActive         uint8
+	NatPad            [3]uint8
+	NatClosingTimeout uint64
 }
 
 type balancerVfSize uint32
@@ -201,6 +235,8 @@ const (
 	balancerVfSizeVF_DECAP_MAX_LOCAL         balancerVfSize = 64
 	balancerVfSizeVF_MAX_IFACES              balancerVfSize = 256
 	balancerVfSizeVF_VIP_FILTER_SLOTS        balancerVfSize = 65536
+	balancerVfSizeVF_NAT_MAX_ADDRS           balancerVfSize = 64
+	balancerVfSizeVF_DEFAULT_NAT_SIZE        balancerVfSize = 262144
 )
 
 type balancerVfVipKey struct {
@@ -245,6 +281,11 @@ const (
 	balancerMapVfFlowLimit    = "vf_flow_limit"
 	balancerMapVfIfaceSlots   = "vf_iface_slots"
 	balancerMapVfIfaces       = "vf_ifaces"
+	balancerMapVfNatAddrs     = "vf_nat_addrs"
+	balancerMapVfNatCursor    = "vf_nat_cursor"
+	balancerMapVfNatFwd       = "vf_nat_fwd"
+	balancerMapVfNatRev       = "vf_nat_rev"
+	balancerMapVfNatVips      = "vf_nat_vips"
 	balancerMapVfReals        = "vf_reals"
 	balancerMapVfRings        = "vf_rings"
 	balancerMapVfSettings     = "vf_settings"
@@ -317,6 +358,11 @@ type balancerMapSpecs struct {
 	VfFlowLimit  *ebpf.MapSpec `ebpf:"vf_flow_limit"`
 	VfIfaceSlots *ebpf.MapSpec `ebpf:"vf_iface_slots"`
 	VfIfaces     *ebpf.MapSpec `ebpf:"vf_ifaces"`
+	VfNatAddrs   *ebpf.MapSpec `ebpf:"vf_nat_addrs"`
+	VfNatCursor  *ebpf.MapSpec `ebpf:"vf_nat_cursor"`
+	VfNatFwd     *ebpf.MapSpec `ebpf:"vf_nat_fwd"`
+	VfNatRev     *ebpf.MapSpec `ebpf:"vf_nat_rev"`
+	VfNatVips    *ebpf.MapSpec `ebpf:"vf_nat_vips"`
 	VfReals      *ebpf.MapSpec `ebpf:"vf_reals"`
 	VfRings      *ebpf.MapSpec `ebpf:"vf_rings"`
 	VfSettings   *ebpf.MapSpec `ebpf:"vf_settings"`
@@ -365,6 +411,11 @@ type balancerMaps struct {
 	VfFlowLimit  *ebpf.Map `ebpf:"vf_flow_limit"`
 	VfIfaceSlots *ebpf.Map `ebpf:"vf_iface_slots"`
 	VfIfaces     *ebpf.Map `ebpf:"vf_ifaces"`
+	VfNatAddrs   *ebpf.Map `ebpf:"vf_nat_addrs"`
+	VfNatCursor  *ebpf.Map `ebpf:"vf_nat_cursor"`
+	VfNatFwd     *ebpf.Map `ebpf:"vf_nat_fwd"`
+	VfNatRev     *ebpf.Map `ebpf:"vf_nat_rev"`
+	VfNatVips    *ebpf.Map `ebpf:"vf_nat_vips"`
 	VfReals      *ebpf.Map `ebpf:"vf_reals"`
 	VfRings      *ebpf.Map `ebpf:"vf_rings"`
 	VfSettings   *ebpf.Map `ebpf:"vf_settings"`
@@ -386,6 +437,11 @@ func (m *balancerMaps) Close() error {
 		m.VfFlowLimit,
 		m.VfIfaceSlots,
 		m.VfIfaces,
+		m.VfNatAddrs,
+		m.VfNatCursor,
+		m.VfNatFwd,
+		m.VfNatRev,
+		m.VfNatVips,
 		m.VfReals,
 		m.VfRings,
 		m.VfSettings,

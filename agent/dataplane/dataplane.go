@@ -28,6 +28,7 @@ const (
 	DefaultRingSize      = uint32(balancerVfSizeVF_DEFAULT_RING_SIZE)
 	DefaultConntrackSize = uint32(balancerVfSizeVF_DEFAULT_CT_SIZE)
 	DefaultNewFlowTable  = uint32(balancerVfSizeVF_DEFAULT_FLOW_LIMIT_SIZE)
+	DefaultNATTableSize  = uint32(balancerVfSizeVF_DEFAULT_NAT_SIZE)
 )
 
 // linkPinPrefix names pinned XDP links: link_xdp_<ifname>.
@@ -66,6 +67,9 @@ type Options struct {
 	// per-source limit keeps, shared out among the CPUs. Its map is not
 	// pinned, so a new size only needs a restart.
 	NewFlowTable uint32
+	// NATTableSize is how many nat flows each direction's table holds
+	// (both families together).
+	NATTableSize uint32
 }
 
 func (o *Options) applyDefaults() {
@@ -83,6 +87,9 @@ func (o *Options) applyDefaults() {
 	}
 	if o.NewFlowTable == 0 {
 		o.NewFlowTable = DefaultNewFlowTable
+	}
+	if o.NATTableSize == 0 {
+		o.NATTableSize = DefaultNATTableSize
 	}
 }
 
@@ -122,6 +129,9 @@ func Load(opts Options) (*Dataplane, error) {
 		"vf_ct4":        opts.ConntrackSize,
 		"vf_ct6":        opts.ConntrackSize,
 		"vf_flow_limit": opts.NewFlowTable,
+		"vf_nat_vips":   opts.MaxVIPs,
+		"vf_nat_fwd":    opts.NATTableSize,
+		"vf_nat_rev":    opts.NATTableSize,
 	}
 	for name, size := range sizes {
 		spec.Maps[name].MaxEntries = size
@@ -208,6 +218,9 @@ func (d *Dataplane) MaxVIPs() uint32 { return d.opts.MaxVIPs }
 
 // ConntrackSize is the flow capacity of each family's conntrack table.
 func (d *Dataplane) ConntrackSize() uint32 { return d.opts.ConntrackSize }
+
+// NATTableSize is the flow capacity of each nat table.
+func (d *Dataplane) NATTableSize() uint32 { return d.opts.NATTableSize }
 
 // MaxReals is the number of real ids available (id 0 is reserved).
 func (d *Dataplane) MaxReals() uint32 { return d.opts.MaxReals }

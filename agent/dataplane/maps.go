@@ -37,8 +37,12 @@ func (d *Dataplane) SetVIP(v VIP, meta VIPMeta) error {
 	if meta.ID >= d.opts.MaxVIPs {
 		return fmt.Errorf("VIP %v: id %d out of range [0,%d)", v, meta.ID, d.opts.MaxVIPs)
 	}
-	if meta.Mode != ModeDSR && meta.Mode != ModeIPIP {
+	if meta.Mode != ModeDSR && meta.Mode != ModeIPIP && meta.Mode != ModeNAT {
 		return fmt.Errorf("VIP %v: unknown mode %v", v, meta.Mode)
+	}
+	nat, err := natVIPValue(v, meta)
+	if err != nil {
+		return err
 	}
 	val := balancerVfVipMeta{VipId: meta.ID, Mode: balancerVfMode(meta.Mode)}
 	if meta.SourceAffinity {
@@ -54,6 +58,11 @@ func (d *Dataplane) SetVIP(v VIP, meta VIPMeta) error {
 	}
 	// Counted in the filter before it exists, so that no packet to it
 	// is passed as not a VIP's.
+	wasNAT := !isNew && Mode(old.Mode) == ModeNAT
+	// The translation first: the VIP entry is what makes packets use it.
+	if err := d.objs.VfNatVips.Put(meta.ID, &nat); err != nil {
+		return fmt.Errorf("write the nat target of VIP %v: %w", v, err)
+	}
 	if isNew {
 		if err := d.countInVIPFilter(key, +1); err != nil {
 			return fmt.Errorf("VIP %v: %w", v, err)
@@ -78,10 +87,32 @@ func (d *Dataplane) SetVIP(v VIP, meta VIPMeta) error {
 	if err := d.objs.VfVipsById.Put(meta.ID, &balancerVfVipSlot{Key: key, Meta: val}); err != nil {
 		return fmt.Errorf("write VIP %v under its id %d: %w", v, meta.ID, err)
 	}
-	if v.Port == 0 {
+	if v.Port == 0 || meta.Mode == ModeNAT || wasNAT {
 		return d.refreshFlags()
 	}
 	return nil
+}
+
+// natVIPValue is the vf_nat_vips entry of a VIP: zero unless it is nat.
+func natVIPValue(v VIP, meta VIPMeta) (balancerVfNatVip, error) {
+	var out balancerVfNatVip
+	if meta.Mode != ModeNAT {
+		return out, nil
+	}
+	snat := meta.NAT.SNAT.Unmap()
+	switch {
+	case !snat.IsValid():
+		return out, fmt.Errorf("VIP %v: mode nat needs an SNAT address", v)
+	case snat.Is4() != v.Addr.Unmap().Is4():
+		return out, fmt.Errorf("VIP %v: SNAT address %v is of the other family (no NAT46/64)", v, snat)
+	case meta.NAT.RealPort == 0:
+		return out, fmt.Errorf("VIP %v: mode nat needs the reals' port", v)
+	case v.Port == 0:
+		return out, fmt.Errorf("VIP %v: mode nat needs a VIP port, not every port", v)
+	}
+	out.SnatAddr, out.Family = addrWords(snat)
+	out.RealPort = htons(meta.NAT.RealPort)
+	return out, nil
 }
 
 // DeleteVIP removes a VIP; a missing VIP is not an error.
@@ -103,6 +134,7 @@ func (d *Dataplane) DeleteVIP(v VIP) error {
 	if err != nil {
 		return fmt.Errorf("read VIP %v: %w", v, err)
 	}
+	wasNAT := Mode(old.Mode) == ModeNAT
 	// Out of the by-id slots first: until vf_vips forgets it, a flow
 	// of the VIP still finds it there.
 	if err := d.clearVIPSlot(old.VipId, key); err != nil {
@@ -117,7 +149,14 @@ func (d *Dataplane) DeleteVIP(v VIP) error {
 	case !errors.Is(err, ebpf.ErrKeyNotExist):
 		return fmt.Errorf("delete VIP %v: %w", v, err)
 	}
-	if v.Port == 0 {
+	if wasNAT {
+		// Its flows stay in the nat tables until they expire: replies of
+		// flows still open are translated, new packets find no VIP.
+		if err := d.objs.VfNatVips.Put(old.VipId, &balancerVfNatVip{}); err != nil {
+			return fmt.Errorf("clear the nat target of VIP %v: %w", v, err)
+		}
+	}
+	if v.Port == 0 || wasNAT {
 		return d.refreshFlags()
 	}
 	return nil
@@ -131,7 +170,17 @@ func (d *Dataplane) VIPs() (map[VIP]VIPMeta, error) {
 	it := d.objs.VfVips.Iterate()
 	for it.Next(&key, &val) {
 		v := VIP{Addr: wordsAddr(key.Addr, key.Family), Port: ntohs(key.Port), Proto: Protocol(key.Proto)}
-		out[v] = VIPMeta{ID: val.VipId, Mode: Mode(val.Mode), SourceAffinity: val.Flags&1 != 0}
+		meta := VIPMeta{ID: val.VipId, Mode: Mode(val.Mode), SourceAffinity: val.Flags&1 != 0}
+		if meta.Mode == ModeNAT && d.objs.VfNatVips != nil {
+			var nat balancerVfNatVip
+			if err := d.objs.VfNatVips.Lookup(val.VipId, &nat); err != nil {
+				return nil, fmt.Errorf("read the nat target of VIP %v: %w", v, err)
+			}
+			if nat.Family != 0 {
+				meta.NAT = NATTarget{SNAT: wordsAddr(nat.SnatAddr, nat.Family), RealPort: ntohs(nat.RealPort)}
+			}
+		}
+		out[v] = meta
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("iterate VIPs: %w", err)
@@ -338,7 +387,14 @@ func (d *Dataplane) SetSettings(in Settings) error {
 		Hz:               d.clock.hz,
 		TcpTimeout:       d.clock.toJiffies(in.TCPIdleTimeoutNs),
 		UdpTimeout:       d.clock.toJiffies(in.UDPIdleTimeoutNs),
+		NatActive:        cur.NatActive,
+		NatPortMin:       in.NAT.PortMin,
+		NatPortMax:       in.NAT.PortMax,
 	}
+	if err := in.NAT.validate(); err != nil {
+		return err
+	}
+	next.NatClosingTimeout = d.clock.toJiffies(in.NAT.ClosingTimeoutNs)
 	if in.UseFIB {
 		next.UseFib = 1
 	}
@@ -383,6 +439,10 @@ func (d *Dataplane) Settings() (Settings, error) {
 		UDPIdleTimeoutNs: uint64(d.clock.toDuration(uint32(s.UdpTimeout))),
 		EventSampleEvery: s.EventSampleEvery,
 		NewFlowLimit:     NewFlowLimit{RatePerSecond: s.NewFlowRate, Burst: s.NewFlowBurst},
+		NAT: NATSettings{
+			PortMin: s.NatPortMin, PortMax: s.NatPortMax,
+			ClosingTimeoutNs: uint64(d.clock.toDuration(uint32(s.NatClosingTimeout))),
+		},
 	}
 	if s.GwMac != [6]uint8{} {
 		out.GatewayMAC = append([]byte(nil), s.GwMac[:]...)
@@ -454,12 +514,84 @@ func (d *Dataplane) refreshFlags() error {
 			s.Deny6Active = 1
 		}
 	}
-	for v := range vips {
+	snat := map[balancerVfNatAddrKey]bool{}
+	for v, meta := range vips {
 		if v.Port == 0 {
 			s.WildcardActive = 1
 		}
+		if meta.Mode == ModeNAT && meta.NAT.SNAT.IsValid() {
+			words, family := addrWords(meta.NAT.SNAT.Unmap())
+			snat[balancerVfNatAddrKey{Addr: words, Family: uint32(family)}] = true
+		}
+	}
+	kept, err := d.syncNATAddrs(snat)
+	if err != nil {
+		return err
+	}
+	// Replies of flows whose VIP went are still translated while their
+	// entries live, so the flag follows the addresses, not the VIPs.
+	if kept > 0 {
+		s.NatActive = 1
 	}
 	return d.writeSettings(s)
+}
+
+// syncNATAddrs makes vf_nat_addrs hold the SNAT addresses of the nat VIPs.
+// An address no VIP uses any more is kept while nat flows still use it, so
+// that a reload which drops a VIP does not cut its open connections.
+// It returns how many addresses the map holds afterwards.
+func (d *Dataplane) syncNATAddrs(want map[balancerVfNatAddrKey]bool) (int, error) {
+	var key balancerVfNatAddrKey
+	var one uint32
+	var unwanted []balancerVfNatAddrKey
+	it := d.objs.VfNatAddrs.Iterate()
+	for it.Next(&key, &one) {
+		if !want[key] {
+			unwanted = append(unwanted, key)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return 0, fmt.Errorf("iterate SNAT addresses: %w", err)
+	}
+	kept := len(want)
+	if len(unwanted) > 0 {
+		// Only then walk the reverse table, which may be large.
+		inUse, err := d.natAddrsInUse()
+		if err != nil {
+			return 0, err
+		}
+		for _, k := range unwanted {
+			if inUse[k] {
+				kept++
+				continue
+			}
+			if err := d.objs.VfNatAddrs.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return 0, fmt.Errorf("remove SNAT address %v: %w", wordsAddr(k.Addr, uint8(k.Family)), err)
+			}
+		}
+	}
+	for k := range want {
+		if err := d.objs.VfNatAddrs.Put(&k, uint32(1)); err != nil {
+			return 0, fmt.Errorf("add SNAT address %v (at most %d): %w",
+				wordsAddr(k.Addr, uint8(k.Family)), balancerVfSizeVF_NAT_MAX_ADDRS, err)
+		}
+	}
+	return kept, nil
+}
+
+// natAddrsInUse are the SNAT addresses some reverse nat entry names.
+func (d *Dataplane) natAddrsInUse() (map[balancerVfNatAddrKey]bool, error) {
+	out := map[balancerVfNatAddrKey]bool{}
+	var key balancerVfFlowKey
+	var val balancerVfNatEntry
+	it := d.objs.VfNatRev.Iterate()
+	for it.Next(&key, &val) {
+		out[balancerVfNatAddrKey{Addr: key.Dst, Family: uint32(key.Family)}] = true
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("iterate the nat reverse table: %w", err)
+	}
+	return out, nil
 }
 
 // DenyList returns every denied prefix.
@@ -584,6 +716,56 @@ func (d *Dataplane) Flows(limit int) ([]Flow, error) {
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("iterate IPv6 conntrack: %w", err)
+	}
+	return out, nil
+}
+
+// NATFlows returns up to limit live nat flows (limit <= 0: all), from the
+// forward table: one row per flow.
+func (d *Dataplane) NATFlows(limit int) ([]NATFlow, error) {
+	if d.objs.VfNatFwd == nil {
+		return nil, nil // pinned by an agent older than mode nat
+	}
+	now, err := d.clock.now()
+	if err != nil {
+		return nil, err
+	}
+	var out []NATFlow
+	var key balancerVfFlowKey
+	var val balancerVfNatEntry
+	it := d.objs.VfNatFwd.Iterate()
+	for (limit <= 0 || len(out) < limit) && it.Next(&key, &val) {
+		p := val.Peer
+		out = append(out, NATFlow{
+			Client: netip.AddrPortFrom(wordsAddr(key.Src, key.Family), ntohs(key.Sport)),
+			VIP:    netip.AddrPortFrom(wordsAddr(key.Dst, key.Family), ntohs(key.Dport)),
+			SNAT:   netip.AddrPortFrom(wordsAddr(p.Dst, p.Family), ntohs(p.Dport)),
+			Real:   netip.AddrPortFrom(wordsAddr(p.Src, p.Family), ntohs(p.Sport)),
+			Proto:  Protocol(key.Proto), RealID: val.RealId, VIPID: val.VipId,
+			Closing: val.Closing != 0, Idle: d.clock.toDuration(now - uint32(val.LastSeen)),
+		})
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("iterate the nat forward table: %w", err)
+	}
+	return out, nil
+}
+
+// NATStats counts the entries of the nat forward table (one per flow,
+// expired ones included until the LRU or a new flow reuses them).
+func (d *Dataplane) NATStats() (NATStats, error) {
+	if d.objs.VfNatFwd == nil {
+		return NATStats{}, nil
+	}
+	out := NATStats{Capacity: int(d.objs.VfNatFwd.MaxEntries())}
+	var key balancerVfFlowKey
+	var val balancerVfNatEntry
+	it := d.objs.VfNatFwd.Iterate()
+	for it.Next(&key, &val) {
+		out.Flows++
+	}
+	if err := it.Err(); err != nil {
+		return NATStats{}, fmt.Errorf("count nat flows: %w", err)
 	}
 	return out, nil
 }

@@ -44,6 +44,18 @@ func OpenPinned(pinPath string) (*Dataplane, error) {
 		}
 		*dst = m
 	}
+	// The nat tables, optional: an agent older than mode nat pinned none.
+	for name, dst := range map[string]**ebpf.Map{"vf_nat_fwd": &d.objs.VfNatFwd, "vf_nat_vips": &d.objs.VfNatVips} {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(pinPath, name), &ebpf.LoadPinOptions{ReadOnly: true})
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			d.objs.Close()
+			return nil, fmt.Errorf("open pinned map %s: %w", name, err)
+		}
+		*dst = m
+	}
 	d.opts.MaxVIPs = d.objs.VfVips.MaxEntries()
 	d.opts.MaxReals = d.objs.VfReals.MaxEntries()
 	d.opts.ConntrackSize = d.objs.VfCt4.MaxEntries()

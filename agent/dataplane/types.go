@@ -49,6 +49,10 @@ const (
 	ModeDSR Mode = Mode(balancerVfModeVF_MODE_DSR)
 	// ModeIPIP wraps the packet in an outer IPv4/IPv6 header toward the real.
 	ModeIPIP Mode = Mode(balancerVfModeVF_MODE_IPIP)
+	// ModeNAT rewrites the destination to the real's address and port and
+	// the source to an SNAT address of this node, and translates the
+	// real's replies back (bpf/include/vf_nat.h). The reals need no change.
+	ModeNAT Mode = Mode(balancerVfModeVF_MODE_NAT)
 )
 
 func (m Mode) String() string {
@@ -57,6 +61,8 @@ func (m Mode) String() string {
 		return "dsr"
 	case ModeIPIP:
 		return "ipip"
+	case ModeNAT:
+		return "nat"
 	}
 	return fmt.Sprintf("mode-%d", uint32(m))
 }
@@ -116,9 +122,19 @@ const (
 	// ReasonDropNewFlowRateLimited: the packet would have opened a flow
 	// beyond its source's new-flow budget (Settings.NewFlowLimit).
 	ReasonDropNewFlowRateLimited Reason = Reason(balancerVfReasonVF_R_DROP_NEW_FLOW_RATE_LIMITED)
-	ReasonTxDSR                  Reason = Reason(balancerVfReasonVF_R_TX_DSR)
-	ReasonTxIPIP                 Reason = Reason(balancerVfReasonVF_R_TX_IPIP)
-	numReasons                          = int(balancerVfReasonVF_R_MAX)
+	// ReasonDropNATNoPort: a new nat flow found no free SNAT port in the
+	// ports it tried (the range is exhausted toward that real).
+	ReasonDropNATNoPort Reason = Reason(balancerVfReasonVF_R_DROP_NAT_NO_PORT)
+	// ReasonDropNATUnconfigured: a nat VIP without its SNAT address, real
+	// port or port range, or a real of the other family.
+	ReasonDropNATUnconfigured Reason = Reason(balancerVfReasonVF_R_DROP_NAT_UNCONFIGURED)
+	ReasonTxDSR               Reason = Reason(balancerVfReasonVF_R_TX_DSR)
+	ReasonTxIPIP              Reason = Reason(balancerVfReasonVF_R_TX_IPIP)
+	// ReasonTxNAT: a client's packet translated toward its real.
+	ReasonTxNAT Reason = Reason(balancerVfReasonVF_R_TX_NAT)
+	// ReasonTxNATReply: a real's reply translated back toward its client.
+	ReasonTxNATReply Reason = Reason(balancerVfReasonVF_R_TX_NAT_REPLY)
+	numReasons              = int(balancerVfReasonVF_R_MAX)
 )
 
 // reasonNames are the counters' names, read once from the program's BTF:
@@ -216,6 +232,16 @@ type VIPMeta struct {
 	ID             uint32 // index of its ring and statistics; chosen by the agent
 	Mode           Mode
 	SourceAffinity bool // hash the client address only, not the 5-tuple
+	// NAT is the source translation of a ModeNAT VIP; zero otherwise.
+	NAT NATTarget
+}
+
+// NATTarget is what a nat VIP rewrites to besides the real's address: the
+// source address (one this node owns, so that replies return here) and the
+// port every real of the VIP listens on.
+type NATTarget struct {
+	SNAT     netip.Addr
+	RealPort uint16
 }
 
 // Real is a backend as the data path knows it.
@@ -236,6 +262,28 @@ type Settings struct {
 	UDPIdleTimeoutNs uint64
 	EventSampleEvery uint32 // one event per N drops of a reason per CPU; 0 or 1 = all
 	NewFlowLimit     NewFlowLimit
+	NAT              NATSettings
+}
+
+// NATSettings are the knobs of mode nat shared by every nat VIP.
+type NATSettings struct {
+	// PortMin and PortMax bound the SNAT source ports; both 0 when no
+	// VIP is nat. Keep them out of the kernel's ip_local_port_range, or
+	// the node's own connections from an SNAT address may collide.
+	PortMin, PortMax uint16
+	// ClosingTimeoutNs is how long a nat flow lives after a TCP FIN or
+	// RST; the idle timeouts above apply otherwise.
+	ClosingTimeoutNs uint64
+}
+
+func (n NATSettings) validate() error {
+	switch {
+	case n.PortMin == 0 && n.PortMax == 0:
+		return nil
+	case n.PortMin == 0 || n.PortMax < n.PortMin:
+		return fmt.Errorf("nat port range %d-%d: want 1 <= min <= max", n.PortMin, n.PortMax)
+	}
+	return nil
 }
 
 // NewFlowLimit bounds how fast one source (an IPv4 address, an IPv6 /64) may
@@ -293,6 +341,23 @@ type Flow struct {
 	Proto            Protocol
 	RealID, VIPID    uint32
 	Idle             time.Duration // since the entry was last refreshed (to within VF_CT_TOUCH_JIFFIES)
+}
+
+// NATFlow is one nat flow: the client's tuple toward the VIP and the
+// tuple it was translated to (SNAT address and port toward the real).
+type NATFlow struct {
+	Client, VIP   netip.AddrPort
+	SNAT, Real    netip.AddrPort
+	Proto         Protocol
+	RealID, VIPID uint32
+	Closing       bool          // a TCP FIN or RST went through
+	Idle          time.Duration // since the client side was last seen
+}
+
+// NATStats describe the nat tables.
+type NATStats struct {
+	Flows    int // live flows in the forward table
+	Capacity int // flows each table can hold
 }
 
 // Event is a sampled drop from the ring buffer.

@@ -28,6 +28,8 @@ enum vf_size {
 	VF_DECAP_MAX_LOCAL = 64,
 	VF_MAX_IFACES = 256, /* slots of vf_iface_slots, and entries of its overflow vf_ifaces */
 	VF_VIP_FILTER_SLOTS = 65536,
+	VF_NAT_MAX_ADDRS = 64,        /* SNAT addresses, both families */
+	VF_DEFAULT_NAT_SIZE = 262144, /* NAT flows, per table */
 };
 
 /* vf_vip_filter is indexed by the top VF_VIP_FILTER_BITS bits of a
@@ -54,6 +56,7 @@ enum vf_mode {
 	VF_MODE_INVALID = 0,
 	VF_MODE_DSR = 1,
 	VF_MODE_IPIP = 2,
+	VF_MODE_NAT = 3, /* full NAT: destination to the real, source to our SNAT address */
 };
 
 /* Per-VIP behaviour bits in vf_vip_meta.flags. */
@@ -104,11 +107,15 @@ enum vf_reason {
 	VF_R_DROP_MARTIAN_MULTICAST,     /* VIP packet from 224.0.0.0/4 or ff00::/8 */
 	VF_R_DROP_MARTIAN_LOOPBACK,      /* VIP packet from 127.0.0.0/8 or ::1 */
 	VF_R_DROP_NEW_FLOW_RATE_LIMITED, /* the source spent its new-flow budget */
-	VF_R_DROP_LAST = VF_R_DROP_NEW_FLOW_RATE_LIMITED,
+	VF_R_DROP_NAT_NO_PORT,           /* nat: every SNAT port tried was taken */
+	VF_R_DROP_NAT_UNCONFIGURED,      /* nat VIP without an SNAT address or port range */
+	VF_R_DROP_LAST = VF_R_DROP_NAT_UNCONFIGURED,
 	VF_R_TX_DSR, /* forwarded by MAC rewrite */
 	VF_R_TX_FIRST = VF_R_TX_DSR,
-	VF_R_TX_IPIP, /* forwarded inside an IPIP/IP6IP6 header */
-	VF_R_TX_LAST = VF_R_TX_IPIP,
+	VF_R_TX_IPIP,      /* forwarded inside an IPIP/IP6IP6 header */
+	VF_R_TX_NAT,       /* nat: client to real, addresses and ports rewritten */
+	VF_R_TX_NAT_REPLY, /* nat: real's reply to the SNAT address, sent back to the client */
+	VF_R_TX_LAST = VF_R_TX_NAT_REPLY,
 	VF_R_MAX,
 };
 
@@ -212,6 +219,14 @@ struct vf_settings {
 	__u64 new_flow_burst_ns;
 	__u32 new_flow_rate;  /* rate and burst as configured, read back by the agent; */
 	__u32 new_flow_burst; /* the program only reads the two derived fields */
+	/* nat (vf_nat.h): SNAT source ports come from [nat_port_min,
+	 * nat_port_max], host order. nat_active says that some VIP is nat, so
+	 * that a packet to no VIP looks for an SNAT address only then. */
+	__u16 nat_port_min;
+	__u16 nat_port_max;
+	__u8 nat_active;
+	__u8 nat_pad[3];
+	__u64 nat_closing_timeout; /* jiffies: a NAT entry after a TCP FIN or RST */
 };
 
 /* The settings map is named vf_settings like its value's struct; bpf2go's
@@ -267,6 +282,42 @@ struct vf_event {
 	__u8 proto;
 	__u8 family;
 	__u16 pad;
+};
+
+/* A nat VIP's source translation (vf_nat_vips, by vip id): the SNAT
+ * address this node owns and the port of the reals. */
+struct vf_nat_vip {
+	__u32 snat_addr[4];
+	__u16 real_port; /* network order */
+	__u8 family;     /* 0: the VIP has no NAT configuration */
+	__u8 pad;
+};
+
+/* An SNAT address of this node (vf_nat_addrs): a packet to no VIP is
+ * reverse-translated only when addressed to one of these. */
+struct vf_nat_addr_key {
+	__u32 addr[4];
+	__u32 family;
+};
+
+/*
+ * One direction of a NAT flow. The forward table (vf_nat_fwd) is keyed by
+ * the client's tuple as it reaches the VIP, the reverse table (vf_nat_rev)
+ * by the real's reply as it reaches the SNAT address; each entry carries the
+ * other's key in peer, which is also what the packet is rewritten to:
+ *   forward: key client:cport -> VIP:vport, peer real:rport -> snat:sport;
+ *            sent as snat:sport -> real:rport (peer reversed).
+ *   reverse: key real:rport -> snat:sport,  peer client:cport -> VIP:vport;
+ *            sent as VIP:vport -> client:cport (peer reversed).
+ * So both directions are one lookup.
+ */
+struct vf_nat_entry {
+	struct vf_flow_key peer;
+	__u64 last_seen; /* jiffies */
+	__u32 real_id;
+	__u32 vip_id;
+	__u8 closing; /* a TCP FIN or RST went through: nat_closing_timeout applies */
+	__u8 pad[7];
 };
 
 #endif /* VF_TYPES_H */

@@ -26,7 +26,59 @@ func standardVIPs() map[VIP]fuzzVIP {
 		{a(vip6), 443, ProtoTCP}:        {ModeDSR, true},
 		{a(vip6), 53, ProtoUDP}:         {ModeIPIP, true},
 		{a("10.100.0.3"), 80, ProtoTCP}: {ModeDSR, false},
+		{a(vip4), natVIPPort, ProtoTCP}: {ModeNAT, true},
+		{a(vip6), natVIPPort, ProtoUDP}: {ModeNAT, true},
 	}
+}
+
+// The fuzz target's nat VIPs have a single SNAT port, so that a seed can be
+// a reply to the flow that holds it.
+const fuzzNATPort = natPortMin
+
+// fuzzNAT adds nat VIPs to the standard harness and opens one flow on each,
+// which holds the only SNAT port.
+func fuzzNAT(f *testing.F, h *harness) {
+	h.must(h.dp.SetSettings(Settings{
+		GatewayMAC: gwMAC, EncapSource4: encapSrc4, EncapSource6: encapSrc6,
+		TCPIdleTimeoutNs: 300e9, UDPIdleTimeoutNs: 30e9,
+		NAT: NATSettings{PortMin: fuzzNATPort, PortMax: fuzzNATPort, ClosingTimeoutNs: 10e9},
+	}))
+	h.vip(vip4, natVIPPort, ProtoTCP, VIPMeta{ID: 8, Mode: ModeNAT,
+		NAT: NATTarget{SNAT: netip.MustParseAddr(snat4), RealPort: realPort}}, 1)
+	h.vip(vip6, natVIPPort, ProtoUDP, VIPMeta{ID: 9, Mode: ModeNAT,
+		NAT: NATTarget{SNAT: netip.MustParseAddr(snat6), RealPort: realPort}}, 3)
+	for _, p := range []pkt{
+		{src: client4, dst: vip4, sport: 40100, dport: natVIPPort, proto: layers.IPProtocolTCP, tcpFlags: "S"},
+		{src: client6, dst: vip6, sport: 40101, dport: natVIPPort, proto: layers.IPProtocolUDP},
+	} {
+		if v, _ := h.run(p.frame(f)); v != VerdictTx {
+			f.Fatalf("opening the fuzz target's nat flow %v: verdict %v", p, v)
+		}
+	}
+}
+
+// isSNAT says whether a destination is one of the fuzz target's SNAT
+// addresses: a frame to it may be a nat reply.
+func isSNAT(a netip.Addr) bool {
+	return a == netip.MustParseAddr(snat4) || a == netip.MustParseAddr(snat6)
+}
+
+// natRewritten holds what a nat translation may change: the IP addresses,
+// the ports, the checksums; for an ICMP error the same in the quoted
+// packet. Everything else of the packet, its length first, stays.
+func natRewritten(in, out []byte, l2 int) bool {
+	if len(in) != len(out) {
+		return false
+	}
+	diff := 0
+	for i := l2; i < len(in); i++ {
+		if in[i] != out[i] {
+			diff++
+		}
+	}
+	// Two addresses and two ports of the packet and of a quote, and three
+	// checksums: at most 2*16 + 2*16 + 4*2 + 3*2 bytes.
+	return diff <= 2*16+2*16+4*2+3*2
 }
 
 func lookupFuzzVIP(vips map[VIP]fuzzVIP, v VIP) (fuzzVIP, bool) {
@@ -161,10 +213,13 @@ func totalPackets(h *harness) uint64 {
 //     leaves with the interface's MAC as its source;
 //   - the output length is the input's for dsr, +20 (IPv4) or +40 (IPv6) for ipip,
 //     and the forwarded packet itself is carried unchanged;
+//   - nat (both directions, a reply being a frame to an SNAT address) keeps the
+//     length and changes at most the addresses, ports and checksums;
 //   - pass and drop leave the frame untouched;
 //   - each frame moves the counters by exactly one packet.
 func FuzzBalancer(f *testing.F) {
 	h := standardHarness(f)
+	fuzzNAT(f, h)
 	vips := standardVIPs()
 	tcp, udp := layers.IPProtocolTCP, layers.IPProtocolUDP
 	seeds := []pkt{
@@ -185,6 +240,14 @@ func FuzzBalancer(f *testing.F) {
 	}
 	f.Add(icmpFragNeeded(f, vip4, client4, 80, 40000, tcp))
 	f.Add(icmpFragNeeded(f, vip6, client6, 443, 40004, tcp))
+	// nat: a client packet, a real's reply to the SNAT port, ICMP errors
+	// quoting the flow in both directions.
+	f.Add(pkt{src: client4, dst: vip4, sport: 40100, dport: natVIPPort, proto: tcp, tcpFlags: "A", payload: []byte("x")}.frame(f))
+	f.Add(pkt{src: real4a, dst: snat4, sport: realPort, dport: fuzzNATPort, proto: tcp, tcpFlags: "SA"}.frame(f))
+	f.Add(pkt{src: real6a, dst: snat6, sport: realPort, dport: fuzzNATPort, proto: udp, payload: []byte("r")}.frame(f))
+	f.Add(icmpFragNeeded(f, vip4, client4, natVIPPort, 40100, tcp))
+	f.Add(icmpFragNeeded(f, snat4, real4a, fuzzNATPort, realPort, tcp))
+	f.Add(icmpFragNeeded(f, snat6, real6a, fuzzNATPort, realPort, udp))
 
 	f.Fuzz(func(t *testing.T, in []byte) {
 		if len(in) < 14 || len(in) > 4096 {
@@ -211,6 +274,16 @@ func FuzzBalancer(f *testing.F) {
 		if !ok {
 			t.Fatalf("transmitted a frame that does not decode as TCP/UDP or an ICMP error:\n%x", in)
 		}
+		if isSNAT(v.Addr) {
+			// A nat reply: only to our MAC, from our MAC, translated in place.
+			if !bytes.Equal(in[0:6], lbMAC) || !bytes.Equal(out[6:12], lbMAC) {
+				t.Fatalf("nat reply between %x and %x, not through the interface's %s", in[0:6], out[6:12], lbMAC)
+			}
+			if !natRewritten(in, out, l2) {
+				t.Fatalf("nat reply changed beyond addresses, ports and checksums:\n in  %x\n out %x", in, out)
+			}
+			return
+		}
 		target, ok := lookupFuzzVIP(vips, v)
 		if !ok || !target.hasReal {
 			t.Fatalf("transmitted a frame for %v, which is not a VIP with a live real:\n%x", v, in)
@@ -223,6 +296,12 @@ func FuzzBalancer(f *testing.F) {
 		}
 		if src, ok := outerSource(in, l2); !ok || martian(src.Unmap(), v.Addr) {
 			t.Fatalf("transmitted a frame from the martian source %v:\n%x", src, in)
+		}
+		if target.mode == ModeNAT {
+			if !natRewritten(in, out, l2) {
+				t.Fatalf("nat changed beyond addresses, ports and checksums:\n in  %x\n out %x", in, out)
+			}
+			return
 		}
 		grow := 0
 		if target.mode == ModeIPIP {

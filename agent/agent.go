@@ -128,6 +128,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		RingSize:      uint32(cfg.Dataplane.RingSize),
 		ConntrackSize: uint32(cfg.Dataplane.ConntrackSize),
 		NewFlowTable:  uint32(cfg.Dataplane.NewFlowLimit.TableSize),
+		NATTableSize:  uint32(cfg.Dataplane.NAT.TableSize),
 	})
 	if err != nil {
 		return err
@@ -364,7 +365,12 @@ func (a *Agent) applyHealthTargets(cfg *config.Config) error {
 func (a *Agent) desired() reconcile.Desired {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return reconcile.Desired{Config: a.cfg, Healthy: a.checker.Healthy, Drained: maps.Clone(a.drained)}
+	d := reconcile.Desired{Config: a.cfg, Healthy: a.checker.Healthy, Drained: maps.Clone(a.drained)}
+	if ifaces := a.cfg.Dataplane.Interfaces; len(ifaces) > 0 {
+		first := ifaces[0]
+		d.InterfaceAddress = func(v4 bool) (netip.Addr, error) { return primaryAddress(first, v4) }
+	}
+	return d
 }
 
 // reconcileNow writes the difference between the desired state and the
@@ -486,6 +492,10 @@ func settingsFrom(cfg *config.Config) dataplane.Settings {
 		TCPIdleTimeoutNs: uint64(d.TCPIdleTimeout.Std()),
 		UDPIdleTimeoutNs: uint64(d.UDPIdleTimeout.Std()),
 		EventSampleEvery: eventSampleEvery,
+		NAT: dataplane.NATSettings{
+			PortMin: uint16(d.NAT.PortMin), PortMax: uint16(d.NAT.PortMax),
+			ClosingTimeoutNs: uint64(d.NAT.ClosingTimeout.Std()),
+		},
 	}
 	if l := d.NewFlowLimit; l.RatePerSecond > 0 {
 		s.NewFlowLimit = dataplane.NewFlowLimit{RatePerSecond: uint32(l.RatePerSecond), Burst: uint32(l.Burst)}

@@ -50,25 +50,32 @@ const (
 	defaultTCPIdleTimeout = 300 * time.Second
 	defaultUDPIdleTimeout = 30 * time.Second
 	defaultNewFlowTable   = 65536
-	defaultAPIListen      = ":9090"
-	defaultTokenFile      = "/var/lib/veloflux/api.token"
-	defaultMetricsListen  = ":8080"
-	defaultHTTPListen     = ":80"
-	defaultHTTPSListen    = ":443"
-	defaultAlgorithm      = AlgorithmRoundRobin
-	defaultWeight         = 1
-	defaultCheckType      = HealthCheckTCP
-	defaultCheckPath      = "/"
-	defaultCheckStatus    = 200
-	defaultCheckInterval  = 2 * time.Second
-	defaultCheckTimeout   = 1 * time.Second
-	defaultCheckRise      = 2
-	defaultCheckFall      = 3
-	defaultVIPMode        = VIPModeDSR
-	defaultPathPrefix     = "/"
-	defaultBGPHoldTime    = 3 * time.Second
-	defaultBGPKeepalive   = 1 * time.Second
-	defaultBGPRestartTime = 120 * time.Second
+	// The SNAT ports of mode nat: below Linux's default ephemeral range
+	// (32768-60999), so that the node's own connections from an SNAT
+	// address do not take the same ports.
+	defaultNATPortMin        = 16384
+	defaultNATPortMax        = 32767
+	defaultNATClosingTimeout = 10 * time.Second
+	defaultNATTableSize      = 262144
+	defaultAPIListen         = ":9090"
+	defaultTokenFile         = "/var/lib/veloflux/api.token"
+	defaultMetricsListen     = ":8080"
+	defaultHTTPListen        = ":80"
+	defaultHTTPSListen       = ":443"
+	defaultAlgorithm         = AlgorithmRoundRobin
+	defaultWeight            = 1
+	defaultCheckType         = HealthCheckTCP
+	defaultCheckPath         = "/"
+	defaultCheckStatus       = 200
+	defaultCheckInterval     = 2 * time.Second
+	defaultCheckTimeout      = 1 * time.Second
+	defaultCheckRise         = 2
+	defaultCheckFall         = 3
+	defaultVIPMode           = VIPModeDSR
+	defaultPathPrefix        = "/"
+	defaultBGPHoldTime       = 3 * time.Second
+	defaultBGPKeepalive      = 1 * time.Second
+	defaultBGPRestartTime    = 120 * time.Second
 )
 
 // Config is the complete agent configuration.
@@ -140,6 +147,23 @@ type DataplaneConfig struct {
 	// NewFlowLimit bounds how fast one source may open flows through the
 	// XDP balancer; off while its rate is 0.
 	NewFlowLimit NewFlowLimit `yaml:"new_flow_limit"`
+	// NAT tunes mode nat, shared by every nat VIP.
+	NAT NATConfig `yaml:"nat"`
+}
+
+// NATConfig tunes the source translation of nat VIPs. Their flows use the
+// idle timeouts above; a TCP FIN or RST shortens them to ClosingTimeout.
+type NATConfig struct {
+	// PortMin and PortMax bound the SNAT source ports. Keep the range out
+	// of the kernel's net.ipv4.ip_local_port_range: the node's own
+	// connections from an SNAT address would otherwise compete for it.
+	PortMin int `yaml:"port_min"`
+	PortMax int `yaml:"port_max"`
+	// ClosingTimeout is how long a nat flow lives after a FIN or RST.
+	ClosingTimeout Duration `yaml:"closing_timeout"`
+	// TableSize is how many nat flows each direction's table holds;
+	// changing it needs `veloflux detach` and a restart.
+	TableSize int `yaml:"table_size"`
 }
 
 // NewFlowLimit is a per-source token bucket for new flows in the XDP data
@@ -355,6 +379,10 @@ const (
 	// VIPModeIPIP encapsulates the packet in an outer IP header addressed
 	// to the backend.
 	VIPModeIPIP VIPMode = "ipip"
+	// VIPModeNAT rewrites destination (to the backend's address and port)
+	// and source (to an SNAT address of this node) and translates the
+	// replies back: backends need no change at all.
+	VIPModeNAT VIPMode = "nat"
 )
 
 // VIP is a virtual service handled by the XDP dataplane.
@@ -366,6 +394,11 @@ type VIP struct {
 	Mode           VIPMode  `yaml:"mode"`
 	Pool           string   `yaml:"pool"`
 	SourceAffinity bool     `yaml:"source_affinity"`
+	// SNATAddress is the source address of a nat VIP's packets toward its
+	// backends, one this node owns (each node of a cluster its own). Empty
+	// means the primary address of the VIP's family on the first
+	// dataplane interface.
+	SNATAddress string `yaml:"snat_address,omitempty"`
 }
 
 // Route maps HTTP requests to a pool in the L7 proxy.
@@ -504,6 +537,10 @@ func staticDefaults() *Config {
 			TCPIdleTimeout: Duration(defaultTCPIdleTimeout),
 			UDPIdleTimeout: Duration(defaultUDPIdleTimeout),
 			NewFlowLimit:   NewFlowLimit{TableSize: defaultNewFlowTable},
+			NAT: NATConfig{
+				PortMin: defaultNATPortMin, PortMax: defaultNATPortMax,
+				ClosingTimeout: Duration(defaultNATClosingTimeout), TableSize: defaultNATTableSize,
+			},
 		},
 		API: APIConfig{
 			Listen:    defaultAPIListen,

@@ -61,6 +61,7 @@ func TestParseMinimalAppliesDefaults(t *testing.T) {
 			TCPIdleTimeout: Duration(300 * time.Second),
 			UDPIdleTimeout: Duration(30 * time.Second),
 			NewFlowLimit:   NewFlowLimit{TableSize: 65536},
+			NAT:            NATConfig{PortMin: 16384, PortMax: 32767, ClosingTimeout: Duration(10 * time.Second), TableSize: 262144},
 		},
 		API:     APIConfig{Listen: ":9090", TokenFile: "/var/lib/veloflux/api.token"},
 		Metrics: MetricsConfig{Listen: ":8080"},

@@ -115,6 +115,9 @@ func RestartOnlyChanges(cur, next *Config) error {
 		errs = append(errs, fmt.Errorf("dataplane.conntrack_size: changing %d to %d needs `veloflux detach` and a restart",
 			cur.Dataplane.ConntrackSize, next.Dataplane.ConntrackSize))
 	}
+	if cur, next := cur.Dataplane.NAT.TableSize, next.Dataplane.NAT.TableSize; cur != next {
+		errs = append(errs, fmt.Errorf("dataplane.nat.table_size: changing %d to %d needs `veloflux detach` and a restart", cur, next))
+	}
 	// Not pinned, so a restart is enough: the new agent loads a new table.
 	if cur, next := cur.Dataplane.NewFlowLimit.TableSize, next.Dataplane.NewFlowLimit.TableSize; cur != next {
 		errs = append(errs, fmt.Errorf("dataplane.new_flow_limit.table_size: changing %d to %d needs a restart", cur, next))

@@ -28,7 +28,13 @@ const (
 	maxNewFlowBurst = 1_000_000
 	minNewFlowTable = 1024
 	maxNewFlowTable = 1 << 24
+	minNATTableSize = 1024
+	maxNATTableSize = 1 << 24
 )
+
+// SNATAddressCapacity is how many distinct SNAT addresses the data plane
+// recognises (VF_NAT_MAX_ADDRS of bpf/include/vf_types.h).
+const SNATAddressCapacity = 64
 
 // Validate checks the semantic rules of the configuration (ranges,
 // references between sections, address families, uniqueness). It does not
@@ -146,6 +152,24 @@ func (c *Config) validateDataplane(v *collector) {
 		v.add(p+".udp_idle_timeout", "must be positive, got %s", dp.UDPIdleTimeout)
 	}
 	validateNewFlowLimit(v, p+".new_flow_limit", &dp.NewFlowLimit)
+	validateNAT(v, p+".nat", &dp.NAT)
+}
+
+func validateNAT(v *collector, p string, n *NATConfig) {
+	if n.PortMin < 1 || n.PortMin > 65535 {
+		v.add(p+".port_min", "must be between 1 and 65535, got %d", n.PortMin)
+	}
+	if n.PortMax < 1 || n.PortMax > 65535 {
+		v.add(p+".port_max", "must be between 1 and 65535, got %d", n.PortMax)
+	} else if n.PortMax < n.PortMin {
+		v.add(p+".port_max", "must not be below port_min (%d), got %d", n.PortMin, n.PortMax)
+	}
+	if n.ClosingTimeout <= 0 {
+		v.add(p+".closing_timeout", "must be positive, got %s", n.ClosingTimeout)
+	}
+	if n.TableSize < minNATTableSize || n.TableSize > maxNATTableSize {
+		v.add(p+".table_size", "must be between %d and %d, got %d", minNATTableSize, maxNATTableSize, n.TableSize)
+	}
 }
 
 func validateNewFlowLimit(v *collector, p string, l *NewFlowLimit) {
@@ -477,7 +501,10 @@ func (c *Config) validateVIPs(v *collector, pools poolIndex) {
 		} else {
 			checkEnum(v, vp+".protocol", vip.Protocol, ProtocolTCP, ProtocolUDP)
 		}
-		checkEnum(v, vp+".mode", vip.Mode, VIPModeDSR, VIPModeIPIP)
+		checkEnum(v, vp+".mode", vip.Mode, VIPModeDSR, VIPModeIPIP, VIPModeNAT)
+		if vip.SNATAddress != "" && vip.Mode != VIPModeNAT {
+			v.add(vp+".snat_address", "only valid for mode nat (mode is %q)", vip.Mode)
+		}
 
 		if addr.IsValid() && portOK && vip.Protocol != "" {
 			k := vipKey{addr, vip.Port, vip.Protocol}
@@ -496,6 +523,14 @@ func (c *Config) validateVIPs(v *collector, pools poolIndex) {
 			v.add(vp+".pool", "unknown pool %q", vip.Pool)
 		}
 
+		if vip.Mode == VIPModeNAT && addr.IsValid() {
+			var pool *Pool
+			if poolOK {
+				pool = &c.Pools[pi]
+			}
+			validateNATVIP(v, vp, addr, vip, pool, pi)
+			continue
+		}
 		if vip.Mode != VIPModeIPIP || !addr.IsValid() {
 			continue
 		}
@@ -526,6 +561,41 @@ func (c *Config) validateVIPs(v *collector, pools poolIndex) {
 	}
 	if needV6 >= 0 && dp.EncapSourceV6 == "" {
 		v.add("dataplane.encap_source_v6", "required because vips[%d] uses ipip mode with an IPv6 address", needV6)
+	}
+}
+
+// validateNATVIP checks what the data path needs to translate a nat VIP:
+// a port of its own, an SNAT address of its family, and backends of its
+// family that all listen on one port (the translation carries one real
+// port per VIP).
+func validateNATVIP(v *collector, vp string, addr netip.Addr, vip VIP, pool *Pool, pi int) {
+	if vip.Port == 0 {
+		v.add(vp+".port", "mode nat needs a port: it rewrites the destination to the backends' port")
+	}
+	if vip.SNATAddress != "" {
+		if a, msg := checkUnicastIP(vip.SNATAddress); msg != "" {
+			v.add(vp+".snat_address", "%s", msg)
+		} else if a.Is4() != addr.Is4() {
+			v.add(vp+".snat_address", "VIP %s is %s but snat_address %s is %s (no NAT46/64)", addr, family(addr), a, family(a))
+		}
+	}
+	if pool == nil {
+		return
+	}
+	port := 0
+	for j, b := range pool.Backends {
+		ba, err := netip.ParseAddr(b.Address)
+		if err == nil && ba.Is4() != addr.Is4() {
+			v.add(vp+".pool", "nat VIP %s is %s but pools[%d].backends[%d] (%s) is %s; all backends of a nat VIP must share its address family",
+				addr, family(addr), pi, j, b.Address, family(ba))
+		}
+		if port == 0 {
+			port = b.Port
+		} else if b.Port != port {
+			v.add(vp+".pool", "nat VIP %s rewrites to one backend port, but pools[%d] has backends on ports %d and %d",
+				addr, pi, port, b.Port)
+			return
+		}
 	}
 }
 
@@ -737,5 +807,16 @@ func (c *Config) validateCapacity(v *collector) {
 	}
 	if n := len(addrs); n > RealCapacity {
 		v.add("pools", "%d distinct backend addresses configured; the data plane holds at most %d reals", n, RealCapacity)
+	}
+	snat := map[string]bool{}
+	for _, vip := range c.VIPs {
+		if vip.Mode == VIPModeNAT && vip.SNATAddress != "" {
+			snat[vip.SNATAddress] = true
+		}
+	}
+	// Plus at most one interface address per family for the VIPs that name none.
+	if n := len(snat); n > SNATAddressCapacity-2 {
+		v.add("vips", "%d distinct snat_address values configured; the data plane holds at most %d (two kept for the interface's own)",
+			n, SNATAddressCapacity-2)
 	}
 }

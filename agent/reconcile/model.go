@@ -35,6 +35,7 @@ type vipModel struct {
 	mode     dataplane.Mode
 	affinity bool
 	pool     string
+	nat      dataplane.NATTarget // mode nat only
 }
 
 // realModel aggregates every pool entry naming one address, because the data
@@ -140,6 +141,11 @@ func buildModel(d Desired) (*model, error) {
 				m.reals[e.addr].dsr = true
 			}
 		}
+		if vm.mode == dataplane.ModeNAT {
+			if vm.nat, err = natTarget(d, c, v, vm.vip); err != nil {
+				return nil, fmt.Errorf("reconcile: vips[%d]: %w", i, err)
+			}
+		}
 		m.vips = append(m.vips, vm)
 	}
 
@@ -185,8 +191,39 @@ func convertVIP(v config.VIP) (vipModel, error) {
 		vm.mode = dataplane.ModeDSR
 	case config.VIPModeIPIP:
 		vm.mode = dataplane.ModeIPIP
+	case config.VIPModeNAT:
+		vm.mode = dataplane.ModeNAT
 	default:
 		return vipModel{}, fmt.Errorf("mode: unknown mode %q", v.Mode)
 	}
 	return vm, nil
+}
+
+// natTarget is what a nat VIP translates to besides the real: its SNAT
+// address (configured, or the interface's) and its backends' port, which
+// validation made one per pool; a VIP whose pool is empty keeps its own.
+func natTarget(d Desired, c *config.Config, v config.VIP, vip dataplane.VIP) (dataplane.NATTarget, error) {
+	t := dataplane.NATTarget{RealPort: vip.Port}
+	for _, p := range c.Pools {
+		if p.Name == v.Pool && len(p.Backends) > 0 {
+			t.RealPort = uint16(p.Backends[0].Port)
+		}
+	}
+	if v.SNATAddress != "" {
+		a, err := config.ParseAddr(v.SNATAddress)
+		if err != nil {
+			return t, fmt.Errorf("snat_address: %w", err)
+		}
+		t.SNAT = a
+		return t, nil
+	}
+	if d.InterfaceAddress == nil {
+		return t, fmt.Errorf("mode nat without snat_address, and no interface address to use instead")
+	}
+	a, err := d.InterfaceAddress(vip.Addr.Is4())
+	if err != nil {
+		return t, fmt.Errorf("snat_address: none configured and %w", err)
+	}
+	t.SNAT = a
+	return t, nil
 }

@@ -50,7 +50,7 @@ type vipPlan struct {
 }
 
 func (vp *vipPlan) meta() dataplane.VIPMeta {
-	return dataplane.VIPMeta{ID: vp.id, Mode: vp.mode, SourceAffinity: vp.affinity}
+	return dataplane.VIPMeta{ID: vp.id, Mode: vp.mode, SourceAffinity: vp.affinity, NAT: vp.nat}
 }
 
 // ringPlan is the ring of one pool, shared by every VIP on the pool.

@@ -109,6 +109,10 @@ type Desired struct {
 	// Drained holds the config.Backend.Keys of backends that take no new flows but
 	// keep their existing ones.
 	Drained map[string]bool
+	// InterfaceAddress gives the primary address of a family (IPv4 when v4)
+	// on the balancer's interface: the SNAT address of a nat VIP that
+	// names none. Nil when the caller has none to offer.
+	InterfaceAddress func(v4 bool) (netip.Addr, error)
 }
 
 // Result summarizes one reconcile.

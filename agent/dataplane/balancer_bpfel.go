@@ -282,7 +282,6 @@ const (
 	balancerMapVfIfaceSlots   = "vf_iface_slots"
 	balancerMapVfIfaces       = "vf_ifaces"
 	balancerMapVfNatAddrs     = "vf_nat_addrs"
-	balancerMapVfNatCursor    = "vf_nat_cursor"
 	balancerMapVfNatFwd       = "vf_nat_fwd"
 	balancerMapVfNatRev       = "vf_nat_rev"
 	balancerMapVfNatVips      = "vf_nat_vips"
@@ -359,7 +358,6 @@ type balancerMapSpecs struct {
 	VfIfaceSlots *ebpf.MapSpec `ebpf:"vf_iface_slots"`
 	VfIfaces     *ebpf.MapSpec `ebpf:"vf_ifaces"`
 	VfNatAddrs   *ebpf.MapSpec `ebpf:"vf_nat_addrs"`
-	VfNatCursor  *ebpf.MapSpec `ebpf:"vf_nat_cursor"`
 	VfNatFwd     *ebpf.MapSpec `ebpf:"vf_nat_fwd"`
 	VfNatRev     *ebpf.MapSpec `ebpf:"vf_nat_rev"`
 	VfNatVips    *ebpf.MapSpec `ebpf:"vf_nat_vips"`
@@ -412,7 +410,6 @@ type balancerMaps struct {
 	VfIfaceSlots *ebpf.Map `ebpf:"vf_iface_slots"`
 	VfIfaces     *ebpf.Map `ebpf:"vf_ifaces"`
 	VfNatAddrs   *ebpf.Map `ebpf:"vf_nat_addrs"`
-	VfNatCursor  *ebpf.Map `ebpf:"vf_nat_cursor"`
 	VfNatFwd     *ebpf.Map `ebpf:"vf_nat_fwd"`
 	VfNatRev     *ebpf.Map `ebpf:"vf_nat_rev"`
 	VfNatVips    *ebpf.Map `ebpf:"vf_nat_vips"`
@@ -438,7 +435,6 @@ func (m *balancerMaps) Close() error {
 		m.VfIfaceSlots,
 		m.VfIfaces,
 		m.VfNatAddrs,
-		m.VfNatCursor,
 		m.VfNatFwd,
 		m.VfNatRev,
 		m.VfNatVips,

@@ -71,15 +71,6 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } vf_nat_rev SEC(".maps");
 
-/* Where each CPU goes on looking for a free SNAT port: CPUs start at random
- * places of the range, so they seldom try the same port at once. */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u32);
-} vf_nat_cursor SEC(".maps");
-
 /* --- incremental checksums (RFC 1624: HC' = ~(~HC + ~m + m')) --- */
 
 /* Adds the change of a 32-bit word to an accumulator. The halves are 16-bit
@@ -193,24 +184,22 @@ static __always_inline void vf_nat_forget_reverse(const struct vf_nat_entry *fwd
 
 /*
  * Claim an SNAT port for a new flow: rkey is the reply tuple with dport to
- * be chosen. A port is free when no reverse entry has it, or when the flow
- * holding it is dead in both directions (its forward entry then goes too).
- * BPF_NOEXIST makes two CPUs racing for one port see each other.
+ * be chosen. Allocation is per CPU without shared state: each try starts
+ * from a draw of the kernel's per-CPU generator and probes the next
+ * VF_NAT_PORT_TRIES ports, so CPUs do not walk into each other's recent
+ * ports as shared or per-CPU cursors would, a range smaller than the tries
+ * is searched whole, and a full range costs a bounded number of lookups.
+ * A port is free when no reverse entry has it, or when the flow holding it
+ * is dead in both directions (its forward entry then goes too). BPF_NOEXIST
+ * makes two CPUs racing for one port see each other.
  */
 static __always_inline int vf_nat_claim_port(const struct vf_settings *cfg,
 					     struct vf_flow_key *rkey,
 					     const struct vf_nat_entry *rval, __u64 now)
 {
 	__u32 span = (__u32)cfg->nat_port_max - cfg->nat_port_min + 1;
-	__u32 zero = 0, start;
-	__u32 *cursor;
+	__u32 start = bpf_get_prandom_u32();
 
-	cursor = bpf_map_lookup_elem(&vf_nat_cursor, &zero);
-	if (!cursor)
-		return -1;
-	if (*cursor == 0)
-		*cursor = bpf_get_prandom_u32() | 1;
-	start = *cursor;
 	for (__u32 i = 0; i < VF_NAT_PORT_TRIES; i++) {
 		__u32 off = (start + i) % span;
 		struct vf_nat_entry *held;
@@ -227,10 +216,8 @@ static __always_inline int vf_nat_claim_port(const struct vf_settings *cfg,
 		} else if (bpf_map_update_elem(&vf_nat_rev, rkey, rval, BPF_NOEXIST)) {
 			continue;
 		}
-		*cursor = start + i + 1;
 		return 0;
 	}
-	*cursor = start + VF_NAT_PORT_TRIES;
 	return -1;
 }
 

@@ -29,6 +29,9 @@ type Options struct {
 	// VIPs are put on every backend's loopback and routed by the client via
 	// the balancer. IPv4 and IPv6 may be mixed.
 	VIPs []netip.Addr
+	// PlainBackends leaves the VIPs off the backends: the client still
+	// routes them via the balancer, which must translate (mode nat).
+	PlainBackends bool
 	// BalancerInRoot puts the balancer's veth end in the namespace of the
 	// calling process (for `make demo`, so localhost reaches the agent)
 	// instead of a namespace of its own.
@@ -240,6 +243,9 @@ func (l *Lab) build(ctx context.Context, x byte, opts Options) error {
 	}
 
 	for _, b := range l.Backends {
+		if opts.PlainBackends {
+			break
+		}
 		if err := l.addVIPs(b); err != nil {
 			return err
 		}

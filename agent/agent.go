@@ -162,6 +162,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		WSClients: func() map[string]int { return a.hub.Clients() },
 		XDP:       a.xdpAttachments,
 		BGP:       a.bgpMetrics, Rings: a.ringMetrics,
+		NAT: a.natMetrics,
 	})
 	a.checker = health.New(a.log.With("component", "health"),
 		health.WithObserver(func(pool, key string, d time.Duration, ok bool) {

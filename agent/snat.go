@@ -1,12 +1,27 @@
 package agent
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/veloflux/veloflux/agent/metrics"
 )
+
+// natMetrics is what veloflux_nat_flows reports at a scrape.
+func (a *Agent) natMetrics() (metrics.NATState, error) {
+	if a.dp == nil {
+		return metrics.NATState{}, errors.New("the data plane is not loaded yet")
+	}
+	st, err := a.dp.NATStats()
+	if err != nil {
+		return metrics.NATState{}, err
+	}
+	return metrics.NATState{Flows: st.Flows, Capacity: st.Capacity}, nil
+}
 
 // primaryAddress is the SNAT address of a nat VIP that names none: the
 // first global, non-secondary address of the family on the interface.

@@ -751,23 +751,51 @@ func (d *Dataplane) NATFlows(limit int) ([]NATFlow, error) {
 	return out, nil
 }
 
-// NATStats counts the entries of the nat forward table (one per flow,
-// expired ones included until the LRU or a new flow reuses them).
+// NATStats counts the live flows of the nat forward table: entries that
+// the LRU still holds and whose idle timeout has not run out (expired ones
+// wait there until the LRU or a new flow reuses them). It reads the table
+// in batches, so a scrape of a full table costs few system calls.
 func (d *Dataplane) NATStats() (NATStats, error) {
 	if d.objs.VfNatFwd == nil {
 		return NATStats{}, nil
 	}
 	out := NATStats{Capacity: int(d.objs.VfNatFwd.MaxEntries())}
-	var key balancerVfFlowKey
-	var val balancerVfNatEntry
-	it := d.objs.VfNatFwd.Iterate()
-	for it.Next(&key, &val) {
-		out.Flows++
+	s, err := d.readSettings()
+	if err != nil {
+		return NATStats{}, err
 	}
-	if err := it.Err(); err != nil {
-		return NATStats{}, fmt.Errorf("count nat flows: %w", err)
+	now, err := d.clock.now()
+	if err != nil {
+		return NATStats{}, err
 	}
-	return out, nil
+	live := func(key *balancerVfFlowKey, e *balancerVfNatEntry) bool {
+		timeout := s.TcpTimeout
+		switch {
+		case e.Closing != 0:
+			timeout = s.NatClosingTimeout
+		case Protocol(key.Proto) == ProtoUDP:
+			timeout = s.UdpTimeout
+		}
+		return uint64(now-uint32(e.LastSeen)) <= timeout
+	}
+	const batch = 4096
+	keys := make([]balancerVfFlowKey, batch)
+	vals := make([]balancerVfNatEntry, batch)
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := d.objs.VfNatFwd.BatchLookup(&cursor, keys, vals, nil)
+		for i := 0; i < n; i++ {
+			if live(&keys[i], &vals[i]) {
+				out.Flows++
+			}
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return out, nil // the end of the table
+		}
+		if err != nil {
+			return NATStats{}, fmt.Errorf("count nat flows: %w", err)
+		}
+	}
 }
 
 // ReadEvents delivers sampled drop events to fn until ctx ends.

@@ -288,6 +288,9 @@ func TestNATPortExhaustionAndExpiry(t *testing.T) {
 	if v := open(44000); v != VerdictTx {
 		t.Fatalf("established flow during exhaustion: verdict %v", v)
 	}
+	if st, err := h.dp.NATStats(); err != nil || st.Flows != 2 || st.Capacity != int(DefaultNATTableSize) {
+		t.Fatalf("NATStats with two flows = %+v, %v", st, err)
+	}
 
 	// Expiry: with a 1 ms UDP timeout both flows die and the ports return.
 	h.must(h.dp.SetSettings(Settings{GatewayMAC: gwMAC, TCPIdleTimeoutNs: 300e9, UDPIdleTimeoutNs: uint64(time.Millisecond),
@@ -296,6 +299,9 @@ func TestNATPortExhaustionAndExpiry(t *testing.T) {
 	// The real's late reply to an expired flow is no longer translated.
 	late := pkt{src: real4a, dst: snat4, sport: realPort, dport: b.SNAT.Port(), proto: udp}.frame(t)
 	h.expectTx(t, late, ReasonPassNotVIP, late)
+	if st, err := h.dp.NATStats(); err != nil || st.Flows != 0 {
+		t.Fatalf("NATStats after both flows expired = %+v, %v; want 0 in use", st, err)
+	}
 	if v := open(44002); v != VerdictTx {
 		t.Fatalf("new flow after expiry: verdict %v, want tx", v)
 	}

@@ -356,7 +356,7 @@ type NATFlow struct {
 
 // NATStats describe the nat tables.
 type NATStats struct {
-	Flows    int // live flows in the forward table
+	Flows    int // live (not idle-expired) flows in the forward table
 	Capacity int // flows each table can hold
 }
 

@@ -119,6 +119,9 @@ type Options struct {
 	// Rings, if set, is called once per scrape for
 	// veloflux_vip_ring_fingerprint.
 	Rings func() []VIPRing
+	// NAT, if set, is called once per scrape for veloflux_nat_flows and
+	// veloflux_nat_flows_capacity.
+	NAT func() (NATState, error)
 }
 
 // Metrics owns the agent's private registry and the metrics the agent
@@ -182,6 +185,7 @@ func New(opts Options) *Metrics {
 		m.ws,
 		m.state,
 		newClusterCollector(opts.BGP, opts.Rings),
+		newNATCollector(opts.NAT),
 		buildInfo,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),

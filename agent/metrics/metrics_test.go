@@ -84,8 +84,12 @@ var reasonFixture = []struct{ reason, verdict string }{
 	{"drop_martian_multicast", "drop"},
 	{"drop_martian_loopback", "drop"},
 	{"drop_new_flow_rate_limited", "drop"},
+	{"drop_nat_no_port", "drop"},
+	{"drop_nat_unconfigured", "drop"},
 	{"tx_dsr", "tx"},
 	{"tx_ipip", "tx"},
+	{"tx_nat", "tx"},
+	{"tx_nat_reply", "tx"},
 }
 
 // The fixture restates the data plane's reasons; it must not drift from
@@ -103,8 +107,8 @@ func TestReasonFixtureIsTheDataplanes(t *testing.T) {
 	}
 }
 
-// fixture is 2 VIPs, 3 backends and all 23 reasons. Reason i counts
-// (i+1)*10 packets, so pass sums to 360, drop to 1950 and tx to 450.
+// fixture is 2 VIPs, 3 backends and all 27 reasons. Reason i counts
+// (i+1)*10 packets, so pass sums to 360, drop to 2400 and tx to 1020.
 func fixture() snapshot.Counters {
 	c := snapshot.Counters{
 		At: time.Date(2026, 11, 27, 6, 0, 0, 0, time.UTC),
@@ -294,10 +298,10 @@ func TestScrape(t *testing.T) {
 	e.want(t, 0, "veloflux_backend_up", "pool", "dns", "backend", "10.0.1.21:53")
 
 	e.want(t, 360, "veloflux_xdp_verdicts_total", "verdict", "pass")
-	e.want(t, 1950, "veloflux_xdp_verdicts_total", "verdict", "drop")
-	e.want(t, 450, "veloflux_xdp_verdicts_total", "verdict", "tx")
+	e.want(t, 2400, "veloflux_xdp_verdicts_total", "verdict", "drop")
+	e.want(t, 1020, "veloflux_xdp_verdicts_total", "verdict", "tx")
 	e.want(t, 130, "veloflux_drops_total", "reason", "drop_no_real")
-	e.want(t, 220, "veloflux_packets_total", "reason", "tx_dsr", "verdict", "tx")
+	e.want(t, 240, "veloflux_packets_total", "reason", "tx_dsr", "verdict", "tx")
 	e.want(t, 20, "veloflux_packets_total", "reason", "pass_not_vip", "verdict", "pass")
 
 	e.want(t, 0, "veloflux_scrape_errors_total")
@@ -313,8 +317,8 @@ func TestScrape(t *testing.T) {
 		"veloflux_backend_packets_total": 3,
 		"veloflux_backend_up":            3,
 		"veloflux_xdp_verdicts_total":    3,
-		"veloflux_packets_total":         23,
-		"veloflux_drops_total":           13,
+		"veloflux_packets_total":         27,
+		"veloflux_drops_total":           15,
 	} {
 		if got := e.family(name); len(got) != n {
 			t.Errorf("%s has %d series, want %d: %v", name, len(got), n, got)
@@ -362,9 +366,9 @@ veloflux_vip_info{mode="dsr",pool="web",vip="10.0.0.1:80/tcp"} 1
 veloflux_vip_info{mode="ipip",pool="dns",vip="10.0.0.2:53/udp"} 1
 # HELP veloflux_xdp_verdicts_total Packets the XDP program returned with each verdict.
 # TYPE veloflux_xdp_verdicts_total counter
-veloflux_xdp_verdicts_total{verdict="drop"} 1950
+veloflux_xdp_verdicts_total{verdict="drop"} 2400
 veloflux_xdp_verdicts_total{verdict="pass"} 360
-veloflux_xdp_verdicts_total{verdict="tx"} 450
+veloflux_xdp_verdicts_total{verdict="tx"} 1020
 # HELP veloflux_drops_total Packets the XDP program dropped, by reason.
 # TYPE veloflux_drops_total counter
 veloflux_drops_total{reason="drop_denylist"} 120
@@ -377,6 +381,8 @@ veloflux_drops_total{reason="drop_martian_loopback"} 200
 veloflux_drops_total{reason="drop_martian_multicast"} 190
 veloflux_drops_total{reason="drop_martian_unspecified"} 170
 veloflux_drops_total{reason="drop_martian_vip"} 160
+veloflux_drops_total{reason="drop_nat_no_port"} 220
+veloflux_drops_total{reason="drop_nat_unconfigured"} 230
 veloflux_drops_total{reason="drop_new_flow_rate_limited"} 210
 veloflux_drops_total{reason="drop_no_real"} 130
 veloflux_drops_total{reason="drop_no_route"} 140
@@ -409,7 +415,7 @@ func TestReadAtScrapeTime(t *testing.T) {
 	e.want(t, 99999, "veloflux_backend_bytes_total", "pool", "web", "backend", "10.0.0.11:80")
 	e.want(t, 0, "veloflux_backend_up", "pool", "web", "backend", "10.0.0.11:80")
 	e.want(t, 135, "veloflux_drops_total", "reason", "drop_no_real")
-	e.want(t, 1955, "veloflux_xdp_verdicts_total", "verdict", "drop")
+	e.want(t, 2405, "veloflux_xdp_verdicts_total", "verdict", "drop")
 	if got := e.family("veloflux_vip_packets_total"); len(got) != 1 {
 		t.Errorf("removed VIP still exported: %v", got)
 	}
@@ -629,8 +635,8 @@ func TestLint(t *testing.T) {
 		t.Errorf("lint (data plane): %s: %s", p.Metric, p.Text)
 	}
 	// 2 VIPs × 5, 3 backends × 2, 1 health entry × (up + latency), the
-	// error count, 3 verdicts, 23 reasons, 13 drop reasons.
-	if n, want := testutil.CollectAndCount(dp), 2*5+3*2+2+1+3+23+13; n != want {
+	// error count, 3 verdicts, 27 reasons, 15 drop reasons.
+	if n, want := testutil.CollectAndCount(dp), 2*5+3*2+2+1+3+27+15; n != want {
 		t.Errorf("data-plane collector emitted %d series, want %d", n, want)
 	}
 

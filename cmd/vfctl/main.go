@@ -38,7 +38,8 @@ commands:
   status          attachments, sizes, idle timeouts, object counts, packets by verdict
   vips            every VIP with its statistics and the state of its ring's reals
   reals           every real with its state, MAC and statistics
-  flows [-n 50]   a sample of conntrack flows (-n 0: all)
+  flows [-n 50]   a sample of conntrack flows and of nat flows, n of each
+                  (-n 0: all); a nat flow shows its SNAT address and port
   counters        packets and bytes per reason, in counter order
   deny            denied prefixes
   decap [--pin-path DIR]
@@ -74,6 +75,7 @@ type source interface {
 	Ring(vipID uint32) ([]uint32, error)
 	Counters() ([]dataplane.Counter, error)
 	Flows(limit int) ([]dataplane.Flow, error)
+	NATFlows(limit int) ([]dataplane.NATFlow, error)
 	DenyList() ([]netip.Prefix, error)
 }
 
@@ -485,6 +487,11 @@ type flowRow struct {
 	RealID      uint32         `json:"real_id"`
 	RealAddress string         `json:"real_address"` // "" when the id has no real any more
 	IdleMs      int64          `json:"idle_ms"`
+	// A nat flow's translation: it reaches the real (RealAddress and
+	// RealPort) from SNAT. Absent for the other modes' flows.
+	SNAT     netip.AddrPort `json:"snat,omitzero"`
+	RealPort uint16         `json:"real_port,omitzero"`
+	Closing  bool           `json:"closing,omitzero"` // a TCP FIN or RST went through
 }
 
 type flowTable []flowRow
@@ -507,6 +514,15 @@ func gatherFlows(src source, limit int) (flowTable, error) {
 		}
 		out = append(out, r)
 	}
+	nat, err := src.NATFlows(limit)
+	if err != nil {
+		return nil, err
+	}
+	for _, f := range nat {
+		out = append(out, flowRow{Client: f.Client, VIP: f.VIP, Proto: f.Proto.String(), VIPID: f.VIPID,
+			RealID: f.RealID, RealAddress: f.Real.Addr().String(), RealPort: f.Real.Port(), SNAT: f.SNAT,
+			Closing: f.Closing, IdleMs: f.Idle.Milliseconds()})
+	}
 	// The sample comes in hash order; sorting makes repeated runs comparable.
 	slices.SortFunc(out, func(a, b flowRow) int {
 		return cmp.Or(a.VIP.Compare(b.VIP), cmp.Compare(a.Proto, b.Proto), a.Client.Compare(b.Client))
@@ -515,9 +531,16 @@ func gatherFlows(src source, limit int) (flowTable, error) {
 }
 
 func (t flowTable) table(w io.Writer) error {
-	row(w, "CLIENT", "", "VIP", "PROTO", "REAL", "REAL ADDRESS", "IDLE")
+	row(w, "CLIENT", "", "VIP", "PROTO", "REAL", "REAL ADDRESS", "IDLE", "NAT")
 	for _, f := range t {
-		row(w, f.Client, "->", f.VIP, f.Proto, f.RealID, cmp.Or(f.RealAddress, "(gone)"), millis(f.IdleMs))
+		nat := "-"
+		if f.SNAT.IsValid() {
+			nat = fmt.Sprintf("%s -> %s", f.SNAT, netip.AddrPortFrom(netip.MustParseAddr(f.RealAddress), f.RealPort))
+			if f.Closing {
+				nat += " (closing)"
+			}
+		}
+		row(w, f.Client, "->", f.VIP, f.Proto, f.RealID, cmp.Or(f.RealAddress, "(gone)"), millis(f.IdleMs), nat)
 	}
 	return nil
 }

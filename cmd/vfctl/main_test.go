@@ -32,6 +32,7 @@ type fakeSource struct {
 	rings    map[uint32][]uint32
 	counters []dataplane.Counter
 	flows    []dataplane.Flow
+	natFlows []dataplane.NATFlow
 	deny     []netip.Prefix
 	ringErr  error // returned by Ring when set
 }
@@ -60,7 +61,10 @@ func (f *fakeSource) Ring(id uint32) ([]uint32, error) {
 }
 func (f *fakeSource) Counters() ([]dataplane.Counter, error)    { return f.counters, nil }
 func (f *fakeSource) Flows(limit int) ([]dataplane.Flow, error) { return f.flows, nil }
-func (f *fakeSource) DenyList() ([]netip.Prefix, error)         { return f.deny, nil }
+func (f *fakeSource) NATFlows(limit int) ([]dataplane.NATFlow, error) {
+	return f.natFlows, nil
+}
+func (f *fakeSource) DenyList() ([]netip.Prefix, error) { return f.deny, nil }
 
 func newFake() *fakeSource {
 	vip := func(a string, port uint16, p dataplane.Protocol) dataplane.VIP {
@@ -91,6 +95,10 @@ func newFake() *fakeSource {
 		flows: []dataplane.Flow{{Src: netip.MustParseAddr("198.51.100.7"), SrcPort: 40000,
 			Dst: netip.MustParseAddr("10.0.0.1"), DstPort: 53, Proto: dataplane.ProtoUDP,
 			RealID: 2, VIPID: 1, Idle: 1500 * time.Millisecond}},
+		natFlows: []dataplane.NATFlow{{Client: netip.MustParseAddrPort("198.51.100.8:41000"),
+			VIP: netip.MustParseAddrPort("10.0.0.5:80"), SNAT: netip.MustParseAddrPort("192.0.2.254:20001"),
+			Real: netip.MustParseAddrPort("192.0.2.1:8080"), Proto: dataplane.ProtoTCP, RealID: 1, VIPID: 5,
+			Closing: true, Idle: 20 * time.Millisecond}},
 		deny: []netip.Prefix{netip.MustParsePrefix("2001:db8:bad::/48"), netip.MustParsePrefix("203.0.113.0/24")},
 	}
 }
@@ -269,6 +277,18 @@ func TestFlowsAndDeny(t *testing.T) {
 	}
 	if table := renderString(t, f, "table"); !strings.Contains(table, "198.51.100.7:40000  ->  10.0.0.1:53") {
 		t.Errorf("flows table:\n%s", table)
+	}
+	// A nat flow shows its translation; the others show none.
+	for _, want := range []string{`"snat": "192.0.2.254:20001"`, `"real_port": 8080`, `"closing": true`} {
+		if !strings.Contains(js, want) {
+			t.Errorf("flows JSON lacks %s:\n%s", want, js)
+		}
+	}
+	if strings.Count(js, `"snat"`) != 1 {
+		t.Errorf("flows JSON gives a translation to a flow that has none:\n%s", js)
+	}
+	if table := renderString(t, f, "table"); !strings.Contains(table, "192.0.2.254:20001 -> 192.0.2.1:8080 (closing)") {
+		t.Errorf("flows table lacks the nat translation:\n%s", table)
 	}
 	d, err := gatherDeny(newFake())
 	if err != nil {

@@ -1,12 +1,16 @@
 package e2e
 
 import (
+	"encoding/json"
 	"net/netip"
+	"os/exec"
 	"strconv"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
+
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/veloflux/veloflux/agent/dataplane"
 	"github.com/veloflux/veloflux/tests/agenttest"
@@ -111,6 +115,7 @@ func TestNATPlainBackends(t *testing.T) {
 		t.Fatalf("echo stream broke across the restart: %v", err)
 	}
 	flow := e.natFlowOf(stream.local)
+	e.checkNATMetrics()
 	t.Logf("echo stream %s survived the restart: %d lines, translated as %s -> %s", stream.local,
 		stream.echoes.Load(), flow.SNAT, flow.Real)
 
@@ -132,6 +137,7 @@ func TestNATPlainBackends(t *testing.T) {
 	if err := stream.stop(); err != nil {
 		t.Errorf("echo stream: %v", err)
 	}
+	e.checkNATDumpByName()
 	c := e.counters()
 	t.Logf("data plane counters: %v", c)
 	for _, r := range []string{"tx_nat", "tx_nat_reply"} {
@@ -185,4 +191,67 @@ func (e *env) natFlowOf(client netip.AddrPort) dataplane.NATFlow {
 	}
 	e.t.Fatalf("no nat flow for %s among %d", client, len(flows))
 	return dataplane.NATFlow{}
+}
+
+// checkNATDumpByName: `bpftool map dump` of a pinned nat table shows every
+// field by its name (the maps carry their BTF), as an operator reads it.
+func (e *env) checkNATDumpByName() {
+	e.t.Helper()
+	for _, table := range []string{"vf_nat_fwd", "vf_nat_rev"} {
+		out, err := exec.Command("bpftool", "-j", "map", "dump", "pinned", e.pin+"/"+table).Output()
+		if err != nil {
+			e.t.Fatalf("bpftool map dump %s: %v", table, err)
+		}
+		var entries []struct {
+			Formatted struct {
+				Key   map[string]any `json:"key"`
+				Value map[string]any `json:"value"`
+			} `json:"formatted"`
+		}
+		if err := json.Unmarshal(out, &entries); err != nil {
+			e.t.Fatalf("bpftool map dump %s: %v\n%s", table, err, out)
+		}
+		if len(entries) == 0 {
+			e.t.Fatalf("bpftool map dump %s: no entries after nat traffic", table)
+		}
+		f := entries[0].Formatted
+		for _, k := range []string{"src", "dst", "sport", "dport", "proto", "family"} {
+			if _, ok := f.Key[k]; !ok {
+				e.t.Errorf("bpftool map dump %s: key without field %q: %v", table, k, f.Key)
+			}
+		}
+		for _, k := range []string{"peer", "last_seen", "real_id", "vip_id", "closing"} {
+			if _, ok := f.Value[k]; !ok {
+				e.t.Errorf("bpftool map dump %s: value without field %q: %v", table, k, f.Value)
+			}
+		}
+	}
+}
+
+// checkNATMetrics: /metrics reports the nat flows in use (the live stream's
+// at least) and the tables' capacity.
+func (e *env) checkNATMetrics() {
+	e.t.Helper()
+	var fams map[string]*dto.MetricFamily
+	var err error
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if fams, err = e.scrapeAgent(); err == nil {
+			break
+		}
+	}
+	if err != nil {
+		e.t.Fatalf("scrape the agent: %v", err)
+	}
+	gauge := func(name string) float64 {
+		f := fams[name]
+		if f == nil || len(f.GetMetric()) != 1 {
+			e.t.Fatalf("%s: not one series in the scrape: %v", name, f)
+		}
+		return f.GetMetric()[0].GetGauge().GetValue()
+	}
+	flows, capacity := gauge("veloflux_nat_flows"), gauge("veloflux_nat_flows_capacity")
+	e.t.Logf("veloflux_nat_flows %v of veloflux_nat_flows_capacity %v", flows, capacity)
+	if flows < 1 || capacity != 262144 {
+		e.t.Errorf("veloflux_nat_flows %v (want >= 1, the stream), capacity %v (want the default 262144)", flows, capacity)
+	}
 }

@@ -217,9 +217,9 @@ type balancerVfSettingsT struct {
 	NewFlowBurst      uint32
 	NatPortMin        uint16
 	NatPortMax        uint16
-	NatActive         uint8
-	NatPad            [3]uint8
+	NatPad            uint32
 	NatClosingTimeout uint64
+	NatAddrBits       uint64
 }
 
 type balancerVfSize uint32

@@ -37,6 +37,35 @@ type benchFixture struct {
 	floor *ebpf.Program
 	vips  int
 	cpu   int // where the fill ran, and where every measurement must run
+	nat   bool
+}
+
+// benchSNAT is the SNAT address of the nat VIPs addNAT adds.
+var benchSNAT = netip.MustParseAddr("10.0.0.100")
+
+// addNAT makes VIP v serve nat on :8000 too (id 2*vips+v, the same ring)
+// and sets the port range. It is not part of newBenchFixture, so that the
+// other classes (and whoever reuses the fixture) measure the program with
+// nat off, as a balancer without nat VIPs runs it.
+func (f *benchFixture) addNAT(b *testing.B) {
+	b.Helper()
+	if f.nat {
+		return
+	}
+	s, err := f.h.dp.Settings()
+	f.h.must(err)
+	s.NAT = NATSettings{PortMin: 1024, PortMax: 65535, ClosingTimeoutNs: 10e9}
+	f.h.must(f.h.dp.SetSettings(s))
+	for v := 0; v < f.vips; v++ {
+		ring, err := f.h.dp.Ring(uint32(2 * v))
+		f.h.must(err)
+		id := uint32(2*f.vips + v)
+		f.h.must(f.h.dp.SetRing(id, ring))
+		addr := netip.AddrFrom4([4]byte{10, 200, byte(v >> 8), byte(v)})
+		f.h.must(f.h.dp.SetVIP(VIP{addr, 8000, ProtoTCP}, VIPMeta{ID: id, Mode: ModeNAT,
+			NAT: NATTarget{SNAT: benchSNAT, RealPort: 9000}}))
+	}
+	f.nat = true
 }
 
 // newBenchFixture pins the calling goroutine to one CPU before it fills
@@ -49,7 +78,7 @@ func newBenchFixture(b *testing.B, vips int, ctSize uint32, prefill bool) *bench
 	h := newHarness(b, Options{
 		RingSize:      maglev.DefaultTableSize,
 		ConntrackSize: ctSize,
-		MaxVIPs:       uint32(vips*2 + 8),
+		MaxVIPs:       uint32(vips*3 + 8),
 		MaxReals:      uint32(vips*benchRealsPerVIP + 8),
 	})
 	// The reals share the balancer's MAC. A Repeat run feeds the program
@@ -194,7 +223,10 @@ func report(b *testing.B, ns, floor float64) {
 // measured (docs/BENCHMARKS.md): established and non-VIP frames are 118-byte
 // TCP ACKs with 64 bytes of payload, new-flow frames 54-byte TCP SYNs of a
 // new 5-tuple each. Katran always encapsulates, so ipip is its counterpart;
-// dsr has none and is measured for itself.
+// dsr has none and is measured for itself. mode nat is measured last, in
+// the same run, for its three paths (client to real, the real's reply, a
+// new flow with its port allocation) and for what it adds to packets to
+// no VIP.
 func BenchmarkXDP(b *testing.B) {
 	requirePrivileged(b)
 	tcp := layers.IPProtocolTCP
@@ -261,6 +293,59 @@ func BenchmarkXDP(b *testing.B) {
 				f.pin(b)
 				floor, ns := singles(b, f.floor, prog, func(int) []byte { return nonVIP }, uint32(VerdictPass))
 				report(b, ns, floor)
+			})
+
+			// mode nat, next to the classes above and measured alike; the
+			// nat VIPs are added only now, so the classes above ran with
+			// nat off.
+			natFlow := pkt{src: client4, dst: vip, sport: 33003, dport: 8000, proto: tcp, tcpFlags: "A", payload: make([]byte, 64)}
+			var natIn, replyIn []byte
+			setupNAT := func(b *testing.B) {
+				f.addNAT(b)
+				if natIn != nil {
+					return
+				}
+				natIn = natFlow.frame(b)
+				if ret, _, err := prog.Test(natIn); err != nil || Verdict(ret) != VerdictTx {
+					b.Fatalf("nat setup packet: verdict %d, %v", ret, err)
+				}
+				flows, err := f.h.dp.NATFlows(0)
+				f.h.must(err)
+				for _, fl := range flows {
+					if fl.Client.Port() == natFlow.sport {
+						replyIn = pkt{src: fl.Real.Addr().String(), dst: fl.SNAT.Addr().String(), sport: fl.Real.Port(),
+							dport: fl.SNAT.Port(), proto: tcp, tcpFlags: "A", payload: make([]byte, 64)}.frame(b)
+					}
+				}
+				if replyIn == nil {
+					b.Fatal("no nat flow after the setup packet")
+				}
+			}
+			b.Run("established-nat", func(b *testing.B) {
+				f.pin(b)
+				setupNAT(b)
+				floor, ns := singles(b, f.floor, prog, func(int) []byte { return natIn }, uint32(VerdictTx))
+				report(b, ns, floor)
+			})
+			b.Run("reply-nat", func(b *testing.B) {
+				f.pin(b)
+				setupNAT(b)
+				floor, ns := singles(b, f.floor, prog, func(int) []byte { return replyIn }, uint32(VerdictTx))
+				report(b, ns, floor)
+			})
+			b.Run("new-flow-nat", func(b *testing.B) {
+				f.pin(b)
+				setupNAT(b)
+				floor, ns := singles(b, f.floor, prog, newFlowSource(b, vip, 8000), uint32(VerdictTx))
+				report(b, ns, floor)
+			})
+			// What the reverse-path hook costs every packet to no VIP
+			// while some VIP is nat: a flag test and the SNAT address map.
+			b.Run("non-vip-nat-on", func(b *testing.B) {
+				f.pin(b)
+				setupNAT(b)
+				floor := repeated(b, f.floor, nonVIP)
+				report(b, repeated(b, prog, nonVIP), floor)
 			})
 		})
 	}

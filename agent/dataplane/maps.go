@@ -387,7 +387,7 @@ func (d *Dataplane) SetSettings(in Settings) error {
 		Hz:               d.clock.hz,
 		TcpTimeout:       d.clock.toJiffies(in.TCPIdleTimeoutNs),
 		UdpTimeout:       d.clock.toJiffies(in.UDPIdleTimeoutNs),
-		NatActive:        cur.NatActive,
+		NatAddrBits:      cur.NatAddrBits,
 		NatPortMin:       in.NAT.PortMin,
 		NatPortMax:       in.NAT.PortMax,
 	}
@@ -529,18 +529,29 @@ func (d *Dataplane) refreshFlags() error {
 		return err
 	}
 	// Replies of flows whose VIP went are still translated while their
-	// entries live, so the flag follows the addresses, not the VIPs.
-	if kept > 0 {
-		s.NatActive = 1
+	// entries live, so the bits follow the addresses kept, not the VIPs.
+	s.NatAddrBits = 0
+	for _, k := range kept {
+		s.NatAddrBits |= 1 << natAddrBit(k.Addr, uint8(k.Family))
 	}
 	return d.writeSettings(s)
+}
+
+// natAddrBit is vf_nat_addr_bit of vf_nat.h: which bit of the settings'
+// nat_addr_bits an SNAT address sets.
+func natAddrBit(words [4]uint32, family uint8) uint32 {
+	h := words[0]
+	if family == afInet6 {
+		h ^= words[1] ^ words[2] ^ words[3]
+	}
+	return (h * 0x9E3779B1) >> 26
 }
 
 // syncNATAddrs makes vf_nat_addrs hold the SNAT addresses of the nat VIPs.
 // An address no VIP uses any more is kept while nat flows still use it, so
 // that a reload which drops a VIP does not cut its open connections.
-// It returns how many addresses the map holds afterwards.
-func (d *Dataplane) syncNATAddrs(want map[balancerVfNatAddrKey]bool) (int, error) {
+// It returns the addresses the map holds afterwards.
+func (d *Dataplane) syncNATAddrs(want map[balancerVfNatAddrKey]bool) ([]balancerVfNatAddrKey, error) {
 	var key balancerVfNatAddrKey
 	var one uint32
 	var unwanted []balancerVfNatAddrKey
@@ -551,30 +562,31 @@ func (d *Dataplane) syncNATAddrs(want map[balancerVfNatAddrKey]bool) (int, error
 		}
 	}
 	if err := it.Err(); err != nil {
-		return 0, fmt.Errorf("iterate SNAT addresses: %w", err)
+		return nil, fmt.Errorf("iterate SNAT addresses: %w", err)
 	}
-	kept := len(want)
+	var kept []balancerVfNatAddrKey
 	if len(unwanted) > 0 {
 		// Only then walk the reverse table, which may be large.
 		inUse, err := d.natAddrsInUse()
 		if err != nil {
-			return 0, err
+			return nil, err
 		}
 		for _, k := range unwanted {
 			if inUse[k] {
-				kept++
+				kept = append(kept, k)
 				continue
 			}
 			if err := d.objs.VfNatAddrs.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-				return 0, fmt.Errorf("remove SNAT address %v: %w", wordsAddr(k.Addr, uint8(k.Family)), err)
+				return nil, fmt.Errorf("remove SNAT address %v: %w", wordsAddr(k.Addr, uint8(k.Family)), err)
 			}
 		}
 	}
 	for k := range want {
 		if err := d.objs.VfNatAddrs.Put(&k, uint32(1)); err != nil {
-			return 0, fmt.Errorf("add SNAT address %v (at most %d): %w",
+			return nil, fmt.Errorf("add SNAT address %v (at most %d): %w",
 				wordsAddr(k.Addr, uint8(k.Family)), balancerVfSizeVF_NAT_MAX_ADDRS, err)
 		}
+		kept = append(kept, k)
 	}
 	return kept, nil
 }

@@ -516,11 +516,24 @@ static __always_inline int vf_nat_forward(struct xdp_md *ctx, const struct vf_se
 	return vf_nat_send(ctx, cfg, iface, pkt, &rkey, VF_R_TX_NAT);
 }
 
+/* Which bit of settings.nat_addr_bits an address sets: the top 6 bits of
+ * a multiplicative hash of its words as they sit in the packet (the agent
+ * computes the same, agent/dataplane natAddrBit). */
+static __always_inline __u32 vf_nat_addr_bit(const __u32 *addr, __u8 family)
+{
+	__u32 h = addr[0];
+
+	if (family == VF_AF_INET6)
+		h ^= addr[1] ^ addr[2] ^ addr[3];
+	return (h * VF_NAT_ADDR_HASH_MUL) >> 26;
+}
+
 /*
  * Real to client: a packet to no VIP is looked for in the reverse table when
- * some VIP is nat and its destination is one of our SNAT addresses; every
- * other packet pays one flag test. What is not found (the node's own
- * connections from that address) goes to the stack.
+ * its destination is one of our SNAT addresses. The settings' bitmap rules
+ * out nearly every other packet for the price of a multiply (all of them
+ * while no VIP is nat); the SNAT address map settles the rest. What is not
+ * found (the node's own connections from that address) goes to the stack.
  */
 static __always_inline int vf_nat_reverse(struct xdp_md *ctx, const struct vf_settings *cfg,
 					  struct vf_pkt *pkt)
@@ -532,7 +545,7 @@ static __always_inline int vf_nat_reverse(struct xdp_md *ctx, const struct vf_se
 	__u64 now;
 	int ret;
 
-	if (!cfg->nat_active)
+	if (!(cfg->nat_addr_bits >> vf_nat_addr_bit(pkt->flow.dst, pkt->flow.family) & 1))
 		return VF_R_PASS_NOT_VIP;
 	__builtin_memcpy(akey.addr, pkt->flow.dst, sizeof(akey.addr));
 	akey.family = pkt->flow.family;

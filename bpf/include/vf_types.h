@@ -220,13 +220,15 @@ struct vf_settings {
 	__u32 new_flow_rate;  /* rate and burst as configured, read back by the agent; */
 	__u32 new_flow_burst; /* the program only reads the two derived fields */
 	/* nat (vf_nat.h): SNAT source ports come from [nat_port_min,
-	 * nat_port_max], host order. nat_active says that some VIP is nat, so
-	 * that a packet to no VIP looks for an SNAT address only then. */
+	 * nat_port_max], host order. */
 	__u16 nat_port_min;
 	__u16 nat_port_max;
-	__u8 nat_active;
-	__u8 nat_pad[3];
+	__u32 nat_pad;
 	__u64 nat_closing_timeout; /* jiffies: a NAT entry after a TCP FIN or RST */
+	/* One bit per vf_nat_addr_bit of every SNAT address: a packet to no VIP
+	 * looks in vf_nat_addrs only when its destination's bit is set, so
+	 * with nat off, or to most other addresses, it pays a multiply. */
+	__u64 nat_addr_bits;
 };
 
 /* The settings map is named vf_settings like its value's struct; bpf2go's
@@ -295,6 +297,7 @@ struct vf_nat_vip {
 
 /* An SNAT address of this node (vf_nat_addrs): a packet to no VIP is
  * reverse-translated only when addressed to one of these. */
+#define VF_NAT_ADDR_HASH_MUL 0x9E3779B1u /* 2^32 / golden ratio */
 struct vf_nat_addr_key {
 	__u32 addr[4];
 	__u32 family;

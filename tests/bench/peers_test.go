@@ -153,8 +153,10 @@ func logTail(path string, n int) string {
 }
 
 type agentConfig struct {
-	vips    []netip.Addr // port 80, tcp, dsr, all on pool "web"
+	vips    []netip.Addr // port 80, tcp, all on pool "web"
 	weights [3]int       // of backends 0, 1, 2
+	// nat: the VIPs are mode nat from this SNAT address; zero: dsr.
+	snat netip.Addr
 }
 
 func (e *env) agentYAML(c agentConfig) string {
@@ -175,20 +177,37 @@ dataplane:
   conntrack_size: 1048576
   ring_size: 65537
   nexthop: fib
-pools:
+%spools:
   - name: web
     algorithm: round_robin
     health_check: {type: http, path: /healthz, interval: 1s, timeout: 500ms, rise: 1, fall: 3}
     backends:
-`, filepath.Join(e.dir, "api.token"), e.lab.Balancer.IfName)
+`, filepath.Join(e.dir, "api.token"), e.lab.Balancer.IfName, natYAML(c))
 	for i, be := range e.lab.Backends {
 		fmt.Fprintf(&b, "      - {address: %s, port: %d, weight: %d}\n", be.Addr4, lab.HTTPPort, c.weights[i])
 	}
 	b.WriteString("vips:\n")
 	for _, v := range c.vips {
+		if c.snat.IsValid() {
+			fmt.Fprintf(&b, "  - {address: %s, port: 80, protocol: tcp, mode: nat, pool: web, snat_address: %s}\n", v, c.snat)
+			continue
+		}
 		fmt.Fprintf(&b, "  - {address: %s, port: 80, protocol: tcp, mode: dsr, pool: web}\n", v)
 	}
 	return b.String()
+}
+
+// natYAML is the dataplane.nat section of a nat run: the whole port range
+// above the well-known ports, and a closing timeout of 2 s. A nat flow
+// holds its port until the timeout after its FIN, so the range over the
+// timeout bounds the new connections per second toward one real: here
+// 64,512 / 2 s, well above what the lab reaches, where the default 10 s
+// would cap it near 6,500.
+func natYAML(c agentConfig) string {
+	if !c.snat.IsValid() {
+		return ""
+	}
+	return "  nat: {port_min: 1024, port_max: 65535, closing_timeout: 2s}\n"
 }
 
 // writeFileAtomic replaces path in one rename, so a reload never reads a

@@ -42,7 +42,7 @@ func (e *env) natConfig(portMax int) string {
 //   - SIGTERM and a restart leave a live TCP stream unbroken;
 //   - a backend going down takes no new request and fails none.
 func TestNATPlainBackends(t *testing.T) {
-	base := agenttest.NewEnv(t, lab.Options{Backends: 3, VIPs: []netip.Addr{vip4, vip6}, PlainBackends: true, Prefix: "vfnat"}, BinaryEnv)
+	base := agenttest.NewEnv(t, lab.Options{Backends: 3, VIPs: []netip.Addr{vip4, vip6}, PlainBackends: true, Prefix: "vfnate"}, BinaryEnv)
 	e := &env{t: t, lab: base.Lab, bin: base.Bin, dir: base.Dir, pin: base.Pin, state: base.State, cfg: base.Cfg}
 	e.http = newHTTPClient(e.lab.Client, 5*time.Second)
 	// bpf_fib_lookup answers only where forwarding is on.

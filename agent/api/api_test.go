@@ -307,6 +307,18 @@ func TestCRUDAndValidation(t *testing.T) {
 	if status, body, _ = ts.do(t, "GET", "/api/vips/tcp:fd00::100:443", "", false); status != 404 {
 		t.Fatalf("deleted VIP: %d %v", status, body)
 	}
+	// A nat VIP through the API: its SNAT address goes in and comes back;
+	// one of the other family is refused with its path.
+	if status, body, _ = ts.do(t, "POST", "/api/vips", `{"address":"10.0.0.100","port":8080,"protocol":"tcp","pool":"web","mode":"nat","snat_address":"10.0.0.5"}`, true); status != 201 || body["snat_address"] != "10.0.0.5" || body["mode"] != "nat" {
+		t.Fatalf("create nat VIP: %d %v", status, body)
+	}
+	status, body, _ = ts.do(t, "POST", "/api/vips", `{"address":"10.0.0.100","port":8081,"protocol":"tcp","pool":"web","mode":"nat","snat_address":"fd00::5"}`, true)
+	if _, _, field := errorOf(t, body); status != 422 || field != "vips[2].snat_address" {
+		t.Fatalf("nat VIP with an IPv6 SNAT address: %d field %q %v", status, field, body)
+	}
+	if status, _, _ = ts.do(t, "DELETE", "/api/vips/tcp:10.0.0.100:8080", "", true); status != 204 {
+		t.Fatalf("delete nat VIP: %d", status)
+	}
 	if status, body, _ = ts.do(t, "POST", "/api/routes", `{"host":"*.example.com","pool":"web"}`, true); status != 201 || body["path_prefix"] != "/" {
 		t.Fatalf("create route: %d %v", status, body)
 	}

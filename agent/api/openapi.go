@@ -69,7 +69,7 @@ func (s *Server) OpenAPI() map[string]any {
 				"Config":     object("node", "dataplane", "api", "metrics", "proxy", "pools", "vips", "routes", "security"),
 				"Pool":       object("name", "algorithm", "backends", "health_check"),
 				"Backend":    object("address", "port", "weight"),
-				"VIP":        object("address", "port", "protocol", "mode", "pool", "source_affinity"),
+				"VIP":        object("address", "port", "protocol", "mode", "pool", "source_affinity", "snat_address"),
 				"Route":      object("host", "path_prefix", "pool"),
 				"DenyPrefix": object("prefix"),
 			},

@@ -329,6 +329,13 @@ func TestNATClosingShortensTimeout(t *testing.T) {
 	if !flow.Closing {
 		t.Fatal("a FIN did not mark the flow closing")
 	}
+	// A new SYN on the tuple (the client reuses its port) is a connection
+	// again: the idle timeout is back.
+	h.run(p.frame(t))
+	if flow, _ = natFlow(t, h, netip.MustParseAddrPort(client4+":45000"), ProtoTCP); flow.Closing {
+		t.Fatal("a SYN reusing a closing flow left it closing")
+	}
+	h.run(fin)
 	h.must(h.dp.SetSettings(Settings{GatewayMAC: gwMAC, TCPIdleTimeoutNs: 300e9, UDPIdleTimeoutNs: 30e9,
 		NAT: NATSettings{PortMin: natPortMin, PortMax: natPortMax, ClosingTimeoutNs: uint64(time.Millisecond)}}))
 	time.Sleep(30 * time.Millisecond)

@@ -154,20 +154,28 @@ static __always_inline int vf_nat_alive(const struct vf_settings *cfg, void *pee
 	return p && vf_nat_fresh(cfg, p, key->proto, now);
 }
 
-/* Refresh an entry used by a packet; a FIN or RST marks both directions as
- * closing (one more lookup, once per flow), so the pair expires soon. */
+/* Refresh an entry used by a packet. A FIN or RST marks both directions as
+ * closing, so the pair expires soon; a SYN that reuses a closing flow's
+ * tuple (a client reusing its port) opens a connection, which gets the
+ * idle timeout back. One more lookup, once per change. */
 static __always_inline void vf_nat_touch(const struct vf_pkt *pkt, void *peer_map,
 					 struct vf_nat_entry *e, const struct vf_flow_key *key,
 					 __u64 now)
 {
+	__u8 closing = e->closing;
+
 	if (now - e->last_seen > VF_CT_TOUCH_JIFFIES)
 		e->last_seen = now;
-	if (pkt->tcp_close && !e->closing) {
+	if (pkt->tcp_close)
+		closing = 1;
+	else if (pkt->tcp_syn)
+		closing = 0;
+	if (closing != e->closing) {
 		struct vf_nat_entry *p = vf_nat_partner(peer_map, e, key);
 
-		e->closing = 1;
+		e->closing = closing;
 		if (p)
-			p->closing = 1;
+			p->closing = closing;
 	}
 }
 

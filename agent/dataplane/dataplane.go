@@ -203,11 +203,16 @@ func (d *Dataplane) initSettings() error {
 	if d.clock, err = newKernelClock(s.Hz); err != nil {
 		return err
 	}
-	if s.RingSize == d.opts.RingSize && s.Hz == d.clock.hz {
-		return nil
+	if s.RingSize != d.opts.RingSize || s.Hz != d.clock.hz {
+		s.RingSize, s.Hz = d.opts.RingSize, d.clock.hz
+		if err := d.writeSettings(s); err != nil {
+			return err
+		}
 	}
-	s.RingSize, s.Hz = d.opts.RingSize, d.clock.hz
-	return d.writeSettings(s)
+	// The lookup flags and the SNAT address bits derive from the other
+	// maps. Settings replaced by an upgrade (rebuiltPins) start without
+	// them, and a reconcile that finds the VIPs as they were writes none.
+	return d.refreshFlags()
 }
 
 // RingSize is the number of slots in every ring.

@@ -399,3 +399,42 @@ func TestNATConfiguration(t *testing.T) {
 		t.Errorf("VIPs() read back %+v", got)
 	}
 }
+
+// Settings replaced by an upgrade (a new layout, rebuiltPins) come back
+// without the SNAT address bits, and the adopting agent's reconcile writes
+// no VIP it finds unchanged. Load derives the bits again, so the replies
+// of the pinned nat flows are still translated.
+func TestNATRepliesSurviveReplacedSettings(t *testing.T) {
+	requirePrivileged(t)
+	pin := testPinPath(t)
+	opts := Options{PinPath: pin, RingSize: testRingSize, ConntrackSize: 4096, MaxVIPs: 64, MaxReals: 64}
+	first, err := Load(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &harness{tb: t, dp: first}
+	h.must(first.setInterfaceMAC(testRunIfindex, lbMAC))
+	h.natSettings(natPortMin, natPortMax)
+	h.real(1, real4a)
+	h.vip(vip4, natVIPPort, ProtoTCP, VIPMeta{ID: 1, Mode: ModeNAT,
+		NAT: NATTarget{SNAT: netip.MustParseAddr(snat4), RealPort: realPort}}, 1)
+	h.run(pkt{src: client4, dst: vip4, sport: 48000, dport: natVIPPort, proto: layers.IPProtocolTCP, tcpFlags: "S"}.frame(t))
+	flow, ok := natFlow(t, h, netip.MustParseAddrPort(client4+":48000"), ProtoTCP)
+	if !ok {
+		t.Fatal("no nat flow")
+	}
+	h.must(first.Close())
+	h.must(removePin(pin, "vf_settings"))
+	pinStale(t, pin, "vf_settings")
+
+	second, err := Load(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { second.Close() })
+	h = &harness{tb: t, dp: second}
+	h.must(second.setInterfaceMAC(testRunIfindex, lbMAC))
+	h.natSettings(natPortMin, natPortMax) // the agent writes its settings at start
+	reply := pkt{src: real4a, dst: snat4, sport: realPort, dport: flow.SNAT.Port(), proto: layers.IPProtocolTCP, tcpFlags: "SA"}
+	h.expectTx(t, reply.frame(t), ReasonTxNATReply, natExpect(t, reply, flow.VIP, flow.Client))
+}

@@ -154,11 +154,27 @@ static __always_inline int vf_nat_alive(const struct vf_settings *cfg, void *pee
 	return p && vf_nat_fresh(cfg, p, key->proto, now);
 }
 
+/* Whether the packet is a TCP FIN or RST (not one quoted in an ICMP error).
+ * Read here rather than by the parser, so that no other packet pays for it. */
+static __always_inline __u8 vf_nat_tcp_close(struct xdp_md *ctx, const struct vf_pkt *pkt)
+{
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 l4_off = pkt->l4_off;
+	struct tcphdr *th;
+
+	if (pkt->flow.proto != VF_IPPROTO_TCP || pkt->icmp_error || l4_off > VF_MAX_L4_OFF)
+		return 0;
+	th = (void *)(long)ctx->data + l4_off;
+	if ((void *)(th + 1) > data_end)
+		return 0;
+	return th->fin | th->rst;
+}
+
 /* Refresh an entry used by a packet. A FIN or RST marks both directions as
  * closing, so the pair expires soon; a SYN that reuses a closing flow's
  * tuple (a client reusing its port) opens a connection, which gets the
  * idle timeout back. One more lookup, once per change. */
-static __always_inline void vf_nat_touch(const struct vf_pkt *pkt, void *peer_map,
+static __always_inline void vf_nat_touch(const struct vf_pkt *pkt, __u8 tcp_close, void *peer_map,
 					 struct vf_nat_entry *e, const struct vf_flow_key *key,
 					 __u64 now)
 {
@@ -166,7 +182,7 @@ static __always_inline void vf_nat_touch(const struct vf_pkt *pkt, void *peer_ma
 
 	if (now - e->last_seen > VF_CT_TOUCH_JIFFIES)
 		e->last_seen = now;
-	if (pkt->tcp_close)
+	if (tcp_close)
 		closing = 1;
 	else if (pkt->tcp_syn)
 		closing = 0;
@@ -449,39 +465,22 @@ static __always_inline int vf_nat_send(struct xdp_md *ctx, const struct vf_setti
 }
 
 /*
- * Client to real. A live forward entry whose real is not down is used as
- * it is (a draining real keeps its flows, as with conntrack). Otherwise the
- * flow is new: charged to its source, balanced with Maglev, given a port,
- * and both entries written. An ICMP error only ever uses an entry.
+ * A new nat flow: charged to its source, balanced with Maglev, given a port,
+ * and both entries written. fwd is the tuple's previous entry (idle, or on a
+ * real gone down), whose reverse entry goes. Fills rkey (the reply tuple)
+ * and the real's id.
  */
-static __always_inline int vf_nat_forward(struct xdp_md *ctx, const struct vf_settings *cfg,
-					  const struct vf_iface *iface,
-					  const struct vf_vip_meta *vip, struct vf_pkt *pkt)
+static __always_inline int vf_nat_new_flow(const struct vf_settings *cfg,
+					   const struct vf_vip_meta *vip, struct vf_pkt *pkt,
+					   const struct vf_nat_entry *fwd, struct vf_flow_key *rkey,
+					   __u8 tcp_close, __u64 now)
 {
-	struct vf_nat_entry *fwd, val = {};
-	struct vf_flow_key rkey = {};
+	struct vf_nat_entry val = {};
 	const struct vf_nat_vip *nv;
 	const struct vf_real *real;
-	__u64 now = bpf_jiffies64();
 	__u32 vip_id = vip->vip_id;
 	__u32 real_id;
 	int ret;
-
-	fwd = bpf_map_lookup_elem(&vf_nat_fwd, &pkt->flow);
-	if (fwd) {
-		real_id = fwd->real_id;
-		real = bpf_map_lookup_elem(&vf_reals, &real_id);
-		if (vf_real_selectable(real) &&
-		    vf_nat_alive(cfg, &vf_nat_rev, fwd, &pkt->flow, now)) {
-			if (!pkt->icmp_error)
-				vf_nat_touch(pkt, &vf_nat_rev, fwd, &pkt->flow, now);
-			pkt->real_id = real_id;
-			__builtin_memcpy(&rkey, &fwd->peer, sizeof(rkey));
-			return vf_nat_send(ctx, cfg, iface, pkt, &rkey, VF_R_TX_NAT);
-		}
-	}
-	if (pkt->icmp_error)
-		return VF_R_DROP_NO_REAL; /* no flow to translate it for */
 
 	ret = vf_charge_new_flow(cfg, pkt);
 	if (ret != VF_CONTINUE)
@@ -496,31 +495,70 @@ static __always_inline int vf_nat_forward(struct xdp_md *ctx, const struct vf_se
 	if (!nv || nv->family != pkt->flow.family || real->family != pkt->flow.family ||
 	    !nv->real_port || !cfg->nat_port_min || cfg->nat_port_max < cfg->nat_port_min)
 		return VF_R_DROP_NAT_UNCONFIGURED;
-
-	/* The flow this tuple had before (idle, or on a real gone down). */
 	if (fwd)
 		vf_nat_forget_reverse(fwd, &pkt->flow);
 
-	__builtin_memcpy(rkey.src, real->addr, sizeof(rkey.src));
-	__builtin_memcpy(rkey.dst, nv->snat_addr, sizeof(rkey.dst));
-	rkey.sport = nv->real_port;
-	rkey.proto = pkt->flow.proto;
-	rkey.family = pkt->flow.family;
+	__builtin_memcpy(rkey->src, real->addr, sizeof(rkey->src));
+	__builtin_memcpy(rkey->dst, nv->snat_addr, sizeof(rkey->dst));
+	rkey->sport = nv->real_port;
+	rkey->proto = pkt->flow.proto;
+	rkey->family = pkt->flow.family;
 	/* One value on the stack serves both entries: they differ in peer. */
 	__builtin_memcpy(&val.peer, &pkt->flow, sizeof(val.peer));
 	val.last_seen = now;
 	val.real_id = real_id;
 	val.vip_id = vip_id;
-	val.closing = pkt->tcp_close;
-	if (vf_nat_claim_port(cfg, &rkey, &val, now))
+	val.closing = tcp_close;
+	if (vf_nat_claim_port(cfg, rkey, &val, now))
 		return VF_R_DROP_NAT_NO_PORT;
-	__builtin_memcpy(&val.peer, &rkey, sizeof(val.peer));
+	__builtin_memcpy(&val.peer, rkey, sizeof(val.peer));
 	if (bpf_map_update_elem(&vf_nat_fwd, &pkt->flow, &val, BPF_ANY)) {
-		bpf_map_delete_elem(&vf_nat_rev, &rkey);
+		bpf_map_delete_elem(&vf_nat_rev, rkey);
 		return VF_R_DROP_NAT_NO_PORT;
 	}
 	pkt->new_flow = 1;
 	pkt->real_id = real_id;
+	return VF_CONTINUE;
+}
+
+/*
+ * Client to real. A live forward entry whose real is not down is used as
+ * it is (a draining real keeps its flows, as with conntrack); otherwise the
+ * flow is new. An ICMP error only ever uses an entry. Both end in the one
+ * translation below, so its code is in the program once.
+ */
+static __always_inline int vf_nat_forward(struct xdp_md *ctx, const struct vf_settings *cfg,
+					  const struct vf_iface *iface,
+					  const struct vf_vip_meta *vip, struct vf_pkt *pkt)
+{
+	struct vf_flow_key rkey = {};
+	const struct vf_real *real;
+	struct vf_nat_entry *fwd;
+	__u8 tcp_close = vf_nat_tcp_close(ctx, pkt);
+	__u64 now = bpf_jiffies64();
+	__u32 real_id;
+	int ret;
+
+	fwd = bpf_map_lookup_elem(&vf_nat_fwd, &pkt->flow);
+	if (fwd) {
+		real_id = fwd->real_id;
+		real = bpf_map_lookup_elem(&vf_reals, &real_id);
+		if (!vf_real_selectable(real) ||
+		    !vf_nat_alive(cfg, &vf_nat_rev, fwd, &pkt->flow, now))
+			goto new_flow;
+		if (!pkt->icmp_error)
+			vf_nat_touch(pkt, tcp_close, &vf_nat_rev, fwd, &pkt->flow, now);
+		pkt->real_id = real_id;
+		__builtin_memcpy(&rkey, &fwd->peer, sizeof(rkey));
+		goto send;
+	}
+new_flow:
+	if (pkt->icmp_error)
+		return VF_R_DROP_NO_REAL; /* no flow to translate it for */
+	ret = vf_nat_new_flow(cfg, vip, pkt, fwd, &rkey, tcp_close, now);
+	if (ret != VF_CONTINUE)
+		return ret;
+send:
 	return vf_nat_send(ctx, cfg, iface, pkt, &rkey, VF_R_TX_NAT);
 }
 
@@ -553,7 +591,9 @@ static __always_inline int vf_nat_reverse(struct xdp_md *ctx, const struct vf_se
 	__u64 now;
 	int ret;
 
-	if (!(cfg->nat_addr_bits >> vf_nat_addr_bit(pkt->flow.dst, pkt->flow.family) & 1))
+	__u64 bits = cfg->nat_addr_bits;
+
+	if (!bits || !(bits >> vf_nat_addr_bit(pkt->flow.dst, pkt->flow.family) & 1))
 		return VF_R_PASS_NOT_VIP;
 	__builtin_memcpy(akey.addr, pkt->flow.dst, sizeof(akey.addr));
 	akey.family = pkt->flow.family;
@@ -569,7 +609,7 @@ static __always_inline int vf_nat_reverse(struct xdp_md *ctx, const struct vf_se
 	if (ret != VF_CONTINUE)
 		return ret;
 	if (!pkt->icmp_error)
-		vf_nat_touch(pkt, &vf_nat_fwd, rev, &pkt->flow, now);
+		vf_nat_touch(pkt, vf_nat_tcp_close(ctx, pkt), &vf_nat_fwd, rev, &pkt->flow, now);
 	__builtin_memcpy(&peer, &rev->peer, sizeof(peer));
 	return vf_nat_send(ctx, cfg, iface, pkt, &peer, VF_R_TX_NAT_REPLY);
 }

@@ -32,8 +32,7 @@ struct vf_pkt {
 	__u8 icmp_error; /* flow came from the packet quoted in an ICMP error */
 	__u8 vip_matched;
 	__u8 new_flow;
-	__u8 tcp_syn;   /* a TCP SYN without ACK: a connection being opened */
-	__u8 tcp_close; /* a TCP FIN or RST: nat shortens the flow's timeout */
+	__u8 tcp_syn; /* a TCP SYN without ACK: a connection being opened */
 };
 
 static __always_inline int vf_is_vlan(__be16 proto)
@@ -171,7 +170,6 @@ static __always_inline int vf_parse_ports(void *l4, void *data_end, struct vf_pk
 		pkt->flow.sport = th->source;
 		pkt->flow.dport = th->dest;
 		pkt->tcp_syn = th->syn && !th->ack;
-		pkt->tcp_close = th->fin | th->rst;
 		return VF_CONTINUE;
 	}
 	if (pkt->flow.proto == VF_IPPROTO_UDP) {

@@ -108,7 +108,7 @@ func TestNATPlainBackends(t *testing.T) {
 	if err != nil || x == nil {
 		t.Fatalf("XDP on the balancer after SIGTERM: %+v, %v", x, err)
 	}
-	a = e.startAgent()
+	e.startAgent() // stopped by the env's cleanup
 	e.waitXDPSwap(x.ProgId, 10*time.Second)
 	waitEchoes(t, stream, stream.echoes.Load()+10, 5*time.Second)
 	if err := stream.failed(); err != nil {

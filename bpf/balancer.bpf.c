@@ -801,7 +801,7 @@ static __always_inline int vf_handle(struct xdp_md *ctx, const struct vf_setting
 		return ret;
 
 	if (!vf_maybe_vip(pkt))
-		return vf_nat_reverse(ctx, cfg, pkt); /* nat hook: a bitmap test unless nat is on */
+		goto not_vip;
 	/* Conntrack before the VIP: the entry of an established flow names
 	 * its VIP, which an array slot then confirms, so such a packet makes
 	 * one hashed lookup instead of two. */
@@ -815,7 +815,7 @@ static __always_inline int vf_handle(struct xdp_md *ctx, const struct vf_setting
 	if (!vip)
 		vip = vf_lookup_vip(cfg, pkt);
 	if (!vip)
-		return vf_nat_reverse(ctx, cfg, pkt); /* nat hook, as above */
+		goto not_vip;
 	/* Not counted for the VIP: the packet is another host's. */
 	ret = vf_check_our_mac(ctx, &iface);
 	if (ret != VF_CONTINUE)
@@ -839,6 +839,12 @@ static __always_inline int vf_handle(struct xdp_md *ctx, const struct vf_setting
 	if (vip->mode == VF_MODE_IPIP)
 		return vf_forward_ipip(ctx, cfg, iface, pkt, real);
 	return VF_R_DROP_ENCAP;
+
+not_vip:
+	/* nat hook: a packet to no VIP may be a nat reply to an SNAT address
+	 * (a bitmap test unless nat is on). One call site, so that its code
+	 * is in the program once. */
+	return vf_nat_reverse(ctx, cfg, pkt);
 }
 
 static __always_inline void vf_emit_event(const struct vf_pkt *pkt, __u32 reason)

@@ -524,6 +524,17 @@ static __always_inline int vf_charge_new_flow(const struct vf_settings *cfg,
 	return VF_CONTINUE;
 }
 
+/* An ICMP error that only nat takes (vf_icmp4_error_kind), about a flow of
+ * another mode: the stack's, as the parser left it before nat took such
+ * errors, so it is not counted for the VIP either. Decided here, inside
+ * the branches that conntrack and Maglev take on ICMP errors anyway, so
+ * that no other packet pays for the test. */
+static __always_inline int vf_icmp_not_for_vip(struct vf_pkt *pkt)
+{
+	pkt->vip_matched = 0;
+	return VF_R_PASS_NOT_VIP;
+}
+
 /*
  * ct is the packet's conntrack entry, looked up by vf_handle (NULL for a
  * miss, and for a SYN, which is not looked up).
@@ -557,8 +568,12 @@ static __always_inline int vf_select_real(const struct vf_settings *cfg,
 		real_id = ct->real_id;
 		real = bpf_map_lookup_elem(&vf_reals, &real_id);
 		if (vf_real_selectable(real) && now - ct->last_seen <= vf_idle_timeout(cfg, pkt)) {
-			if (!pkt->icmp_error && now - ct->last_seen > VF_CT_TOUCH_JIFFIES)
+			if (pkt->icmp_error) {
+				if (pkt->icmp_error == VF_ICMP_ERR_NAT_ONLY)
+					return vf_icmp_not_for_vip(pkt);
+			} else if (now - ct->last_seen > VF_CT_TOUCH_JIFFIES) {
 				ct->last_seen = now;
+			}
 			pkt->real_id = real_id;
 			*out = real;
 			return VF_CONTINUE;
@@ -570,6 +585,8 @@ static __always_inline int vf_select_real(const struct vf_settings *cfg,
 
 		if (ret != VF_CONTINUE)
 			return ret;
+	} else if (pkt->icmp_error == VF_ICMP_ERR_NAT_ONLY) {
+		return vf_icmp_not_for_vip(pkt);
 	}
 	real_id = vf_maglev_pick(cfg, vip, pkt);
 	if (!real_id)

@@ -76,9 +76,10 @@ func natRewritten(in, out []byte, l2 int) bool {
 			diff++
 		}
 	}
-	// Two addresses and two ports of the packet and of a quote, and three
-	// checksums: at most 2*16 + 2*16 + 4*2 + 3*2 bytes.
-	return diff <= 2*16+2*16+4*2+3*2
+	// Two addresses and two ports of the packet and of a quote, and four
+	// checksums (IPv4, ICMP, the quoted IPv4 and transport ones): at most
+	// 2*16 + 2*16 + 4*2 + 4*2 bytes.
+	return diff <= 2*16+2*16+4*2+4*2
 }
 
 func lookupFuzzVIP(vips map[VIP]fuzzVIP, v VIP) (fuzzVIP, bool) {
@@ -94,8 +95,30 @@ func lookupFuzzVIP(vips map[VIP]fuzzVIP, v VIP) (fuzzVIP, bool) {
 // one (gopacket misreads some IPv4 options, so it cannot serve here) and
 // names the VIP the frame may be forwarded for: its destination for TCP/UDP,
 // or the quoted flow's source for an ICMP error. It also returns the L2
-// header length.
-func servedVIP(frame []byte) (VIP, int, bool) {
+// header length, and whether the frame is an ICMP error that only nat may
+// take (any but "fragmentation needed" and "packet too big").
+func servedVIP(frame []byte) (v VIP, l2 int, natOnly bool, ok bool) {
+	v, l2, ok = servedVIPOrError(frame)
+	if ok && len(frame) > l2 {
+		natOnly = icmpNATOnly(frame[l2:])
+	}
+	return v, l2, natOnly, ok
+}
+
+// icmpNATOnly reads the type and code of an IP packet that is an ICMP
+// error, as servedVIPOrError decoded it.
+func icmpNATOnly(ip []byte) bool {
+	switch {
+	case len(ip) >= 20 && ip[0]>>4 == 4 && ip[9] == 1:
+		ihl := int(ip[0]&0xf) * 4
+		return len(ip) >= ihl+2 && !(ip[ihl] == 3 && ip[ihl+1] == 4)
+	case len(ip) >= 41 && ip[0]>>4 == 6 && ip[6] == 58:
+		return ip[40] != 2
+	}
+	return false
+}
+
+func servedVIPOrError(frame []byte) (VIP, int, bool) {
 	l2 := 14
 	etype := binary.BigEndian.Uint16(frame[12:14])
 	if etype == 0x8100 || etype == 0x88a8 {
@@ -111,7 +134,8 @@ func servedVIP(frame []byte) (VIP, int, bool) {
 	switch {
 	case proto == 6 || proto == 17:
 		return VIP{dst, binary.BigEndian.Uint16(l4[2:4]), Protocol(proto)}, l2, true
-	case proto == 1 && dst.Is4() && l4[0] == 3 && l4[1] == 4, proto == 58 && dst.Is6() && l4[0] == 2:
+	case proto == 1 && dst.Is4() && (l4[0] == 3 || l4[0] == 11 || l4[0] == 12),
+		proto == 58 && dst.Is6() && l4[0] >= 1 && l4[0] <= 4:
 		if len(l4) < 8 {
 			return VIP{}, l2, false
 		}
@@ -248,6 +272,24 @@ func FuzzBalancer(f *testing.F) {
 	f.Add(icmpFragNeeded(f, vip4, client4, natVIPPort, 40100, tcp))
 	f.Add(icmpFragNeeded(f, snat4, real4a, fuzzNATPort, realPort, tcp))
 	f.Add(icmpFragNeeded(f, snat6, real6a, fuzzNATPort, realPort, udp))
+	// The ICMP errors only nat takes, quoted whole so that the quoted
+	// checksum is there to fix, toward both the VIP and an SNAT address.
+	for i, kind := range icmpKindsOfNAT[1:] {
+		toReal := pkt{src: snat4, dst: real4a, sport: fuzzNATPort, dport: realPort, proto: tcp, tcpFlags: "A", payload: []byte("q")}
+		toClient := pkt{src: vip6, dst: client6, sport: natVIPPort, dport: 40100, proto: udp, payload: []byte("r")}
+		if i%2 == 1 {
+			toReal.src, toReal.dst, toReal.proto = snat6, real6a, udp
+			toClient.src, toClient.dst, toClient.proto = vip4, client4, tcp
+		}
+		for _, quoted := range []pkt{toReal, toClient} {
+			router := "10.9.9.9"
+			if netip.MustParseAddr(quoted.src).Is6() {
+				router = "fd00:9::9"
+			}
+			q := quoted.l3(f)
+			f.Add(icmpErrorOf(f, kind, router, quoted.src, q, len(q)))
+		}
+	}
 
 	f.Fuzz(func(t *testing.T, in []byte) {
 		if len(in) < 14 || len(in) > 4096 {
@@ -270,7 +312,7 @@ func FuzzBalancer(f *testing.F) {
 			t.Fatalf("unexpected verdict %v", verdict)
 		}
 
-		v, l2, ok := servedVIP(in)
+		v, l2, natOnly, ok := servedVIP(in)
 		if !ok {
 			t.Fatalf("transmitted a frame that does not decode as TCP/UDP or an ICMP error:\n%x", in)
 		}
@@ -287,6 +329,9 @@ func FuzzBalancer(f *testing.F) {
 		target, ok := lookupFuzzVIP(vips, v)
 		if !ok || !target.hasReal {
 			t.Fatalf("transmitted a frame for %v, which is not a VIP with a live real:\n%x", v, in)
+		}
+		if natOnly && target.mode != ModeNAT {
+			t.Fatalf("transmitted an ICMP error that only nat takes for a %v VIP:\n%x", target.mode, in)
 		}
 		if !bytes.Equal(in[0:6], lbMAC) {
 			t.Fatalf("transmitted a frame addressed to %x, not to the interface's %s:\n%x", in[0:6], lbMAC, in)

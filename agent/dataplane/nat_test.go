@@ -3,6 +3,7 @@ package dataplane
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
 	"net/netip"
 	"testing"
 	"time"
@@ -189,18 +190,44 @@ func TestNATReplyWithoutFlowPasses(t *testing.T) {
 	h.expectTx(t, in, ReasonPassNotVIP, in)
 }
 
+// icmpKind is one ICMP error, in the numbering of each family.
+type icmpKind struct {
+	name           string
+	v4Type, v4Code uint8
+	v6Type, v6Code uint8
+}
+
+var (
+	icmpTooBig     = icmpKind{"frag needed", 3, 4, 2, 0}
+	icmpKindsOfNAT = []icmpKind{
+		icmpTooBig,
+		{"port unreachable", 3, 3, 1, 4},
+		{"host unreachable", 3, 1, 1, 3},
+		{"admin prohibited", 3, 13, 1, 1},
+		{"time exceeded", 11, 0, 3, 0},
+		{"parameter problem", 12, 0, 4, 0},
+	}
+)
+
 // icmpError wraps the first quoteLen bytes of an IP packet in an ICMP
 // "fragmentation needed" (IPv4) or "packet too big" (IPv6) from src to dst.
 func icmpError(t *testing.T, src, dst string, quoted []byte, quoteLen int) []byte {
 	t.Helper()
+	return icmpErrorOf(t, icmpTooBig, src, dst, quoted, quoteLen)
+}
+
+// icmpErrorOf is icmpError for any kind of error. The 32 bits after the
+// type and code (MTU, pointer or unused) are set as for "too big".
+func icmpErrorOf(t testing.TB, kind icmpKind, src, dst string, quoted []byte, quoteLen int) []byte {
+	t.Helper()
 	s, d := netip.MustParseAddr(src), netip.MustParseAddr(dst)
 	if s.Is4() {
 		ip := &layers.IPv4{Version: 4, TTL: 64, Protocol: layers.IPProtocolICMPv4, SrcIP: s.AsSlice(), DstIP: d.AsSlice()}
-		icmp := &layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(3, 4), Seq: 1400}
+		icmp := &layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(kind.v4Type, kind.v4Code), Seq: 1400}
 		return frame(t, serialize(t, ip, icmp, gopacket.Payload(quoted[:quoteLen])), 0)
 	}
 	ip := &layers.IPv6{Version: 6, HopLimit: 64, NextHeader: layers.IPProtocolICMPv6, SrcIP: s.AsSlice(), DstIP: d.AsSlice()}
-	icmp := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(2, 0)}
+	icmp := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(kind.v6Type, kind.v6Code)}
 	icmp.SetNetworkLayerForChecksum(ip)
 	mtu := binary.BigEndian.AppendUint32(nil, 1280)
 	return frame(t, serialize(t, ip, icmp, gopacket.Payload(append(mtu, quoted[:quoteLen]...))), 0)
@@ -255,6 +282,67 @@ func TestNATICMPErrors(t *testing.T) {
 			in = icmpError(t, fam.router, fam.vip, other.l3(t), fam.quoteLen)
 			h.expectTx(t, in, ReasonDropNoReal, in)
 		})
+	}
+}
+
+// Every ICMP error that quotes its packet is translated for a nat flow, in
+// both directions, with the quoted transport checksum fixed whenever the
+// quote holds it: gopacket's quote of the translated packet, with its own
+// checksums, is the reference, cut where the original quote was cut (short
+// of the checksum, inside it, just after it, or not at all).
+func TestNATICMPErrorKinds(t *testing.T) {
+	h := natHarness(t)
+	for _, fam := range []struct {
+		name, client, vip, real, router string
+		ipLen                           int
+	}{
+		{"ipv4", client4, vip4, real4a, "10.9.9.9", 20},
+		{"ipv6", client6, vip6, real6a, "fd00:9::9", 40},
+	} {
+		for i, proto := range []layers.IPProtocol{layers.IPProtocolTCP, layers.IPProtocolUDP} {
+			cport := uint16(43100 + i)
+			fwd := pkt{src: fam.client, dst: fam.vip, sport: cport, dport: natVIPPort, proto: proto, tcpFlags: "S", payload: make([]byte, 64)}
+			if v, _ := h.run(fwd.frame(t)); v != VerdictTx {
+				t.Fatalf("%s %v client packet: verdict %v", fam.name, proto, v)
+			}
+			flow, ok := natFlow(t, h, netip.AddrPortFrom(netip.MustParseAddr(fam.client), cport), Protocol(proto))
+			if !ok {
+				t.Fatalf("%s %v: no nat flow", fam.name, proto)
+			}
+			snat, real := flow.SNAT, flow.Real
+			sent := fwd
+			sent.src, sent.dst, sent.sport, sent.dport = snat.Addr().String(), fam.real, snat.Port(), realPort
+			toClient := pkt{src: fam.vip, dst: fam.client, sport: natVIPPort, dport: cport, proto: proto, tcpFlags: "SA", payload: make([]byte, 64)}
+			fromReal := toClient
+			fromReal.src, fromReal.dst, fromReal.sport, fromReal.dport = real.Addr().String(), snat.Addr().String(), realPort, snat.Port()
+			checkAt := fam.ipLen + 16 // TCP
+			if proto == layers.IPProtocolUDP {
+				checkAt = fam.ipLen + 6
+			}
+			full := len(fwd.l3(t))
+			for _, kind := range icmpKindsOfNAT {
+				for _, quoteLen := range []int{fam.ipLen + 8, checkAt, checkAt + 1, checkAt + 2, full} {
+					t.Run(fmt.Sprintf("%s/%v/%s/quote%d", fam.name, proto, kind.name, quoteLen), func(t *testing.T) {
+						// A quote that ends inside the checksum field cannot
+						// have it fixed: its one byte stays as it was.
+						halfCheck := func(translated, original []byte) []byte {
+							if quoteLen == checkAt+1 {
+								translated = append([]byte(nil), translated...)
+								translated[checkAt] = original[checkAt]
+							}
+							return translated
+						}
+						in := icmpErrorOf(t, kind, fam.router, snat.Addr().String(), sent.l3(t), quoteLen)
+						want := icmpErrorOf(t, kind, fam.vip, fam.client, halfCheck(fwd.l3(t), sent.l3(t)), quoteLen)
+						h.expectTx(t, in, ReasonTxNATReply, withMACs(want, gwMAC, lbMAC))
+
+						in = icmpErrorOf(t, kind, fam.router, fam.vip, toClient.l3(t), quoteLen)
+						want = icmpErrorOf(t, kind, snat.Addr().String(), fam.real, halfCheck(fromReal.l3(t), toClient.l3(t)), quoteLen)
+						h.expectTx(t, in, ReasonTxNAT, withMACs(want, gwMAC, lbMAC))
+					})
+				}
+			}
+		}
 	}
 }
 
@@ -437,4 +525,51 @@ func TestNATRepliesSurviveReplacedSettings(t *testing.T) {
 	h.natSettings(natPortMin, natPortMax) // the agent writes its settings at start
 	reply := pkt{src: real4a, dst: snat4, sport: realPort, dport: flow.SNAT.Port(), proto: layers.IPProtocolTCP, tcpFlags: "SA"}
 	h.expectTx(t, reply.frame(t), ReasonTxNATReply, natExpect(t, reply, flow.VIP, flow.Client))
+}
+
+// The ICMP errors that only nat translates stay the stack's for VIPs of the
+// other modes, as they were before nat took them: passed untouched and not
+// counted for the VIP, for a flow conntrack knows or not, in both families,
+// and so is such an error whose quote is cut short. "Fragmentation needed"
+// still follows its flow (TestICMPErrorFollowsFlow).
+func TestICMPErrorsOnlyNATTakesPassOtherModes(t *testing.T) {
+	h := standardHarness(t)
+	tcp, udp := layers.IPProtocolTCP, layers.IPProtocolUDP
+	for _, c := range []struct {
+		name, client, vip, router string
+		vipID, ipLen              int
+		vipPort                   uint16
+		proto                     layers.IPProtocol
+	}{
+		{"dsr ipv4 tcp", client4, vip4, "10.9.9.9", vipIDDSR, 20, 80, tcp},
+		{"ipip ipv4 tcp", client4, vip4, "10.9.9.9", vipIDIP, 20, 8080, tcp},
+		{"dsr ipv4 udp", client4, vip4, "10.9.9.9", vipIDUDP, 20, 53, udp},
+		{"dsr ipv6 tcp", client6, vip6, "fd00:9::9", vipID6, 40, 443, tcp},
+		{"ipip ipv6 udp", client6, vip6, "fd00:9::9", vipID6IP, 40, 53, udp},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			cport := uint16(44000)
+			open := pkt{src: c.client, dst: c.vip, sport: cport, dport: c.vipPort, proto: c.proto, tcpFlags: "S"}
+			if v, _ := h.run(open.frame(t)); v != VerdictTx {
+				t.Fatalf("opening the flow: verdict %v", v)
+			}
+			reply := pkt{src: c.vip, dst: c.client, sport: c.vipPort, proto: c.proto, tcpFlags: "SA", payload: make([]byte, 32)}
+			for _, kind := range icmpKindsOfNAT[1:] {
+				for _, port := range []uint16{cport, cport + 1} { // known to conntrack, and not
+					reply.dport = port
+					for _, quoteLen := range []int{c.ipLen + 8, c.ipLen + 2} {
+						before, err := h.dp.VIPStats(uint32(c.vipID))
+						h.must(err)
+						in := icmpErrorOf(t, kind, c.router, c.vip, reply.l3(t), quoteLen)
+						h.expectTx(t, in, ReasonPassNotVIP, in)
+						after, err := h.dp.VIPStats(uint32(c.vipID))
+						h.must(err)
+						if after != before {
+							t.Fatalf("%s to port %d, quote %d: VIP stats moved from %+v to %+v", kind.name, port, quoteLen, before, after)
+						}
+					}
+				}
+			}
+		})
+	}
 }

@@ -8,13 +8,15 @@
  * The SNAT address is one this node owns, so the real's replies come back
  * here; sport is allocated per flow from [nat_port_min, nat_port_max]. Two
  * LRU tables hold each flow, one per direction (struct vf_nat_entry), so
- * each packet costs one lookup. An ICMP "fragmentation needed" / "packet too
- * big" about a NATed packet is translated too, outer and quoted headers.
+ * each packet costs one lookup. An ICMP error about a NATed packet
+ * (destination unreachable, fragmentation needed, time exceeded, parameter
+ * problem and their ICMPv6 twins) is translated too, outer and quoted
+ * headers.
  *
  * Checksums are fixed incrementally (RFC 1624): the IPv4 header checksum
  * for the addresses, the TCP/UDP checksum for the pseudo-header addresses
- * and the ports. The quoted transport checksum of an ICMP error is left as
- * it is: the quote is often cut short, and no receiver checks it.
+ * and the ports, in an ICMP error the quoted ones as well when the quote
+ * reaches them, and the ICMP checksum for all that changed under it.
  *
  * Included by balancer.bpf.c after its maps and the helpers used here
  * (vf_reals, vf_real_selectable, vf_maglev_pick, vf_charge_new_flow,
@@ -290,20 +292,51 @@ static __always_inline int vf_nat_rewrite_l4(void *data, void *data_end, const s
 	return -1;
 }
 
+/*
+ * The transport checksum of a quoted packet, after its addresses and ports
+ * changed by l4_acc (they are all in its sum, the addresses through the
+ * pseudo header). A quote may stop before the field (RFC 792 asks for 8
+ * bytes only): then there is nothing to fix. An IPv4 UDP checksum of 0
+ * means none and stays so. Returns the change to the ICMP checksum, which
+ * covers the field.
+ */
+static __always_inline __u32 vf_nat_fix_quoted_check(void *data, void *data_end,
+						     const struct vf_pkt *pkt, void *ports,
+						     __u32 l4_acc)
+{
+	__u32 quote_end = (__u32)pkt->l3_off + pkt->l3_len;
+	__u16 *check, old;
+
+	if (pkt->flow.proto == VF_IPPROTO_TCP)
+		check = ports + __builtin_offsetof(struct tcphdr, check);
+	else
+		check = ports + __builtin_offsetof(struct udphdr, check);
+	/* Both ends: the frame may carry Ethernet padding after the quote. */
+	if ((void *)(check + 1) > data_end || (void *)(check + 1) - data > quote_end)
+		return 0;
+	old = *check;
+	if (pkt->flow.proto == VF_IPPROTO_UDP && !old && pkt->flow.family == VF_AF_INET)
+		return 0;
+	*check = vf_csum_apply(old, l4_acc);
+	if (pkt->flow.proto == VF_IPPROTO_UDP && !*check)
+		*check = 0xffff;
+	return vf_csum_add16(0, old, *check);
+}
+
 /* The packet quoted in an ICMP error becomes peer as it is (it was sent in
- * the other direction); returns the change to the ICMP checksum. */
+ * the other direction): its IP header, its ports and its transport
+ * checksum. Returns the change to the ICMP checksum. */
 static __always_inline int vf_nat_rewrite_quoted(void *data, void *data_end,
 						 const struct vf_pkt *pkt,
 						 const struct vf_flow_key *peer, __u32 *icmp_acc)
 {
-	__u32 l4_off = pkt->l4_off, acc = 0;
+	__u32 l4_off = pkt->l4_off, acc = 0, addr_acc = 0, port_acc = 0;
 	struct vf_quoted_ports *ports;
 
 	if (l4_off > VF_MAX_L4_OFF)
 		return -1;
 	if (pkt->flow.family == VF_AF_INET) {
 		struct iphdr *inner = data + l4_off + sizeof(struct icmphdr);
-		__u32 ip_acc = 0;
 		__u16 old_check;
 
 		if ((void *)(inner + 1) > data_end || inner->ihl < 5)
@@ -311,28 +344,33 @@ static __always_inline int vf_nat_rewrite_quoted(void *data, void *data_end,
 		ports = (void *)inner + inner->ihl * 4;
 		if ((void *)(ports + 1) > data_end)
 			return -1;
-		ip_acc = vf_csum_add32(ip_acc, inner->saddr, peer->src[0]);
-		ip_acc = vf_csum_add32(ip_acc, inner->daddr, peer->dst[0]);
+		addr_acc = vf_csum_add32(addr_acc, inner->saddr, peer->src[0]);
+		addr_acc = vf_csum_add32(addr_acc, inner->daddr, peer->dst[0]);
 		inner->saddr = peer->src[0];
 		inner->daddr = peer->dst[0];
 		old_check = inner->check;
-		inner->check = vf_csum_apply(old_check, ip_acc);
-		acc = vf_csum_add16(ip_acc, old_check, inner->check);
+		inner->check = vf_csum_apply(old_check, addr_acc);
+		acc = vf_csum_add16(addr_acc, old_check, inner->check);
 	} else {
 		struct ipv6hdr *inner = data + l4_off + sizeof(struct icmp6hdr);
 
 		ports = (void *)(inner + 1);
 		if ((void *)(ports + 1) > data_end)
 			return -1;
-		acc = vf_csum_add_addr(acc, inner->saddr.in6_u.u6_addr32, peer->src, VF_AF_INET6);
-		acc = vf_csum_add_addr(acc, inner->daddr.in6_u.u6_addr32, peer->dst, VF_AF_INET6);
+		addr_acc = vf_csum_add_addr(addr_acc, inner->saddr.in6_u.u6_addr32, peer->src,
+					    VF_AF_INET6);
+		addr_acc = vf_csum_add_addr(addr_acc, inner->daddr.in6_u.u6_addr32, peer->dst,
+					    VF_AF_INET6);
 		__builtin_memcpy(&inner->saddr, peer->src, sizeof(inner->saddr));
 		__builtin_memcpy(&inner->daddr, peer->dst, sizeof(inner->daddr));
+		acc = addr_acc;
 	}
-	acc = vf_csum_add16(acc, ports->sport, peer->sport);
-	acc = vf_csum_add16(acc, ports->dport, peer->dport);
+	port_acc = vf_csum_add16(port_acc, ports->sport, peer->sport);
+	port_acc = vf_csum_add16(port_acc, ports->dport, peer->dport);
 	ports->sport = peer->sport;
 	ports->dport = peer->dport;
+	acc += port_acc;
+	acc += vf_nat_fix_quoted_check(data, data_end, pkt, ports, addr_acc + port_acc);
 	*icmp_acc = acc;
 	return 0;
 }

@@ -33,7 +33,12 @@
 
 #define VF_ICMP_DEST_UNREACH 3
 #define VF_ICMP_FRAG_NEEDED  4
-#define VF_ICMPV6_PKT_TOOBIG 2
+#define VF_ICMP_TIME_EXCEEDED 11
+#define VF_ICMP_PARAMETERPROB 12
+#define VF_ICMPV6_DEST_UNREACH 1
+#define VF_ICMPV6_PKT_TOOBIG   2
+#define VF_ICMPV6_TIME_EXCEED  3
+#define VF_ICMPV6_PARAMPROB    4
 
 /* Martian sources (RFC 1122 3.2.1.3, RFC 4291 2.7): first octet of
  * 0.0.0.0/8 and 127.0.0.0/8, the limited broadcast, the first nibble of

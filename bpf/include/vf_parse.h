@@ -29,7 +29,7 @@ struct vf_pkt {
 	__u8 tos;
 	__u8 fragment;
 	__u8 ext_limit;  /* IPv6 extension chain longer than we walk */
-	__u8 icmp_error; /* flow came from the packet quoted in an ICMP error */
+	__u8 icmp_error; /* VF_ICMP_ERR_*: flow came from the packet quoted in an ICMP error */
 	__u8 vip_matched;
 	__u8 new_flow;
 	__u8 tcp_syn; /* a TCP SYN without ACK: a connection being opened */
@@ -196,30 +196,74 @@ static __always_inline int vf_quoted_l4_ok(__u8 proto)
 }
 
 /*
- * ICMP "fragmentation needed" quoting a packet that a real sent from the VIP
- * (src = VIP, dst = client). The flow it belongs to is the reverse of the
- * quoted tuple, which is what conntrack and Maglev were keyed on. Any other
- * ICMP message is not ours.
+ * Which ICMP errors the balancer takes (pkt->icmp_error). "Fragmentation
+ * needed" and "packet too big" matter to every VIP: path MTU discovery
+ * breaks without them. The other errors that quote the packet they are
+ * about (destination unreachable, time exceeded, parameter problem) only
+ * mode nat takes, since only nat changed the addresses the sender of the
+ * error saw; for other VIPs they go to the stack as ever.
+ */
+enum {
+	VF_ICMP_ERR_NONE = 0,
+	VF_ICMP_ERR_ANY_VIP,
+	VF_ICMP_ERR_NAT_ONLY,
+};
+
+static __always_inline __u8 vf_icmp4_error_kind(__u8 type, __u8 code)
+{
+	if (type == VF_ICMP_DEST_UNREACH && code == VF_ICMP_FRAG_NEEDED)
+		return VF_ICMP_ERR_ANY_VIP;
+	if (type == VF_ICMP_DEST_UNREACH || type == VF_ICMP_TIME_EXCEEDED ||
+	    type == VF_ICMP_PARAMETERPROB)
+		return VF_ICMP_ERR_NAT_ONLY;
+	return VF_ICMP_ERR_NONE;
+}
+
+static __always_inline __u8 vf_icmp6_error_kind(__u8 type)
+{
+	if (type == VF_ICMPV6_PKT_TOOBIG)
+		return VF_ICMP_ERR_ANY_VIP;
+	if (type == VF_ICMPV6_DEST_UNREACH || type == VF_ICMPV6_TIME_EXCEED ||
+	    type == VF_ICMPV6_PARAMPROB)
+		return VF_ICMP_ERR_NAT_ONLY;
+	return VF_ICMP_ERR_NONE;
+}
+
+/* A malformed quote: dropped for the errors every VIP takes, as before nat
+ * took the others, which go to the stack untouched. */
+static __always_inline int vf_icmp_bad_quote(__u8 kind)
+{
+	return kind == VF_ICMP_ERR_NAT_ONLY ? VF_R_PASS_NOT_VIP : VF_R_DROP_MALFORMED_L4;
+}
+
+/*
+ * An ICMP error quoting a packet that a real sent from the VIP (src = VIP,
+ * dst = client), or that nat sent from its SNAT address. The flow it
+ * belongs to is the reverse of the quoted tuple, which is what conntrack,
+ * Maglev and the nat tables were keyed on. Any other ICMP message is not
+ * ours.
  */
 static __always_inline int vf_parse_icmp4(void *l4, void *data_end, struct vf_pkt *pkt)
 {
 	struct icmphdr *icmp = l4;
 	struct vf_quoted_ports *ports;
 	struct iphdr *inner;
+	__u8 kind;
 
 	if ((void *)(icmp + 1) > data_end)
 		return VF_R_DROP_MALFORMED_L4;
-	if (icmp->type != VF_ICMP_DEST_UNREACH || icmp->code != VF_ICMP_FRAG_NEEDED)
+	kind = vf_icmp4_error_kind(icmp->type, icmp->code);
+	if (kind == VF_ICMP_ERR_NONE)
 		return VF_R_PASS_NOT_VIP;
 
 	inner = (void *)(icmp + 1);
 	if ((void *)(inner + 1) > data_end)
-		return VF_R_DROP_MALFORMED_L4;
+		return vf_icmp_bad_quote(kind);
 	if (inner->version != 4 || inner->ihl < 5)
-		return VF_R_DROP_MALFORMED_L4;
+		return vf_icmp_bad_quote(kind);
 	ports = (void *)inner + inner->ihl * 4;
 	if ((void *)(ports + 1) > data_end)
-		return VF_R_DROP_MALFORMED_L4;
+		return vf_icmp_bad_quote(kind);
 	if (!vf_quoted_l4_ok(inner->protocol) || inner->saddr != pkt->flow.dst[0])
 		return VF_R_PASS_NOT_VIP;
 
@@ -228,7 +272,7 @@ static __always_inline int vf_parse_icmp4(void *l4, void *data_end, struct vf_pk
 	pkt->flow.sport = ports->dport;
 	pkt->flow.dport = ports->sport;
 	pkt->flow.proto = inner->protocol;
-	pkt->icmp_error = 1;
+	pkt->icmp_error = kind;
 	return VF_CONTINUE;
 }
 
@@ -237,23 +281,25 @@ static __always_inline int vf_addr6_equal(const __u32 *a, const __u32 *b)
 	return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3])) == 0;
 }
 
-/* ICMPv6 "packet too big", the IPv6 twin of vf_parse_icmp4. The quoted packet
- * must carry TCP or UDP directly after its fixed header. */
+/* The IPv6 twin of vf_parse_icmp4. The quoted packet must carry TCP or UDP
+ * directly after its fixed header. */
 static __always_inline int vf_parse_icmp6(void *l4, void *data_end, struct vf_pkt *pkt)
 {
 	struct icmp6hdr *icmp = l4;
 	struct vf_quoted_ports *ports;
 	struct ipv6hdr *inner;
+	__u8 kind;
 
 	if ((void *)(icmp + 1) > data_end)
 		return VF_R_DROP_MALFORMED_L4;
-	if (icmp->icmp6_type != VF_ICMPV6_PKT_TOOBIG)
+	kind = vf_icmp6_error_kind(icmp->icmp6_type);
+	if (kind == VF_ICMP_ERR_NONE)
 		return VF_R_PASS_NOT_VIP;
 
 	inner = (void *)(icmp + 1);
 	ports = (void *)(inner + 1);
 	if ((void *)(ports + 1) > data_end)
-		return VF_R_DROP_MALFORMED_L4;
+		return vf_icmp_bad_quote(kind);
 	if (inner->version != 6 || !vf_quoted_l4_ok(inner->nexthdr))
 		return VF_R_PASS_NOT_VIP;
 	if (!vf_addr6_equal(inner->saddr.in6_u.u6_addr32, pkt->flow.dst))
@@ -263,7 +309,7 @@ static __always_inline int vf_parse_icmp6(void *l4, void *data_end, struct vf_pk
 	pkt->flow.sport = ports->dport;
 	pkt->flow.dport = ports->sport;
 	pkt->flow.proto = inner->nexthdr;
-	pkt->icmp_error = 1;
+	pkt->icmp_error = kind;
 	return VF_CONTINUE;
 }
 

@@ -346,6 +346,27 @@ func TestNATICMPErrorKinds(t *testing.T) {
 	}
 }
 
+// Bytes after the IP packet (Ethernet padding, here made long enough to
+// hold a quoted TCP checksum) are not part of the quote: left as they are.
+func TestNATICMPErrorPaddingIsNotQuote(t *testing.T) {
+	h := natHarness(t)
+	cport := uint16(43200)
+	fwd := pkt{src: client4, dst: vip4, sport: cport, dport: natVIPPort, proto: layers.IPProtocolTCP, tcpFlags: "S", payload: make([]byte, 64)}
+	if v, _ := h.run(fwd.frame(t)); v != VerdictTx {
+		t.Fatalf("client packet: verdict %v", v)
+	}
+	flow, ok := natFlow(t, h, netip.AddrPortFrom(netip.MustParseAddr(client4), cport), ProtoTCP)
+	if !ok {
+		t.Fatal("no nat flow")
+	}
+	sent := fwd
+	sent.src, sent.dst, sent.sport, sent.dport = flow.SNAT.Addr().String(), real4a, flow.SNAT.Port(), realPort
+	padding := bytes.Repeat([]byte{0xa5}, 12)
+	in := append(icmpError(t, "10.9.9.9", snat4, sent.l3(t), 20+8), padding...)
+	want := append(icmpError(t, vip4, client4, fwd.l3(t), 20+8), padding...)
+	h.expectTx(t, in, ReasonTxNATReply, withMACs(want, gwMAC, lbMAC))
+}
+
 // Ports come from the configured range only, one per flow toward a real;
 // when every port tried is held by a live flow the new flow is dropped and
 // counted; a flow that expired gives its port back.

@@ -490,6 +490,7 @@ func settingsFrom(cfg *config.Config) dataplane.Settings {
 	d := cfg.Dataplane
 	s := dataplane.Settings{
 		UseFIB:           d.Nexthop == config.NexthopFIB,
+		GUEPort:          uint16(d.GUEPort), // validated: 1..65535
 		TCPIdleTimeoutNs: uint64(d.TCPIdleTimeout.Std()),
 		UDPIdleTimeoutNs: uint64(d.UDPIdleTimeout.Std()),
 		EventSampleEvery: eventSampleEvery,

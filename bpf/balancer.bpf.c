@@ -3,7 +3,7 @@
  * VeloFlux L4 balancer, XDP.
  *
  *   parse -> denylist -> VIP -> our MAC? -> martian source? -> conntrack
- *         -> (new flow: per-source limit) -> Maglev -> forward (dsr | ipip)
+ *         -> (new flow: per-source limit) -> Maglev -> forward (dsr | ipip | gue)
  *   nat VIPs keep their own state instead of conntrack (vf_nat.h), and a
  *   packet to no VIP may be a nat reply to one of our SNAT addresses.
  *
@@ -20,6 +20,11 @@
 #include "vf_net.h"
 #include "vf_hash.h"
 #include "vf_parse.h"
+
+/* gue: the outer UDP header, and the range its source port is taken from. */
+#define VF_GUE_UDP_HDR_LEN ((__u32)sizeof(struct udphdr))
+#define VF_GUE_SPORT_BASE  0xc000
+#define VF_GUE_SPORT_MASK  0x3fff
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -624,29 +629,45 @@ static __always_inline int vf_forward_dsr(struct xdp_md *ctx, const struct vf_if
 	return VF_R_TX_DSR;
 }
 
+/* GUE's UDP source port: the flow's hash folded into the dynamic range
+ * (49152-65535), so the backends' NIC RSS and any ECMP on the way spread
+ * the flows, every packet of a flow (and the ICMP errors about it, whose
+ * flow is the quoted one) keeps one port, and no well-known port is used. */
+static __always_inline __be16 vf_gue_sport(const struct vf_pkt *pkt)
+{
+	return bpf_htons(VF_GUE_SPORT_BASE | (vf_hash_flow(&pkt->flow) & VF_GUE_SPORT_MASK));
+}
+
 /* The MACs for the encapsulated frame: the kernel's FIB and neighbour table
  * when enabled and the next hop is out of the interface we transmit on,
- * otherwise the configured gateway. */
+ * otherwise the configured gateway. gue is a compile-time constant: the
+ * lookup describes the outer packet as ipip or gue builds it. */
 static __always_inline int vf_ipip_nexthop(struct xdp_md *ctx, const struct vf_settings *cfg,
 					   const struct vf_iface *iface, const struct vf_pkt *pkt,
-					   const struct vf_real *real, __u8 *smac, __u8 *dmac)
+					   const struct vf_real *real, const int gue, __be16 gue_sport,
+					   __u8 *smac, __u8 *dmac)
 {
 	if (cfg->use_fib) {
 		struct bpf_fib_lookup fib = {};
 		__u32 ifindex = ctx->ingress_ifindex;
+		__u32 udp_len = gue ? VF_GUE_UDP_HDR_LEN : 0;
 
 		fib.family = pkt->flow.family;
 		fib.ifindex = ifindex;
 		if (pkt->flow.family == VF_AF_INET) {
-			fib.l4_protocol = VF_IPPROTO_IPIP;
-			fib.tot_len = pkt->l3_len + VF_IPV4_HDR_LEN;
+			fib.l4_protocol = gue ? VF_IPPROTO_UDP : VF_IPPROTO_IPIP;
+			fib.tot_len = pkt->l3_len + VF_IPV4_HDR_LEN + udp_len;
 			fib.ipv4_src = cfg->encap_src4;
 			fib.ipv4_dst = real->addr[0];
 		} else {
-			fib.l4_protocol = VF_IPPROTO_IPV6;
-			fib.tot_len = pkt->l3_len + VF_IPV6_HDR_LEN;
+			fib.l4_protocol = gue ? VF_IPPROTO_UDP : VF_IPPROTO_IPV6;
+			fib.tot_len = pkt->l3_len + VF_IPV6_HDR_LEN + udp_len;
 			__builtin_memcpy(fib.ipv6_src, cfg->encap_src6, sizeof(fib.ipv6_src));
 			__builtin_memcpy(fib.ipv6_dst, real->addr, sizeof(fib.ipv6_dst));
+		}
+		if (gue) {
+			fib.sport = gue_sport;
+			fib.dport = cfg->gue_port;
 		}
 		if (bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) == BPF_FIB_LKUP_RET_SUCCESS &&
 		    fib.ifindex == ifindex) {
@@ -703,16 +724,39 @@ static __always_inline void *vf_push_outer(struct xdp_md *ctx, const struct vf_p
 	return eth + 1;
 }
 
+/* gue: the outer UDP header after an outer IP header that ends at next.
+ * The checksum is zero in both families: RFC 768 allows it over IPv4, and
+ * RFC 6935/6936 allow it over IPv6 for tunnel protocols whose inner packet
+ * carries its own transport checksum, as every packet we forward does. A
+ * real checksum would cost a sum over the whole inner packet per packet,
+ * and the decapsulator, an XDP program, does not check it. */
+static __always_inline int vf_gue_fill_udp(struct xdp_md *ctx, const struct vf_settings *cfg,
+					   const struct vf_pkt *pkt, __be16 sport, void *next)
+{
+	struct udphdr *udph = next;
+
+	if ((void *)(udph + 1) > (void *)(long)ctx->data_end)
+		return -1;
+	udph->source = sport;
+	udph->dest = cfg->gue_port;
+	udph->len = bpf_htons(pkt->l3_len + VF_GUE_UDP_HDR_LEN);
+	udph->check = 0;
+	return 0;
+}
+
+/* IPv4-in-IPv4 (ipip) or IPv4 in UDP in IPv4 (gue, a compile-time constant). */
 static __always_inline int vf_encap_ipv4(struct xdp_md *ctx, const struct vf_settings *cfg,
 					 const struct vf_pkt *pkt, const struct vf_real *real,
-					 const __u8 *smac, const __u8 *dmac)
+					 const int gue, __be16 gue_sport, const __u8 *smac,
+					 const __u8 *dmac)
 {
-	__u32 outer_len = pkt->l3_len + VF_IPV4_HDR_LEN;
+	__u32 hdr_len = VF_IPV4_HDR_LEN + (gue ? VF_GUE_UDP_HDR_LEN : 0);
+	__u32 outer_len = pkt->l3_len + hdr_len;
 	struct iphdr *iph;
 
 	if (!cfg->encap_src4 || outer_len > 0xffff)
 		return VF_R_DROP_ENCAP;
-	iph = vf_push_outer(ctx, pkt, VF_IPV4_HDR_LEN, bpf_htons(VF_ETH_P_IP), smac, dmac);
+	iph = vf_push_outer(ctx, pkt, hdr_len, bpf_htons(VF_ETH_P_IP), smac, dmac);
 	if (!iph || (void *)(iph + 1) > (void *)(long)ctx->data_end)
 		return VF_R_DROP_ENCAP;
 
@@ -724,25 +768,34 @@ static __always_inline int vf_encap_ipv4(struct xdp_md *ctx, const struct vf_set
 	/* RFC 2003: the outer header inherits DF, so PMTU discovery still works. */
 	iph->frag_off = pkt->df ? bpf_htons(VF_IP_DF) : 0;
 	iph->ttl = VF_DEFAULT_TTL;
-	iph->protocol = VF_IPPROTO_IPIP;
+	iph->protocol = gue ? VF_IPPROTO_UDP : VF_IPPROTO_IPIP;
 	iph->check = 0;
 	iph->saddr = cfg->encap_src4;
 	iph->daddr = real->addr[0];
 	iph->check = vf_ipv4_hdr_csum(iph);
-	return VF_R_TX_IPIP;
+	if (!gue)
+		return VF_R_TX_IPIP;
+	if (vf_gue_fill_udp(ctx, cfg, pkt, gue_sport, iph + 1))
+		return VF_R_DROP_ENCAP;
+	return VF_R_TX_GUE;
 }
 
+/* IPv6-in-IPv6 (ipip) or IPv6 in UDP in IPv6 (gue, a compile-time constant). */
 static __always_inline int vf_encap_ipv6(struct xdp_md *ctx, const struct vf_settings *cfg,
 					 const struct vf_pkt *pkt, const struct vf_real *real,
-					 const __u8 *smac, const __u8 *dmac)
+					 const int gue, __be16 gue_sport, const __u8 *smac,
+					 const __u8 *dmac)
 {
+	__u32 udp_len = gue ? VF_GUE_UDP_HDR_LEN : 0;
+	__u32 payload_len = pkt->l3_len + udp_len;
 	struct ipv6hdr *ip6;
 
 	if ((cfg->encap_src6[0] | cfg->encap_src6[1] | cfg->encap_src6[2] | cfg->encap_src6[3]) ==
 		    0 ||
-	    pkt->l3_len > 0xffff)
+	    payload_len > 0xffff)
 		return VF_R_DROP_ENCAP;
-	ip6 = vf_push_outer(ctx, pkt, VF_IPV6_HDR_LEN, bpf_htons(VF_ETH_P_IPV6), smac, dmac);
+	ip6 = vf_push_outer(ctx, pkt, VF_IPV6_HDR_LEN + udp_len, bpf_htons(VF_ETH_P_IPV6), smac,
+			    dmac);
 	if (!ip6 || (void *)(ip6 + 1) > (void *)(long)ctx->data_end)
 		return VF_R_DROP_ENCAP;
 
@@ -751,28 +804,39 @@ static __always_inline int vf_encap_ipv6(struct xdp_md *ctx, const struct vf_set
 	ip6->flow_lbl[0] = (pkt->tos & 0x0f) << 4;
 	ip6->flow_lbl[1] = 0;
 	ip6->flow_lbl[2] = 0;
-	ip6->payload_len = bpf_htons(pkt->l3_len);
-	ip6->nexthdr = VF_IPPROTO_IPV6;
+	ip6->payload_len = bpf_htons(payload_len);
+	ip6->nexthdr = gue ? VF_IPPROTO_UDP : VF_IPPROTO_IPV6;
 	ip6->hop_limit = VF_DEFAULT_TTL;
 	__builtin_memcpy(&ip6->saddr, cfg->encap_src6, sizeof(ip6->saddr));
 	__builtin_memcpy(&ip6->daddr, real->addr, sizeof(ip6->daddr));
-	return VF_R_TX_IPIP;
+	if (!gue)
+		return VF_R_TX_IPIP;
+	if (vf_gue_fill_udp(ctx, cfg, pkt, gue_sport, ip6 + 1))
+		return VF_R_DROP_ENCAP;
+	return VF_R_TX_GUE;
 }
 
-/* ipip: IPv4-in-IPv4 or IPv6-in-IPv6 toward the real. */
+/* ipip: IPv4-in-IPv4 or IPv6-in-IPv6 toward the real; gue (a compile-time
+ * constant): the same with a UDP header between the two IP headers. */
 static __always_inline int vf_forward_ipip(struct xdp_md *ctx, const struct vf_settings *cfg,
 					   const struct vf_iface *iface, const struct vf_pkt *pkt,
-					   const struct vf_real *real)
+					   const struct vf_real *real, const int gue)
 {
 	__u8 smac[VF_ETH_ALEN], dmac[VF_ETH_ALEN];
+	__be16 sport = 0;
 
 	if (real->family != pkt->flow.family)
 		return VF_R_DROP_ENCAP;
-	if (vf_ipip_nexthop(ctx, cfg, iface, pkt, real, smac, dmac))
+	if (gue) {
+		if (!cfg->gue_port)
+			return VF_R_DROP_ENCAP;
+		sport = vf_gue_sport(pkt);
+	}
+	if (vf_ipip_nexthop(ctx, cfg, iface, pkt, real, gue, sport, smac, dmac))
 		return VF_R_DROP_NO_ROUTE;
 	if (pkt->flow.family == VF_AF_INET)
-		return vf_encap_ipv4(ctx, cfg, pkt, real, smac, dmac);
-	return vf_encap_ipv6(ctx, cfg, pkt, real, smac, dmac);
+		return vf_encap_ipv4(ctx, cfg, pkt, real, gue, sport, smac, dmac);
+	return vf_encap_ipv6(ctx, cfg, pkt, real, gue, sport, smac, dmac);
 }
 
 /* --- mode nat: the NAT tables and both directions, using the helpers above --- */
@@ -854,7 +918,9 @@ static __always_inline int vf_handle(struct xdp_md *ctx, const struct vf_setting
 	if (vip->mode == VF_MODE_DSR)
 		return vf_forward_dsr(ctx, iface, real);
 	if (vip->mode == VF_MODE_IPIP)
-		return vf_forward_ipip(ctx, cfg, iface, pkt, real);
+		return vf_forward_ipip(ctx, cfg, iface, pkt, real, 0);
+	if (vip->mode == VF_MODE_GUE)
+		return vf_forward_ipip(ctx, cfg, iface, pkt, real, 1);
 	return VF_R_DROP_ENCAP;
 
 not_vip:
@@ -907,7 +973,8 @@ static __always_inline void vf_account(const struct vf_settings *cfg, const stru
 			vs->drops += vf_reason_verdict(reason) == XDP_DROP;
 		}
 	}
-	if (reason == VF_R_TX_DSR || reason == VF_R_TX_IPIP || reason == VF_R_TX_NAT) {
+	if (reason == VF_R_TX_DSR || reason == VF_R_TX_IPIP || reason == VF_R_TX_NAT ||
+	    reason == VF_R_TX_GUE) {
 		struct vf_real_stats *rs = bpf_map_lookup_elem(&vf_stats_real, &real_id);
 
 		if (rs) {

@@ -139,9 +139,14 @@ type DataplaneConfig struct {
 	RingSize   int     `yaml:"ring_size"`
 	GatewayMAC string  `yaml:"gateway_mac,omitempty"`
 	Nexthop    Nexthop `yaml:"nexthop"`
-	// EncapSourceV4/V6 are the outer source addresses of IPIP packets.
-	EncapSourceV4  string   `yaml:"encap_source_v4,omitempty"`
-	EncapSourceV6  string   `yaml:"encap_source_v6,omitempty"`
+	// EncapSourceV4/V6 are the outer source addresses of IPIP and GUE
+	// packets.
+	EncapSourceV4 string `yaml:"encap_source_v4,omitempty"`
+	EncapSourceV6 string `yaml:"encap_source_v6,omitempty"`
+	// GUEPort is the UDP destination port of the packets of gue VIPs, the
+	// port the backends' decapsulators listen on (decap.gue_port there).
+	// One port for all VIPs: a decapsulator accepts exactly one.
+	GUEPort        int      `yaml:"gue_port"`
 	TCPIdleTimeout Duration `yaml:"tcp_idle_timeout"`
 	UDPIdleTimeout Duration `yaml:"udp_idle_timeout"`
 	// NewFlowLimit bounds how fast one source may open flows through the
@@ -383,6 +388,10 @@ const (
 	// and source (to an SNAT address of this node) and translates the
 	// replies back: backends need no change at all.
 	VIPModeNAT VIPMode = "nat"
+	// VIPModeGUE encapsulates the packet in an outer IP and UDP header
+	// addressed to the backend's dataplane.gue_port (GUE variant 1, as
+	// Katran sends it).
+	VIPModeGUE VIPMode = "gue"
 )
 
 // VIP is a virtual service handled by the XDP dataplane.
@@ -534,6 +543,7 @@ func staticDefaults() *Config {
 			ConntrackSize:  defaultConntrackSize,
 			RingSize:       defaultRingSize,
 			Nexthop:        defaultNexthop,
+			GUEPort:        DefaultGUEPort,
 			TCPIdleTimeout: Duration(defaultTCPIdleTimeout),
 			UDPIdleTimeout: Duration(defaultUDPIdleTimeout),
 			NewFlowLimit:   NewFlowLimit{TableSize: defaultNewFlowTable},

@@ -58,6 +58,7 @@ func TestParseMinimalAppliesDefaults(t *testing.T) {
 			ConntrackSize:  1048576,
 			RingSize:       65537,
 			Nexthop:        NexthopFIB,
+			GUEPort:        DefaultGUEPort,
 			TCPIdleTimeout: Duration(300 * time.Second),
 			UDPIdleTimeout: Duration(30 * time.Second),
 			NewFlowLimit:   NewFlowLimit{TableSize: 65536},
@@ -275,6 +276,32 @@ vips:
 				`vips[0].pool: ipip VIP 10.0.0.100 is IPv4 but pools[0].backends[1] (2001:db8::12) is IPv6; all backends of an ipip VIP must share its address family`,
 				`vips[1].pool: ipip VIP 2001:db8::100 is IPv6 but pools[0].backends[0] (10.0.0.11) is IPv4; all backends of an ipip VIP must share its address family`,
 				`dataplane.encap_source_v6: required because vips[1] uses ipip mode with an IPv6 address`,
+			},
+		},
+		{
+			name: "gue family mismatch, missing encap source and bad gue port",
+			yaml: `
+node: {name: lb}
+dataplane:
+  interfaces: [eth0]
+  encap_source_v4: 10.0.0.2
+  gue_port: 70000
+pools:
+  - name: web
+    backends:
+      - {address: 10.0.0.11, port: 80}
+      - {address: "2001:db8::12", port: 80}
+vips:
+  - {address: 10.0.0.100, port: 80, protocol: tcp, mode: gue, pool: web}
+  - {address: "2001:db8::100", port: 80, protocol: tcp, mode: gue, pool: web}
+  - {address: 10.0.0.101, port: 80, protocol: tcp, mode: fou, pool: web}
+`,
+			want: []string{
+				`dataplane.gue_port: must be a UDP port between 1 and 65535, got 70000`,
+				`vips[0].pool: gue VIP 10.0.0.100 is IPv4 but pools[0].backends[1] (2001:db8::12) is IPv6; all backends of an gue VIP must share its address family`,
+				`vips[1].pool: gue VIP 2001:db8::100 is IPv6 but pools[0].backends[0] (10.0.0.11) is IPv4; all backends of an gue VIP must share its address family`,
+				`vips[2].mode: must be one of dsr, ipip, nat, gue, got "fou"`,
+				`dataplane.encap_source_v6: required because vips[1] uses gue mode with an IPv6 address`,
 			},
 		},
 		{

@@ -116,6 +116,10 @@ func (c *Config) validateDataplane(v *collector) {
 		v.add(p+".ring_size", "%s", msg)
 	}
 
+	if dp.GUEPort < 1 || dp.GUEPort > 65535 {
+		v.add(p+".gue_port", "must be a UDP port between 1 and 65535, got %d", dp.GUEPort)
+	}
+
 	if dp.GatewayMAC != "" {
 		hw, err := net.ParseMAC(dp.GatewayMAC)
 		switch {
@@ -479,7 +483,7 @@ func (c *Config) validateVIPs(v *collector, pools poolIndex) {
 		proto Protocol
 	}
 	seen := make(map[vipKey]int, len(c.VIPs))
-	// First VIP of each family that needs an IPIP encapsulation source.
+	// First VIP of each family that needs an encapsulation source (ipip or gue).
 	needV4, needV6 := -1, -1
 
 	for i, vip := range c.VIPs {
@@ -501,7 +505,7 @@ func (c *Config) validateVIPs(v *collector, pools poolIndex) {
 		} else {
 			checkEnum(v, vp+".protocol", vip.Protocol, ProtocolTCP, ProtocolUDP)
 		}
-		checkEnum(v, vp+".mode", vip.Mode, VIPModeDSR, VIPModeIPIP, VIPModeNAT)
+		checkEnum(v, vp+".mode", vip.Mode, VIPModeDSR, VIPModeIPIP, VIPModeNAT, VIPModeGUE)
 		if vip.SNATAddress != "" && vip.Mode != VIPModeNAT {
 			v.add(vp+".snat_address", "only valid for mode nat (mode is %q)", vip.Mode)
 		}
@@ -531,7 +535,7 @@ func (c *Config) validateVIPs(v *collector, pools poolIndex) {
 			validateNATVIP(v, vp, addr, vip, pool, pi)
 			continue
 		}
-		if vip.Mode != VIPModeIPIP || !addr.IsValid() {
+		if (vip.Mode != VIPModeIPIP && vip.Mode != VIPModeGUE) || !addr.IsValid() {
 			continue
 		}
 		if addr.Is4() && needV4 < 0 {
@@ -550,17 +554,17 @@ func (c *Config) validateVIPs(v *collector, pools poolIndex) {
 			if err != nil || ba.Is4() == addr.Is4() {
 				continue
 			}
-			v.add(vp+".pool", "ipip VIP %s is %s but pools[%d].backends[%d] (%s) is %s; all backends of an ipip VIP must share its address family",
-				addr, family(addr), pi, j, b.Address, family(ba))
+			v.add(vp+".pool", "%s VIP %s is %s but pools[%d].backends[%d] (%s) is %s; all backends of an %s VIP must share its address family",
+				vip.Mode, addr, family(addr), pi, j, b.Address, family(ba), vip.Mode)
 		}
 	}
 
 	dp := &c.Dataplane
 	if needV4 >= 0 && dp.EncapSourceV4 == "" {
-		v.add("dataplane.encap_source_v4", "required because vips[%d] uses ipip mode with an IPv4 address", needV4)
+		v.add("dataplane.encap_source_v4", "required because vips[%d] uses %s mode with an IPv4 address", needV4, c.VIPs[needV4].Mode)
 	}
 	if needV6 >= 0 && dp.EncapSourceV6 == "" {
-		v.add("dataplane.encap_source_v6", "required because vips[%d] uses ipip mode with an IPv6 address", needV6)
+		v.add("dataplane.encap_source_v6", "required because vips[%d] uses %s mode with an IPv6 address", needV6, c.VIPs[needV6].Mode)
 	}
 }
 

@@ -108,6 +108,7 @@ const (
 	balancerVfModeVF_MODE_DSR     balancerVfMode = 1
 	balancerVfModeVF_MODE_IPIP    balancerVfMode = 2
 	balancerVfModeVF_MODE_NAT     balancerVfMode = 3
+	balancerVfModeVF_MODE_GUE     balancerVfMode = 4
 )
 
 type balancerVfNatAddrKey struct {
@@ -192,14 +193,15 @@ const (
 	balancerVfReasonVF_R_TX_IPIP                    balancerVfReason = 24
 	balancerVfReasonVF_R_TX_NAT                     balancerVfReason = 25
 	balancerVfReasonVF_R_TX_NAT_REPLY               balancerVfReason = 26
-	balancerVfReasonVF_R_TX_LAST                    balancerVfReason = 26
-	balancerVfReasonVF_R_MAX                        balancerVfReason = 27
+	balancerVfReasonVF_R_TX_GUE                     balancerVfReason = 27
+	balancerVfReasonVF_R_TX_LAST                    balancerVfReason = 27
+	balancerVfReasonVF_R_MAX                        balancerVfReason = 28
 )
 
 type balancerVfSettingsT struct {
 	_                 structs.HostLayout
 	GwMac             [6]uint8
-	Pad               uint16
+	GuePort           uint16
 	EncapSrc4         uint32
 	EncapSrc6         [4]uint32
 	RingSize          uint32

@@ -29,6 +29,10 @@ const (
 	vipID6   = 5
 	vipID6IP = 6
 	vipIDEmp = 7
+	vipIDGUE = 10 // 8 and 9 are the fuzz harness's nat VIPs
+	vipID6GU = 11
+	vipGUE4  = "10.100.0.4"
+	vipGUE6  = "fd00:100::4"
 )
 
 // standardHarness: one real per VIP so the expected output is exact.
@@ -44,6 +48,8 @@ func standardHarness(tb testing.TB) *harness {
 	h.vip(vip6, 443, ProtoTCP, VIPMeta{ID: vipID6, Mode: ModeDSR}, 3)
 	h.vip(vip6, 53, ProtoUDP, VIPMeta{ID: vipID6IP, Mode: ModeIPIP}, 3)
 	h.vip("10.100.0.3", 80, ProtoTCP, VIPMeta{ID: vipIDEmp, Mode: ModeDSR})
+	h.vip(vipGUE4, 443, ProtoTCP, VIPMeta{ID: vipIDGUE, Mode: ModeGUE}, 2)
+	h.vip(vipGUE6, 53, ProtoUDP, VIPMeta{ID: vipID6GU, Mode: ModeGUE}, 3)
 	return h
 }
 

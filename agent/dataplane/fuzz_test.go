@@ -28,6 +28,8 @@ func standardVIPs() map[VIP]fuzzVIP {
 		{a("10.100.0.3"), 80, ProtoTCP}: {ModeDSR, false},
 		{a(vip4), natVIPPort, ProtoTCP}: {ModeNAT, true},
 		{a(vip6), natVIPPort, ProtoUDP}: {ModeNAT, true},
+		{a(vipGUE4), 443, ProtoTCP}:     {ModeGUE, true},
+		{a(vipGUE6), 53, ProtoUDP}:      {ModeGUE, true},
 	}
 }
 
@@ -236,6 +238,7 @@ func totalPackets(h *harness) uint64 {
 //     sent to the interface's MAC from a source that is not martian, and the frame
 //     leaves with the interface's MAC as its source;
 //   - the output length is the input's for dsr, +20 (IPv4) or +40 (IPv6) for ipip,
+//     8 more for gue's UDP header,
 //     and the forwarded packet itself is carried unchanged;
 //   - nat (both directions, a reply being a frame to an SNAT address) keeps the
 //     length and changes at most the addresses, ports and checksums;
@@ -258,6 +261,8 @@ func FuzzBalancer(f *testing.F) {
 			ipv4Options: []layers.IPv4Option{{OptionType: 1}, {OptionType: 1}, {OptionType: 1}, {OptionType: 0}}},
 		{src: client4, dst: "10.100.0.3", sport: 40008, dport: 80, proto: tcp},
 		{src: client4, dst: "10.9.9.9", sport: 40009, dport: 80, proto: tcp},
+		{src: client4, dst: vipGUE4, sport: 40010, dport: 443, proto: tcp, tcpFlags: "S", df: true, vlan: 9},
+		{src: client6, dst: vipGUE6, sport: 40011, dport: 53, proto: udp, payload: []byte("q")},
 	}
 	for _, s := range seeds {
 		f.Add(s.frame(f))
@@ -290,6 +295,7 @@ func FuzzBalancer(f *testing.F) {
 			f.Add(icmpErrorOf(f, kind, router, quoted.src, q, len(q)))
 		}
 	}
+	f.Add(icmpFragNeeded(f, vipGUE4, client4, 443, 40010, tcp))
 
 	f.Fuzz(func(t *testing.T, in []byte) {
 		if len(in) < 14 || len(in) > 4096 {
@@ -349,10 +355,13 @@ func FuzzBalancer(f *testing.F) {
 			return
 		}
 		grow := 0
-		if target.mode == ModeIPIP {
+		if target.mode == ModeIPIP || target.mode == ModeGUE {
 			grow = 20
 			if v.Addr.Is6() {
 				grow = 40
+			}
+			if target.mode == ModeGUE {
+				grow += 8
 			}
 		}
 		if len(out) != len(in)+grow {

@@ -72,6 +72,7 @@ func newHarness(tb testing.TB, opts Options) *harness {
 		GatewayMAC:       gwMAC,
 		EncapSource4:     encapSrc4,
 		EncapSource6:     encapSrc6,
+		GUEPort:          DefaultGUEPort,
 		TCPIdleTimeoutNs: 300e9,
 		UDPIdleTimeoutNs: 30e9,
 	}))

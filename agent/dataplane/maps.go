@@ -37,7 +37,7 @@ func (d *Dataplane) SetVIP(v VIP, meta VIPMeta) error {
 	if meta.ID >= d.opts.MaxVIPs {
 		return fmt.Errorf("VIP %v: id %d out of range [0,%d)", v, meta.ID, d.opts.MaxVIPs)
 	}
-	if meta.Mode != ModeDSR && meta.Mode != ModeIPIP && meta.Mode != ModeNAT {
+	if meta.Mode != ModeDSR && meta.Mode != ModeIPIP && meta.Mode != ModeNAT && meta.Mode != ModeGUE {
 		return fmt.Errorf("VIP %v: unknown mode %v", v, meta.Mode)
 	}
 	nat, err := natVIPValue(v, meta)
@@ -398,6 +398,7 @@ func (d *Dataplane) SetSettings(in Settings) error {
 	if in.UseFIB {
 		next.UseFib = 1
 	}
+	next.GuePort = htons(in.GUEPort)
 	if err := in.NewFlowLimit.validate(); err != nil {
 		return err
 	}
@@ -435,6 +436,7 @@ func (d *Dataplane) Settings() (Settings, error) {
 	}
 	out := Settings{
 		UseFIB:           s.UseFib != 0,
+		GUEPort:          ntohs(s.GuePort),
 		TCPIdleTimeoutNs: uint64(d.clock.toDuration(uint32(s.TcpTimeout))),
 		UDPIdleTimeoutNs: uint64(d.clock.toDuration(uint32(s.UdpTimeout))),
 		EventSampleEvery: s.EventSampleEvery,

@@ -53,6 +53,9 @@ const (
 	// the source to an SNAT address of this node, and translates the
 	// real's replies back (bpf/include/vf_nat.h). The reals need no change.
 	ModeNAT Mode = Mode(balancerVfModeVF_MODE_NAT)
+	// ModeGUE wraps the packet in an outer IPv4/IPv6 and UDP header toward
+	// the real (GUE variant 1: the inner IP header right after UDP).
+	ModeGUE Mode = Mode(balancerVfModeVF_MODE_GUE)
 )
 
 func (m Mode) String() string {
@@ -63,6 +66,8 @@ func (m Mode) String() string {
 		return "ipip"
 	case ModeNAT:
 		return "nat"
+	case ModeGUE:
+		return "gue"
 	}
 	return fmt.Sprintf("mode-%d", uint32(m))
 }
@@ -134,7 +139,9 @@ const (
 	ReasonTxNAT Reason = Reason(balancerVfReasonVF_R_TX_NAT)
 	// ReasonTxNATReply: a real's reply translated back toward its client.
 	ReasonTxNATReply Reason = Reason(balancerVfReasonVF_R_TX_NAT_REPLY)
-	numReasons              = int(balancerVfReasonVF_R_MAX)
+	// ReasonTxGUE: forwarded inside an outer IP and UDP header (GUE variant 1).
+	ReasonTxGUE Reason = Reason(balancerVfReasonVF_R_TX_GUE)
+	numReasons         = int(balancerVfReasonVF_R_MAX)
 )
 
 // reasonNames are the counters' names, read once from the program's BTF:
@@ -254,10 +261,11 @@ type Real struct {
 // Settings are the data path's global knobs. The source MAC of what the
 // balancer sends is each interface's own, registered by Attach.
 type Settings struct {
-	GatewayMAC       net.HardwareAddr // ipip next hop when FIB lookup is off or fails
-	EncapSource4     netip.Addr       // outer source of IPv4-in-IPv4
-	EncapSource6     netip.Addr       // outer source of IPv6-in-IPv6
-	UseFIB           bool             // ipip: ask the kernel FIB for the next hop first
+	GatewayMAC       net.HardwareAddr // ipip and gue next hop when FIB lookup is off or fails
+	EncapSource4     netip.Addr       // outer source of IPv4-in-IPv4 and GUE over IPv4
+	EncapSource6     netip.Addr       // outer source of IPv6-in-IPv6 and GUE over IPv6
+	UseFIB           bool             // ipip and gue: ask the kernel FIB for the next hop first
+	GUEPort          uint16           // gue: outer UDP destination port; 0 drops gue VIPs' packets
 	TCPIdleTimeoutNs uint64
 	UDPIdleTimeoutNs uint64
 	EventSampleEvery uint32 // one event per N drops of a reason per CPU; 0 or 1 = all

@@ -24,6 +24,7 @@ func TestReasonNamesFromBTF(t *testing.T) {
 		ReasonDropMartianUnspec:      "drop_martian_unspecified",
 		ReasonDropNewFlowRateLimited: "drop_new_flow_rate_limited",
 		ReasonTxIPIP:                 "tx_ipip",
+		ReasonTxGUE:                  "tx_gue",
 	} {
 		if got := r.String(); got != want {
 			t.Errorf("reason %d is %q, want %q", uint32(r), got, want)
@@ -42,7 +43,7 @@ func TestReasonVerdictGroups(t *testing.T) {
 	}{
 		{ReasonPassNotIP, VerdictPass}, {ReasonPassIfaceUnknown, VerdictPass},
 		{ReasonDropMalformedL2, VerdictDrop}, {ReasonDropNewFlowRateLimited, VerdictDrop},
-		{ReasonTxDSR, VerdictTx}, {ReasonTxIPIP, VerdictTx}, {Reason(numReasons), VerdictPass},
+		{ReasonTxDSR, VerdictTx}, {ReasonTxIPIP, VerdictTx}, {ReasonTxGUE, VerdictTx}, {Reason(numReasons), VerdictPass},
 	} {
 		if got := c.r.Verdict(); got != c.want {
 			t.Errorf("%v: verdict %v, want %v", c.r, got, c.want)

@@ -193,6 +193,8 @@ func convertVIP(v config.VIP) (vipModel, error) {
 		vm.mode = dataplane.ModeIPIP
 	case config.VIPModeNAT:
 		vm.mode = dataplane.ModeNAT
+	case config.VIPModeGUE:
+		vm.mode = dataplane.ModeGUE
 	default:
 		return vipModel{}, fmt.Errorf("mode: unknown mode %q", v.Mode)
 	}

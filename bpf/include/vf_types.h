@@ -57,6 +57,7 @@ enum vf_mode {
 	VF_MODE_DSR = 1,
 	VF_MODE_IPIP = 2,
 	VF_MODE_NAT = 3, /* full NAT: destination to the real, source to our SNAT address */
+	VF_MODE_GUE = 4, /* GUE variant 1: outer IP, UDP, then the inner IP header */
 };
 
 /* Per-VIP behaviour bits in vf_vip_meta.flags. */
@@ -115,7 +116,8 @@ enum vf_reason {
 	VF_R_TX_IPIP,      /* forwarded inside an IPIP/IP6IP6 header */
 	VF_R_TX_NAT,       /* nat: client to real, addresses and ports rewritten */
 	VF_R_TX_NAT_REPLY, /* nat: real's reply to the SNAT address, sent back to the client */
-	VF_R_TX_LAST = VF_R_TX_NAT_REPLY,
+	VF_R_TX_GUE,       /* forwarded inside an outer IP and UDP header (GUE variant 1) */
+	VF_R_TX_LAST = VF_R_TX_GUE,
 	VF_R_MAX,
 };
 
@@ -198,13 +200,13 @@ struct vf_counter {
 };
 
 struct vf_settings {
-	__u8 gw_mac[6]; /* next hop for ipip when bpf_fib_lookup gives nothing */
-	__u16 pad;
+	__u8 gw_mac[6];  /* next hop for ipip and gue when bpf_fib_lookup gives nothing */
+	__be16 gue_port; /* gue: the outer UDP destination port, network order */
 	__u32 encap_src4;
 	__u32 encap_src6[4];
 	__u32 ring_size;          /* entries in every inner ring map */
 	__u32 event_sample_every; /* emit one event per N drops of a reason, per CPU; 0 or 1 = all */
-	__u8 use_fib;             /* ipip: ask bpf_fib_lookup for the next hop first */
+	__u8 use_fib;             /* ipip and gue: ask bpf_fib_lookup for the next hop first */
 	__u8 deny4_active;        /* skip the LPM lookup while the v4 denylist is empty */
 	__u8 deny6_active;
 	__u8 wildcard_active; /* some VIP has port 0: a miss needs a second lookup */

@@ -322,8 +322,7 @@ func TestIPIPVIPThroughDecapCommand(t *testing.T) {
 }
 
 // TestGUEVIPThroughDecapCommand: a gue VIP whose backends run `veloflux
-// decap` as processes; see testVIPThroughDecapCommand. It skips only while
-// the configuration does not accept `mode: gue`.
+// decap` as processes; see testVIPThroughDecapCommand.
 func TestGUEVIPThroughDecapCommand(t *testing.T) {
 	testVIPThroughDecapCommand(t, "vfdcu", "gue")
 }

@@ -32,6 +32,9 @@ import (
 
 const benchRealsPerVIP = 100
 
+// benchGUEPort is the VIP port (not the GUE port) of the measured VIP's gue service.
+const benchGUEPort = 6081
+
 type benchFixture struct {
 	h     *harness
 	floor *ebpf.Program
@@ -102,6 +105,12 @@ func newBenchFixture(b *testing.B, vips int, ctSize uint32, prefill bool) *bench
 		h.must(h.dp.SetRing(uint32(2*v+1), ring))
 		h.must(h.dp.SetVIP(VIP{addr, 80, ProtoTCP}, VIPMeta{ID: uint32(2 * v), Mode: ModeDSR}))
 		h.must(h.dp.SetVIP(VIP{addr, 8080, ProtoTCP}, VIPMeta{ID: uint32(2*v + 1), Mode: ModeIPIP}))
+		if v == vips/2 {
+			// The measured VIP (vipAddr) also serves gue on :6081, with
+			// the first id past the pairs.
+			h.must(h.dp.SetRing(uint32(2*vips), ring))
+			h.must(h.dp.SetVIP(VIP{addr, benchGUEPort, ProtoTCP}, VIPMeta{ID: uint32(2 * vips), Mode: ModeGUE}))
+		}
 	}
 	if prefill {
 		fillConntrack(b, h.dp, int(ctSize))
@@ -238,7 +247,8 @@ func BenchmarkXDP(b *testing.B) {
 			dsr := pkt{src: client4, dst: vip, sport: 33000, dport: 80, proto: tcp, tcpFlags: "A", payload: make([]byte, 64)}.frame(b)
 			ipip := pkt{src: client4, dst: vip, sport: 33001, dport: 8080, proto: tcp, tcpFlags: "A", payload: make([]byte, 64)}.frame(b)
 			nonVIP := pkt{src: client4, dst: "10.250.0.1", sport: 33002, dport: 80, proto: tcp, tcpFlags: "A", payload: make([]byte, 64)}.frame(b)
-			for _, p := range [][]byte{dsr, ipip} { // establish the flows
+			gue := pkt{src: client4, dst: vip, sport: 33003, dport: benchGUEPort, proto: tcp, tcpFlags: "A", payload: make([]byte, 64)}.frame(b)
+			for _, p := range [][]byte{dsr, ipip, gue} { // establish the flows
 				if ret, _, err := prog.Test(p); err != nil || Verdict(ret) != VerdictTx {
 					b.Fatalf("setup packet: verdict %d, %v", ret, err)
 				}
@@ -257,6 +267,11 @@ func BenchmarkXDP(b *testing.B) {
 			b.Run("established-ipip", func(b *testing.B) {
 				f.pin(b)
 				floor, ns := singles(b, f.floor, prog, func(int) []byte { return ipip }, uint32(VerdictTx))
+				report(b, ns, floor)
+			})
+			b.Run("established-gue", func(b *testing.B) {
+				f.pin(b)
+				floor, ns := singles(b, f.floor, prog, func(int) []byte { return gue }, uint32(VerdictTx))
 				report(b, ns, floor)
 			})
 			b.Run("new-flow-ipip", func(b *testing.B) {

@@ -491,6 +491,7 @@ func settingsFrom(cfg *config.Config) dataplane.Settings {
 	s := dataplane.Settings{
 		UseFIB:           d.Nexthop == config.NexthopFIB,
 		GUEPort:          uint16(d.GUEPort), // validated: 1..65535
+		ICMPTooBig:       d.ICMPTooBig,
 		TCPIdleTimeoutNs: uint64(d.TCPIdleTimeout.Std()),
 		UDPIdleTimeoutNs: uint64(d.UDPIdleTimeout.Std()),
 		EventSampleEvery: eventSampleEvery,

@@ -16,6 +16,7 @@ type linkChange struct {
 	Index int
 	Up    bool   // operationally up (carrier and admin)
 	MAC   string // the data path forwards only frames to it
+	MTU   int    // the data path answers ipip/gue packets that would exceed it
 }
 
 // watchLinks forwards link updates until ctx ends. If the subscription
@@ -51,6 +52,7 @@ func (a *Agent) watchLinks(ctx context.Context, out chan<- linkChange) {
 				Index: attrs.Index,
 				Up:    u.Header.Type != unix.RTM_DELLINK && attrs.OperState == netlink.OperUp,
 				MAC:   attrs.HardwareAddr.String(),
+				MTU:   attrs.MTU,
 			}
 			select {
 			case out <- lc:
@@ -65,7 +67,8 @@ func (a *Agent) watchLinks(ctx context.Context, out chan<- linkChange) {
 // flushes its neighbours on the way down, so dsr MACs are resolved again
 // when it is back, an interface that was re-created (new index) gets the
 // program attached again, and a new MAC is registered with the data path,
-// which forwards only frames addressed to the interface's MAC.
+// which forwards only frames addressed to the interface's MAC, and so is
+// a new MTU, against which it measures ipip and gue packets.
 func (a *Agent) onLinkChange(ctx context.Context, seen map[string]linkChange, lc linkChange) {
 	cfg := a.config()
 	if !slices.Contains(cfg.Dataplane.Interfaces, lc.Name) {
@@ -73,13 +76,13 @@ func (a *Agent) onLinkChange(ctx context.Context, seen map[string]linkChange, lc
 	}
 	prev, known := seen[lc.Name]
 	seen[lc.Name] = lc
-	if known && prev.Up == lc.Up && prev.Index == lc.Index && prev.MAC == lc.MAC {
+	if known && prev.Up == lc.Up && prev.Index == lc.Index && prev.MAC == lc.MAC && prev.MTU == lc.MTU {
 		return
 	}
-	a.log.Info("interface state changed", "interface", lc.Name, "up", lc.Up, "ifindex", lc.Index, "mac", lc.MAC)
-	if known && prev.Index == lc.Index && prev.MAC != lc.MAC && lc.Index != 0 {
+	a.log.Info("interface state changed", "interface", lc.Name, "up", lc.Up, "ifindex", lc.Index, "mac", lc.MAC, "mtu", lc.MTU)
+	if known && prev.Index == lc.Index && (prev.MAC != lc.MAC || prev.MTU != lc.MTU) && lc.Index != 0 {
 		if err := a.dp.RegisterInterface(lc.Name); err != nil {
-			a.log.Error("register the interface's new MAC; its VIP traffic goes to the stack until then",
+			a.log.Error("register the interface's new MAC or MTU; until then its VIP traffic goes to the stack (new MAC) or is measured against the old MTU",
 				"interface", lc.Name, "err", err)
 		}
 	}

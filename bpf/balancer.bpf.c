@@ -816,6 +816,160 @@ static __always_inline int vf_encap_ipv6(struct xdp_md *ctx, const struct vf_set
 	return VF_R_TX_GUE;
 }
 
+/*
+ * Packet too big. A packet that would leave longer than the interface's MTU
+ * once encapsulated is answered, from the VIP, with ICMP "fragmentation
+ * needed" (IPv4 with DF) or ICMPv6 "packet too big" carrying the MTU minus
+ * the encapsulation overhead, sent back out of the interface it came in by.
+ * The answer quotes the first VF_PTB_QUOTE_LEN bytes of the packet: more
+ * than RFC 792's header plus 8 bytes, within RFC 1812's 576 and RFC 4443's
+ * 1280, enough for the client to find its socket (IP header, options or
+ * extension headers, and the TCP header), and constant so that the checksum
+ * is one bpf_csum_diff of a fixed size.
+ */
+#define VF_PTB_QUOTE_LEN  128
+#define VF_ICMP_HDR_LEN   8
+#define VF_ICMP_ERR_TTL   64
+
+/* The frame is cut to L2 + the quote, then grown at the front by the new
+ * IP and ICMP headers, with the L2 header (and VLAN tag) rebuilt in front
+ * of them, addressed back to the client. Returns the new IP header. */
+static __always_inline void *vf_ptb_reframe(struct xdp_md *ctx, const struct vf_pkt *pkt,
+					    const struct vf_iface *iface, __u32 l3_off,
+					    __u32 new_hdr_len, __be16 eth_proto)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	__u8 client_mac[VF_ETH_ALEN];
+
+	if ((void *)(eth + 1) > data_end)
+		return NULL;
+	__builtin_memcpy(client_mac, eth->h_source, VF_ETH_ALEN);
+	/* The frame is as it came (pkt->frame_len): nothing moved its ends yet. */
+	if (bpf_xdp_adjust_tail(ctx, (int)(l3_off + VF_PTB_QUOTE_LEN) - (int)pkt->frame_len))
+		return NULL;
+	return vf_push_outer(ctx, pkt, new_hdr_len, eth_proto, iface->mac, client_mac);
+}
+
+static __always_inline int vf_ptb_ipv4(struct xdp_md *ctx, const struct vf_pkt *pkt,
+				       const struct vf_iface *iface, __u32 l3_off, __u32 mtu)
+{
+	void *data = (void *)(long)ctx->data;
+	struct iphdr *iph = data + l3_off;
+	struct icmphdr *icmp;
+	__be32 client, vip;
+	__u32 csum;
+
+	if ((void *)(iph + 1) > (void *)(long)ctx->data_end)
+		return VF_R_DROP_MALFORMED_L3;
+	client = iph->saddr;
+	vip = iph->daddr;
+	iph = vf_ptb_reframe(ctx, pkt, iface, l3_off, VF_IPV4_HDR_LEN + VF_ICMP_HDR_LEN,
+			     bpf_htons(VF_ETH_P_IP));
+	if (!iph)
+		return VF_R_DROP_ENCAP;
+	icmp = (void *)(iph + 1);
+	if ((void *)(icmp + 1) + VF_PTB_QUOTE_LEN > (void *)(long)ctx->data_end)
+		return VF_R_DROP_ENCAP;
+
+	iph->version = 4;
+	iph->ihl = sizeof(*iph) / 4;
+	iph->tos = 0;
+	iph->tot_len = bpf_htons(VF_IPV4_HDR_LEN + VF_ICMP_HDR_LEN + VF_PTB_QUOTE_LEN);
+	iph->id = 0;
+	iph->frag_off = 0;
+	iph->ttl = VF_ICMP_ERR_TTL;
+	iph->protocol = VF_IPPROTO_ICMP;
+	iph->check = 0;
+	iph->saddr = vip;
+	iph->daddr = client;
+	iph->check = vf_ipv4_hdr_csum(iph);
+
+	icmp->type = VF_ICMP_DEST_UNREACH;
+	icmp->code = VF_ICMP_FRAG_NEEDED;
+	icmp->checksum = 0;
+	icmp->un.frag.__unused = 0;
+	icmp->un.frag.mtu = bpf_htons(mtu);
+	csum = bpf_csum_diff(NULL, 0, (void *)icmp, VF_ICMP_HDR_LEN + VF_PTB_QUOTE_LEN, 0);
+	icmp->checksum = vf_csum_fold(csum);
+	return VF_R_TX_ICMP_TOO_BIG;
+}
+
+static __always_inline int vf_ptb_ipv6(struct xdp_md *ctx, const struct vf_pkt *pkt,
+				       const struct vf_iface *iface, __u32 l3_off, __u32 mtu)
+{
+	void *data = (void *)(long)ctx->data;
+	struct ipv6hdr *ip6 = data + l3_off;
+	struct icmp6hdr *icmp;
+	struct in6_addr client, vip;
+	__be32 pseudo[2];
+	__u32 csum;
+
+	if ((void *)(ip6 + 1) > (void *)(long)ctx->data_end)
+		return VF_R_DROP_MALFORMED_L3;
+	__builtin_memcpy(&client, &ip6->saddr, sizeof(client));
+	__builtin_memcpy(&vip, &ip6->daddr, sizeof(vip));
+	ip6 = vf_ptb_reframe(ctx, pkt, iface, l3_off, VF_IPV6_HDR_LEN + VF_ICMP_HDR_LEN,
+			     bpf_htons(VF_ETH_P_IPV6));
+	if (!ip6)
+		return VF_R_DROP_ENCAP;
+	icmp = (void *)(ip6 + 1);
+	if ((void *)(icmp + 1) + VF_PTB_QUOTE_LEN > (void *)(long)ctx->data_end)
+		return VF_R_DROP_ENCAP;
+
+	ip6->version = 6;
+	ip6->priority = 0;
+	ip6->flow_lbl[0] = 0;
+	ip6->flow_lbl[1] = 0;
+	ip6->flow_lbl[2] = 0;
+	ip6->payload_len = bpf_htons(VF_ICMP_HDR_LEN + VF_PTB_QUOTE_LEN);
+	ip6->nexthdr = VF_IPPROTO_ICMPV6;
+	ip6->hop_limit = VF_ICMP_ERR_TTL;
+	__builtin_memcpy(&ip6->saddr, &vip, sizeof(vip));
+	__builtin_memcpy(&ip6->daddr, &client, sizeof(client));
+
+	icmp->icmp6_type = VF_ICMPV6_PKT_TOOBIG;
+	icmp->icmp6_code = 0;
+	icmp->icmp6_cksum = 0;
+	icmp->icmp6_dataun.un_data32[0] = bpf_htonl(mtu);
+	/* RFC 4443 2.3: the checksum covers the pseudo-header too. */
+	pseudo[0] = bpf_htonl(VF_ICMP_HDR_LEN + VF_PTB_QUOTE_LEN);
+	pseudo[1] = bpf_htonl(VF_IPPROTO_ICMPV6);
+	csum = bpf_csum_diff(NULL, 0, (__be32 *)&ip6->saddr, 2 * sizeof(struct in6_addr), 0);
+	csum = bpf_csum_diff(NULL, 0, pseudo, sizeof(pseudo), csum);
+	csum = bpf_csum_diff(NULL, 0, (void *)icmp, VF_ICMP_HDR_LEN + VF_PTB_QUOTE_LEN, csum);
+	icmp->icmp6_cksum = vf_csum_fold(csum);
+	return VF_R_TX_ICMP_TOO_BIG;
+}
+
+/* Called only for a packet that does not fit the interface's MTU once
+ * encapsulated with hdr_len bytes (the hot path's one compare). Returns
+ * VF_CONTINUE to forward it anyway: the answer is off, the MTU unknown,
+ * the packet is itself an ICMP error (never answered, RFC 1122 3.2.2), or
+ * IPv4 without DF, which the client allows us to fragment: XDP cannot, and
+ * the stack would not encapsulate it, so it is forwarded as before, with
+ * the outer header's DF clear, for a path to the real that carries it. */
+static __always_inline int vf_too_big(struct xdp_md *ctx, const struct vf_settings *cfg,
+				      const struct vf_iface *iface, const struct vf_pkt *pkt,
+				      __u32 hdr_len)
+{
+	__u32 l3_off = pkt->l3_off;
+	__u32 mtu = iface->mtu;
+
+	if (!cfg->icmp_too_big || pkt->icmp_error || mtu <= hdr_len ||
+	    pkt->l3_len < VF_PTB_QUOTE_LEN)
+		return VF_CONTINUE;
+	if (l3_off > sizeof(struct ethhdr) + sizeof(struct vf_vlan_hdr))
+		return VF_R_DROP_MALFORMED_L2;
+	if (pkt->flow.family == VF_AF_INET) {
+		if (!pkt->df)
+			return VF_CONTINUE;
+		return vf_ptb_ipv4(ctx, pkt, iface, l3_off, mtu - hdr_len);
+	}
+	return vf_ptb_ipv6(ctx, pkt, iface, l3_off, mtu - hdr_len);
+}
+
 /* ipip: IPv4-in-IPv4 or IPv6-in-IPv6 toward the real; gue (a compile-time
  * constant): the same with a UDP header between the two IP headers. */
 static __always_inline int vf_forward_ipip(struct xdp_md *ctx, const struct vf_settings *cfg,
@@ -823,10 +977,20 @@ static __always_inline int vf_forward_ipip(struct xdp_md *ctx, const struct vf_s
 					   const struct vf_real *real, const int gue)
 {
 	__u8 smac[VF_ETH_ALEN], dmac[VF_ETH_ALEN];
+	__u32 hdr_len = pkt->flow.family == VF_AF_INET ? VF_IPV4_HDR_LEN : VF_IPV6_HDR_LEN;
 	__be16 sport = 0;
 
 	if (real->family != pkt->flow.family)
 		return VF_R_DROP_ENCAP;
+	if (gue)
+		hdr_len += VF_GUE_UDP_HDR_LEN;
+	/* The one compare the packet-too-big answer costs a packet that fits. */
+	if (pkt->l3_len + hdr_len > iface->mtu) {
+		int ret = vf_too_big(ctx, cfg, iface, pkt, hdr_len);
+
+		if (ret != VF_CONTINUE)
+			return ret;
+	}
 	if (gue) {
 		if (!cfg->gue_port)
 			return VF_R_DROP_ENCAP;

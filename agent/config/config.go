@@ -146,7 +146,12 @@ type DataplaneConfig struct {
 	// GUEPort is the UDP destination port of the packets of gue VIPs, the
 	// port the backends' decapsulators listen on (decap.gue_port there).
 	// One port for all VIPs: a decapsulator accepts exactly one.
-	GUEPort        int      `yaml:"gue_port"`
+	GUEPort int `yaml:"gue_port"`
+	// ICMPTooBig answers an ipip or gue packet that would exceed the
+	// interface's MTU once encapsulated with ICMP "fragmentation needed"
+	// (IPv4 with DF) or ICMPv6 "packet too big", in XDP. On by default;
+	// off, such packets are forwarded and lost past the MTU, as before.
+	ICMPTooBig     bool     `yaml:"icmp_too_big"`
 	TCPIdleTimeout Duration `yaml:"tcp_idle_timeout"`
 	UDPIdleTimeout Duration `yaml:"udp_idle_timeout"`
 	// NewFlowLimit bounds how fast one source may open flows through the
@@ -544,6 +549,7 @@ func staticDefaults() *Config {
 			RingSize:       defaultRingSize,
 			Nexthop:        defaultNexthop,
 			GUEPort:        DefaultGUEPort,
+			ICMPTooBig:     true,
 			TCPIdleTimeout: Duration(defaultTCPIdleTimeout),
 			UDPIdleTimeout: Duration(defaultUDPIdleTimeout),
 			NewFlowLimit:   NewFlowLimit{TableSize: defaultNewFlowTable},

@@ -59,6 +59,7 @@ func TestParseMinimalAppliesDefaults(t *testing.T) {
 			RingSize:       65537,
 			Nexthop:        NexthopFIB,
 			GUEPort:        DefaultGUEPort,
+			ICMPTooBig:     true,
 			TCPIdleTimeout: Duration(300 * time.Second),
 			UDPIdleTimeout: Duration(30 * time.Second),
 			NewFlowLimit:   NewFlowLimit{TableSize: 65536},

@@ -95,7 +95,7 @@ func TestPinnedUpgradeKeepsState(t *testing.T) {
 			t.Fatal(err)
 		}
 		h := &harness{tb: t, dp: first}
-		h.must(first.setInterfaceMAC(testRunIfindex, lbMAC))
+		h.must(first.setInterfaceMAC(testRunIfindex, lbMAC, testRunMTU))
 		h.must(first.SetSettings(Settings{TCPIdleTimeoutNs: 300e9, UDPIdleTimeoutNs: 30e9}))
 		h.real(1, real4a)
 		h.vip(vip4, 80, ProtoTCP, VIPMeta{ID: 1, Mode: ModeDSR}, 1)
@@ -126,7 +126,7 @@ func TestPinnedUpgradeKeepsState(t *testing.T) {
 		}
 		h.must(second.Attach("vfup0", XDPNative))
 		// Interface MACs are not pinned: each agent registers its own.
-		h.must(second.setInterfaceMAC(testRunIfindex, lbMAC))
+		h.must(second.setInterfaceMAC(testRunIfindex, lbMAC, testRunMTU))
 		newID, err := second.ProgramID()
 		h.must(err)
 		if xdp := linkXDP(t, veth); xdp == nil || xdp.ProgId != newID || newID == oldID {

@@ -85,7 +85,7 @@ type balancerVfFlowLimitKey struct {
 type balancerVfIface struct {
 	_       structs.HostLayout
 	Mac     [6]uint8
-	Pad     uint16
+	Mtu     uint16
 	Ifindex uint32
 }
 
@@ -194,8 +194,9 @@ const (
 	balancerVfReasonVF_R_TX_NAT                     balancerVfReason = 25
 	balancerVfReasonVF_R_TX_NAT_REPLY               balancerVfReason = 26
 	balancerVfReasonVF_R_TX_GUE                     balancerVfReason = 27
-	balancerVfReasonVF_R_TX_LAST                    balancerVfReason = 27
-	balancerVfReasonVF_R_MAX                        balancerVfReason = 28
+	balancerVfReasonVF_R_TX_ICMP_TOO_BIG            balancerVfReason = 28
+	balancerVfReasonVF_R_TX_LAST                    balancerVfReason = 28
+	balancerVfReasonVF_R_MAX                        balancerVfReason = 29
 )
 
 type balancerVfSettingsT struct {
@@ -222,6 +223,8 @@ type balancerVfSettingsT struct {
 	NatPad            uint32
 	NatClosingTimeout uint64
 	NatAddrBits       uint64
+	IcmpTooBig        uint8
+	Pad2              [7]uint8
 }
 
 type balancerVfSize uint32

@@ -380,9 +380,11 @@ func attachedMode(ifindex int) (XDPMode, error) {
 	return "", fmt.Errorf("XDP on ifindex %d is attached in kernel mode %d, neither native nor generic", ifindex, x.AttachMode)
 }
 
-// RegisterInterface tells the program an interface's own MAC: the program
-// forwards only frames addressed to it and sends with it as the source.
-// Attach does this; call it again when the interface's MAC changes. A VIP
+// RegisterInterface tells the program an interface's own MAC and MTU: the
+// program forwards only frames addressed to the MAC and sends with it as
+// the source, and answers ipip and gue packets that would exceed the MTU
+// once encapsulated (Settings.ICMPTooBig). Attach does this; call it again
+// when the interface's MAC or MTU changes. A VIP
 // packet on an interface without an entry is passed to the stack
 // (ReasonPassIfaceUnknown), and so is every VIP packet on an interface that
 // has no Ethernet MAC (loopback, an L3 tunnel): it gets no entry, since the
@@ -402,7 +404,7 @@ func (d *Dataplane) registerInterface(iface *net.Interface) error {
 	if len(iface.HardwareAddr) != 6 {
 		return d.forgetIndex(iface.Name, iface.Index)
 	}
-	return d.setInterfaceMAC(iface.Index, iface.HardwareAddr)
+	return d.setInterfaceMAC(iface.Index, iface.HardwareAddr, iface.MTU)
 }
 
 // setInterfaceMAC writes the interface's entry into its slot of
@@ -411,11 +413,16 @@ func (d *Dataplane) registerInterface(iface *net.Interface) error {
 // there must never be left in the hash as well (a stale MAC would win
 // after the slot is freed); the hash entry is removed once the slot is
 // written.
-func (d *Dataplane) setInterfaceMAC(ifindex int, mac net.HardwareAddr) error {
+func (d *Dataplane) setInterfaceMAC(ifindex int, mac net.HardwareAddr, mtu int) error {
 	if ifindex <= 0 || ifindex > math.MaxUint32 {
 		return fmt.Errorf("register MAC %s: interface index %d out of range", mac, ifindex)
 	}
-	val := balancerVfIface{Ifindex: uint32(ifindex)}
+	if mtu < 0 {
+		return fmt.Errorf("register MAC %s: interface %d has MTU %d", mac, ifindex, mtu)
+	}
+	// Loopback's 65536 does not fit the field; no encapsulated packet
+	// reaches 65535 bytes either (the program drops those as drop_encap).
+	val := balancerVfIface{Ifindex: uint32(ifindex), Mtu: uint16(min(mtu, math.MaxUint16))}
 	copy(val.Mac[:], mac)
 	slot := ifaceSlot(uint32(ifindex))
 	var held balancerVfIface

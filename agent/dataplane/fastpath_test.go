@@ -142,7 +142,7 @@ func TestVIPFilterRebuiltFromPins(t *testing.T) {
 	first, err := Load(Options{PinPath: pins, ConntrackSize: 4096, MaxVIPs: 64, MaxReals: 256, RingSize: testRingSize})
 	h := &harness{tb: t, dp: first}
 	h.must(err)
-	h.must(first.setInterfaceMAC(testRunIfindex, lbMAC))
+	h.must(first.setInterfaceMAC(testRunIfindex, lbMAC, testRunMTU))
 	h.must(first.SetSettings(Settings{GatewayMAC: gwMAC, EncapSource4: encapSrc4, TCPIdleTimeoutNs: 300e9, UDPIdleTimeoutNs: 30e9}))
 	h.real(1, real4a)
 	h.vip(vip4, 80, ProtoTCP, VIPMeta{ID: 1, Mode: ModeDSR}, 1)
@@ -152,7 +152,7 @@ func TestVIPFilterRebuiltFromPins(t *testing.T) {
 	h.must(err)
 	t.Cleanup(func() { second.Close() })
 	h.dp = second
-	h.must(second.setInterfaceMAC(testRunIfindex, lbMAC))
+	h.must(second.setInterfaceMAC(testRunIfindex, lbMAC, testRunMTU))
 	in := pkt{src: client4, dst: vip4, sport: 53600, dport: 80, proto: layers.IPProtocolTCP, tcpFlags: "S"}.frame(t)
 	if v, _ := h.run(in); v != VerdictTx {
 		t.Fatalf("pinned VIP after a reload: verdict %v, want tx", v)

@@ -29,6 +29,10 @@ const testRingSize = 251
 // it the balancer's interface for the tests.
 const testRunIfindex = 1
 
+// testRunMTU is the MTU the harness registers for that interface: the
+// usual Ethernet one, which the tests' small packets fit encapsulated.
+const testRunMTU = 1500
+
 var (
 	clientMAC = net.HardwareAddr{0x02, 0x00, 0x00, 0x00, 0x00, 0x01}
 	lbMAC     = net.HardwareAddr{0x02, 0x00, 0x00, 0x00, 0x00, 0xfe}
@@ -67,7 +71,7 @@ func newHarness(tb testing.TB, opts Options) *harness {
 	}
 	tb.Cleanup(func() { dp.Close() })
 	h := &harness{tb: tb, dp: dp}
-	h.must(dp.setInterfaceMAC(testRunIfindex, lbMAC))
+	h.must(dp.setInterfaceMAC(testRunIfindex, lbMAC, testRunMTU))
 	h.must(dp.SetSettings(Settings{
 		GatewayMAC:       gwMAC,
 		EncapSource4:     encapSrc4,

@@ -399,6 +399,9 @@ func (d *Dataplane) SetSettings(in Settings) error {
 		next.UseFib = 1
 	}
 	next.GuePort = htons(in.GUEPort)
+	if in.ICMPTooBig {
+		next.IcmpTooBig = 1
+	}
 	if err := in.NewFlowLimit.validate(); err != nil {
 		return err
 	}
@@ -437,6 +440,7 @@ func (d *Dataplane) Settings() (Settings, error) {
 	out := Settings{
 		UseFIB:           s.UseFib != 0,
 		GUEPort:          ntohs(s.GuePort),
+		ICMPTooBig:       s.IcmpTooBig != 0,
 		TCPIdleTimeoutNs: uint64(d.clock.toDuration(uint32(s.TcpTimeout))),
 		UDPIdleTimeoutNs: uint64(d.clock.toDuration(uint32(s.UdpTimeout))),
 		EventSampleEvery: s.EventSampleEvery,

@@ -522,7 +522,7 @@ func TestNATRepliesSurviveReplacedSettings(t *testing.T) {
 		t.Fatal(err)
 	}
 	h := &harness{tb: t, dp: first}
-	h.must(first.setInterfaceMAC(testRunIfindex, lbMAC))
+	h.must(first.setInterfaceMAC(testRunIfindex, lbMAC, testRunMTU))
 	h.natSettings(natPortMin, natPortMax)
 	h.real(1, real4a)
 	h.vip(vip4, natVIPPort, ProtoTCP, VIPMeta{ID: 1, Mode: ModeNAT,
@@ -542,7 +542,7 @@ func TestNATRepliesSurviveReplacedSettings(t *testing.T) {
 	}
 	t.Cleanup(func() { second.Close() })
 	h = &harness{tb: t, dp: second}
-	h.must(second.setInterfaceMAC(testRunIfindex, lbMAC))
+	h.must(second.setInterfaceMAC(testRunIfindex, lbMAC, testRunMTU))
 	h.natSettings(natPortMin, natPortMax) // the agent writes its settings at start
 	reply := pkt{src: real4a, dst: snat4, sport: realPort, dport: flow.SNAT.Port(), proto: layers.IPProtocolTCP, tcpFlags: "SA"}
 	h.expectTx(t, reply.frame(t), ReasonTxNATReply, natExpect(t, reply, flow.VIP, flow.Client))

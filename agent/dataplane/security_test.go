@@ -94,8 +94,8 @@ func TestUnregisteredInterfacePasses(t *testing.T) {
 	}
 }
 
-// Attach registers the interface's MAC; RegisterInterface follows a change
-// of it; Detach forgets it.
+// Attach registers the interface's MAC and MTU; RegisterInterface follows
+// a change of them; Detach forgets them.
 func TestAttachRegistersInterfaceMAC(t *testing.T) {
 	h := standardHarness(t)
 	inNewNetns(t, func() {
@@ -133,6 +133,21 @@ func TestAttachRegistersInterfaceMAC(t *testing.T) {
 		}
 		if v, _ := run(oldMAC); v != VerdictPass {
 			t.Fatalf("the old MAC is still forwarded: verdict %v", v)
+		}
+		// The MTU, against which ipip and gue packets are measured, is
+		// registered with the MAC and follows a change the same way.
+		mtuOf := func() uint16 {
+			var entry balancerVfIface
+			h.must(h.dp.objs.VfIfaceSlots.Lookup(ifaceSlot(ifindex), &entry))
+			return entry.Mtu
+		}
+		if got := mtuOf(); got != uint16(veth.Attrs().MTU) {
+			t.Fatalf("registered MTU %d, want the interface's %d", got, veth.Attrs().MTU)
+		}
+		h.must(netlink.LinkSetMTU(veth, 1400))
+		h.must(h.dp.RegisterInterface("vfx13mac0"))
+		if got := mtuOf(); got != 1400 {
+			t.Fatalf("registered MTU %d after the change to 1400", got)
 		}
 
 		h.must(h.dp.Detach("vfx13mac0"))

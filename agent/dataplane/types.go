@@ -141,7 +141,9 @@ const (
 	ReasonTxNATReply Reason = Reason(balancerVfReasonVF_R_TX_NAT_REPLY)
 	// ReasonTxGUE: forwarded inside an outer IP and UDP header (GUE variant 1).
 	ReasonTxGUE Reason = Reason(balancerVfReasonVF_R_TX_GUE)
-	numReasons         = int(balancerVfReasonVF_R_MAX)
+	// ReasonTxICMPTooBig: an ipip or gue packet too big for the MTU, answered with ICMP.
+	ReasonTxICMPTooBig Reason = Reason(balancerVfReasonVF_R_TX_ICMP_TOO_BIG)
+	numReasons                = int(balancerVfReasonVF_R_MAX)
 )
 
 // reasonNames are the counters' names, read once from the program's BTF:
@@ -261,11 +263,15 @@ type Real struct {
 // Settings are the data path's global knobs. The source MAC of what the
 // balancer sends is each interface's own, registered by Attach.
 type Settings struct {
-	GatewayMAC       net.HardwareAddr // ipip and gue next hop when FIB lookup is off or fails
-	EncapSource4     netip.Addr       // outer source of IPv4-in-IPv4 and GUE over IPv4
-	EncapSource6     netip.Addr       // outer source of IPv6-in-IPv6 and GUE over IPv6
-	UseFIB           bool             // ipip and gue: ask the kernel FIB for the next hop first
-	GUEPort          uint16           // gue: outer UDP destination port; 0 drops gue VIPs' packets
+	GatewayMAC   net.HardwareAddr // ipip and gue next hop when FIB lookup is off or fails
+	EncapSource4 netip.Addr       // outer source of IPv4-in-IPv4 and GUE over IPv4
+	EncapSource6 netip.Addr       // outer source of IPv6-in-IPv6 and GUE over IPv6
+	UseFIB       bool             // ipip and gue: ask the kernel FIB for the next hop first
+	GUEPort      uint16           // gue: outer UDP destination port; 0 drops gue VIPs' packets
+	// ICMPTooBig answers an ipip or gue packet that would exceed the
+	// interface's MTU once encapsulated with ICMP "fragmentation needed"
+	// (IPv4 with DF) or ICMPv6 "packet too big" (ReasonTxICMPTooBig).
+	ICMPTooBig       bool
 	TCPIdleTimeoutNs uint64
 	UDPIdleTimeoutNs uint64
 	EventSampleEvery uint32 // one event per N drops of a reason per CPU; 0 or 1 = all

@@ -91,6 +91,7 @@ var reasonFixture = []struct{ reason, verdict string }{
 	{"tx_nat", "tx"},
 	{"tx_nat_reply", "tx"},
 	{"tx_gue", "tx"},
+	{"tx_icmp_too_big", "tx"},
 }
 
 // The fixture restates the data plane's reasons; it must not drift from
@@ -108,8 +109,8 @@ func TestReasonFixtureIsTheDataplanes(t *testing.T) {
 	}
 }
 
-// fixture is 2 VIPs, 3 backends and all 28 reasons. Reason i counts
-// (i+1)*10 packets, so pass sums to 360, drop to 2400 and tx to 1300.
+// fixture is 2 VIPs, 3 backends and all 29 reasons. Reason i counts
+// (i+1)*10 packets, so pass sums to 360, drop to 2400 and tx to 1590.
 func fixture() snapshot.Counters {
 	c := snapshot.Counters{
 		At: time.Date(2026, 11, 27, 6, 0, 0, 0, time.UTC),
@@ -300,7 +301,7 @@ func TestScrape(t *testing.T) {
 
 	e.want(t, 360, "veloflux_xdp_verdicts_total", "verdict", "pass")
 	e.want(t, 2400, "veloflux_xdp_verdicts_total", "verdict", "drop")
-	e.want(t, 1300, "veloflux_xdp_verdicts_total", "verdict", "tx")
+	e.want(t, 1590, "veloflux_xdp_verdicts_total", "verdict", "tx")
 	e.want(t, 130, "veloflux_drops_total", "reason", "drop_no_real")
 	e.want(t, 240, "veloflux_packets_total", "reason", "tx_dsr", "verdict", "tx")
 	e.want(t, 20, "veloflux_packets_total", "reason", "pass_not_vip", "verdict", "pass")
@@ -318,7 +319,7 @@ func TestScrape(t *testing.T) {
 		"veloflux_backend_packets_total": 3,
 		"veloflux_backend_up":            3,
 		"veloflux_xdp_verdicts_total":    3,
-		"veloflux_packets_total":         28,
+		"veloflux_packets_total":         29,
 		"veloflux_drops_total":           15,
 	} {
 		if got := e.family(name); len(got) != n {
@@ -369,7 +370,7 @@ veloflux_vip_info{mode="ipip",pool="dns",vip="10.0.0.2:53/udp"} 1
 # TYPE veloflux_xdp_verdicts_total counter
 veloflux_xdp_verdicts_total{verdict="drop"} 2400
 veloflux_xdp_verdicts_total{verdict="pass"} 360
-veloflux_xdp_verdicts_total{verdict="tx"} 1300
+veloflux_xdp_verdicts_total{verdict="tx"} 1590
 # HELP veloflux_drops_total Packets the XDP program dropped, by reason.
 # TYPE veloflux_drops_total counter
 veloflux_drops_total{reason="drop_denylist"} 120
@@ -636,8 +637,8 @@ func TestLint(t *testing.T) {
 		t.Errorf("lint (data plane): %s: %s", p.Metric, p.Text)
 	}
 	// 2 VIPs × 5, 3 backends × 2, 1 health entry × (up + latency), the
-	// error count, 3 verdicts, 28 reasons, 15 drop reasons.
-	if n, want := testutil.CollectAndCount(dp), 2*5+3*2+2+1+3+28+15; n != want {
+	// error count, 3 verdicts, 29 reasons, 15 drop reasons.
+	if n, want := testutil.CollectAndCount(dp), 2*5+3*2+2+1+3+29+15; n != want {
 		t.Errorf("data-plane collector emitted %d series, want %d", n, want)
 	}
 

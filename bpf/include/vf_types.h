@@ -117,7 +117,8 @@ enum vf_reason {
 	VF_R_TX_NAT,       /* nat: client to real, addresses and ports rewritten */
 	VF_R_TX_NAT_REPLY, /* nat: real's reply to the SNAT address, sent back to the client */
 	VF_R_TX_GUE,       /* forwarded inside an outer IP and UDP header (GUE variant 1) */
-	VF_R_TX_LAST = VF_R_TX_GUE,
+	VF_R_TX_ICMP_TOO_BIG, /* too big to encapsulate: ICMP frag-needed / packet-too-big sent back */
+	VF_R_TX_LAST = VF_R_TX_ICMP_TOO_BIG,
 	VF_R_MAX,
 };
 
@@ -231,6 +232,8 @@ struct vf_settings {
 	 * looks in vf_nat_addrs only when its destination's bit is set, so
 	 * with nat off, or to most other addresses, it pays a multiply. */
 	__u64 nat_addr_bits;
+	__u8 icmp_too_big;    /* ipip and gue: answer a packet too big to encapsulate with ICMP */
+	__u8 pad2[7];
 };
 
 /* The settings map is named vf_settings like its value's struct; bpf2go's
@@ -245,7 +248,7 @@ typedef struct vf_settings vf_settings_t;
  * 0, which no interface has, marks a free slot. */
 struct vf_iface {
 	__u8 mac[6];
-	__u16 pad;
+	__u16 mtu; /* the interface's MTU (XDP_TX leaves by it), for ipip and gue's too-big check; 0 = unknown */
 	__u32 ifindex;
 };
 

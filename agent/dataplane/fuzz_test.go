@@ -238,7 +238,9 @@ func totalPackets(h *harness) uint64 {
 //     sent to the interface's MAC from a source that is not martian, and the frame
 //     leaves with the interface's MAC as its source;
 //   - the output length is the input's for dsr, +20 (IPv4) or +40 (IPv6) for ipip,
-//     8 more for gue's UDP header,
+//     8 more for gue's UDP header, unless an ipip or gue packet too big for the MTU
+//     was answered: then the answer goes back to the frame's source MAC and quotes
+//     the packet's first bytes,
 //     and the forwarded packet itself is carried unchanged;
 //   - nat (both directions, a reply being a frame to an SNAT address) keeps the
 //     length and changes at most the addresses, ports and checksums;
@@ -247,6 +249,11 @@ func totalPackets(h *harness) uint64 {
 func FuzzBalancer(f *testing.F) {
 	h := standardHarness(f)
 	fuzzNAT(f, h)
+	s, err := h.dp.Settings()
+	h.must(err)
+	s.GUEPort = DefaultGUEPort // fuzzNAT's settings leave it 0
+	s.ICMPTooBig = true
+	h.must(h.dp.SetSettings(s))
 	vips := standardVIPs()
 	tcp, udp := layers.IPProtocolTCP, layers.IPProtocolUDP
 	seeds := []pkt{
@@ -264,6 +271,10 @@ func FuzzBalancer(f *testing.F) {
 		{src: client4, dst: vipGUE4, sport: 40010, dport: 443, proto: tcp, tcpFlags: "S", df: true, vlan: 9},
 		{src: client6, dst: vipGUE6, sport: 40011, dport: 53, proto: udp, payload: []byte("q")},
 	}
+	// Too big for the 1500-byte MTU once encapsulated.
+	seeds = append(seeds,
+		vfgueSized(f, pkt{src: client4, dst: vip4, sport: 40012, dport: 8080, proto: tcp, tcpFlags: "A", df: true}, 1500),
+		vfgueSized(f, pkt{src: client6, dst: vipGUE6, sport: 40013, dport: 53, proto: udp, vlan: 3}, 1460))
 	for _, s := range seeds {
 		f.Add(s.frame(f))
 	}
@@ -303,10 +314,12 @@ func FuzzBalancer(f *testing.F) {
 		}
 		h := &harness{tb: t, dp: h.dp} // f's helpers must not be used inside the target
 		before := totalPackets(h)
+		tooBigBefore := h.counters()[ReasonTxICMPTooBig].Packets
 		verdict, out := h.run(in)
 		if moved := totalPackets(h) - before; moved != 1 {
 			t.Fatalf("counters moved by %d packets for one frame", moved)
 		}
+		answered := h.counters()[ReasonTxICMPTooBig].Packets != tooBigBefore
 		switch verdict {
 		case VerdictPass, VerdictDrop:
 			if !bytes.Equal(out, in) {
@@ -351,6 +364,21 @@ func FuzzBalancer(f *testing.F) {
 		if target.mode == ModeNAT {
 			if !natRewritten(in, out, l2) {
 				t.Fatalf("nat changed beyond addresses, ports and checksums:\n in  %x\n out %x", in, out)
+			}
+			return
+		}
+		if answered {
+			if target.mode != ModeIPIP && target.mode != ModeGUE {
+				t.Fatalf("a %v packet was answered as too big:\n%x", target.mode, in)
+			}
+			hdr := 20 + 8
+			if v.Addr.Is6() {
+				hdr = 40 + 8
+			}
+			if len(out) != l2+hdr+vfgueQuoteLen || !bytes.Equal(out[0:6], in[6:12]) ||
+				!bytes.Equal(out[l2+hdr:], in[l2:l2+vfgueQuoteLen]) {
+				t.Fatalf("the too-big answer is not %d bytes to %x quoting the packet:\n in  %x\n out %x",
+					l2+hdr+vfgueQuoteLen, in[6:12], in, out)
 			}
 			return
 		}

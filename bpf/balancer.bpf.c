@@ -962,6 +962,12 @@ static __always_inline int vf_too_big(struct xdp_md *ctx, const struct vf_settin
 		return VF_CONTINUE;
 	if (l3_off > sizeof(struct ethhdr) + sizeof(struct vf_vlan_hdr))
 		return VF_R_DROP_MALFORMED_L2;
+	/* Bytes after the IP packet (padding, which a frame this long never
+	 * needs, or the fragments of a multi-buffer frame, which only
+	 * BPF_PROG_TEST_RUN hands this program) would make the cut below,
+	 * measured on the linear part, wrong: such a frame goes on as before. */
+	if (pkt->frame_len != l3_off + pkt->l3_len)
+		return VF_CONTINUE;
 	if (pkt->flow.family == VF_AF_INET) {
 		if (!pkt->df)
 			return VF_CONTINUE;

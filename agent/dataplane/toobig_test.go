@@ -110,6 +110,21 @@ func TestICMPTooBig(t *testing.T) {
 		})
 	}
 
+	// A frame with bytes after its IP packet, here long enough that
+	// BPF_PROG_TEST_RUN puts them in a fragment of a multi-buffer frame,
+	// is forwarded: the cut to the quote would be measured wrong.
+	t.Run("bytes after the packet", func(t *testing.T) {
+		p := vfgueSized(t, gue6, 1460)
+		in := append(p.frame(t), bytes.Repeat([]byte{0x28}, 2500)...)
+		before := h.counters()[ReasonTxGUE].Packets
+		if verdict, _ := h.run(in); verdict != VerdictTx {
+			t.Fatalf("verdict %v, want %v", verdict, VerdictTx)
+		}
+		if got := h.counters()[ReasonTxGUE].Packets - before; got != 1 {
+			t.Fatalf("tx_gue moved by %d, want 1 (forwarded, not answered)", got)
+		}
+	})
+
 	t.Run("switched off", func(t *testing.T) {
 		s.ICMPTooBig = false
 		h.must(h.dp.SetSettings(s))

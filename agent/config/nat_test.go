@@ -6,8 +6,9 @@ import (
 	"testing"
 )
 
-// A nat VIP is accepted with and without its own SNAT address, and every
-// rule the data path's translation depends on is refused with its path.
+// A nat VIP is accepted with and without its own SNAT address and with its
+// backends on different ports, and every rule the data path's translation
+// depends on is refused with its path.
 func TestNATValidation(t *testing.T) {
 	good := `
 dataplane:
@@ -16,7 +17,7 @@ pools:
   - name: web
     backends:
       - {address: 10.0.0.1, port: 8080}
-      - {address: 10.0.0.2, port: 8080}
+      - {address: 10.0.0.2, port: 9090}
 vips:
   - {address: 10.0.0.100, port: 80, protocol: tcp, mode: nat, pool: web}
   - {address: 10.0.0.100, port: 53, protocol: udp, mode: nat, pool: web, snat_address: 10.0.0.5}
@@ -42,6 +43,7 @@ pools:
       - {address: 10.0.0.1, port: 8080}
       - {address: 10.0.0.2, port: 9090}
       - {address: "fd00::2", port: 8080}
+      - {address: 10.0.0.1, port: 9090}
 vips:
   - {address: 10.0.0.100, port: 0, protocol: tcp, mode: nat, pool: web, snat_address: "fd00::5"}
   - {address: 10.0.0.101, port: 80, protocol: tcp, mode: dsr, pool: web, snat_address: 10.0.0.5}
@@ -57,7 +59,7 @@ vips:
 		"dataplane.nat.table_size: must be between 1024 and 16777216, got 10",
 		"vips[0].port: mode nat needs a port: it rewrites the destination to the backends' port",
 		"vips[0].snat_address: VIP 10.0.0.100 is IPv4 but snat_address fd00::5 is IPv6 (no NAT46/64)",
-		"vips[0].pool: nat VIP 10.0.0.100 rewrites to one backend port, but pools[0] has backends on ports 8080 and 9090",
+		"vips[0].pool: nat VIP 10.0.0.100: address 10.0.0.1 is in pools[0] twice (backends[0] and backends[3]); a nat VIP reaches each backend address on one port",
 		`vips[1].snat_address: only valid for mode nat (mode is "dsr")`,
 	}
 	got := fieldErrors(t, err)

@@ -570,8 +570,9 @@ func (c *Config) validateVIPs(v *collector, pools poolIndex) {
 
 // validateNATVIP checks what the data path needs to translate a nat VIP:
 // a port of its own, an SNAT address of its family, and backends of its
-// family that all listen on one port (the translation carries one real
-// port per VIP).
+// family, each address once: the data path keeps one port per real and
+// VIP, and names reals by address, so an address on two ports of one pool
+// would be one real with two ports.
 func validateNATVIP(v *collector, vp string, addr netip.Addr, vip VIP, pool *Pool, pi int) {
 	if vip.Port == 0 {
 		v.add(vp+".port", "mode nat needs a port: it rewrites the destination to the backends' port")
@@ -586,20 +587,23 @@ func validateNATVIP(v *collector, vp string, addr netip.Addr, vip VIP, pool *Poo
 	if pool == nil {
 		return
 	}
-	port := 0
+	first := make(map[netip.Addr]int, len(pool.Backends))
 	for j, b := range pool.Backends {
 		ba, err := netip.ParseAddr(b.Address)
-		if err == nil && ba.Is4() != addr.Is4() {
+		if err != nil {
+			continue
+		}
+		ba = ba.Unmap()
+		if ba.Is4() != addr.Is4() {
 			v.add(vp+".pool", "nat VIP %s is %s but pools[%d].backends[%d] (%s) is %s; all backends of a nat VIP must share its address family",
 				addr, family(addr), pi, j, b.Address, family(ba))
 		}
-		if port == 0 {
-			port = b.Port
-		} else if b.Port != port {
-			v.add(vp+".pool", "nat VIP %s rewrites to one backend port, but pools[%d] has backends on ports %d and %d",
-				addr, pi, port, b.Port)
-			return
+		if i, dup := first[ba]; dup {
+			v.add(vp+".pool", "nat VIP %s: address %s is in pools[%d] twice (backends[%d] and backends[%d]); a nat VIP reaches each backend address on one port",
+				addr, ba, pi, i, j)
+			continue
 		}
+		first[ba] = j
 	}
 }
 

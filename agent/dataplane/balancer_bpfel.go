@@ -127,6 +127,12 @@ type balancerVfNatEntry struct {
 	Pad      [7]uint8
 }
 
+type balancerVfNatRealKey struct {
+	_      structs.HostLayout
+	VipId  uint32
+	RealId uint32
+}
+
 type balancerVfNatVip struct {
 	_        structs.HostLayout
 	SnatAddr [4]uint32
@@ -242,6 +248,7 @@ const (
 	balancerVfSizeVF_VIP_FILTER_SLOTS        balancerVfSize = 65536
 	balancerVfSizeVF_NAT_MAX_ADDRS           balancerVfSize = 64
 	balancerVfSizeVF_DEFAULT_NAT_SIZE        balancerVfSize = 262144
+	balancerVfSizeVF_NAT_MAX_REAL_PORTS      balancerVfSize = 65536
 )
 
 type balancerVfVipKey struct {
@@ -288,6 +295,7 @@ const (
 	balancerMapVfIfaces       = "vf_ifaces"
 	balancerMapVfNatAddrs     = "vf_nat_addrs"
 	balancerMapVfNatFwd       = "vf_nat_fwd"
+	balancerMapVfNatRealPorts = "vf_nat_real_ports"
 	balancerMapVfNatRev       = "vf_nat_rev"
 	balancerMapVfNatVips      = "vf_nat_vips"
 	balancerMapVfReals        = "vf_reals"
@@ -353,27 +361,28 @@ type balancerProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type balancerMapSpecs struct {
-	VfCounters   *ebpf.MapSpec `ebpf:"vf_counters"`
-	VfCt4        *ebpf.MapSpec `ebpf:"vf_ct4"`
-	VfCt6        *ebpf.MapSpec `ebpf:"vf_ct6"`
-	VfDeny4      *ebpf.MapSpec `ebpf:"vf_deny4"`
-	VfDeny6      *ebpf.MapSpec `ebpf:"vf_deny6"`
-	VfEvents     *ebpf.MapSpec `ebpf:"vf_events"`
-	VfFlowLimit  *ebpf.MapSpec `ebpf:"vf_flow_limit"`
-	VfIfaceSlots *ebpf.MapSpec `ebpf:"vf_iface_slots"`
-	VfIfaces     *ebpf.MapSpec `ebpf:"vf_ifaces"`
-	VfNatAddrs   *ebpf.MapSpec `ebpf:"vf_nat_addrs"`
-	VfNatFwd     *ebpf.MapSpec `ebpf:"vf_nat_fwd"`
-	VfNatRev     *ebpf.MapSpec `ebpf:"vf_nat_rev"`
-	VfNatVips    *ebpf.MapSpec `ebpf:"vf_nat_vips"`
-	VfReals      *ebpf.MapSpec `ebpf:"vf_reals"`
-	VfRings      *ebpf.MapSpec `ebpf:"vf_rings"`
-	VfSettings   *ebpf.MapSpec `ebpf:"vf_settings"`
-	VfStatsReal  *ebpf.MapSpec `ebpf:"vf_stats_real"`
-	VfStatsVip   *ebpf.MapSpec `ebpf:"vf_stats_vip"`
-	VfVipFilter  *ebpf.MapSpec `ebpf:"vf_vip_filter"`
-	VfVips       *ebpf.MapSpec `ebpf:"vf_vips"`
-	VfVipsById   *ebpf.MapSpec `ebpf:"vf_vips_by_id"`
+	VfCounters     *ebpf.MapSpec `ebpf:"vf_counters"`
+	VfCt4          *ebpf.MapSpec `ebpf:"vf_ct4"`
+	VfCt6          *ebpf.MapSpec `ebpf:"vf_ct6"`
+	VfDeny4        *ebpf.MapSpec `ebpf:"vf_deny4"`
+	VfDeny6        *ebpf.MapSpec `ebpf:"vf_deny6"`
+	VfEvents       *ebpf.MapSpec `ebpf:"vf_events"`
+	VfFlowLimit    *ebpf.MapSpec `ebpf:"vf_flow_limit"`
+	VfIfaceSlots   *ebpf.MapSpec `ebpf:"vf_iface_slots"`
+	VfIfaces       *ebpf.MapSpec `ebpf:"vf_ifaces"`
+	VfNatAddrs     *ebpf.MapSpec `ebpf:"vf_nat_addrs"`
+	VfNatFwd       *ebpf.MapSpec `ebpf:"vf_nat_fwd"`
+	VfNatRealPorts *ebpf.MapSpec `ebpf:"vf_nat_real_ports"`
+	VfNatRev       *ebpf.MapSpec `ebpf:"vf_nat_rev"`
+	VfNatVips      *ebpf.MapSpec `ebpf:"vf_nat_vips"`
+	VfReals        *ebpf.MapSpec `ebpf:"vf_reals"`
+	VfRings        *ebpf.MapSpec `ebpf:"vf_rings"`
+	VfSettings     *ebpf.MapSpec `ebpf:"vf_settings"`
+	VfStatsReal    *ebpf.MapSpec `ebpf:"vf_stats_real"`
+	VfStatsVip     *ebpf.MapSpec `ebpf:"vf_stats_vip"`
+	VfVipFilter    *ebpf.MapSpec `ebpf:"vf_vip_filter"`
+	VfVips         *ebpf.MapSpec `ebpf:"vf_vips"`
+	VfVipsById     *ebpf.MapSpec `ebpf:"vf_vips_by_id"`
 }
 
 // balancerVariableSpecs contains global variables before they are loaded into the kernel.
@@ -405,27 +414,28 @@ func (o *balancerObjects) Close() error {
 //
 // It can be passed to loadBalancerObjects or ebpf.CollectionSpec.LoadAndAssign.
 type balancerMaps struct {
-	VfCounters   *ebpf.Map `ebpf:"vf_counters"`
-	VfCt4        *ebpf.Map `ebpf:"vf_ct4"`
-	VfCt6        *ebpf.Map `ebpf:"vf_ct6"`
-	VfDeny4      *ebpf.Map `ebpf:"vf_deny4"`
-	VfDeny6      *ebpf.Map `ebpf:"vf_deny6"`
-	VfEvents     *ebpf.Map `ebpf:"vf_events"`
-	VfFlowLimit  *ebpf.Map `ebpf:"vf_flow_limit"`
-	VfIfaceSlots *ebpf.Map `ebpf:"vf_iface_slots"`
-	VfIfaces     *ebpf.Map `ebpf:"vf_ifaces"`
-	VfNatAddrs   *ebpf.Map `ebpf:"vf_nat_addrs"`
-	VfNatFwd     *ebpf.Map `ebpf:"vf_nat_fwd"`
-	VfNatRev     *ebpf.Map `ebpf:"vf_nat_rev"`
-	VfNatVips    *ebpf.Map `ebpf:"vf_nat_vips"`
-	VfReals      *ebpf.Map `ebpf:"vf_reals"`
-	VfRings      *ebpf.Map `ebpf:"vf_rings"`
-	VfSettings   *ebpf.Map `ebpf:"vf_settings"`
-	VfStatsReal  *ebpf.Map `ebpf:"vf_stats_real"`
-	VfStatsVip   *ebpf.Map `ebpf:"vf_stats_vip"`
-	VfVipFilter  *ebpf.Map `ebpf:"vf_vip_filter"`
-	VfVips       *ebpf.Map `ebpf:"vf_vips"`
-	VfVipsById   *ebpf.Map `ebpf:"vf_vips_by_id"`
+	VfCounters     *ebpf.Map `ebpf:"vf_counters"`
+	VfCt4          *ebpf.Map `ebpf:"vf_ct4"`
+	VfCt6          *ebpf.Map `ebpf:"vf_ct6"`
+	VfDeny4        *ebpf.Map `ebpf:"vf_deny4"`
+	VfDeny6        *ebpf.Map `ebpf:"vf_deny6"`
+	VfEvents       *ebpf.Map `ebpf:"vf_events"`
+	VfFlowLimit    *ebpf.Map `ebpf:"vf_flow_limit"`
+	VfIfaceSlots   *ebpf.Map `ebpf:"vf_iface_slots"`
+	VfIfaces       *ebpf.Map `ebpf:"vf_ifaces"`
+	VfNatAddrs     *ebpf.Map `ebpf:"vf_nat_addrs"`
+	VfNatFwd       *ebpf.Map `ebpf:"vf_nat_fwd"`
+	VfNatRealPorts *ebpf.Map `ebpf:"vf_nat_real_ports"`
+	VfNatRev       *ebpf.Map `ebpf:"vf_nat_rev"`
+	VfNatVips      *ebpf.Map `ebpf:"vf_nat_vips"`
+	VfReals        *ebpf.Map `ebpf:"vf_reals"`
+	VfRings        *ebpf.Map `ebpf:"vf_rings"`
+	VfSettings     *ebpf.Map `ebpf:"vf_settings"`
+	VfStatsReal    *ebpf.Map `ebpf:"vf_stats_real"`
+	VfStatsVip     *ebpf.Map `ebpf:"vf_stats_vip"`
+	VfVipFilter    *ebpf.Map `ebpf:"vf_vip_filter"`
+	VfVips         *ebpf.Map `ebpf:"vf_vips"`
+	VfVipsById     *ebpf.Map `ebpf:"vf_vips_by_id"`
 }
 
 func (m *balancerMaps) Close() error {
@@ -441,6 +451,7 @@ func (m *balancerMaps) Close() error {
 		m.VfIfaces,
 		m.VfNatAddrs,
 		m.VfNatFwd,
+		m.VfNatRealPorts,
 		m.VfNatRev,
 		m.VfNatVips,
 		m.VfReals,

@@ -857,3 +857,50 @@ func decodeEvent(raw []byte) (Event, error) {
 		Proto:       e.Proto,
 	}, nil
 }
+
+// NATRealKey names a real of a nat VIP in vf_nat_real_ports.
+type NATRealKey struct {
+	VIPID  uint32
+	RealID uint32
+}
+
+// SetNATRealPort records the port a new flow of nat VIP vipID reaches real
+// realID on. Without one the VIP's NATTarget.RealPort is used.
+func (d *Dataplane) SetNATRealPort(k NATRealKey, port uint16) error {
+	if port == 0 {
+		return fmt.Errorf("nat port of real %d under VIP id %d: port 0", k.RealID, k.VIPID)
+	}
+	key := balancerVfNatRealKey{VipId: k.VIPID, RealId: k.RealID}
+	if err := d.objs.VfNatRealPorts.Put(&key, htons(port)); err != nil {
+		return fmt.Errorf("write nat port %d of real %d under VIP id %d: %w", port, k.RealID, k.VIPID, err)
+	}
+	return nil
+}
+
+// DeleteNATRealPort forgets a real's port under a nat VIP; a missing entry
+// is not an error.
+func (d *Dataplane) DeleteNATRealPort(k NATRealKey) error {
+	key := balancerVfNatRealKey{VipId: k.VIPID, RealId: k.RealID}
+	if err := d.objs.VfNatRealPorts.Delete(&key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete nat port of real %d under VIP id %d: %w", k.RealID, k.VIPID, err)
+	}
+	return nil
+}
+
+// NATRealPorts returns every real's port under every nat VIP.
+func (d *Dataplane) NATRealPorts() (map[NATRealKey]uint16, error) {
+	out := map[NATRealKey]uint16{}
+	if d.objs.VfNatRealPorts == nil {
+		return out, nil
+	}
+	var key balancerVfNatRealKey
+	var port uint16
+	it := d.objs.VfNatRealPorts.Iterate()
+	for it.Next(&key, &port) {
+		out[NATRealKey{VIPID: key.VipId, RealID: key.RealId}] = ntohs(port)
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("iterate nat real ports: %w", err)
+	}
+	return out, nil
+}

@@ -39,6 +39,16 @@ func (r *Reconciler) apply(p *plan, res *Result) error {
 		}
 	}
 
+	// A real's port under a nat VIP before any ring names it there, so
+	// that no new flow falls back to the VIP's default port.
+	for _, np := range p.natPortsSet {
+		if err := r.dp.SetNATRealPort(np.key, np.port); err != nil {
+			return fmt.Errorf("reconcile: write nat port %d of real %d under VIP id %d: %w",
+				np.port, np.key.RealID, np.key.VIPID, err)
+		}
+		r.natPorts[np.key] = np.port
+	}
+
 	// Rings before the VIPs that use them, installed in batches: every
 	// install waits for an RCU grace period, once per batch rather than
 	// once per VIP, and a bounded batch bounds the tables held at once.
@@ -96,6 +106,13 @@ func (r *Reconciler) apply(p *plan, res *Result) error {
 			return fmt.Errorf("reconcile: delete ring of removed VIP id %d: %w", id, err)
 		}
 		delete(r.rings, id)
+	}
+	// Once no ring names the real under the VIP, or the VIP is gone.
+	for _, k := range p.natPortsStale {
+		if err := r.dp.DeleteNATRealPort(k); err != nil {
+			return fmt.Errorf("reconcile: delete nat port of real %d under VIP id %d: %w", k.RealID, k.VIPID, err)
+		}
+		delete(r.natPorts, k)
 	}
 	for _, id := range p.staleReals {
 		if err := r.dp.DeleteReal(id); err != nil {

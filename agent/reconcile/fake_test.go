@@ -27,6 +27,7 @@ type fakeDP struct {
 	reals     map[uint32]dataplane.Real
 	rings     map[uint32][]uint32
 	deny      map[netip.Prefix]bool
+	natPorts  map[dataplane.NATRealKey]uint16
 	vipStats  map[uint32]uint64
 	realStats map[uint32]uint64
 
@@ -54,6 +55,7 @@ func newFakeDP(ringSize uint32) *fakeDP {
 		reals:     map[uint32]dataplane.Real{},
 		rings:     map[uint32][]uint32{},
 		deny:      map[netip.Prefix]bool{},
+		natPorts:  map[dataplane.NATRealKey]uint16{},
 		vipStats:  map[uint32]uint64{},
 		realStats: map[uint32]uint64{},
 		record:    true,
@@ -229,6 +231,32 @@ func (f *fakeDP) DeleteRing(vipID uint32) error {
 	delete(f.rings, vipID)
 	f.checkRefsLocked(call)
 	return nil
+}
+
+func (f *fakeDP) SetNATRealPort(k dataplane.NATRealKey, port uint16) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.log("SetNATRealPort %d/%d %d", k.VIPID, k.RealID, port); err != nil {
+		return err
+	}
+	f.natPorts[k] = port
+	return nil
+}
+
+func (f *fakeDP) DeleteNATRealPort(k dataplane.NATRealKey) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.log("DeleteNATRealPort %d/%d", k.VIPID, k.RealID); err != nil {
+		return err
+	}
+	delete(f.natPorts, k)
+	return nil
+}
+
+func (f *fakeDP) NATRealPorts() (map[dataplane.NATRealKey]uint16, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return maps.Clone(f.natPorts), nil
 }
 
 func (f *fakeDP) ResetVIPStats(vipID uint32) error {

@@ -25,6 +25,7 @@ type poolModel struct {
 // entryModel is one backend line of a pool.
 type entryModel struct {
 	addr   netip.Addr
+	port   uint16 // the backend's port, a nat VIP's target port for this real
 	key    string // Maglev key, "address:port"
 	weight uint32
 	live   bool // healthy and not drained: may take new flows
@@ -106,6 +107,7 @@ func buildModel(d Desired) (*model, error) {
 			drained := d.Drained[key]
 			pm.entries = append(pm.entries, entryModel{
 				addr:   addr,
+				port:   uint16(b.Port),
 				key:    b.Endpoint(),
 				weight: b.EffectiveWeight(),
 				live:   healthy && !drained,
@@ -202,8 +204,10 @@ func convertVIP(v config.VIP) (vipModel, error) {
 }
 
 // natTarget is what a nat VIP translates to besides the real: its SNAT
-// address (configured, or the interface's) and its backends' port, which
-// validation made one per pool; a VIP whose pool is empty keeps its own.
+// address (configured, or the interface's) and a default port for the
+// reals, the first backend's (each real's own port is written to the data
+// plane per real, see plan.natPorts); a VIP whose pool is empty keeps its
+// own.
 func natTarget(d Desired, c *config.Config, v config.VIP, vip dataplane.VIP) (dataplane.NATTarget, error) {
 	t := dataplane.NATTarget{RealPort: vip.Port}
 	for _, p := range c.Pools {

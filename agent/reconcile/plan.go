@@ -27,6 +27,17 @@ type plan struct {
 	staleReals []uint32
 	denyAdd    []netip.Prefix
 	denyRemove []netip.Prefix
+
+	// natPortsSet are the nat real ports to write (new or changed), in key
+	// order; natPortsStale those installed that no nat VIP wants any more.
+	natPortsSet   []natPort
+	natPortsStale []dataplane.NATRealKey
+}
+
+// natPort is one real's port under one nat VIP.
+type natPort struct {
+	key  dataplane.NATRealKey
+	port uint16
 }
 
 type realPlan struct {
@@ -99,6 +110,9 @@ func (r *Reconciler) plan(m *model) (*plan, error) {
 		return nil, err
 	}
 	if err := r.planVIPs(m, p, realIDs); err != nil {
+		return nil, err
+	}
+	if err := r.planNATPorts(m, p, realIDs); err != nil {
 		return nil, err
 	}
 	r.planDeny(m, p)
@@ -338,4 +352,41 @@ func (r *Reconciler) planDeny(m *model, p *plan) {
 
 func comparePrefix(a, b netip.Prefix) int {
 	return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
+}
+
+// planNATPorts works out the port of every real of every nat VIP, the
+// backend's own, and compares it with the mirror. Validation keeps an
+// address to one line of a nat VIP's pool, so a real has one port there.
+func (r *Reconciler) planNATPorts(m *model, p *plan, realIDs map[netip.Addr]uint32) error {
+	want := map[dataplane.NATRealKey]uint16{}
+	for _, vp := range p.vips {
+		if vp.mode != dataplane.ModeNAT {
+			continue
+		}
+		for _, e := range m.pools[vp.pool].entries {
+			k := dataplane.NATRealKey{VIPID: vp.id, RealID: realIDs[e.addr]}
+			if old, dup := want[k]; dup && old != e.port {
+				return fmt.Errorf("reconcile: VIP %s: backend %s is in pool %q on ports %d and %d; mode nat needs one",
+					vp.vip, e.addr, vp.pool, old, e.port)
+			}
+			want[k] = e.port
+		}
+	}
+	for k, port := range want {
+		if installed, ok := r.natPorts[k]; !ok || installed != port {
+			p.natPortsSet = append(p.natPortsSet, natPort{key: k, port: port})
+		}
+	}
+	for k := range r.natPorts {
+		if _, ok := want[k]; !ok {
+			p.natPortsStale = append(p.natPortsStale, k)
+		}
+	}
+	slices.SortFunc(p.natPortsSet, func(a, b natPort) int { return compareNATRealKeys(a.key, b.key) })
+	slices.SortFunc(p.natPortsStale, compareNATRealKeys)
+	return nil
+}
+
+func compareNATRealKeys(a, b dataplane.NATRealKey) int {
+	return cmp.Or(cmp.Compare(a.VIPID, b.VIPID), cmp.Compare(a.RealID, b.RealID))
 }

@@ -72,6 +72,12 @@ type Dataplane interface {
 	Ring(vipID uint32) ([]uint32, error)
 	DeleteRing(vipID uint32) error
 
+	// SetNATRealPort, DeleteNATRealPort and NATRealPorts keep the port a
+	// new flow of a nat VIP reaches each of its reals on.
+	SetNATRealPort(k dataplane.NATRealKey, port uint16) error
+	DeleteNATRealPort(k dataplane.NATRealKey) error
+	NATRealPorts() (map[dataplane.NATRealKey]uint16, error)
+
 	ResetVIPStats(vipID uint32) error
 	ResetRealStats(realID uint32) error
 
@@ -187,6 +193,8 @@ type Reconciler struct {
 	vips   map[dataplane.VIP]dataplane.VIPMeta
 	reals  map[uint32]dataplane.Real
 	deny   map[netip.Prefix]bool
+	// natPorts is each real's port under each nat VIP.
+	natPorts map[dataplane.NATRealKey]uint16
 	// rings maps a VIP id to the fingerprint of the backend set its
 	// installed ring was built from. An id is absent when that is unknown
 	// (never seen, or its last write failed); the ring is then read back
@@ -348,7 +356,8 @@ func (r *Reconciler) reconcile(ctx context.Context, d Desired, res *Result) erro
 	return nil
 }
 
-// load reads the installed VIPs, reals and denylist into the mirror.
+// load reads the installed VIPs, reals, nat real ports and denylist into
+// the mirror.
 func (r *Reconciler) load() error {
 	vips, err := r.dp.VIPs()
 	if err != nil {
@@ -362,6 +371,11 @@ func (r *Reconciler) load() error {
 	if err != nil {
 		return fmt.Errorf("reconcile: read installed denylist: %w", err)
 	}
+	natPorts, err := r.dp.NATRealPorts()
+	if err != nil {
+		return fmt.Errorf("reconcile: read installed nat real ports: %w", err)
+	}
+	r.natPorts = natPorts
 	r.vips = make(map[dataplane.VIP]dataplane.VIPMeta, len(vips))
 	for v, meta := range vips {
 		r.vips[v] = meta

@@ -44,6 +44,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } vf_nat_vips SEC(".maps");
 
+/* Each real's port (network order) by {VIP id, real id}; only a new flow
+ * reads it, an established one carries the port in its entry. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, VF_NAT_MAX_REAL_PORTS);
+	__type(key, struct vf_nat_real_key);
+	__type(value, __u16);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vf_nat_real_ports SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, VF_NAT_MAX_ADDRS);
@@ -502,6 +512,17 @@ static __always_inline int vf_nat_send(struct xdp_md *ctx, const struct vf_setti
 	return reason;
 }
 
+/* The port a new flow of the VIP reaches the real on: the real's own, or
+ * the VIP's when the agent wrote none for it. */
+static __always_inline __u16 vf_nat_real_port(const struct vf_nat_vip *nv, __u32 vip_id,
+					      __u32 real_id)
+{
+	struct vf_nat_real_key key = { .vip_id = vip_id, .real_id = real_id };
+	const __u16 *port = bpf_map_lookup_elem(&vf_nat_real_ports, &key);
+
+	return port && *port ? *port : nv->real_port;
+}
+
 /*
  * A new nat flow: charged to its source, balanced with Maglev, given a port,
  * and both entries written. fwd is the tuple's previous entry (idle, or on a
@@ -538,7 +559,7 @@ static __always_inline int vf_nat_new_flow(const struct vf_settings *cfg,
 
 	__builtin_memcpy(rkey->src, real->addr, sizeof(rkey->src));
 	__builtin_memcpy(rkey->dst, nv->snat_addr, sizeof(rkey->dst));
-	rkey->sport = nv->real_port;
+	rkey->sport = vf_nat_real_port(nv, vip_id, real_id);
 	rkey->proto = pkt->flow.proto;
 	rkey->family = pkt->flow.family;
 	/* One value on the stack serves both entries: they differ in peer. */

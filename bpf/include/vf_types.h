@@ -30,6 +30,7 @@ enum vf_size {
 	VF_VIP_FILTER_SLOTS = 65536,
 	VF_NAT_MAX_ADDRS = 64,        /* SNAT addresses, both families */
 	VF_DEFAULT_NAT_SIZE = 262144, /* NAT flows, per table */
+	VF_NAT_MAX_REAL_PORTS = 65536, /* (nat VIP, real) pairs with their own port */
 };
 
 /* vf_vip_filter is indexed by the top VF_VIP_FILTER_BITS bits of a
@@ -292,12 +293,21 @@ struct vf_event {
 };
 
 /* A nat VIP's source translation (vf_nat_vips, by vip id): the SNAT
- * address this node owns and the port of the reals. */
+ * address this node owns and the reals' port when vf_nat_real_ports has
+ * none for the chosen real. */
 struct vf_nat_vip {
 	__u32 snat_addr[4];
 	__u16 real_port; /* network order */
 	__u8 family;     /* 0: the VIP has no NAT configuration */
 	__u8 pad;
+};
+
+/* A real of a nat VIP (vf_nat_real_ports): the real's own port, so that
+ * one pool may list its backends on different ports. Keyed by VIP as well
+ * as real because one address may sit in two pools on different ports. */
+struct vf_nat_real_key {
+	__u32 vip_id;
+	__u32 real_id;
 };
 
 /* An SNAT address of this node (vf_nat_addrs): a packet to no VIP is

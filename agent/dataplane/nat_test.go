@@ -594,3 +594,70 @@ func TestICMPErrorsOnlyNATTakesPassOtherModes(t *testing.T) {
 		})
 	}
 }
+
+// Two reals of one nat VIP listening on different ports: a new flow goes to
+// the port of the real it was balanced to, byte for byte, and the real's
+// reply from that port comes back as VIP to client. A real without a port
+// of its own takes the VIP's.
+func TestNATRealPorts(t *testing.T) {
+	h := newHarness(t, Options{})
+	h.natSettings(natPortMin, natPortMax)
+	h.real(1, real4a)
+	h.real(2, real4b)
+	nat := NATTarget{SNAT: netip.MustParseAddr(snat4), RealPort: realPort}
+	h.vip(vip4, natVIPPort, ProtoTCP, VIPMeta{ID: 1, Mode: ModeNAT, NAT: nat}, 1, 2)
+	ports := map[string]uint16{real4a: 9001, real4b: 9002}
+	h.must(h.dp.SetNATRealPort(NATRealKey{VIPID: 1, RealID: 1}, ports[real4a]))
+	h.must(h.dp.SetNATRealPort(NATRealKey{VIPID: 1, RealID: 2}, ports[real4b]))
+	installed, err := h.dp.NATRealPorts()
+	h.must(err)
+	if len(installed) != 2 || installed[NATRealKey{VIPID: 1, RealID: 2}] != 9002 {
+		t.Fatalf("NATRealPorts = %v", installed)
+	}
+
+	payload := []byte("one port per real")
+	vip := netip.AddrPortFrom(netip.MustParseAddr(vip4), natVIPPort)
+	// send opens a flow from a client port and checks both directions;
+	// it returns the real the flow went to.
+	send := func(cport uint16) netip.AddrPort {
+		t.Helper()
+		client := netip.AddrPortFrom(netip.MustParseAddr(client4), cport)
+		out := pkt{src: client4, dst: vip4, sport: cport, dport: natVIPPort, proto: layers.IPProtocolTCP,
+			tcpFlags: "S", payload: payload, df: true}
+		v, got := h.run(out.frame(t))
+		if v != VerdictTx {
+			t.Fatalf("client port %d: verdict %v", cport, v)
+		}
+		flow, ok := natFlow(t, h, client, ProtoTCP)
+		if !ok {
+			t.Fatalf("client port %d: no nat flow", cport)
+		}
+		if want := natExpect(t, out, flow.SNAT, flow.Real); !bytes.Equal(got, want) {
+			t.Fatalf("client port %d to %v: packet differs\n got  %x\n want %x", cport, flow.Real, got, want)
+		}
+		reply := pkt{src: flow.Real.Addr().String(), dst: snat4, sport: flow.Real.Port(), dport: flow.SNAT.Port(),
+			proto: layers.IPProtocolTCP, tcpFlags: "SA", payload: payload}
+		h.expectTx(t, reply.frame(t), ReasonTxNATReply, natExpect(t, reply, vip, client))
+		return flow.Real
+	}
+
+	seen := map[string]bool{}
+	for cport := uint16(42000); cport < 42000+natPortMax-natPortMin && len(seen) < 2; cport++ {
+		real := send(cport)
+		addr := real.Addr().String()
+		if want := ports[addr]; real.Port() != want {
+			t.Fatalf("flow to %s went to port %d, want its own %d", addr, real.Port(), want)
+		}
+		seen[addr] = true
+	}
+	if len(seen) != 2 {
+		t.Fatalf("flows reached only %v; the test needs both reals", seen)
+	}
+
+	// Without a port of its own, a real takes the VIP's.
+	h.must(h.dp.DeleteNATRealPort(NATRealKey{VIPID: 1, RealID: 1}))
+	h.must(h.dp.DeleteNATRealPort(NATRealKey{VIPID: 1, RealID: 2}))
+	if real := send(42100); real.Port() != realPort {
+		t.Fatalf("without real ports the flow went to %v, want port %d", real, realPort)
+	}
+}

@@ -28,8 +28,8 @@ enum vf_size {
 	VF_DECAP_MAX_LOCAL = 64,
 	VF_MAX_IFACES = 256, /* slots of vf_iface_slots, and entries of its overflow vf_ifaces */
 	VF_VIP_FILTER_SLOTS = 65536,
-	VF_NAT_MAX_ADDRS = 64,        /* SNAT addresses, both families */
-	VF_DEFAULT_NAT_SIZE = 262144, /* NAT flows, per table */
+	VF_NAT_MAX_ADDRS = 64,         /* SNAT addresses, both families */
+	VF_DEFAULT_NAT_SIZE = 262144,  /* NAT flows, per table */
 	VF_NAT_MAX_REAL_PORTS = 65536, /* (nat VIP, real) pairs with their own port */
 };
 

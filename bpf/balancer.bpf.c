@@ -644,8 +644,8 @@ static __always_inline __be16 vf_gue_sport(const struct vf_pkt *pkt)
  * lookup describes the outer packet as ipip or gue builds it. */
 static __always_inline int vf_ipip_nexthop(struct xdp_md *ctx, const struct vf_settings *cfg,
 					   const struct vf_iface *iface, const struct vf_pkt *pkt,
-					   const struct vf_real *real, const int gue, __be16 gue_sport,
-					   __u8 *smac, __u8 *dmac)
+					   const struct vf_real *real, const int gue,
+					   __be16 gue_sport, __u8 *smac, __u8 *dmac)
 {
 	if (cfg->use_fib) {
 		struct bpf_fib_lookup fib = {};
@@ -827,9 +827,9 @@ static __always_inline int vf_encap_ipv6(struct xdp_md *ctx, const struct vf_set
  * extension headers, and the TCP header), and constant so that the checksum
  * is one bpf_csum_diff of a fixed size.
  */
-#define VF_PTB_QUOTE_LEN  128
-#define VF_ICMP_HDR_LEN   8
-#define VF_ICMP_ERR_TTL   64
+#define VF_PTB_QUOTE_LEN 128
+#define VF_ICMP_HDR_LEN  8
+#define VF_ICMP_ERR_TTL  64
 
 /* The frame is cut to L2 + the quote, then grown at the front by the new
  * IP and ICMP headers, with the L2 header (and VLAN tag) rebuilt in front

@@ -114,10 +114,10 @@ enum vf_reason {
 	VF_R_DROP_LAST = VF_R_DROP_NAT_UNCONFIGURED,
 	VF_R_TX_DSR, /* forwarded by MAC rewrite */
 	VF_R_TX_FIRST = VF_R_TX_DSR,
-	VF_R_TX_IPIP,      /* forwarded inside an IPIP/IP6IP6 header */
-	VF_R_TX_NAT,       /* nat: client to real, addresses and ports rewritten */
-	VF_R_TX_NAT_REPLY, /* nat: real's reply to the SNAT address, sent back to the client */
-	VF_R_TX_GUE,       /* forwarded inside an outer IP and UDP header (GUE variant 1) */
+	VF_R_TX_IPIP,         /* forwarded inside an IPIP/IP6IP6 header */
+	VF_R_TX_NAT,          /* nat: client to real, addresses and ports rewritten */
+	VF_R_TX_NAT_REPLY,    /* nat: real's reply to the SNAT address, sent back to the client */
+	VF_R_TX_GUE,          /* forwarded inside an outer IP and UDP header (GUE variant 1) */
 	VF_R_TX_ICMP_TOO_BIG, /* too big to encapsulate: ICMP frag-needed / packet-too-big sent back */
 	VF_R_TX_LAST = VF_R_TX_ICMP_TOO_BIG,
 	VF_R_MAX,
@@ -233,7 +233,7 @@ struct vf_settings {
 	 * looks in vf_nat_addrs only when its destination's bit is set, so
 	 * with nat off, or to most other addresses, it pays a multiply. */
 	__u64 nat_addr_bits;
-	__u8 icmp_too_big;    /* ipip and gue: answer a packet too big to encapsulate with ICMP */
+	__u8 icmp_too_big; /* ipip and gue: answer a packet too big to encapsulate with ICMP */
 	__u8 pad2[7];
 };
 

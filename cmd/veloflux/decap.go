@@ -206,15 +206,5 @@ func decapDetach(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "veloflux decap detach: unexpected argument %q\n", fs.Arg(0))
 		return exitConfig
 	}
-	err := dataplane.RemovePins(*pinPath)
-	var foreign *dataplane.ForeignPinsError
-	if err != nil && !errors.As(err, &foreign) {
-		fmt.Fprintln(stderr, "veloflux decap detach:", err)
-		return 1
-	}
-	fmt.Fprintf(stdout, "detached: removed the decapsulator's links and maps under %s\n", *pinPath)
-	if foreign != nil {
-		fmt.Fprintln(stderr, "veloflux decap detach:", foreign)
-	}
-	return 0
+	return removePins(*pinPath, "veloflux decap detach", "the decapsulator's links and maps", stdout, stderr)
 }

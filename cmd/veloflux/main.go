@@ -190,17 +190,23 @@ func detach(args []string, stdout, stderr io.Writer) int {
 	explicit := false
 	fs.Visit(func(f *flag.Flag) { explicit = explicit || f.Name == "config" })
 	withdrawBeforeDetach(*cfgPath, explicit, stdout, stderr)
-	err := dataplane.RemovePins(*pinPath)
+	return removePins(*pinPath, "veloflux detach", "every link and map VeloFlux pinned", stdout, stderr)
+}
+
+// removePins removes what is pinned under pinPath for a detach command and
+// reports it. Pins that others made beside ours are named but not an error:
+// the data path is down, which is what detach is for, and what others pinned
+// is theirs to remove.
+func removePins(pinPath, command, what string, stdout, stderr io.Writer) int {
+	err := dataplane.RemovePins(pinPath)
 	var foreign *dataplane.ForeignPinsError
 	if err != nil && !errors.As(err, &foreign) {
-		fmt.Fprintln(stderr, "veloflux detach:", err)
+		fmt.Fprintf(stderr, "%s: %v\n", command, err)
 		return 1
 	}
-	fmt.Fprintf(stdout, "detached: removed every link and map VeloFlux pinned under %s\n", *pinPath)
+	fmt.Fprintf(stdout, "detached: removed %s under %s\n", what, pinPath)
 	if foreign != nil {
-		// The data path is down, which is what detach is for; what others
-		// pinned beside it is theirs to remove.
-		fmt.Fprintln(stderr, "veloflux detach:", foreign)
+		fmt.Fprintf(stderr, "%s: %v\n", command, foreign)
 	}
 	return 0
 }

@@ -154,14 +154,24 @@ func (g *guest) run(ctx context.Context, script string) (string, error) {
 }
 
 // must is run that fails t on error.
+// A command that takes longer is logged with its time, so that the log
+// shows where an emulated VM spends the test's budget.
 func (g *guest) must(t *testing.T, ctx context.Context, script string) string {
 	t.Helper()
+	start := time.Now()
 	out, err := g.run(ctx, script)
 	if err != nil {
 		t.Fatal(err)
 	}
+	if took := time.Since(start); took > slowCommand {
+		first, _, _ := strings.Cut(script, "\n")
+		t.Logf("in the VM, %s: %s", took.Round(100*time.Millisecond), first)
+	}
 	return out
 }
+
+// slowCommand is the time above which must logs a command.
+const slowCommand = 2 * time.Second
 
 // waitBoot waits until sshd answers in a boot other than notBootID and
 // returns that boot's id.

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -164,11 +165,47 @@ func (v *vagrant) run(ctx context.Context, args ...string) (string, error) {
 	cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", v.ns, "vagrant"}, args...)...)
 	cmd.Dir = v.dir
 	cmd.Env = append(os.Environ(), v.env...)
-	out, err := cmd.CombinedOutput()
+	out := &stampedWriter{start: time.Now()}
+	cmd.Stdout, cmd.Stderr = out, out
+	err := cmd.Run()
 	if err != nil {
-		return string(out), fmt.Errorf("vagrant %s: %w\n%s", strings.Join(args, " "), err, out)
+		return out.String(), fmt.Errorf("vagrant %s: %w\n%s", strings.Join(args, " "), err, out)
 	}
-	return string(out), nil
+	return out.String(), nil
+}
+
+// stampedWriter keeps a command's output with the seconds since start at
+// the head of each line, so that a slow step shows in the test's log.
+type stampedWriter struct {
+	mu      sync.Mutex
+	start   time.Time
+	buf     bytes.Buffer
+	midLine bool
+}
+
+func (w *stampedWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	n := len(p)
+	for len(p) > 0 {
+		if !w.midLine {
+			fmt.Fprintf(&w.buf, "[%5.1fs] ", time.Since(w.start).Seconds())
+		}
+		line, rest, found := bytes.Cut(p, []byte("\n"))
+		w.buf.Write(line)
+		if found {
+			w.buf.WriteByte('\n')
+		}
+		w.midLine = !found
+		p = rest
+	}
+	return n, nil
+}
+
+func (w *stampedWriter) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.buf.String()
 }
 
 func (v *vagrant) must(t *testing.T, ctx context.Context, args ...string) string {

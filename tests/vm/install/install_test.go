@@ -147,7 +147,13 @@ decap:
   xdp_mode: generic
 DECAP_YAML
 systemctl start veloflux-decap`)
-		out := g.must(t, ctx, `for i in $(seq 50); do vfctl decap >/dev/null 2>&1 && break; sleep 0.2; done
+		// The pins appear before the command has attached and written its
+		// addresses: wait for both.
+		out := g.must(t, ctx, `for i in $(seq 100); do
+	s=$(vfctl decap 2>/dev/null || true)
+	case $s in *vfdecap0*192.0.2.11*|*192.0.2.11*vfdecap0*) break ;; esac
+	sleep 0.2
+done
 systemctl status --no-pager veloflux-decap
 vfctl decap`)
 		for _, want := range []string{"Active: active (running)", "vfdecap0", "192.0.2.11"} {

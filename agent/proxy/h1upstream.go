@@ -25,14 +25,8 @@ import (
 func newHostClient(addr string, k transportKey) *fasthttp.HostClient {
 	d := &net.Dialer{Timeout: k.dial, KeepAlive: 30 * time.Second}
 	return &fasthttp.HostClient{
-		Addr: addr,
-		Dial: func(addr string) (net.Conn, error) {
-			c, err := d.Dial("tcp", addr)
-			if err != nil {
-				return nil, err
-			}
-			return &yieldAfterWrite{Conn: c}, nil
-		},
+		Addr:                          addr,
+		Dial:                          func(addr string) (net.Conn, error) { return d.Dial("tcp", addr) },
 		MaxConns:                      1 << 20, // no limit, as http.Transport's default
 		MaxIdleConnDuration:           k.idle,
 		ReadBufferSize:                transportBufSize,
@@ -89,9 +83,6 @@ func peerClosed(conn net.Conn) bool {
 // the end of the stream (the peer closed its side), or 0 with the error
 // (syscall.EAGAIN: nothing yet; errors.ErrUnsupported: conn is no socket).
 func peekSocket(conn net.Conn) (b byte, n int, err error) {
-	if y, ok := conn.(*yieldAfterWrite); ok {
-		conn = y.Conn
-	}
 	sc, ok := conn.(syscall.Conn)
 	if !ok {
 		return 0, 0, errors.ErrUnsupported
@@ -142,7 +133,7 @@ func clientGone(c net.Conn) bool {
 			c = v.trackedConn
 			continue
 		case *trackedConn:
-			c = v.yieldAfterWrite.Conn
+			c = v.Conn
 			continue
 		}
 		break

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"io"
 	"net"
-	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -59,40 +58,19 @@ func (s *closeSet[C]) closeAll() int {
 type connSet = closeSet[*trackedConn]
 
 // trackedConn is an accepted connection that leaves its set when closed.
-// It yields before reading after a write (yieldAfterWrite).
+//
+// Neither it nor the backend connections yield before a read that follows
+// a write. A runtime.Gosched there saved the read that fails with EAGAIN
+// (about 4.4 system calls per request instead of 6.2), but it puts the
+// goroutine on the global run queue, and Go polls the network only when
+// the run queues are empty: on a saturated core, connections already
+// answered waited longer, and p99 was 1.7-2.3x HAProxy's instead of 1.5x
+// (docs/BENCHMARKS.md).
 type trackedConn struct {
-	yieldAfterWrite
+	net.Conn
 	set    *connSet
 	once   sync.Once
 	linger atomic.Bool
-}
-
-// yieldAfterWrite is a connection that lets the other goroutines run
-// before it reads after a write. A proxy reads right after writing: the
-// backend's answer after the request, the client's next request after
-// the answer. Read at once, the socket is usually still empty: the read
-// costs a system call that fails (EAGAIN) before the goroutine parks on
-// the netpoller. Under load, letting the goroutines already runnable go
-// first gives the peer the time to answer, so the read finds the data;
-// with nothing else runnable the yield returns at once, and the read is
-// what it was. (Parking without trying the read is not possible: Go's
-// poller forgets a readiness it saw before the read starts.)
-type yieldAfterWrite struct {
-	net.Conn
-	wrote atomic.Bool
-}
-
-func (c *yieldAfterWrite) Read(b []byte) (int, error) {
-	if c.wrote.Load() {
-		c.wrote.Store(false)
-		runtime.Gosched()
-	}
-	return c.Conn.Read(b)
-}
-
-func (c *yieldAfterWrite) Write(b []byte) (int, error) {
-	c.wrote.Store(true)
-	return c.Conn.Write(b)
 }
 
 // refusedBodyLinger bounds how long the rest of a refused request's body is
@@ -190,7 +168,7 @@ func (d *dispatchListener) acceptLoop() {
 			d.fail(err)
 			return
 		}
-		tc := &trackedConn{yieldAfterWrite: yieldAfterWrite{Conn: c}, set: d.conns}
+		tc := &trackedConn{Conn: c, set: d.conns}
 		d.conns.add(tc)
 		switch {
 		case d.tls != nil:

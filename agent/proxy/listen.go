@@ -64,8 +64,9 @@ type connSet = closeSet[*trackedConn]
 // (about 4.4 system calls per request instead of 6.2), but it puts the
 // goroutine on the global run queue, and Go polls the network only when
 // the run queues are empty: on a saturated core, connections already
-// answered waited longer, and p99 was 1.7-2.3x HAProxy's instead of 1.5x
-// (docs/BENCHMARKS.md).
+// answered waited longer. In two quiet runs each against HAProxy, plain
+// HTTP's p99 was 1.70x and 2.29x HAProxy's with the yield, 1.49x and 1.67x
+// without (docs/BENCHMARKS.md).
 type trackedConn struct {
 	net.Conn
 	set    *connSet

@@ -187,7 +187,7 @@ func TestAnnounceAndWithdraw(t *testing.T) {
 	if err := s.SetRoutes(context.Background(), []Route{v6}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "withdrawal at the router", 2*time.Second, func() bool {
+	eventually(t, "withdrawal at the router", 10*time.Second, func() bool {
 		rib := r.rib(t)
 		_, has := rib[v4.Prefix]
 		return !has && len(rib) == 1
@@ -363,7 +363,7 @@ func TestCloseSessionsFlushesKeptRoutes(t *testing.T) {
 	if err := CloseSessions(ctx, speakerASN, netip.MustParseAddr("192.0.2.1"), []Peer{p}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "kept route dropped", 2*time.Second, func() bool { return len(r.rib(t)) == 0 })
+	eventually(t, "kept route dropped", 10*time.Second, func() bool { return len(r.rib(t)) == 0 })
 
 	p.Password = "wrong"
 	ctx, cancel = context.WithTimeout(context.Background(), time.Second)

@@ -153,9 +153,9 @@ func (g *guest) run(ctx context.Context, script string) (string, error) {
 	return string(out), nil
 }
 
-// must is run that fails t on error.
-// A command that takes longer is logged with its time, so that the log
-// shows where an emulated VM spends the test's budget.
+// must is run that fails t on error. A command that takes longer than
+// slowCommand is logged with its time, so that the log shows where an
+// emulated VM spends the test's budget.
 func (g *guest) must(t *testing.T, ctx context.Context, script string) string {
 	t.Helper()
 	start := time.Now()

@@ -107,7 +107,36 @@ func closeSession(ctx context.Context, asn uint32, routerID netip.Addr, p Peer) 
 			}
 		}
 	}
+	holdOpen(ctx, conn)
 	return send(conn, gbgp.NewBGPNotificationMessage(gbgp.BGP_ERROR_CEASE, gbgp.BGP_ERROR_SUB_ADMINISTRATIVE_SHUTDOWN, nil))
+}
+
+// closeHold is how long an established session stays up before its Cease.
+// A router may act on the new session (dropping the stale routes) after it
+// confirmed it; a Cease right behind the KEEPALIVE can reach it first, and
+// under load GoBGP then kept the routes.
+const closeHold = time.Second
+
+// holdOpen keeps conn up for closeHold, or until ctx ends, the peer sends
+// a NOTIFICATION or the connection fails, reading and discarding what the
+// peer sends meanwhile (its UPDATEs and KEEPALIVEs).
+func holdOpen(ctx context.Context, conn net.Conn) {
+	until := time.Now().Add(closeHold)
+	if d, ok := ctx.Deadline(); ok && d.Before(until) {
+		until = d
+	}
+	if conn.SetReadDeadline(until) != nil {
+		return
+	}
+	for {
+		msg, err := receive(conn)
+		if err != nil {
+			return
+		}
+		if _, ok := msg.Body.(*gbgp.BGPNotification); ok {
+			return
+		}
+	}
 }
 
 // sessionSockopts sets what the peer expects of our packets: the TCP MD5

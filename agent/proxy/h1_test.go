@@ -541,3 +541,63 @@ func TestBackendClosedIdleConnectionIsNotUsed(t *testing.T) {
 		t.Errorf("POST after the backend closed the idle connection: %d %q", r.status, r.body)
 	}
 }
+
+// closingBackend is a raw HTTP/1.1 backend that answers each connection's
+// first request with a keep-alive response, then closes the connection
+// after a pause: too soon for the proxy's idle check of pooled connections
+// (staleAfter), so the next request is written to a connection the backend
+// has already closed. It counts the connections it accepted.
+func closingBackend(t *testing.T, pause time.Duration) (port int, conns *atomic.Int64) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	conns = new(atomic.Int64)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns.Add(1)
+			go func() {
+				defer c.Close()
+				req, err := http.ReadRequest(bufio.NewReader(c))
+				if err != nil {
+					return
+				}
+				io.Copy(io.Discard, req.Body)
+				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+				time.Sleep(pause)
+			}()
+		}
+	}()
+	return ln.Addr().(*net.TCPAddr).Port, conns
+}
+
+// A request without a body written to a pooled connection the backend has
+// just closed (the idle check skips connections idle for less than
+// staleAfter) is answered: it goes again on a new connection.
+func TestBackendJustClosedConnectionGetsAnswered(t *testing.T) {
+	port, conns := closingBackend(t, 20*time.Millisecond)
+	w := uint32(1)
+	pool := config.Pool{Name: "web", Algorithm: config.AlgorithmRoundRobin,
+		Backends: []config.Backend{{Address: "127.0.0.1", Port: port, Weight: &w}}}
+	p := newProxy(t, testConfig([]config.Pool{pool}, config.Route{PathPrefix: "/", Pool: "web"}), Options{})
+	f := front(t, p)
+	c := client()
+	for i := range 5 {
+		// A wait nothing woke would end at the response header timeout,
+		// in a 504.
+		r := get(t, c, f.URL+"/r"+strconv.Itoa(i))
+		if r.status != 200 || r.body != "ok" {
+			t.Fatalf("request %d on a connection the backend closed: %d %q", i, r.status, r.body)
+		}
+		time.Sleep(100 * time.Millisecond) // the backend closes its side meanwhile
+	}
+	if n := conns.Load(); n < 5 {
+		t.Errorf("backend accepted %d connections for 5 requests: closed ones were reused", n)
+	}
+}

@@ -344,11 +344,12 @@ func (rq *h1Request) exchange(m *member, body io.Reader, since time.Time) (diale
 			rq.up = lease
 			return true, nil
 		}
+		reused := lease.reused // release clears the lease
 		lease.release(false)
 		// A keep-alive connection the backend closed while it was idle
 		// fails at once; the request, without a body, is sent again on
 		// another connection, as net/http's transport does.
-		if lease.reused && body == nil && try < 2 && rq.fault == bodyOK && staleConnError(err) {
+		if reused && body == nil && try < 2 && rq.fault == bodyOK && staleConnError(err) {
 			continue
 		}
 		return true, err

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -579,7 +580,8 @@ func closingBackend(t *testing.T, pause time.Duration) (port int, conns *atomic.
 
 // A request without a body written to a pooled connection the backend has
 // just closed (the idle check skips connections idle for less than
-// staleAfter) is answered: it goes again on a new connection.
+// staleAfter) is answered: the backend's reset wakes the wait for the
+// reply at once, and the request goes again on a new connection.
 func TestBackendJustClosedConnectionGetsAnswered(t *testing.T) {
 	port, conns := closingBackend(t, 20*time.Millisecond)
 	w := uint32(1)
@@ -600,4 +602,90 @@ func TestBackendJustClosedConnectionGetsAnswered(t *testing.T) {
 	if n := conns.Load(); n < 5 {
 		t.Errorf("backend accepted %d connections for 5 requests: closed ones were reused", n)
 	}
+}
+
+// tcpPair is a connected loopback TCP pair.
+func tcpPair(t *testing.T) (client, server *net.TCPConn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(); s.Close() })
+	return c.(*net.TCPConn), s.(*net.TCPConn)
+}
+
+// writeAwaitingReply returns once the reply has arrived, with the reply
+// unread, and a request too big for the socket's buffer is sent whole.
+func TestWriteAwaitingReply(t *testing.T) {
+	for _, size := range []int{100, 4 << 20} {
+		t.Run(strconv.Itoa(size), func(t *testing.T) {
+			c, s := tcpPair(t)
+			if err := c.SetWriteBuffer(4096); err != nil {
+				t.Fatal(err)
+			}
+			req := bytes.Repeat([]byte{'q'}, size)
+			got := make(chan error, 1)
+			go func() {
+				b := make([]byte, size)
+				if _, err := io.ReadFull(s, b); err != nil {
+					got <- err
+					return
+				}
+				if !bytes.Equal(b, req) {
+					got <- errors.New("the request arrived altered")
+					return
+				}
+				_, err := s.Write([]byte("reply"))
+				got <- err
+			}()
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			if err := writeAwaitingReply(c, req); err != nil {
+				t.Fatalf("writeAwaitingReply: %v", err)
+			}
+			if err := <-got; err != nil {
+				t.Fatalf("backend side: %v", err)
+			}
+			b := make([]byte, 5)
+			if _, err := io.ReadFull(c, b); err != nil || string(b) != "reply" {
+				t.Fatalf("reply after the wait: %q, %v", b, err)
+			}
+		})
+	}
+}
+
+// A backend that never answers ends the wait at the read deadline, as a
+// timeout; one that has closed its socket ends it with a reset.
+func TestWriteAwaitingReplyEnds(t *testing.T) {
+	t.Run("deadline", func(t *testing.T) {
+		c, _ := tcpPair(t)
+		c.SetDeadline(time.Now().Add(100 * time.Millisecond))
+		err := writeAwaitingReply(c, []byte("GET / HTTP/1.1\r\n\r\n"))
+		if !isTimeout(err) || classify(err) != ReasonTimeout {
+			t.Fatalf("no reply by the deadline: %v, want a timeout", err)
+		}
+	})
+	t.Run("closed", func(t *testing.T) {
+		c, s := tcpPair(t)
+		s.Close()
+		time.Sleep(50 * time.Millisecond) // the FIN arrives and is seen before the write
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		err := writeAwaitingReply(c, []byte("GET / HTTP/1.1\r\n\r\n"))
+		if err == nil {
+			// Woken by the reset: the read says so.
+			_, err = c.Read(make([]byte, 1))
+		}
+		if !staleConnError(err) {
+			t.Fatalf("closed backend: %v, want a reset or the end of the stream", err)
+		}
+	})
 }

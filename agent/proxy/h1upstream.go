@@ -389,19 +389,79 @@ func (rq *h1Request) send(l *upstreamLease, body io.Reader, headerBy time.Time) 
 	if err != nil {
 		return err
 	}
-	bw := l.hc.AcquireWriter(conn)
-	defer l.hc.ReleaseWriter(bw)
 	cl := rq.ctx.Request.Header.ContentLength()
 	rq.head = rq.appendHead(rq.head[:0], cl)
+	if body == nil {
+		return writeAwaitingReply(conn, rq.head)
+	}
+	bw := l.hc.AcquireWriter(conn)
+	defer l.hc.ReleaseWriter(bw)
 	if _, err := bw.Write(rq.head); err != nil {
 		return err
 	}
-	if body != nil {
-		if err := rq.copyBody(bw, body, cl); err != nil {
-			return err
-		}
+	if err := rq.copyBody(bw, body, cl); err != nil {
+		return err
 	}
 	return bw.Flush()
+}
+
+// writeAwaitingReply writes a whole request to a backend connection and
+// returns once the connection is readable: the reply (or the backend's
+// close) has begun to arrive. A plain write followed by a read costs one
+// more system call per request, the read that finds nothing yet and fails
+// with EAGAIN before Go's poller parks the goroutine: the reply cannot
+// arrive before the request is sent.
+//
+// Waiting without reading first is safe here, as it would not be on the
+// client's side (where a pipelined request may sit unread in the socket):
+// the poller's readiness is reset before the request is written, so
+// whatever arrives after it wakes the wait, and a backend sends nothing
+// unasked. One that closed the idle connection meanwhile answers the
+// request with a reset, which wakes the wait too; the read that follows
+// reports it, and exchange sends the request again on another connection.
+// A write the socket cannot take at once completes through conn.Write,
+// and the read that follows waits as usual.
+func writeAwaitingReply(conn net.Conn, b []byte) error {
+	sc, ok := conn.(syscall.Conn)
+	if !ok {
+		_, err := conn.Write(b)
+		return err
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	written := 0
+	var werr error
+	rerr := rc.Read(func(fd uintptr) bool {
+		if written == len(b) {
+			return true // woken: the caller reads
+		}
+		for written < len(b) {
+			n, err := unix.Write(int(fd), b[written:])
+			switch {
+			case err == unix.EINTR:
+				continue
+			case err == unix.EAGAIN:
+				return true // the rest goes through conn.Write
+			case err != nil:
+				werr = err
+				return true
+			}
+			written += n
+		}
+		return false // wait for readiness, without a read that would fail
+	})
+	switch {
+	case werr != nil:
+		return &net.OpError{Op: "write", Net: "tcp", Source: conn.LocalAddr(), Addr: conn.RemoteAddr(), Err: os.NewSyscallError("write", werr)}
+	case written < len(b) && rerr == nil:
+		_, err := conn.Write(b[written:])
+		return err
+	case rerr != nil:
+		return &net.OpError{Op: "read", Net: "tcp", Source: conn.LocalAddr(), Addr: conn.RemoteAddr(), Err: rerr}
+	}
+	return nil
 }
 
 // hopByHop reports the headers that concern one connection only and are

@@ -9,7 +9,10 @@ package bench
 // proxy's own CPU time: the client cannot saturate a pinned core, so this,
 // not requests/s, says what one core serves), p50/p99 latency, and the
 // proxy's CPU time and system calls (perf) per request, with same-round
-// ratios to HAProxy and the load average. With VF_L7_REFS=1
+// ratios to HAProxy and the load average. With VF_L7_AGENT_B set to another
+// build of the agent, that build runs as "veloflux-b" right after
+// "veloflux" in every round: an A/B of two builds in the same rounds, with
+// the same-round ratio of B to A. With VF_L7_REFS=1
 // three net/http references from tests/bench/refproxy run in the same
 // rounds (a bare httputil.ReverseProxy, the same over a synchronous
 // RoundTripper, and net/http's server answering by itself): what the
@@ -117,11 +120,20 @@ var l7Modes = []string{"plain", "tls"}
 // fasthttp's).
 var l7Proxies = func() []string {
 	names := []string{"haproxy", "nginx", "veloflux"}
+	if os.Getenv(l7AgentBEnv) != "" {
+		names = append(names, "veloflux-b")
+	}
 	if os.Getenv("VF_L7_REFS") == "1" {
 		names = append(names, "go-rp", "go-rpsync", "go-static")
 	}
 	return names
 }()
+
+// l7AgentBEnv names a second agent binary for an A/B of two builds.
+const l7AgentBEnv = "VF_L7_AGENT_B"
+
+// l7Agents are the proxies that are builds of the agent.
+var l7Agents = []string{"veloflux", "veloflux-b"}
 
 // l7RefModes maps a reference's name to its refproxy -mode.
 var l7RefModes = map[string]string{"go-rp": "rp", "go-rpsync": "rp-sync", "go-static": "static"}
@@ -202,8 +214,7 @@ type l7Env struct {
 	pemFile   string // certificate and key, for HAProxy
 	certPool  *x509.CertPool
 	ports     map[string][2]int // proxy -> http, https port
-	apiPort   int
-	metrPort  int
+	ctlPorts  map[string][2]int // agent build -> API, metrics port
 	pinPath   string
 	agentBin  string
 	refBin    string // tests/bench/refproxy
@@ -245,8 +256,8 @@ func l7FreePorts(n int) ([]int, error) {
 }
 
 func newL7Env(b *testing.B) *l7Env {
-	e := &l7Env{tb: b, dir: b.TempDir(), ports: map[string][2]int{}}
-	ports, err := l7FreePorts(3 + 2*len(l7Proxies) + 2)
+	e := &l7Env{tb: b, dir: b.TempDir(), ports: map[string][2]int{}, ctlPorts: map[string][2]int{}}
+	ports, err := l7FreePorts(3 + 2*len(l7Proxies) + 2*len(l7Agents))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -254,7 +265,9 @@ func newL7Env(b *testing.B) *l7Env {
 	for i, name := range l7Proxies {
 		e.ports[name] = [2]int{ports[3+2*i], ports[4+2*i]}
 	}
-	e.apiPort, e.metrPort = ports[3+2*len(l7Proxies)], ports[4+2*len(l7Proxies)]
+	for i, name := range l7Agents {
+		e.ctlPorts[name] = [2]int{ports[3+2*len(l7Proxies)+2*i], ports[4+2*len(l7Proxies)+2*i]}
+	}
 	if err := e.writeCert(); err != nil {
 		b.Fatal(err)
 	}
@@ -386,9 +399,9 @@ func (e *l7Env) startBackends(ctx context.Context) error {
 // agentYAML is the agent's configuration: no VIPs and no interfaces (no XDP
 // program is attached), the proxy on two loopback ports, one route "/" to a
 // round-robin pool of the three backends with an http health check.
-func (e *l7Env) agentYAML() string {
+func (e *l7Env) agentYAML(name string) string {
 	var b strings.Builder
-	p := e.ports["veloflux"]
+	p, ctl := e.ports[name], e.ctlPorts[name]
 	fmt.Fprintf(&b, `# written by tests/bench/l7_test.go
 node:
   name: vf-bench-l7
@@ -411,7 +424,7 @@ pools:
     algorithm: round_robin
     health_check: {type: http, path: /healthz, interval: 2s, timeout: 1s, rise: 1, fall: 3}
     backends:
-`, e.apiPort, filepath.Join(e.dir, "api.token"), e.metrPort, p[0], p[1], e.certFile, e.keyFile)
+`, ctl[0], filepath.Join(e.dir, "api.token"), ctl[1], p[0], p[1], e.certFile, e.keyFile)
 	for _, port := range e.backends {
 		fmt.Fprintf(&b, "      - {address: 127.0.0.1, port: %d}\n", port)
 	}
@@ -419,9 +432,9 @@ pools:
 	return b.String()
 }
 
-func (e *l7Env) writeAgentConfig() (string, error) {
-	path := filepath.Join(e.dir, "veloflux.yaml")
-	return path, os.WriteFile(path, []byte(e.agentYAML()), 0o600)
+func (e *l7Env) writeAgentConfig(name string) (string, error) {
+	path := filepath.Join(e.dir, name+".yaml")
+	return path, os.WriteFile(path, []byte(e.agentYAML(name)), 0o600)
 }
 
 // ---- the proxies ----
@@ -519,13 +532,34 @@ func (e *l7Env) startNginx() (*process, error) {
 // log level warn: the per-request access log (an Info record) is off, as
 // it is for HAProxy (no log line) and nginx (access_log off).
 func (e *l7Env) startVeloFlux() (*process, error) {
-	cfg, err := e.writeAgentConfig()
+	return e.startAgent("veloflux", e.agentBin, e.pinPath)
+}
+
+// startVeloFluxB runs the build named by $VF_L7_AGENT_B the same way, with
+// its own ports, pins (a directory of the same bpffs) and state.
+func (e *l7Env) startVeloFluxB() (*process, error) {
+	bin, err := filepath.Abs(os.Getenv(l7AgentBEnv))
 	if err != nil {
 		return nil, err
 	}
-	return l7StartProc(e.tb, "veloflux agent", filepath.Join(e.dir, "veloflux.log"), []string{"GOMAXPROCS=1"},
-		l7Pinned(l7ProxyCPU, e.agentBin, "run", "--config", cfg, "--pin-path", e.pinPath,
-			"--state-dir", filepath.Join(e.dir, "state"), "--log-level", "warn", "--log-format", "text")...)
+	if _, err := os.Stat(bin); err != nil {
+		return nil, fmt.Errorf("%s: %w", l7AgentBEnv, err)
+	}
+	pins := filepath.Join(e.pinPath, "b")
+	if err := os.MkdirAll(pins, 0o700); err != nil {
+		return nil, err
+	}
+	return e.startAgent("veloflux-b", bin, pins)
+}
+
+func (e *l7Env) startAgent(name, bin, pins string) (*process, error) {
+	cfg, err := e.writeAgentConfig(name)
+	if err != nil {
+		return nil, err
+	}
+	return l7StartProc(e.tb, name+" agent", filepath.Join(e.dir, name+".log"), []string{"GOMAXPROCS=1"},
+		l7Pinned(l7ProxyCPU, bin, "run", "--config", cfg, "--pin-path", pins,
+			"--state-dir", filepath.Join(e.dir, "state-"+name), "--log-level", "warn", "--log-format", "text")...)
 }
 
 // buildRef builds tests/bench/refproxy into the scratch directory.
@@ -697,6 +731,23 @@ func l7RunWrk(ctx context.Context, url string, d time.Duration, proxyPID int) (l
 	r.Syscalls = syscalls
 	r.Load = [2]float64{load0, l7LoadAvg()}
 	return r, out.String(), nil
+}
+
+// l7CompareBuilds is the A/B line of two agent builds measured in the same
+// rounds: the same-round ratios of B to A, per core and p99, their medians,
+// and B's CPU and system calls per request against A's.
+func l7CompareBuilds(mode string, a, b []l7Result) string {
+	var perCore, p99, cpuA, cpuB, sysA, sysB []float64
+	var per []string
+	for i := range min(len(a), len(b)) {
+		pc, lat := l7PerCore(b[i])/l7PerCore(a[i]), float64(b[i].P99)/float64(a[i].P99)
+		perCore, p99 = append(perCore, pc), append(p99, lat)
+		cpuA, cpuB = append(cpuA, l7PerReq(a[i].ProxyCPU, a[i].Requests)), append(cpuB, l7PerReq(b[i].ProxyCPU, b[i].Requests))
+		sysA, sysB = append(sysA, l7SyscallsPerReq(a[i])), append(sysB, l7SyscallsPerReq(b[i]))
+		per = append(per, fmt.Sprintf("x%.2f/x%.2f", pc, lat))
+	}
+	return fmt.Sprintf("A/B (%s): veloflux-b per core x%.2f of veloflux, p99 x%.2f (medians of same-round ratios; per round %s); CPU %.1f vs %.1f µs/req, %.1f vs %.1f syscalls/req (medians)",
+		mode, median(perCore), median(p99), strings.Join(per, " "), median(cpuB), median(cpuA), median(sysB), median(sysA))
 }
 
 // l7CountSyscalls counts the system calls of process pid (0: none) with
@@ -923,7 +974,7 @@ func BenchmarkL7(b *testing.B) {
 	procs := map[string]*process{}
 	for _, name := range l7Proxies {
 		start := map[string]func() (*process, error){
-			"haproxy": e.startHAProxy, "nginx": e.startNginx, "veloflux": e.startVeloFlux,
+			"haproxy": e.startHAProxy, "nginx": e.startNginx, "veloflux": e.startVeloFlux, "veloflux-b": e.startVeloFluxB,
 		}[name]
 		if start == nil {
 			start = func() (*process, error) { return e.startRef(name) }
@@ -1172,6 +1223,9 @@ func (s l7Sum) table(tlsInfo map[string]string) string {
 				l7PerCore(v.runs[i])/l7PerCore(h.runs[i]), float64(v.runs[i].P99)/float64(h.runs[i].P99)))
 		}
 		goals = append(goals, fmt.Sprintf("  per round, VeloFlux/HAProxy req/s / per core / p99 (%s): %s", mode, strings.Join(per, " ")))
+		if vb, ok := s.by["veloflux-b"][mode]; ok {
+			goals = append(goals, l7CompareBuilds(mode, v.runs, vb.runs))
+		}
 		if g, ok := s.by["go-rp"][mode]; ok && g.rps > 0 && g.proxyCPU > 0 {
 			goals = append(goals, fmt.Sprintf("  VeloFlux vs a bare httputil.ReverseProxy (go-rp), %s: req/s x%.2f, CPU per request x%.2f",
 				mode, v.rps/g.rps, v.proxyCPU/g.proxyCPU))
@@ -1230,7 +1284,7 @@ func BenchmarkProfileL7(b *testing.B) {
 	if err := e.startBackends(ctx); err != nil {
 		b.Fatal(err)
 	}
-	cfg, err := e.writeAgentConfig()
+	cfg, err := e.writeAgentConfig("veloflux")
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -137,6 +137,10 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.log.Warn("replaced pinned maps an older version laid out differently; their counters start from zero",
 			"maps", replaced, "pin_path", a.opts.PinPath)
 	}
+	if moved, dropped := dp.MovedFlows4(); moved+dropped > 0 {
+		a.log.Info("moved the IPv4 flows of the older conntrack layout into its table of sets",
+			"flows", moved, "did_not_fit", dropped, "pin_path", a.opts.PinPath)
+	}
 	a.dp = dp
 	defer func() {
 		if err := dp.Close(); err != nil {

@@ -78,13 +78,16 @@ struct {
  * LRU lists: each CPU evicts from its own list, so new flows on one CPU do
  * not contend for a global LRU lock. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, VF_DEFAULT_CT_SIZE);
-	__uint(map_flags, BPF_F_NO_COMMON_LRU);
-	__type(key, struct vf_flow4_key);
-	__type(value, struct vf_ct_entry);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, VF_DEFAULT_CT_SIZE / VF_CT_WAYS);
+	__type(key, __u32);
+	__type(value, struct vf_ct4_set);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } vf_ct4 SEC(".maps");
+
+/* The number of sets in vf_ct4, set by the agent at load time from the
+ * map it uses (a pinned one keeps its size). */
+volatile const __u32 vf_ct4_sets = VF_DEFAULT_CT_SIZE / VF_CT_WAYS;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -421,6 +424,17 @@ static __always_inline __u64 vf_idle_timeout(const struct vf_settings *cfg,
 	return pkt->flow.proto == VF_IPPROTO_UDP ? cfg->udp_timeout : cfg->tcp_timeout;
 }
 
+/* The flow hash. vf_handle computes it once for an IPv4 VIP candidate,
+ * whose conntrack set, Maglev slot and GUE source port all derive from it;
+ * an IPv6 packet hashes where it needs to (an established one, found in
+ * its LRU conntrack, does not). */
+static __always_inline __u32 vf_pkt_flow_hash(const struct vf_pkt *pkt)
+{
+	if (pkt->flow.family == VF_AF_INET)
+		return pkt->flow_hash;
+	return vf_hash_flow(&pkt->flow);
+}
+
 /* Maglev: the ring slot is picked by a multiply-shift instead of a modulo,
  * which maps the 32-bit hash uniformly onto [0, ring_size) without a divide. */
 static __always_inline __u32 vf_maglev_pick(const struct vf_settings *cfg,
@@ -437,7 +451,7 @@ static __always_inline __u32 vf_maglev_pick(const struct vf_settings *cfg,
 	if (vip->flags & VF_VIP_F_SRC_AFFINITY)
 		hash = vf_hash_source(&pkt->flow);
 	else
-		hash = vf_hash_flow(&pkt->flow);
+		hash = vf_pkt_flow_hash(pkt);
 	slot = ((__u64)hash * cfg->ring_size) >> 32;
 	real_id = bpf_map_lookup_elem(ring, &slot);
 	return real_id ? *real_id : 0;
@@ -452,30 +466,161 @@ static __always_inline void vf_build_flow4_key(const struct vf_pkt *pkt, struct 
 	key->proto = pkt->flow.proto;
 }
 
-/* The verifier inlines a lookup only where it sees one map: the empty asm
- * keeps clang from merging the two calls into one on a selected map
- * pointer, which would turn both into generic helper calls. */
-static __always_inline struct vf_ct_entry *vf_ct_lookup(const struct vf_pkt *pkt,
-							const struct vf_flow4_key *key4)
+/* A conntrack hit: the entry as read (for an IPv4 slot, as its check
+ * confirmed it), and where to refresh its last_seen: the IPv6 LRU entry's,
+ * or NULL for an IPv4 slot, which vf_ct4_touch finds again. Keeping no
+ * pointer into the set lets the verifier merge the paths of the 8 ways
+ * (6.1's runs out of its instruction budget otherwise). */
+struct vf_ct_hit {
+	struct vf_ct_entry entry;
+	__u64 *last_seen;
+};
+
+/* The second word of an IPv4 key holds the ports and the protocol in its
+ * low 40 bits (little endian); in a slot, the 24 bits above them, the key's
+ * padding, hold the slot's check. */
+#define VF_CT4_FLOW_MASK   0xffffffffffULL
+#define VF_CT4_CHECK_SHIFT 40
+
+/* The check binds a slot's entry to its flow. The table takes no lock, so a
+ * CPU may read a slot while another one rewrites it for another flow; a
+ * read that mixes the two fails its check and counts as a miss (the flow
+ * is balanced again, to the same real unless the ring changed), instead of
+ * sending the packet to the other flow's real. */
+static __always_inline __u64 vf_ct4_check(__u32 hash, __u32 real_id, __u32 vip_id)
+{
+	__u32 c = hash ^ (real_id * 0x85ebca6bu) ^ (vip_id * 0xc2b2ae35u);
+
+	return (__u64)(c & 0xffffff) << VF_CT4_CHECK_SHIFT;
+}
+
+/* The set of an IPv4 flow: the flow hash, multiplied by an odd constant so
+ * that the set does not follow the Maglev slot (both take the high bits),
+ * mapped onto [0, vf_ct4_sets) by a multiply-shift. */
+static __always_inline struct vf_ct4_set *vf_ct4_set_of(const struct vf_pkt *pkt, __u32 *hash)
+{
+	__u32 idx;
+
+	*hash = pkt->flow_hash;
+	idx = ((__u64)(*hash * 0x9e3779b1u) * vf_ct4_sets) >> 32;
+	return bpf_map_lookup_elem(&vf_ct4, &idx);
+}
+
+static __always_inline int vf_ct4_lookup(const struct vf_pkt *pkt, const struct vf_flow4_key *key4,
+					 struct vf_ct_hit *hit)
+{
+	const __u64 *key = (const __u64 *)key4;
+	struct vf_ct4_set *set;
+	__u32 hash;
+	int i;
+
+	set = vf_ct4_set_of(pkt, &hash);
+	if (!set)
+		return 0;
+#pragma unroll
+	for (i = 0; i < VF_CT_WAYS; i++) {
+		struct vf_ct4_slot *slot = &set->way[i];
+		const __u64 *words = (const __u64 *)&slot->key;
+		__u64 second = words[1];
+		__u32 real_id, vip_id;
+
+		if (words[0] != key[0] || (second & VF_CT4_FLOW_MASK) != key[1])
+			continue;
+		real_id = slot->entry.real_id;
+		vip_id = slot->entry.vip_id;
+		if ((second & ~VF_CT4_FLOW_MASK) != vf_ct4_check(hash, real_id, vip_id))
+			return 0;
+		hit->entry.real_id = real_id;
+		hit->entry.vip_id = vip_id;
+		hit->entry.last_seen = slot->entry.last_seen;
+		hit->last_seen = NULL;
+		return 1;
+	}
+	return 0;
+}
+
+/* Refreshes an IPv4 flow's last_seen, if its slot still holds it. Once per
+ * VF_CT_TOUCH_JIFFIES per flow, so finding the slot again costs little. */
+static __always_inline void vf_ct4_touch(const struct vf_pkt *pkt, const struct vf_flow4_key *key4,
+					 __u64 now)
+{
+	const __u64 *key = (const __u64 *)key4;
+	struct vf_ct4_set *set;
+	__u32 hash;
+	int i;
+
+	set = vf_ct4_set_of(pkt, &hash);
+	if (!set)
+		return;
+#pragma unroll
+	for (i = 0; i < VF_CT_WAYS; i++) {
+		struct vf_ct4_slot *slot = &set->way[i];
+		const __u64 *words = (const __u64 *)&slot->key;
+
+		if (words[0] == key[0] && (words[1] & VF_CT4_FLOW_MASK) == key[1]) {
+			slot->entry.last_seen = now;
+			return;
+		}
+	}
+}
+
+/* A new IPv4 flow takes its own slot if the set still has it, else the
+ * slot seen least recently (an empty one has last_seen 0). */
+static __always_inline void vf_ct4_store(const struct vf_pkt *pkt, const struct vf_flow4_key *key4,
+					 const struct vf_ct_entry *entry)
+{
+	const __u64 *key = (const __u64 *)key4;
+	struct vf_ct4_slot *victim;
+	struct vf_ct4_set *set;
+	__u64 oldest, *words;
+	__u32 hash;
+	int i;
+
+	set = vf_ct4_set_of(pkt, &hash);
+	if (!set)
+		return;
+	victim = &set->way[0];
+	oldest = victim->entry.last_seen;
+#pragma unroll
+	for (i = 0; i < VF_CT_WAYS; i++) {
+		struct vf_ct4_slot *slot = &set->way[i];
+		const __u64 *w = (const __u64 *)&slot->key;
+
+		if (w[0] == key[0] && (w[1] & VF_CT4_FLOW_MASK) == key[1]) {
+			victim = slot;
+			break;
+		}
+		if (slot->entry.last_seen < oldest) {
+			victim = slot;
+			oldest = slot->entry.last_seen;
+		}
+	}
+	words = (__u64 *)&victim->key;
+	words[0] = key[0];
+	words[1] = key[1] | vf_ct4_check(hash, entry->real_id, entry->vip_id);
+	victim->entry = *entry;
+}
+
+static __always_inline int vf_ct_lookup(const struct vf_pkt *pkt, const struct vf_flow4_key *key4,
+					struct vf_ct_hit *hit)
 {
 	struct vf_ct_entry *ct;
 
-	if (pkt->flow.family == VF_AF_INET) {
-		ct = bpf_map_lookup_elem(&vf_ct4, key4);
-		asm volatile("" ::: "memory");
-		return ct;
-	}
-	return bpf_map_lookup_elem(&vf_ct6, &pkt->flow);
+	if (pkt->flow.family == VF_AF_INET)
+		return vf_ct4_lookup(pkt, key4, hit);
+	ct = bpf_map_lookup_elem(&vf_ct6, &pkt->flow);
+	if (!ct)
+		return 0;
+	hit->entry = *ct;
+	hit->last_seen = &ct->last_seen;
+	return 1;
 }
 
 static __always_inline void vf_ct_store(const struct vf_pkt *pkt, const struct vf_flow4_key *key4,
 					const struct vf_ct_entry *entry)
 {
-	/* Kept apart as in vf_ct_lookup, so that each call goes straight
-	 * to the LRU's update instead of through the generic helper. */
 	if (pkt->flow.family == VF_AF_INET) {
-		bpf_map_update_elem(&vf_ct4, key4, entry, BPF_ANY);
-		asm volatile("" ::: "memory");
+		vf_ct4_store(pkt, key4, entry);
 		return;
 	}
 	bpf_map_update_elem(&vf_ct6, &pkt->flow, entry, BPF_ANY);
@@ -561,7 +706,8 @@ static __always_inline int vf_icmp_not_for_vip(struct vf_pkt *pkt)
  */
 static __always_inline int vf_select_real(const struct vf_settings *cfg,
 					  const struct vf_vip_meta *vip, struct vf_pkt *pkt,
-					  struct vf_ct_entry *ct, const struct vf_flow4_key *key4,
+					  const struct vf_ct_hit *ct,
+					  const struct vf_flow4_key *key4,
 					  const struct vf_real **out)
 {
 	struct vf_ct_entry entry = {};
@@ -570,14 +716,18 @@ static __always_inline int vf_select_real(const struct vf_settings *cfg,
 	__u32 real_id;
 
 	if (ct) {
-		real_id = ct->real_id;
+		real_id = ct->entry.real_id;
 		real = bpf_map_lookup_elem(&vf_reals, &real_id);
-		if (vf_real_selectable(real) && now - ct->last_seen <= vf_idle_timeout(cfg, pkt)) {
+		if (vf_real_selectable(real) &&
+		    now - ct->entry.last_seen <= vf_idle_timeout(cfg, pkt)) {
 			if (pkt->icmp_error) {
 				if (pkt->icmp_error == VF_ICMP_ERR_NAT_ONLY)
 					return vf_icmp_not_for_vip(pkt);
-			} else if (now - ct->last_seen > VF_CT_TOUCH_JIFFIES) {
-				ct->last_seen = now;
+			} else if (now - ct->entry.last_seen > VF_CT_TOUCH_JIFFIES) {
+				if (ct->last_seen)
+					*ct->last_seen = now;
+				else
+					vf_ct4_touch(pkt, key4, now);
 			}
 			pkt->real_id = real_id;
 			*out = real;
@@ -635,7 +785,7 @@ static __always_inline int vf_forward_dsr(struct xdp_md *ctx, const struct vf_if
  * flow is the quoted one) keeps one port, and no well-known port is used. */
 static __always_inline __be16 vf_gue_sport(const struct vf_pkt *pkt)
 {
-	return bpf_htons(VF_GUE_SPORT_BASE | (vf_hash_flow(&pkt->flow) & VF_GUE_SPORT_MASK));
+	return bpf_htons(VF_GUE_SPORT_BASE | (vf_pkt_flow_hash(pkt) & VF_GUE_SPORT_MASK));
 }
 
 /* The MACs for the encapsulated frame: the kernel's FIB and neighbour table
@@ -1021,7 +1171,7 @@ static __always_inline int vf_handle(struct xdp_md *ctx, const struct vf_setting
 	const struct vf_real *real = NULL;
 	struct vf_flow4_key key4 = {};
 	struct vf_vip_meta *vip = NULL;
-	struct vf_ct_entry *ct = NULL;
+	struct vf_ct_hit ct_hit, *ct = NULL;
 	__be16 l3_proto = 0;
 	int ret, martian;
 
@@ -1056,12 +1206,15 @@ static __always_inline int vf_handle(struct xdp_md *ctx, const struct vf_setting
 	/* Conntrack before the VIP: the entry of an established flow names
 	 * its VIP, which an array slot then confirms, so such a packet makes
 	 * one hashed lookup instead of two. */
-	if (pkt->flow.family == VF_AF_INET)
+	if (pkt->flow.family == VF_AF_INET) {
 		vf_build_flow4_key(pkt, &key4);
+		pkt->flow_hash = vf_hash_flow(&pkt->flow);
+	}
 	if (!pkt->tcp_syn) {
-		ct = vf_ct_lookup(pkt, &key4);
-		if (ct)
-			vip = vf_vip_of_flow(ct, pkt);
+		if (vf_ct_lookup(pkt, &key4, &ct_hit)) {
+			ct = &ct_hit;
+			vip = vf_vip_of_flow(&ct->entry, pkt);
+		}
 	}
 	if (!vip)
 		vip = vf_lookup_vip(cfg, pkt);

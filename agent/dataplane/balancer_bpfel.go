@@ -19,6 +19,17 @@ type balancerVfCounter struct {
 	Bytes   uint64
 }
 
+type balancerVfCt4Set struct {
+	_   structs.HostLayout
+	Way [8]balancerVfCt4Slot
+}
+
+type balancerVfCt4Slot struct {
+	_     structs.HostLayout
+	Key   balancerVfFlow4Key
+	Entry balancerVfCtEntry
+}
+
 type balancerVfCtEntry struct {
 	_        structs.HostLayout
 	LastSeen uint64
@@ -307,6 +318,7 @@ const (
 	balancerMapVfVips         = "vf_vips"
 	balancerMapVfVipsById     = "vf_vips_by_id"
 	balancerProgVfBalancer    = "vf_balancer"
+	balancerVarVfCt4Sets      = "vf_ct4_sets"
 	balancerVarVfUnusedEvent  = "vf_unused_event"
 	balancerVarVfUnusedFamily = "vf_unused_family"
 	balancerVarVfUnusedSize   = "vf_unused_size"
@@ -389,6 +401,7 @@ type balancerMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type balancerVariableSpecs struct {
+	VfCt4Sets      *ebpf.VariableSpec `ebpf:"vf_ct4_sets"`
 	VfUnusedEvent  *ebpf.VariableSpec `ebpf:"vf_unused_event"`
 	VfUnusedFamily *ebpf.VariableSpec `ebpf:"vf_unused_family"`
 	VfUnusedSize   *ebpf.VariableSpec `ebpf:"vf_unused_size"`
@@ -469,6 +482,7 @@ func (m *balancerMaps) Close() error {
 //
 // It can be passed to loadBalancerObjects or ebpf.CollectionSpec.LoadAndAssign.
 type balancerVariables struct {
+	VfCt4Sets      *ebpf.Variable `ebpf:"vf_ct4_sets"`
 	VfUnusedEvent  *ebpf.Variable `ebpf:"vf_unused_event"`
 	VfUnusedFamily *ebpf.Variable `ebpf:"vf_unused_family"`
 	VfUnusedSize   *ebpf.Variable `ebpf:"vf_unused_size"`

@@ -163,16 +163,22 @@ func pinBenchThread(b *testing.B, cpu int) int {
 // the table's total size, so that list is filled twice over.
 func fillConntrack(b *testing.B, dp *Dataplane, n int) {
 	b.Helper()
-	const chunk = 1 << 16
+	const chunk = 1 << 13
 	rng := rand.New(rand.NewPCG(1, 2))
-	keys := make([]balancerVfFlow4Key, 0, chunk)
-	vals := make([]balancerVfCtEntry, 0, chunk)
-	for i := 0; i < n; i++ {
-		keys = append(keys, balancerVfFlow4Key{
-			Src: rng.Uint32(), Dst: rng.Uint32(), Sport: uint16(rng.Uint32()), Dport: htons(80), Proto: 6,
-		})
-		vals = append(vals, balancerVfCtEntry{RealId: 1})
-		if len(keys) == chunk || i == n-1 {
+	sets := int(ct4Sets(uint32(n)))
+	keys := make([]uint32, 0, chunk)
+	vals := make([]balancerVfCt4Set, 0, chunk)
+	for i := 0; i < sets; i++ {
+		var set balancerVfCt4Set
+		for w := range set.Way {
+			set.Way[w].Key = balancerVfFlow4Key{
+				Src: rng.Uint32(), Dst: rng.Uint32(), Sport: uint16(rng.Uint32()), Dport: htons(80), Proto: 6,
+			}
+			set.Way[w].Entry = balancerVfCtEntry{RealId: 1, LastSeen: 1}
+			set.Way[w].Key.Pad = ct4Check(flowHash4(set.Way[w].Key), set.Way[w].Entry)
+		}
+		keys, vals = append(keys, uint32(i)), append(vals, set)
+		if len(keys) == chunk || i == sets-1 {
 			if _, err := dp.objs.VfCt4.BatchUpdate(keys, vals, nil); err != nil {
 				b.Fatalf("prefill conntrack: %v", err)
 			}

@@ -109,6 +109,9 @@ type Dataplane struct {
 	// vipMu serialises the VIP writes, which keep vf_vip_filter's counts
 	// in step with vf_vips by reading before they write.
 	vipMu sync.Mutex
+
+	// What Load moved from a conntrack of the older layout.
+	movedFlows4, droppedFlows4 int
 }
 
 // Load loads the balancer. With a pin path, maps already pinned there are
@@ -126,7 +129,7 @@ func Load(opts Options) (*Dataplane, error) {
 		"vf_stats_vip":  opts.MaxVIPs,
 		"vf_reals":      opts.MaxReals,
 		"vf_stats_real": opts.MaxReals,
-		"vf_ct4":        opts.ConntrackSize,
+		"vf_ct4":        ct4Sets(opts.ConntrackSize),
 		"vf_ct6":        opts.ConntrackSize,
 		"vf_flow_limit": opts.NewFlowTable,
 		"vf_nat_vips":   opts.MaxVIPs,
@@ -135,6 +138,9 @@ func Load(opts Options) (*Dataplane, error) {
 	}
 	for name, size := range sizes {
 		spec.Maps[name].MaxEntries = size
+	}
+	if err := spec.Variables["vf_ct4_sets"].Set(ct4Sets(opts.ConntrackSize)); err != nil {
+		return nil, fmt.Errorf("size the IPv4 conntrack: %w", err)
 	}
 	inner := spec.Maps["vf_rings"].InnerMap
 	inner.MaxEntries = opts.RingSize
@@ -154,6 +160,7 @@ func Load(opts Options) (*Dataplane, error) {
 	}
 
 	d := &Dataplane{opts: opts, inner: inner.Copy(), links: map[string]link.Link{}}
+	var legacy *legacyConntrack4
 	if opts.PinPath != "" {
 		retired, err := removeRetiredPins(opts.PinPath)
 		if err != nil {
@@ -164,8 +171,14 @@ func Load(opts Options) (*Dataplane, error) {
 			return nil, explainPrivilege(err)
 		}
 		d.replacedPins = append(retired, stale...)
+		if legacy, err = takeLegacyConntrack4(opts.PinPath); err != nil {
+			return nil, explainPrivilege(err)
+		}
 	}
 	err = spec.LoadAndAssign(&d.objs, &ebpf.CollectionOptions{Maps: mapOpts})
+	if err != nil {
+		legacy.restore()
+	}
 	if errors.Is(err, ebpf.ErrMapIncompatible) {
 		return nil, &IncompatiblePinError{Map: incompatiblePin(spec, opts.PinPath), PinDir: opts.PinPath, Err: err}
 	}
@@ -175,6 +188,12 @@ func Load(opts Options) (*Dataplane, error) {
 			return nil, explainPrivilege(&programError{name: "balancer", verr: verr})
 		}
 		return nil, explainPrivilege(fmt.Errorf("load balancer objects: %w", err))
+	}
+	if legacy != nil {
+		if d.movedFlows4, d.droppedFlows4, err = legacy.moveInto(d.objs.VfCt4); err != nil {
+			d.objs.Close()
+			return nil, err
+		}
 	}
 	if err := d.initSettings(); err != nil {
 		d.objs.Close()
@@ -221,6 +240,12 @@ func (d *Dataplane) RingSize() uint32 { return d.opts.RingSize }
 // MaxVIPs is the number of VIP ids available.
 func (d *Dataplane) MaxVIPs() uint32 { return d.opts.MaxVIPs }
 
+// ct4Ways is the number of flows in one set of the IPv4 conntrack.
+const ct4Ways = uint32(len(balancerVfCt4Set{}.Way))
+
+// ct4Sets is the number of sets that hold size IPv4 flows (rounded up).
+func ct4Sets(size uint32) uint32 { return max(1, (size+ct4Ways-1)/ct4Ways) }
+
 // ConntrackSize is the flow capacity of each family's conntrack table.
 func (d *Dataplane) ConntrackSize() uint32 { return d.opts.ConntrackSize }
 
@@ -229,6 +254,11 @@ func (d *Dataplane) NATTableSize() uint32 { return d.opts.NATTableSize }
 
 // MaxReals is the number of real ids available (id 0 is reserved).
 func (d *Dataplane) MaxReals() uint32 { return d.opts.MaxReals }
+
+// MovedFlows4 says how many IPv4 flows Load moved from a conntrack of the
+// layout before the table of sets, and how many of them did not fit their
+// set (0, 0 when there was none).
+func (d *Dataplane) MovedFlows4() (moved, dropped int) { return d.movedFlows4, d.droppedFlows4 }
 
 // ReplacedPins names the pinned maps Load replaced because this version
 // lays them out differently (their counters start again from zero).

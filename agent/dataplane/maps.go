@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io/fs"
 	"maps"
+	"math/bits"
 	"net/netip"
 	"os"
 	"slices"
@@ -711,14 +712,21 @@ func (d *Dataplane) Flows(limit int) ([]Flow, error) {
 	var out []Flow
 	full := func() bool { return limit > 0 && len(out) >= limit }
 	var val balancerVfCtEntry
-	var k4 balancerVfFlow4Key
+	var idx uint32
+	var set balancerVfCt4Set
 	it := d.objs.VfCt4.Iterate()
-	for !full() && it.Next(&k4, &val) {
-		out = append(out, Flow{
-			Src: wordsAddr([4]uint32{k4.Src}, afInet), Dst: wordsAddr([4]uint32{k4.Dst}, afInet),
-			SrcPort: ntohs(k4.Sport), DstPort: ntohs(k4.Dport), Proto: Protocol(k4.Proto),
-			RealID: val.RealId, VIPID: val.VipId, Idle: idle(val.LastSeen),
-		})
+	for !full() && it.Next(&idx, &set) {
+		for _, w := range set.Way {
+			k4, ok := slotFlow4(w)
+			if !ok || full() {
+				continue
+			}
+			out = append(out, Flow{
+				Src: wordsAddr([4]uint32{k4.Src}, afInet), Dst: wordsAddr([4]uint32{k4.Dst}, afInet),
+				SrcPort: ntohs(k4.Sport), DstPort: ntohs(k4.Dport), Proto: Protocol(k4.Proto),
+				RealID: w.Entry.RealId, VIPID: w.Entry.VipId, Idle: idle(w.Entry.LastSeen),
+			})
+		}
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("iterate IPv4 conntrack: %w", err)
@@ -903,4 +911,66 @@ func (d *Dataplane) NATRealPorts() (map[NATRealKey]uint16, error) {
 		return nil, fmt.Errorf("iterate nat real ports: %w", err)
 	}
 	return out, nil
+}
+
+// flowHash4 is vf_hash_flow (bpf/include/vf_hash.h) of an IPv4 flow key,
+// whose addresses and ports are in network order as the program reads them.
+func flowHash4(k balancerVfFlow4Key) uint32 {
+	word := func(h, k uint32) uint32 {
+		k *= 0xcc9e2d51
+		k = bits.RotateLeft32(k, 15)
+		k *= 0x1b873593
+		h ^= k
+		h = bits.RotateLeft32(h, 13)
+		return h*5 + 0xe6546b64
+	}
+	h := uint32(0x5646)
+	h = word(h, k.Src)
+	h = word(h, k.Dst)
+	h = word(h, uint32(k.Sport)<<16|uint32(k.Dport))
+	h = word(h, uint32(k.Proto))
+	h ^= 4 * 4
+	h ^= h >> 16
+	h *= 0x85ebca6b
+	h ^= h >> 13
+	h *= 0xc2b2ae35
+	h ^= h >> 16
+	return h
+}
+
+// ct4SetIndex is the set of vf_ct4 that holds an IPv4 flow (vf_ct4_set_of).
+func ct4SetIndex(k balancerVfFlow4Key, sets uint32) uint32 {
+	return uint32(uint64(flowHash4(k)*0x9e3779b1) * uint64(sets) >> 32)
+}
+
+// lookupFlow4 finds an IPv4 flow's conntrack entry.
+func (d *Dataplane) lookupFlow4(k balancerVfFlow4Key) (balancerVfCtEntry, error) {
+	var set balancerVfCt4Set
+	idx := ct4SetIndex(k, d.objs.VfCt4.MaxEntries())
+	if err := d.objs.VfCt4.Lookup(idx, &set); err != nil {
+		return balancerVfCtEntry{}, fmt.Errorf("read conntrack set %d: %w", idx, err)
+	}
+	k.Pad = [3]uint8{}
+	for _, w := range set.Way {
+		if key, ok := slotFlow4(w); ok && key == k {
+			return w.Entry, nil
+		}
+	}
+	return balancerVfCtEntry{}, fmt.Errorf("flow not in conntrack set %d: %w", idx, ebpf.ErrKeyNotExist)
+}
+
+// slotFlow4 is the flow a slot of vf_ct4 holds, and whether it holds one:
+// not an empty slot (last_seen 0), nor one whose entry fails its check (a
+// slot two CPUs wrote at once).
+func slotFlow4(w balancerVfCt4Slot) (balancerVfFlow4Key, bool) {
+	k := w.Key
+	k.Pad = [3]uint8{}
+	return k, w.Entry.LastSeen != 0 && w.Key.Pad == ct4Check(flowHash4(k), w.Entry)
+}
+
+// ct4Check is vf_ct4_check: the 24 bits in a slot's key padding that bind
+// its entry to its flow.
+func ct4Check(hash uint32, e balancerVfCtEntry) [3]uint8 {
+	c := hash ^ e.RealId*0x85ebca6b ^ e.VipId*0xc2b2ae35
+	return [3]uint8{byte(c), byte(c >> 8), byte(c >> 16)}
 }

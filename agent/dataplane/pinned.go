@@ -58,7 +58,7 @@ func OpenPinned(pinPath string) (*Dataplane, error) {
 	}
 	d.opts.MaxVIPs = d.objs.VfVips.MaxEntries()
 	d.opts.MaxReals = d.objs.VfReals.MaxEntries()
-	d.opts.ConntrackSize = d.objs.VfCt4.MaxEntries()
+	d.opts.ConntrackSize = d.objs.VfCt4.MaxEntries() * ct4Ways
 	s, err := d.readSettings()
 	if err != nil {
 		d.objs.Close()

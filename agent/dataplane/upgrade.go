@@ -22,7 +22,9 @@ import (
 //
 // Maps that hold flows or the ids flows refer to (conntrack, VIPs, reals,
 // rings) and the per-VIP and per-real statistics are never replaced: a
-// change of their layout still needs `veloflux detach`.
+// change of their layout still needs `veloflux detach`. The exception is
+// the IPv4 conntrack of the layout before the table of sets, whose flows
+// Load moves (takeLegacyConntrack4).
 var rebuiltPins = []string{"vf_settings", "vf_counters", "vf_events"}
 
 // retiredPins are pins an earlier version made under names this one no

@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
+	"github.com/gopacket/gopacket/layers"
+	"golang.org/x/sys/unix"
 )
 
 // pinStale pins, under name, a map of the same type as the spec's but one
@@ -107,4 +109,62 @@ func removePin(dir, name string) error {
 	}
 	defer m.Close()
 	return m.Unpin()
+}
+
+// An upgrade from an agent whose IPv4 conntrack was an LRU hash moves its
+// flows into the table of sets: an established flow keeps its real
+// although the ring has changed since, and the agent says how many moved.
+func TestLoadMovesTheFlowsOfALegacyConntrack(t *testing.T) {
+	requirePrivileged(t)
+	pin := testPinPath(t)
+	opts := Options{PinPath: pin, RingSize: testRingSize, ConntrackSize: 4096, MaxVIPs: 64, MaxReals: 64}
+	h := newHarness(t, opts)
+	first := h.dp
+	h.real(1, real4a)
+	h.real(2, real4b)
+	h.vip(vip4, 80, ProtoTCP, VIPMeta{ID: 1, Mode: ModeDSR}, 1)
+	flow := pkt{src: client4, dst: vip4, sport: 43000, dport: 80, proto: layers.IPProtocolTCP, tcpFlags: "S"}
+	if got := flowReal(t, h, flow); got != 1 {
+		t.Fatalf("flow went to real %d, want 1", got)
+	}
+	entry, err := first.lookupFlow4(flow4Key(flow))
+	h.must(err)
+	h.ring(1, 2) // new flows now go to real 2
+
+	// The same flow in a conntrack of the older layout, with flows that
+	// share nothing with it around it.
+	if err := removePin(pin, "vf_ct4"); err != nil {
+		t.Fatal(err)
+	}
+	legacy, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.LRUHash, KeySize: 16, ValueSize: 16, MaxEntries: 4096,
+		Flags: unix.BPF_F_NO_COMMON_LRU})
+	h.must(err)
+	h.must(legacy.Put(flow4Key(flow), entry))
+	for port := uint16(1); port <= 100; port++ {
+		other := flow
+		other.src, other.sport = "192.168.7.7", port
+		h.must(legacy.Put(flow4Key(other), balancerVfCtEntry{LastSeen: entry.LastSeen, RealId: 2, VipId: 1}))
+	}
+	h.must(legacy.Pin(filepath.Join(pin, "vf_ct4")))
+	legacy.Close()
+
+	second, err := Load(opts)
+	if err != nil {
+		t.Fatalf("Load over a conntrack of the older layout: %v", err)
+	}
+	defer second.Close()
+	h = &harness{tb: t, dp: second}
+	h.must(second.setInterfaceMAC(testRunIfindex, lbMAC, testRunMTU)) // not pinned
+	if moved, dropped := second.MovedFlows4(); moved != 101 || dropped != 0 {
+		t.Errorf("MovedFlows4 = %d moved, %d dropped; want 101 and 0", moved, dropped)
+	}
+	flow.tcpFlags = "A"
+	if got := flowReal(t, h, flow); got != 1 {
+		t.Fatalf("after the upgrade the established flow went to real %d, want 1", got)
+	}
+	flows, err := second.Flows(0)
+	h.must(err)
+	if len(flows) != 101 {
+		t.Errorf("Flows lists %d flows after the move, want 101", len(flows))
+	}
 }

@@ -24,6 +24,7 @@ struct vf_pkt {
 	__u16 l4_off;
 	__u32 vip_id;
 	__u32 real_id;
+	__u32 flow_hash; /* IPv4 VIP candidates: vf_hash_flow(&flow), once (vf_pkt_flow_hash) */
 	__u8 vlan;
 	__u8 df; /* IPv4 don't-fragment, copied to the outer header */
 	__u8 tos;

@@ -169,7 +169,7 @@ struct vf_flow_key {
 
 /* The IPv4 conntrack key: 16 bytes instead of 40, so the hash and the key
  * compare touch less memory on every packet of the common family. */
-struct vf_flow4_key {
+struct __attribute__((aligned(8))) vf_flow4_key {
 	__u32 src;
 	__u32 dst;
 	__u16 sport;
@@ -182,6 +182,23 @@ struct vf_ct_entry {
 	__u64 last_seen; /* jiffies: bpf_jiffies64() is inlined by the verifier, a clock read is a call */
 	__u32 real_id;
 	__u32 vip_id;
+};
+
+/* The IPv4 conntrack is set-associative: a flow's hash picks one set of
+ * VF_CT_WAYS slots in an array, and a new flow takes the set's least
+ * recently seen slot. Inserting is then a scan of four cache lines and a
+ * store, where the kernel's LRU hash takes its LRU and bucket locks (with
+ * interrupts off) and evicts through the hash table on every insert into
+ * a full table. */
+#define VF_CT_WAYS 8
+
+struct vf_ct4_slot {
+	struct vf_flow4_key key;
+	struct vf_ct_entry entry;
+};
+
+struct vf_ct4_set {
+	struct vf_ct4_slot way[VF_CT_WAYS];
 };
 
 struct vf_vip_stats {

@@ -117,3 +117,31 @@ func TestFullConntrackSetEvictsTheOldest(t *testing.T) {
 		}
 	}
 }
+
+// Flows lists every IPv4 flow, read from the table of sets in batches.
+func TestFlowsListsEverySet(t *testing.T) {
+	h := newHarness(t, Options{ConntrackSize: 1 << 16}) // 8,192 sets: two batches
+	h.real(1, real4a)
+	h.vip(vip4, 80, ProtoTCP, VIPMeta{ID: 1, Mode: ModeDSR}, 1)
+	sets := h.dp.objs.VfCt4.MaxEntries()
+	const n = 300
+	inSecondHalf := 0
+	for port := uint16(20000); port < 20000+n; port++ {
+		p := pkt{src: client4, dst: vip4, sport: port, dport: 80, proto: layers.IPProtocolTCP, tcpFlags: "S"}
+		flowReal(t, h, p)
+		if ct4SetIndex(flow4Key(p), sets) >= sets/2 {
+			inSecondHalf++
+		}
+	}
+	if inSecondHalf == 0 {
+		t.Fatal("no flow landed in the second batch of sets: the test proves nothing")
+	}
+	flows, err := h.dp.Flows(0)
+	h.must(err)
+	if len(flows) != n {
+		t.Fatalf("Flows lists %d flows, want %d", len(flows), n)
+	}
+	if limited, err := h.dp.Flows(10); err != nil || len(limited) != 10 {
+		t.Fatalf("Flows(10) = %d flows, %v", len(limited), err)
+	}
+}

@@ -497,38 +497,42 @@ static __always_inline __u64 vf_ct4_check(__u32 hash, __u32 real_id, __u32 vip_i
 /* The set of an IPv4 flow: the flow hash, multiplied by an odd constant so
  * that the set does not follow the Maglev slot (both take the high bits),
  * mapped onto [0, vf_ct4_sets) by a multiply-shift. */
-static __always_inline struct vf_ct4_set *vf_ct4_set_of(const struct vf_pkt *pkt, __u32 *hash)
+static __always_inline struct vf_ct4_set *vf_ct4_set_of(const struct vf_pkt *pkt)
 {
-	__u32 idx;
+	__u32 idx = ((__u64)(pkt->flow_hash * 0x9e3779b1u) * vf_ct4_sets) >> 32;
 
-	*hash = pkt->flow_hash;
-	idx = ((__u64)(*hash * 0x9e3779b1u) * vf_ct4_sets) >> 32;
 	return bpf_map_lookup_elem(&vf_ct4, &idx);
+}
+
+/* Whether a slot holds the flow of key (the check aside). */
+static __always_inline int vf_ct4_slot_holds(const struct vf_ct4_slot *slot, const __u64 *key)
+{
+	const __u64 *words = (const __u64 *)&slot->key;
+
+	return words[0] == key[0] && (words[1] & VF_CT4_FLOW_MASK) == key[1];
 }
 
 static __always_inline int vf_ct4_lookup(const struct vf_pkt *pkt, const struct vf_flow4_key *key4,
 					 struct vf_ct_hit *hit)
 {
 	const __u64 *key = (const __u64 *)key4;
-	struct vf_ct4_set *set;
-	__u32 hash;
+	struct vf_ct4_set *set = vf_ct4_set_of(pkt);
 	int i;
 
-	set = vf_ct4_set_of(pkt, &hash);
 	if (!set)
 		return 0;
 #pragma unroll
 	for (i = 0; i < VF_CT_WAYS; i++) {
 		struct vf_ct4_slot *slot = &set->way[i];
-		const __u64 *words = (const __u64 *)&slot->key;
-		__u64 second = words[1];
 		__u32 real_id, vip_id;
+		__u64 check;
 
-		if (words[0] != key[0] || (second & VF_CT4_FLOW_MASK) != key[1])
+		if (!vf_ct4_slot_holds(slot, key))
 			continue;
+		check = ((const __u64 *)&slot->key)[1] & ~VF_CT4_FLOW_MASK;
 		real_id = slot->entry.real_id;
 		vip_id = slot->entry.vip_id;
-		if ((second & ~VF_CT4_FLOW_MASK) != vf_ct4_check(hash, real_id, vip_id))
+		if (check != vf_ct4_check(pkt->flow_hash, real_id, vip_id))
 			return 0;
 		hit->entry.real_id = real_id;
 		hit->entry.vip_id = vip_id;
@@ -545,19 +549,16 @@ static __always_inline void vf_ct4_touch(const struct vf_pkt *pkt, const struct 
 					 __u64 now)
 {
 	const __u64 *key = (const __u64 *)key4;
-	struct vf_ct4_set *set;
-	__u32 hash;
+	struct vf_ct4_set *set = vf_ct4_set_of(pkt);
 	int i;
 
-	set = vf_ct4_set_of(pkt, &hash);
 	if (!set)
 		return;
 #pragma unroll
 	for (i = 0; i < VF_CT_WAYS; i++) {
 		struct vf_ct4_slot *slot = &set->way[i];
-		const __u64 *words = (const __u64 *)&slot->key;
 
-		if (words[0] == key[0] && (words[1] & VF_CT4_FLOW_MASK) == key[1]) {
+		if (vf_ct4_slot_holds(slot, key)) {
 			slot->entry.last_seen = now;
 			return;
 		}
@@ -570,13 +571,11 @@ static __always_inline void vf_ct4_store(const struct vf_pkt *pkt, const struct 
 					 const struct vf_ct_entry *entry)
 {
 	const __u64 *key = (const __u64 *)key4;
+	struct vf_ct4_set *set = vf_ct4_set_of(pkt);
 	struct vf_ct4_slot *victim;
-	struct vf_ct4_set *set;
 	__u64 oldest, *words;
-	__u32 hash;
 	int i;
 
-	set = vf_ct4_set_of(pkt, &hash);
 	if (!set)
 		return;
 	victim = &set->way[0];
@@ -584,9 +583,8 @@ static __always_inline void vf_ct4_store(const struct vf_pkt *pkt, const struct 
 #pragma unroll
 	for (i = 0; i < VF_CT_WAYS; i++) {
 		struct vf_ct4_slot *slot = &set->way[i];
-		const __u64 *w = (const __u64 *)&slot->key;
 
-		if (w[0] == key[0] && (w[1] & VF_CT4_FLOW_MASK) == key[1]) {
+		if (vf_ct4_slot_holds(slot, key)) {
 			victim = slot;
 			break;
 		}
@@ -597,7 +595,7 @@ static __always_inline void vf_ct4_store(const struct vf_pkt *pkt, const struct 
 	}
 	words = (__u64 *)&victim->key;
 	words[0] = key[0];
-	words[1] = key[1] | vf_ct4_check(hash, entry->real_id, entry->vip_id);
+	words[1] = key[1] | vf_ct4_check(pkt->flow_hash, entry->real_id, entry->vip_id);
 	victim->entry = *entry;
 }
 

@@ -11,43 +11,19 @@ import (
 	"github.com/gopacket/gopacket/layers"
 )
 
-// vfgueFlowHash is the balancer's flow hash (vf_hash_flow: MurmurHash3's
-// mixing over the 5-tuple as the program stores it, addresses and ports
-// in network byte order read as little-endian words), written again here
-// so the tests can predict GUE's source port without asking the program.
+// vfgueFlowHash is the balancer's flow hash of a 5-tuple (vfHashWords over
+// its words as the program stores them), so the tests can predict GUE's
+// source port without asking the program.
 func vfgueFlowHash(src, dst netip.Addr, sport, dport uint16, proto layers.IPProtocol) uint32 {
-	word := func(h, k uint32) uint32 {
-		k *= 0xcc9e2d51
-		k = bits.RotateLeft32(k, 15)
-		k *= 0x1b873593
-		h ^= k
-		h = bits.RotateLeft32(h, 13)
-		return h*5 + 0xe6546b64
-	}
-	addr := func(h uint32, a netip.Addr) uint32 {
+	var words []uint32
+	for _, a := range []netip.Addr{src, dst} {
 		b := a.AsSlice()
 		for i := 0; i < len(b); i += 4 {
-			h = word(h, binary.LittleEndian.Uint32(b[i:]))
+			words = append(words, binary.LittleEndian.Uint32(b[i:]))
 		}
-		return h
 	}
 	swap := func(v uint16) uint32 { return uint32(bits.ReverseBytes16(v)) }
-	h := uint32(0x5646)
-	h = addr(h, src)
-	h = addr(h, dst)
-	h = word(h, swap(sport)<<16|swap(dport))
-	h = word(h, uint32(proto))
-	nwords := uint32(4)
-	if src.Is6() {
-		nwords = 10
-	}
-	h ^= nwords * 4
-	h ^= h >> 16
-	h *= 0x85ebca6b
-	h ^= h >> 13
-	h *= 0xc2b2ae35
-	h ^= h >> 16
-	return h
+	return vfHashWords(append(words, swap(sport)<<16|swap(dport), uint32(proto))...)
 }
 
 // vfgueSourcePort is the UDP source port GUE must send a flow's packets

@@ -923,29 +923,32 @@ func (d *Dataplane) NATRealPorts() (map[NATRealKey]uint16, error) {
 	return out, nil
 }
 
-// flowHash4 is vf_hash_flow (bpf/include/vf_hash.h) of an IPv4 flow key,
-// whose addresses and ports are in network order as the program reads them.
-func flowHash4(k balancerVfFlow4Key) uint32 {
-	word := func(h, k uint32) uint32 {
+// vfHashWords is vf_hash_flow (bpf/include/vf_hash.h) over the words it
+// hashes, in its order: the source and destination address words, the
+// ports word and the protocol, as the program reads them (addresses and
+// ports in network order, read as little-endian words).
+func vfHashWords(words ...uint32) uint32 {
+	h := uint32(0x5646)
+	for _, k := range words {
 		k *= 0xcc9e2d51
 		k = bits.RotateLeft32(k, 15)
 		k *= 0x1b873593
 		h ^= k
 		h = bits.RotateLeft32(h, 13)
-		return h*5 + 0xe6546b64
+		h = h*5 + 0xe6546b64
 	}
-	h := uint32(0x5646)
-	h = word(h, k.Src)
-	h = word(h, k.Dst)
-	h = word(h, uint32(k.Sport)<<16|uint32(k.Dport))
-	h = word(h, uint32(k.Proto))
-	h ^= 4 * 4
+	h ^= uint32(len(words)) * 4
 	h ^= h >> 16
 	h *= 0x85ebca6b
 	h ^= h >> 13
 	h *= 0xc2b2ae35
 	h ^= h >> 16
 	return h
+}
+
+// flowHash4 is vf_hash_flow of an IPv4 flow key.
+func flowHash4(k balancerVfFlow4Key) uint32 {
+	return vfHashWords(k.Src, k.Dst, uint32(k.Sport)<<16|uint32(k.Dport), uint32(k.Proto))
 }
 
 // ct4SetIndex is the set of vf_ct4 that holds an IPv4 flow (vf_ct4_set_of).

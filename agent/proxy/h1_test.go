@@ -689,3 +689,43 @@ func TestWriteAwaitingReplyEnds(t *testing.T) {
 		}
 	})
 }
+
+// Response bodies of every size reach the client whole, with their length,
+// whether they arrived with the header (copied at once, the backend
+// connection released before the client is written to) or not (streamed);
+// either way the one backend connection serves every request in turn.
+func TestResponseBodiesOfEverySize(t *testing.T) {
+	var conns atomic.Int64
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n, _ := strconv.Atoi(r.URL.Query().Get("n"))
+		w.Header().Set("Content-Length", strconv.Itoa(n))
+		w.Write(bytes.Repeat([]byte{'b'}, n))
+	}))
+	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	srv.Start()
+	t.Cleanup(srv.Close)
+	port := srv.Listener.Addr().(*net.TCPAddr).Port
+	w := uint32(1)
+	p := newProxy(t, testConfig([]config.Pool{{Name: "web", Algorithm: config.AlgorithmRoundRobin,
+		Backends: []config.Backend{{Address: "127.0.0.1", Port: port, Weight: &w}}}}, config.Route{Pool: "web"}), Options{})
+	f := front(t, p)
+	c := client()
+	for _, n := range []int{1, 1000, 4000, 30000, 40000, 1 << 20} {
+		for range 3 {
+			r := get(t, c, f.URL+"/?n="+strconv.Itoa(n))
+			if r.status != http.StatusOK || len(r.body) != n || strings.Trim(r.body, "b") != "" {
+				t.Fatalf("n=%d: status %d, %d bytes", n, r.status, len(r.body))
+			}
+			if cl := r.header.Get("Content-Length"); cl != strconv.Itoa(n) {
+				t.Fatalf("n=%d: Content-Length %q", n, cl)
+			}
+		}
+	}
+	if got := conns.Load(); got != 1 {
+		t.Errorf("the backend saw %d connections for requests sent one after another, want 1", got)
+	}
+}

@@ -335,7 +335,14 @@ func (rq *h1Request) exchange(m *member, body io.Reader, since time.Time) (diale
 		if err != nil {
 			return false, err
 		}
-		headerBy := rq.headerDeadline()
+		// The response header timeout runs from the send: the clock
+		// read when the attempt began still says when that is, unless
+		// a dial or an earlier try took time since.
+		start := since
+		if try > 0 || !lease.reused {
+			start = time.Now()
+		}
+		headerBy := rq.headerDeadline(start)
 		err = rq.send(&lease, body, headerBy)
 		if err == nil {
 			err = rq.receive(&lease, body != nil, headerBy)
@@ -362,12 +369,13 @@ func staleConnError(err error) bool {
 		errors.Is(err, fasthttp.ErrConnectionClosed)
 }
 
-// headerDeadline is when the backend's response header must have arrived:
-// within the response header timeout, and the request's deadline.
-func (rq *h1Request) headerDeadline() time.Time {
+// headerDeadline is when the backend's response header must have arrived,
+// for a request sent at now: within the response header timeout, and the
+// request's deadline.
+func (rq *h1Request) headerDeadline(now time.Time) time.Time {
 	by := rq.deadline
 	if d := rq.st.tkey.responseHeader; d > 0 {
-		if t := time.Now().Add(d); by.IsZero() || t.Before(by) {
+		if t := now.Add(d); by.IsZero() || t.Before(by) {
 			by = t
 		}
 	}
@@ -812,6 +820,9 @@ func (rq *h1Request) relay() bool {
 		}
 		return false
 	}
+	if cl > 0 && cl <= rq.up.br.Buffered() && rq.copyBufferedBody(stream, cl) {
+		return false
+	}
 	rq.body = stream
 	if cl < 0 {
 		// Chunked toward the client, whatever the backend did, and
@@ -826,6 +837,39 @@ func (rq *h1Request) relay() bool {
 		}
 	}
 	ctx.Response.SetBodyStream(rq, cl)
+	return true
+}
+
+// copyBufferedBody puts a response body that arrived whole with its
+// header (cl bytes, all buffered) on the client's response, and ends the
+// backend exchange at once: the connection goes back to its pool before
+// the client is written to, and fasthttp writes the body from its own
+// buffer rather than through the stream and its Close. It reports false,
+// with nothing read, for a body larger than a copy buffer.
+func (rq *h1Request) copyBufferedBody(stream io.Reader, cl int) bool {
+	bp := copyBuffers.Get().(*[]byte)
+	defer copyBuffers.Put(bp)
+	if cl > len(*bp) {
+		return false
+	}
+	buf := (*bp)[:cl]
+	if _, err := io.ReadFull(stream, buf); err != nil {
+		// Buffered bytes cannot fail to read; should the stream
+		// refuse them anyway, the backend is blamed and the client
+		// answered 502, as for a body cut short.
+		rq.reason = classify(err)
+		rq.p.countUpstream(rq.reason)
+		rq.releaseUpstream(false)
+		rq.ctx.Response.Header.Reset()
+		rq.ctx.Response.Header.SetBytesKV(strXRequestID, rq.id)
+		rq.status = 0
+		rq.writeError(http.StatusBadGateway, "bad_gateway", "the backend's response body could not be read")
+		return true
+	}
+	rq.ctx.Response.AppendBody(buf)
+	rq.bytesOut.Add(int64(cl))
+	rq.bodyDone = true
+	rq.releaseUpstream(true)
 	return true
 }
 

@@ -67,11 +67,42 @@ type connSet = closeSet[*trackedConn]
 // answered waited longer. In two quiet runs each against HAProxy, plain
 // HTTP's p99 was 1.70x and 2.29x HAProxy's with the yield, 1.49x and 1.67x
 // without (docs/BENCHMARKS.md).
+//
+// A connection followed by its server's arrivalWatch (arrival.go) reads
+// through it, and waits for its next request without a read that fails.
 type trackedConn struct {
 	net.Conn
 	set    *connSet
 	once   sync.Once
 	linger atomic.Bool
+	reads  *watchedReads // nil: reads go to the socket directly
+}
+
+func (c *trackedConn) Read(b []byte) (int, error) {
+	if c.reads == nil || len(b) == 0 {
+		return c.Conn.Read(b)
+	}
+	n, err, fallback := c.reads.read(c.Conn, b)
+	if fallback {
+		return c.Conn.Read(b)
+	}
+	return n, err
+}
+
+func (c *trackedConn) SetReadDeadline(t time.Time) error {
+	err := c.Conn.SetReadDeadline(t)
+	if c.reads != nil {
+		c.reads.setReadDeadline(t)
+	}
+	return err
+}
+
+func (c *trackedConn) SetDeadline(t time.Time) error {
+	err := c.Conn.SetDeadline(t)
+	if c.reads != nil {
+		c.reads.setReadDeadline(t)
+	}
+	return err
 }
 
 // refusedBodyLinger bounds how long the rest of a refused request's body is
@@ -91,6 +122,9 @@ func (c *trackedConn) Close() error {
 	c.once.Do(func() { first = true })
 	if !first {
 		return c.Conn.Close()
+	}
+	if c.reads != nil {
+		c.reads.close()
 	}
 	if c.linger.Load() {
 		if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
@@ -143,6 +177,7 @@ type dispatchListener struct {
 	tls      *tls.Config // nil: plain
 	h2c      func(net.Conn)
 	sniffFor time.Duration
+	watch    *arrivalWatch // nil: connections read their sockets directly
 
 	ch        chan net.Conn
 	done      chan struct{}
@@ -150,8 +185,8 @@ type dispatchListener struct {
 	err       error // the real listener's failure, once done is closed
 }
 
-func newDispatchListener(ln net.Listener, conns *connSet, tlsCfg *tls.Config, h2c func(net.Conn), sniffFor time.Duration) *dispatchListener {
-	d := &dispatchListener{ln: ln, conns: conns, tls: tlsCfg, h2c: h2c, sniffFor: sniffFor,
+func newDispatchListener(ln net.Listener, conns *connSet, tlsCfg *tls.Config, h2c func(net.Conn), sniffFor time.Duration, watch *arrivalWatch) *dispatchListener {
+	d := &dispatchListener{ln: ln, conns: conns, tls: tlsCfg, h2c: h2c, sniffFor: sniffFor, watch: watch,
 		ch: make(chan net.Conn), done: make(chan struct{})}
 	go d.acceptLoop()
 	return d
@@ -170,6 +205,9 @@ func (d *dispatchListener) acceptLoop() {
 			return
 		}
 		tc := &trackedConn{Conn: c, set: d.conns}
+		if d.watch != nil {
+			tc.follow(d.watch)
+		}
 		d.conns.add(tc)
 		switch {
 		case d.tls != nil:

@@ -1,0 +1,343 @@
+package proxy
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Why client connections wait for data through an epoll instance of
+// their own.
+//
+// A keep-alive connection that has just been answered reads again at
+// once, for its next request, which has almost never arrived yet: Go's
+// read tries the socket, fails with EAGAIN, and only then parks the
+// goroutine in the runtime's poller. That failed read was one system call
+// in five per proxied request, the one HAProxy does not make: its event
+// loop reads a socket only once epoll has reported it readable.
+//
+// Go offers no wait without that read: every wait through the runtime's
+// poller starts by forgetting the readiness it has already seen, so the
+// read must come first, or a request that arrived since the last read
+// (a pipelined one) would wait for data that came already.
+//
+// arrivalWatch keeps that memory instead. Every connection it follows is
+// registered, edge-triggered, in one epoll instance, which Go's poller
+// itself watches; one goroutine drains it and marks each connection that
+// has received something (data, its end, an error) since its last read
+// began. A read whose connection has no such mark waits for one, then
+// reads once; a read that finds nothing after all (the mark came from
+// bytes an earlier read took) waits again. Edge-triggered registration
+// reports every arrival after the mark was cleared, so nothing that
+// arrives is missed, and the draining goroutine's one epoll_wait serves
+// every connection that became readable meanwhile.
+
+// arrivalWatch is the epoll instance of one server's client connections
+// and the goroutine that drains it.
+type arrivalWatch struct {
+	epfd int
+	file *os.File // epfd, watched by Go's poller
+
+	mu    sync.Mutex
+	conns map[uint64]*arrival
+	next  uint64
+
+	stopped  atomic.Bool
+	stopOnce sync.Once
+}
+
+// arrival is what the watch knows of one connection.
+type arrival struct {
+	// seen is set when something has arrived since the connection's
+	// last read began.
+	seen atomic.Bool
+	// ended is set once the client has closed its side, or the
+	// connection has failed: from then on reads never wait, as the
+	// end (after whatever data came with it) is reported only once.
+	ended atomic.Bool
+	// wake has a token after seen or ended was set, and whenever a
+	// waiting read has more to check: its deadline moved or passed, the
+	// connection was closed, the watch stopped.
+	wake chan struct{}
+}
+
+// newArrivalWatch starts a watch. It fails only when the system has no
+// epoll instance to give, or Go's poller cannot watch it.
+func newArrivalWatch() (*arrivalWatch, error) {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, os.NewSyscallError("epoll_create1", err)
+	}
+	// Non-blocking, so that os.NewFile hands it to Go's poller.
+	if err := unix.SetNonblock(epfd, true); err != nil {
+		unix.Close(epfd)
+		return nil, os.NewSyscallError("fcntl", err)
+	}
+	w := &arrivalWatch{epfd: epfd, file: os.NewFile(uintptr(epfd), "arrival epoll"),
+		conns: map[uint64]*arrival{}}
+	rc, err := w.file.SyscallConn()
+	if err != nil {
+		w.file.Close()
+		return nil, err
+	}
+	go w.run(rc)
+	return w, nil
+}
+
+// run drains the epoll instance each time Go's poller finds it readable,
+// until the watch stops. A poller that cannot watch it at all ends the
+// watch at once, and the connections read as they would without it.
+func (w *arrivalWatch) run(rc syscall.RawConn) {
+	defer w.stop()
+	events := make([]unix.EpollEvent, 256)
+	rc.Read(func(uintptr) bool {
+		for {
+			n, err := unix.EpollWait(w.epfd, events, 0)
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil {
+				return true
+			}
+			w.mark(events[:n])
+			if n < len(events) {
+				return false // drained: wait for the next arrival
+			}
+		}
+	})
+}
+
+func (w *arrivalWatch) mark(events []unix.EpollEvent) {
+	if len(events) == 0 {
+		return
+	}
+	w.mu.Lock()
+	for i := range events {
+		key := uint64(uint32(events[i].Fd)) | uint64(uint32(events[i].Pad))<<32
+		if a := w.conns[key]; a != nil {
+			if events[i].Events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+				a.ended.Store(true)
+			}
+			a.seen.Store(true)
+			a.notify()
+		}
+	}
+	w.mu.Unlock()
+}
+
+func (a *arrival) notify() {
+	select {
+	case a.wake <- struct{}{}:
+	default:
+	}
+}
+
+// stop ends the watch. Connections waiting on it go back to reading the
+// socket themselves.
+func (w *arrivalWatch) stop() {
+	w.stopOnce.Do(func() {
+		w.stopped.Store(true)
+		w.mu.Lock()
+		for _, a := range w.conns {
+			a.notify()
+		}
+		w.mu.Unlock()
+		w.file.Close()
+	})
+}
+
+// follow registers a connection's socket and returns its arrival state,
+// marked: what arrived before the registration is read first.
+func (w *arrivalWatch) follow(fd int) (*arrival, uint64, error) {
+	a := &arrival{wake: make(chan struct{}, 1)}
+	a.seen.Store(true)
+	w.mu.Lock()
+	w.next++
+	key := w.next
+	w.conns[key] = a
+	w.mu.Unlock()
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(uint32(key)), Pad: int32(uint32(key >> 32))}
+	if err := unix.EpollCtl(w.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+		w.forget(key)
+		return nil, 0, os.NewSyscallError("epoll_ctl", err)
+	}
+	return a, key, nil
+}
+
+// forget drops a connection. Its socket leaves the epoll instance when it
+// is closed.
+func (w *arrivalWatch) forget(key uint64) {
+	w.mu.Lock()
+	delete(w.conns, key)
+	w.mu.Unlock()
+}
+
+// watchedReads is the part of a client connection that reads through an
+// arrivalWatch.
+type watchedReads struct {
+	watch   *arrivalWatch
+	arrival *arrival
+	key     uint64
+	raw     syscall.RawConn
+
+	readDeadline atomic.Int64 // unix nanoseconds; 0: none
+	waiting      atomic.Bool  // a read waits for an arrival
+	closed       atomic.Bool
+
+	// The reading goroutine's: a timer that wakes its wait at the read
+	// deadline, and the deadline it was last set for.
+	timer *time.Timer
+	armed int64
+}
+
+// errWatchStopped is what a wait returns once the watch has stopped.
+var errWatchStopped = errors.New("proxy: arrival watch stopped")
+
+// follow puts c's reads under w. A connection that is no socket, or
+// that w cannot register, reads as it would without it.
+func (c *trackedConn) follow(w *arrivalWatch) {
+	sc, ok := c.Conn.(syscall.Conn)
+	if !ok {
+		return
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return
+	}
+	var a *arrival
+	var key uint64
+	cerr := raw.Control(func(fd uintptr) { a, key, err = w.follow(int(fd)) })
+	if cerr != nil || err != nil {
+		return
+	}
+	c.reads = &watchedReads{watch: w, arrival: a, key: key, raw: raw}
+}
+
+// read reads from a followed connection: at once when something has
+// arrived since the last read began, otherwise once something does.
+// fallback reports that the caller must read the socket itself: the watch
+// has stopped (and it will from then on), or cannot tell more.
+func (r *watchedReads) read(c net.Conn, b []byte) (n int, err error, fallback bool) {
+	a := r.arrival
+	for {
+		if !a.seen.Load() && !a.ended.Load() {
+			if err := r.await(c); err != nil {
+				return 0, err, err == errWatchStopped
+			}
+		}
+		a.seen.Store(false)
+		var again bool
+		n, err, again = r.readOnce(c, b)
+		if again && a.ended.Load() {
+			// Nothing to read after an end was reported: not
+			// expected of a TCP socket, and no arrival will say
+			// more; Go's poller waits instead.
+			return 0, nil, true
+		}
+		if !again {
+			// A full buffer may have left bytes in the socket, and an
+			// end or an error is read again at once, as from the
+			// socket: neither will be reported again.
+			if n == len(b) || err != nil {
+				a.seen.Store(true)
+			}
+			return n, err, false
+		}
+	}
+}
+
+// readOnce reads the socket without waiting. again reports that it had
+// nothing.
+func (r *watchedReads) readOnce(c net.Conn, b []byte) (n int, err error, again bool) {
+	var rerr error
+	cerr := r.raw.Read(func(fd uintptr) bool {
+		for {
+			n, rerr = unix.Read(int(fd), b)
+			if rerr != unix.EINTR {
+				return true
+			}
+		}
+	})
+	switch {
+	case cerr != nil:
+		return 0, readError(c, cerr), false
+	case rerr == unix.EAGAIN:
+		return 0, nil, true
+	case rerr != nil:
+		return 0, readError(c, os.NewSyscallError("read", rerr)), false
+	case n == 0:
+		return 0, io.EOF, false
+	}
+	return n, nil, false
+}
+
+// await waits until something has arrived, under the read deadline (which
+// may move meanwhile), until the connection is closed, or until the watch
+// stops. The wait is one channel receive: everything that may end it
+// leaves a token there.
+func (r *watchedReads) await(c net.Conn) error {
+	a := r.arrival
+	for !a.seen.Load() && !a.ended.Load() {
+		// Waiting is announced before the deadline is read, so that a
+		// deadline set meanwhile either is read here or wakes the wait.
+		r.waiting.Store(true)
+		switch {
+		case r.closed.Load():
+			r.waiting.Store(false)
+			return readError(c, net.ErrClosed)
+		case r.watch.stopped.Load():
+			r.waiting.Store(false)
+			return errWatchStopped
+		}
+		if dl := r.readDeadline.Load(); dl != 0 {
+			d := time.Until(time.Unix(0, dl))
+			if d <= 0 {
+				r.waiting.Store(false)
+				return readError(c, os.ErrDeadlineExceeded)
+			}
+			if dl != r.armed {
+				if r.timer == nil {
+					r.timer = time.AfterFunc(d, a.notify)
+				} else {
+					r.timer.Reset(d)
+				}
+				r.armed = dl
+			}
+		}
+		if !a.seen.Load() && !a.ended.Load() {
+			<-a.wake
+		}
+		r.waiting.Store(false)
+	}
+	return nil
+}
+
+// setReadDeadline records the read deadline (the socket has it too), and
+// wakes a waiting read to apply it.
+func (r *watchedReads) setReadDeadline(t time.Time) {
+	var ns int64
+	if !t.IsZero() {
+		ns = t.UnixNano()
+	}
+	r.readDeadline.Store(ns)
+	if r.waiting.Load() {
+		r.arrival.notify()
+	}
+}
+
+func (r *watchedReads) close() {
+	r.closed.Store(true)
+	r.arrival.notify()
+	r.watch.forget(r.key)
+}
+
+func readError(c net.Conn, err error) error {
+	return &net.OpError{Op: "read", Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: err}
+}

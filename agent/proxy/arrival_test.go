@@ -1,0 +1,208 @@
+package proxy
+
+import (
+	"errors"
+	"io"
+	"net"
+	"testing"
+	"time"
+)
+
+// followedPair is a loopback TCP pair whose server side reads through an
+// arrival watch, as the proxy's client connections do.
+func followedPair(t *testing.T) (client *net.TCPConn, server *trackedConn, w *arrivalWatch) {
+	t.Helper()
+	w, err := newArrivalWatch()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(w.stop)
+	c, s := tcpPair(t)
+	tc := &trackedConn{Conn: s, set: &connSet{}}
+	tc.follow(w)
+	if tc.reads == nil {
+		t.Fatal("the connection could not be followed")
+	}
+	t.Cleanup(func() { tc.Close() })
+	return c, tc, w
+}
+
+func isTimeoutErr(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// A read waits for data sent later, and each read after it returns what
+// arrived since, in order: data sent while nobody was reading (a pipelined
+// request) is read at once, never waited for.
+func TestArrivalWatchedReads(t *testing.T) {
+	c, s, _ := followedPair(t)
+	s.SetReadDeadline(time.Now().Add(10 * time.Second))
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		c.Write([]byte("first"))
+	}()
+	b := make([]byte, 64)
+	if n, err := s.Read(b); err != nil || string(b[:n]) != "first" {
+		t.Fatalf("read of data sent later: %q, %v", b[:n], err)
+	}
+	for i, msg := range []string{"second", "third"} {
+		if _, err := c.Write([]byte(msg)); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(20 * time.Millisecond) // arrived, and seen by the watch, before the read
+		s.SetReadDeadline(time.Now().Add(2 * time.Second))
+		n, err := s.Read(b)
+		if err != nil || string(b[:n]) != msg {
+			t.Fatalf("read %d of data already there: %q, %v", i, b[:n], err)
+		}
+	}
+	// A read into a buffer too small for what arrived leaves the rest in
+	// the socket, and the next read takes it without waiting for more.
+	c.Write([]byte("0123456789"))
+	small := make([]byte, 4)
+	var got []byte
+	for len(got) < 10 {
+		s.SetReadDeadline(time.Now().Add(2 * time.Second))
+		n, err := s.Read(small)
+		if err != nil {
+			t.Fatalf("after %q: %v", got, err)
+		}
+		got = append(got, small[:n]...)
+	}
+	if string(got) != "0123456789" {
+		t.Fatalf("read in small pieces: %q", got)
+	}
+}
+
+// A waiting read ends at its deadline, as a timeout; a deadline moved
+// while it waits applies; the client's close ends it with io.EOF, and every
+// read after that too.
+func TestArrivalWatchedReadsEnd(t *testing.T) {
+	t.Run("deadline", func(t *testing.T) {
+		_, s, _ := followedPair(t)
+		s.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+		if _, err := s.Read(make([]byte, 8)); !isTimeoutErr(err) {
+			t.Fatalf("nothing by the deadline: %v, want a timeout", err)
+		}
+	})
+	t.Run("deadline-moved", func(t *testing.T) {
+		c, s, _ := followedPair(t)
+		s.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+		go func() {
+			time.Sleep(30 * time.Millisecond)
+			s.SetReadDeadline(time.Now().Add(5 * time.Second))
+			time.Sleep(200 * time.Millisecond)
+			c.Write([]byte("late"))
+		}()
+		b := make([]byte, 8)
+		if n, err := s.Read(b); err != nil || string(b[:n]) != "late" {
+			t.Fatalf("read after the deadline was extended: %q, %v", b[:n], err)
+		}
+	})
+	t.Run("eof", func(t *testing.T) {
+		c, s, _ := followedPair(t)
+		s.SetReadDeadline(time.Now().Add(5 * time.Second))
+		go func() {
+			time.Sleep(50 * time.Millisecond)
+			c.Write([]byte("bye"))
+			c.Close()
+		}()
+		all, err := io.ReadAll(s)
+		if err != nil || string(all) != "bye" {
+			t.Fatalf("read to the end: %q, %v", all, err)
+		}
+		for range 2 {
+			if _, err := s.Read(make([]byte, 8)); err != io.EOF {
+				t.Fatalf("read after the end: %v, want io.EOF at once", err)
+			}
+		}
+	})
+	t.Run("closed", func(t *testing.T) {
+		_, s, _ := followedPair(t)
+		s.SetReadDeadline(time.Now().Add(5 * time.Second))
+		go func() {
+			time.Sleep(50 * time.Millisecond)
+			s.Close()
+		}()
+		if _, err := s.Read(make([]byte, 8)); !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("read of a connection closed meanwhile: %v, want net.ErrClosed", err)
+		}
+	})
+}
+
+// Once the watch stops (its server is gone), a waiting read, and every
+// read after it, reads the socket directly.
+func TestArrivalWatchStopped(t *testing.T) {
+	c, s, w := followedPair(t)
+	s.SetReadDeadline(time.Now().Add(5 * time.Second))
+	b := make([]byte, 8)
+	done := make(chan error, 1)
+	go func() {
+		n, err := s.Read(b)
+		if err == nil && string(b[:n]) != "after" {
+			err = errors.New("read " + string(b[:n]))
+		}
+		done <- err
+	}()
+	time.Sleep(50 * time.Millisecond)
+	w.stop()
+	time.Sleep(50 * time.Millisecond)
+	c.Write([]byte("after"))
+	if err := <-done; err != nil {
+		t.Fatalf("read across the stop: %v", err)
+	}
+	c.Write([]byte("again"))
+	if n, err := s.Read(b); err != nil || string(b[:n]) != "again" {
+		t.Fatalf("read after the stop: %q, %v", b[:n], err)
+	}
+}
+
+// Many connections waiting at once are each woken by their own data.
+func TestArrivalWatchManyConnections(t *testing.T) {
+	w, err := newArrivalWatch()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(w.stop)
+	const conns = 50
+	results := make(chan error, conns)
+	clients := make([]*net.TCPConn, conns)
+	for i := range conns {
+		c, s := tcpPair(t)
+		clients[i] = c
+		tc := &trackedConn{Conn: s, set: &connSet{}}
+		tc.follow(w)
+		tc.SetReadDeadline(time.Now().Add(10 * time.Second))
+		want := byte('A' + i%26)
+		go func() {
+			for range 20 {
+				b := make([]byte, 4)
+				n, err := tc.Read(b)
+				if err != nil || n != 1 || b[0] != want {
+					results <- errors.Join(err, errors.New("wrong data"))
+					return
+				}
+				tc.Write(b[:1])
+			}
+			results <- nil
+		}()
+	}
+	for i, c := range clients {
+		go func() {
+			b := make([]byte, 1)
+			for range 20 {
+				c.Write([]byte{byte('A' + i%26)})
+				c.SetReadDeadline(time.Now().Add(10 * time.Second))
+				if _, err := io.ReadFull(c, b); err != nil {
+					return
+				}
+			}
+		}()
+	}
+	for range conns {
+		if err := <-results; err != nil {
+			t.Fatal(err)
+		}
+	}
+}

@@ -191,9 +191,10 @@ type watchedReads struct {
 	waiting      atomic.Bool  // a read waits for an arrival
 	closed       atomic.Bool
 
-	// The reading goroutine's: a timer that wakes its wait at the read
-	// deadline, and the deadline it was last set for.
-	timer *time.Timer
+	// A timer that wakes a wait at the read deadline (stopped by close,
+	// so that a closed connection's state is not kept until then), and
+	// the deadline it was last set for, the reading goroutine's.
+	timer atomic.Pointer[time.Timer]
 	armed int64
 }
 
@@ -303,12 +304,18 @@ func (r *watchedReads) await(c net.Conn) error {
 				return readError(c, os.ErrDeadlineExceeded)
 			}
 			if dl != r.armed {
-				if r.timer == nil {
-					r.timer = time.AfterFunc(d, a.notify)
+				if t := r.timer.Load(); t != nil {
+					t.Reset(d)
 				} else {
-					r.timer.Reset(d)
+					r.timer.Store(time.AfterFunc(d, a.notify))
 				}
 				r.armed = dl
+				if r.closed.Load() {
+					// Closed while the timer was set: close may
+					// have stopped it before.
+					r.timer.Load().Stop()
+					continue
+				}
 			}
 		}
 		if !a.seen.Load() && !a.ended.Load() {
@@ -334,6 +341,9 @@ func (r *watchedReads) setReadDeadline(t time.Time) {
 
 func (r *watchedReads) close() {
 	r.closed.Store(true)
+	if t := r.timer.Load(); t != nil {
+		t.Stop()
+	}
 	r.arrival.notify()
 	r.watch.forget(r.key)
 }

@@ -206,3 +206,25 @@ func TestArrivalWatchManyConnections(t *testing.T) {
 		}
 	}
 }
+
+// Closing a connection stops its deadline timer: a closed connection's
+// state is not kept alive until a deadline minutes away.
+func TestArrivalWatchedCloseStopsTheTimer(t *testing.T) {
+	_, s, _ := followedPair(t)
+	s.SetReadDeadline(time.Now().Add(time.Hour))
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.Read(make([]byte, 8))
+		done <- err
+	}()
+	waitFor(t, 5*time.Second, "the read to wait with its timer set", func() bool {
+		return s.reads.waiting.Load() && s.reads.timer.Load() != nil
+	})
+	s.Close()
+	if err := <-done; !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("read of a connection closed meanwhile: %v, want net.ErrClosed", err)
+	}
+	if s.reads.timer.Load().Stop() { // true: it was still set
+		t.Fatal("the deadline timer was still running after Close")
+	}
+}

@@ -228,3 +228,31 @@ func TestArrivalWatchedCloseStopsTheTimer(t *testing.T) {
 		t.Fatal("the deadline timer was still running after Close")
 	}
 }
+
+// A client that sends two requests at once and half-closes is read to the
+// end: both requests, then io.EOF, in pieces smaller than what arrived.
+func TestArrivalWatchedPipelinedThenHalfClosed(t *testing.T) {
+	c, s, _ := followedPair(t)
+	const sent = "GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n"
+	s.SetReadDeadline(time.Now().Add(5 * time.Second))
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		c.Write([]byte(sent))
+		c.CloseWrite()
+	}()
+	var got []byte
+	b := make([]byte, 7)
+	for {
+		n, err := s.Read(b)
+		got = append(got, b[:n]...)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("after %q: %v", got, err)
+		}
+	}
+	if string(got) != sent {
+		t.Fatalf("read %q, want %q", got, sent)
+	}
+}

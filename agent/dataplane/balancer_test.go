@@ -231,6 +231,21 @@ func TestTruncatedNeverTransmitted(t *testing.T) {
 	}
 }
 
+// flowOnReal1 sets up two reals and a DSR VIP (vip4:80, id 1) whose ring
+// names real 1 only, and sends a TCP SYN to it, which must go to real 1: a
+// flow in conntrack, for the tests of what keeps it there.
+func flowOnReal1(t *testing.T, h *harness) pkt {
+	t.Helper()
+	h.real(1, real4a)
+	h.real(2, real4b)
+	h.vip(vip4, 80, ProtoTCP, VIPMeta{ID: 1, Mode: ModeDSR}, 1)
+	flow := pkt{src: client4, dst: vip4, sport: 43000, dport: 80, proto: layers.IPProtocolTCP, tcpFlags: "S"}
+	if got := flowReal(t, h, flow); got != 1 {
+		t.Fatalf("flow went to real %d, want 1", got)
+	}
+	return flow
+}
+
 // flowReal sends p and returns the id of the real the DSR frame went to.
 func flowReal(t *testing.T, h *harness, p pkt) uint32 {
 	t.Helper()
@@ -243,13 +258,7 @@ func flowReal(t *testing.T, h *harness, p pkt) uint32 {
 
 func TestConntrackSurvivesRingChange(t *testing.T) {
 	h := newHarness(t, Options{})
-	h.real(1, real4a)
-	h.real(2, real4b)
-	h.vip(vip4, 80, ProtoTCP, VIPMeta{ID: 1, Mode: ModeDSR}, 1)
-	flowA := pkt{src: client4, dst: vip4, sport: 43000, dport: 80, proto: layers.IPProtocolTCP, tcpFlags: "S"}
-	if got := flowReal(t, h, flowA); got != 1 {
-		t.Fatalf("flow A went to real %d, want 1", got)
-	}
+	flowA := flowOnReal1(t, h)
 	h.ring(1, 2) // every slot now names real 2
 	flowA.tcpFlags = "A"
 	if got := flowReal(t, h, flowA); got != 1 {

@@ -42,13 +42,7 @@ func flow4Key(p pkt) balancerVfFlow4Key {
 // not sent to the real the torn entry names.
 func TestTornConntrackSlotIsAMiss(t *testing.T) {
 	h := newHarness(t, Options{})
-	h.real(1, real4a)
-	h.real(2, real4b)
-	h.vip(vip4, 80, ProtoTCP, VIPMeta{ID: 1, Mode: ModeDSR}, 1)
-	flow := pkt{src: client4, dst: vip4, sport: 43000, dport: 80, proto: layers.IPProtocolTCP, tcpFlags: "S"}
-	if got := flowReal(t, h, flow); got != 1 {
-		t.Fatalf("flow went to real %d, want 1", got)
-	}
+	flow := flowOnReal1(t, h)
 	// Real 2 written over the entry, the check left as it was.
 	k := flow4Key(flow)
 	idx := ct4SetIndex(k, h.dp.objs.VfCt4.MaxEntries())

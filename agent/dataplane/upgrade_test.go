@@ -8,7 +8,6 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
-	"github.com/gopacket/gopacket/layers"
 	"golang.org/x/sys/unix"
 )
 
@@ -120,13 +119,7 @@ func TestLoadMovesTheFlowsOfALegacyConntrack(t *testing.T) {
 	opts := Options{PinPath: pin, RingSize: testRingSize, ConntrackSize: 4096, MaxVIPs: 64, MaxReals: 64}
 	h := newHarness(t, opts)
 	first := h.dp
-	h.real(1, real4a)
-	h.real(2, real4b)
-	h.vip(vip4, 80, ProtoTCP, VIPMeta{ID: 1, Mode: ModeDSR}, 1)
-	flow := pkt{src: client4, dst: vip4, sport: 43000, dport: 80, proto: layers.IPProtocolTCP, tcpFlags: "S"}
-	if got := flowReal(t, h, flow); got != 1 {
-		t.Fatalf("flow went to real %d, want 1", got)
-	}
+	flow := flowOnReal1(t, h)
 	entry, err := first.lookupFlow4(flow4Key(flow))
 	h.must(err)
 	h.ring(1, 2) // new flows now go to real 2

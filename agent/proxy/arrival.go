@@ -348,6 +348,10 @@ func (r *watchedReads) close() {
 	r.watch.forget(r.key)
 }
 
-func readError(c net.Conn, err error) error {
-	return &net.OpError{Op: "read", Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: err}
+func readError(c net.Conn, err error) error { return opError("read", c, err) }
+
+// opError is a failed operation on a TCP connection, as net.Conn's own
+// methods report it.
+func opError(op string, c net.Conn, err error) error {
+	return &net.OpError{Op: op, Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: err}
 }

@@ -462,12 +462,12 @@ func writeAwaitingReply(conn net.Conn, b []byte) error {
 	})
 	switch {
 	case werr != nil:
-		return &net.OpError{Op: "write", Net: "tcp", Source: conn.LocalAddr(), Addr: conn.RemoteAddr(), Err: os.NewSyscallError("write", werr)}
+		return opError("write", conn, os.NewSyscallError("write", werr))
 	case written < len(b) && rerr == nil:
 		_, err := conn.Write(b[written:])
 		return err
 	case rerr != nil:
-		return &net.OpError{Op: "read", Net: "tcp", Source: conn.LocalAddr(), Addr: conn.RemoteAddr(), Err: rerr}
+		return readError(conn, rerr)
 	}
 	return nil
 }

@@ -13,7 +13,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Why connections wait for data through an epoll instance of their own.
+// Why client connections wait for data through an epoll instance of
+// their own.
 //
 // A keep-alive connection that has just been answered reads again at
 // once, for its next request, which has almost never arrived yet: Go's
@@ -37,12 +38,9 @@ import (
 // reports every arrival after the mark was cleared, so nothing that
 // arrives is missed, and the draining goroutine's one epoll_wait serves
 // every connection that became readable meanwhile.
-//
-// The connections to the backends read through the same watch
-// (backendConn), for the order of their wake-ups.
 
-// arrivalWatch is the epoll instance of the connections of one Serve, the
-// clients' and the backends', and the goroutine that drains it.
+// arrivalWatch is the epoll instance of one server's client connections
+// and the goroutine that drains it.
 type arrivalWatch struct {
 	epfd int
 	file *os.File // epfd, watched by Go's poller
@@ -153,8 +151,8 @@ func (w *arrivalWatch) stop() {
 		w.mu.Unlock()
 		// Closed outside the lock: Close waits for the draining
 		// goroutine, which may be waiting for the lock to mark. A
-		// follow that took the lock before has registered by now, and
-		// any after it sees stopped.
+		// follow that took the lock first has registered by now, and
+		// any later one sees stopped.
 		w.file.Close()
 	})
 }
@@ -162,9 +160,9 @@ func (w *arrivalWatch) stop() {
 // follow registers a connection's socket and returns its arrival state,
 // marked: what arrived before the registration is read first. The
 // registration is made under the lock that stop takes (after setting
-// stopped) before it closes the epoll instance, so that a connection
-// followed as the watch stops never reaches a descriptor number the system
-// has given to another file since.
+// stopped) before it closes the epoll instance: a connection accepted as
+// the server shuts down must not be registered with a descriptor number
+// the system may have given to another file since.
 func (w *arrivalWatch) follow(fd int) (*arrival, uint64, error) {
 	a := &arrival{wake: make(chan struct{}, 1)}
 	a.seen.Store(true)
@@ -191,7 +189,7 @@ func (w *arrivalWatch) forget(key uint64) {
 	w.mu.Unlock()
 }
 
-// watchedReads is the part of a connection that reads through an
+// watchedReads is the part of a client connection that reads through an
 // arrivalWatch.
 type watchedReads struct {
 	watch   *arrivalWatch
@@ -213,40 +211,24 @@ type watchedReads struct {
 // errWatchStopped is what a wait returns once the watch has stopped.
 var errWatchStopped = errors.New("proxy: arrival watch stopped")
 
-// followConn puts c's reads under w, or returns nil when c is no socket or
-// w cannot register it (c then reads as it would without a watch).
-func (w *arrivalWatch) followConn(c net.Conn) *watchedReads {
-	sc, ok := c.(syscall.Conn)
+// follow puts c's reads under w. A connection that is no socket, or
+// that w cannot register, reads as it would without it.
+func (c *trackedConn) follow(w *arrivalWatch) {
+	sc, ok := c.Conn.(syscall.Conn)
 	if !ok {
-		return nil
+		return
 	}
 	raw, err := sc.SyscallConn()
 	if err != nil {
-		return nil
+		return
 	}
 	var a *arrival
 	var key uint64
 	cerr := raw.Control(func(fd uintptr) { a, key, err = w.follow(int(fd)) })
 	if cerr != nil || err != nil {
-		return nil
+		return
 	}
-	return &watchedReads{watch: w, arrival: a, key: key, raw: raw}
-}
-
-// follow puts c's reads under w.
-func (c *trackedConn) follow(w *arrivalWatch) { c.reads = w.followConn(c.Conn) }
-
-// readThrough reads conn, whose reads r watches (nil: none), as
-// net.Conn.Read does.
-func readThrough(r *watchedReads, conn net.Conn, b []byte) (int, error) {
-	if r == nil || len(b) == 0 {
-		return conn.Read(b)
-	}
-	n, err, fallback := r.read(conn, b)
-	if fallback {
-		return conn.Read(b)
-	}
-	return n, err
+	c.reads = &watchedReads{watch: w, arrival: a, key: key, raw: raw}
 }
 
 // read reads from a followed connection: at once when something has
@@ -357,9 +339,6 @@ func (r *watchedReads) await(c net.Conn) error {
 // setReadDeadline records the read deadline (the socket has it too), and
 // wakes a waiting read to apply it.
 func (r *watchedReads) setReadDeadline(t time.Time) {
-	if r == nil {
-		return
-	}
 	var ns int64
 	if !t.IsZero() {
 		ns = t.UnixNano()
@@ -386,54 +365,3 @@ func readError(c net.Conn, err error) error { return opError("read", c, err) }
 func opError(op string, c net.Conn, err error) error {
 	return &net.OpError{Op: op, Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: err}
 }
-
-// backendConn is a connection to a backend whose reads wait through an
-// arrivalWatch, as client connections' do. The proxy writes a request and
-// reads its response at once, and the response arrives only later: the
-// watch's wake-ups come in the order the responses arrived, where Go's
-// poller wakes the goroutines of one poll in the reverse order. On a
-// saturated core, that reversal made the earliest answered requests wait
-// longest, and widened the latency distribution (docs/BENCHMARKS.md).
-type backendConn struct {
-	net.Conn
-	reads *watchedReads
-}
-
-// followBackend puts a new backend connection's reads under w (nil: no
-// watch), or returns it as it is when w cannot follow it.
-func followBackend(w *arrivalWatch, c net.Conn) net.Conn {
-	if w == nil {
-		return c
-	}
-	r := w.followConn(c)
-	if r == nil {
-		return c
-	}
-	return &backendConn{Conn: c, reads: r}
-}
-
-func (c *backendConn) Read(b []byte) (int, error) { return readThrough(c.reads, c.Conn, b) }
-
-func (c *backendConn) SetReadDeadline(t time.Time) error {
-	err := c.Conn.SetReadDeadline(t)
-	c.reads.setReadDeadline(t)
-	return err
-}
-
-func (c *backendConn) SetDeadline(t time.Time) error {
-	err := c.Conn.SetDeadline(t)
-	c.reads.setReadDeadline(t)
-	return err
-}
-
-func (c *backendConn) Close() error {
-	c.reads.close()
-	return c.Conn.Close()
-}
-
-// SyscallConn gives the socket, for the checks that peek at it.
-func (c *backendConn) SyscallConn() (syscall.RawConn, error) { return c.reads.raw, nil }
-
-// followBackend is the host clients' hook for each connection they dial:
-// the running Serve's arrival watch follows it.
-func (p *Proxy) followBackend(c net.Conn) net.Conn { return followBackend(p.watch.Load(), c) }

@@ -78,17 +78,30 @@ type trackedConn struct {
 	reads  *watchedReads // nil: reads go to the socket directly
 }
 
-func (c *trackedConn) Read(b []byte) (int, error) { return readThrough(c.reads, c.Conn, b) }
+func (c *trackedConn) Read(b []byte) (int, error) {
+	if c.reads == nil || len(b) == 0 {
+		return c.Conn.Read(b)
+	}
+	n, err, fallback := c.reads.read(c.Conn, b)
+	if fallback {
+		return c.Conn.Read(b)
+	}
+	return n, err
+}
 
 func (c *trackedConn) SetReadDeadline(t time.Time) error {
 	err := c.Conn.SetReadDeadline(t)
-	c.reads.setReadDeadline(t)
+	if c.reads != nil {
+		c.reads.setReadDeadline(t)
+	}
 	return err
 }
 
 func (c *trackedConn) SetDeadline(t time.Time) error {
 	err := c.Conn.SetDeadline(t)
-	c.reads.setReadDeadline(t)
+	if c.reads != nil {
+		c.reads.setReadDeadline(t)
+	}
 	return err
 }
 

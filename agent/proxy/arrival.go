@@ -203,9 +203,18 @@ type watchedReads struct {
 
 	// A timer that wakes a wait at the read deadline (stopped by close,
 	// so that a closed connection's state is not kept until then), and
-	// the deadline it was last set for, the reading goroutine's.
+	// when it is set to fire (unix nanoseconds; 0: not pending).
+	//
+	// A keep-alive connection's deadline moves later with every request
+	// (fasthttp sets it twice per request), so the timer is not moved
+	// with it: one pending at or before the deadline is left to fire,
+	// and the wait it wakes sets it again for what is left. It is moved
+	// only when the deadline comes earlier than it would fire. The
+	// socket's own read deadline is not kept either (reads through the
+	// watch never wait in the socket), except for reads that go to the
+	// socket directly (readDirect).
 	timer atomic.Pointer[time.Timer]
-	armed int64
+	armed atomic.Int64
 }
 
 // errWatchStopped is what a wait returns once the watch has stopped.
@@ -308,18 +317,20 @@ func (r *watchedReads) await(c net.Conn) error {
 			return errWatchStopped
 		}
 		if dl := r.readDeadline.Load(); dl != 0 {
-			d := time.Until(time.Unix(0, dl))
-			if d <= 0 {
-				r.waiting.Store(false)
-				return readError(c, os.ErrDeadlineExceeded)
-			}
-			if dl != r.armed {
+			if armed := r.armed.Load(); armed == 0 || armed > dl {
+				d := time.Until(time.Unix(0, dl))
+				if d <= 0 {
+					r.waiting.Store(false)
+					return readError(c, os.ErrDeadlineExceeded)
+				}
+				// Recorded before the timer is set, so that its
+				// firing (which clears it) always comes after.
+				r.armed.Store(dl)
 				if t := r.timer.Load(); t != nil {
 					t.Reset(d)
 				} else {
-					r.timer.Store(time.AfterFunc(d, a.notify))
+					r.timer.Store(time.AfterFunc(d, r.expire))
 				}
-				r.armed = dl
 				if r.closed.Load() {
 					// Closed while the timer was set: close may
 					// have stopped it before.
@@ -327,6 +338,8 @@ func (r *watchedReads) await(c net.Conn) error {
 					continue
 				}
 			}
+			// Otherwise the pending timer fires at or before the
+			// deadline, and this loop looks again then.
 		}
 		if !a.seen.Load() && !a.ended.Load() {
 			<-a.wake
@@ -336,8 +349,32 @@ func (r *watchedReads) await(c net.Conn) error {
 	return nil
 }
 
-// setReadDeadline records the read deadline (the socket has it too), and
-// wakes a waiting read to apply it.
+// expire is the timer's: it is no longer pending, and a waiting read
+// looks at its deadline.
+func (r *watchedReads) expire() {
+	r.armed.Store(0)
+	r.arrival.notify()
+}
+
+// deadline is the recorded read deadline.
+func (r *watchedReads) deadline() time.Time {
+	if ns := r.readDeadline.Load(); ns != 0 {
+		return time.Unix(0, ns)
+	}
+	return time.Time{}
+}
+
+// readDirect reads the socket itself, under the recorded read deadline,
+// for a read the watch cannot serve (watchedReads.read's fallback).
+func (r *watchedReads) readDirect(c net.Conn, b []byte) (int, error) {
+	if err := c.SetReadDeadline(r.deadline()); err != nil {
+		return 0, err
+	}
+	return c.Read(b)
+}
+
+// setReadDeadline records the read deadline, and wakes a waiting read to
+// apply it.
 func (r *watchedReads) setReadDeadline(t time.Time) {
 	var ns int64
 	if !t.IsZero() {

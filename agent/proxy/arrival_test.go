@@ -100,6 +100,34 @@ func TestArrivalWatchedReadsEnd(t *testing.T) {
 			t.Fatalf("read after the deadline was extended: %q, %v", b[:n], err)
 		}
 	})
+	t.Run("deadline-moved-later-then-reached", func(t *testing.T) {
+		// The timer set for the first deadline is left to fire; the
+		// wait it wakes sets it again, for the later deadline.
+		_, s, _ := followedPair(t)
+		began := time.Now()
+		s.SetReadDeadline(began.Add(100 * time.Millisecond))
+		go func() {
+			time.Sleep(30 * time.Millisecond)
+			s.SetReadDeadline(began.Add(300 * time.Millisecond))
+		}()
+		_, err := s.Read(make([]byte, 8))
+		if took := time.Since(began); !isTimeoutErr(err) || took < 290*time.Millisecond || took > 2*time.Second {
+			t.Fatalf("read with its deadline moved later: %v after %v, want a timeout after 300ms", err, took)
+		}
+	})
+	t.Run("deadline-moved-earlier", func(t *testing.T) {
+		_, s, _ := followedPair(t)
+		began := time.Now()
+		s.SetReadDeadline(began.Add(5 * time.Second))
+		go func() {
+			time.Sleep(30 * time.Millisecond)
+			s.SetReadDeadline(began.Add(100 * time.Millisecond))
+		}()
+		_, err := s.Read(make([]byte, 8))
+		if took := time.Since(began); !isTimeoutErr(err) || took > 2*time.Second {
+			t.Fatalf("read with its deadline moved earlier: %v after %v, want a timeout after 100ms", err, took)
+		}
+	})
 	t.Run("eof", func(t *testing.T) {
 		c, s, _ := followedPair(t)
 		s.SetReadDeadline(time.Now().Add(5 * time.Second))
@@ -155,6 +183,22 @@ func TestArrivalWatchStopped(t *testing.T) {
 	c.Write([]byte("again"))
 	if n, err := s.Read(b); err != nil || string(b[:n]) != "again" {
 		t.Fatalf("read after the stop: %q, %v", b[:n], err)
+	}
+}
+
+// A read that goes to the socket itself once the watch has stopped keeps
+// the read deadline set through the watch, which the socket was not given.
+func TestArrivalWatchStoppedKeepsTheDeadline(t *testing.T) {
+	c, s, w := followedPair(t)
+	w.stop()
+	// Without the deadline the read would wait for ever: the peer's
+	// close ends it, and the test fails rather than hangs.
+	time.AfterFunc(3*time.Second, func() { c.Close() })
+	began := time.Now()
+	s.SetReadDeadline(began.Add(100 * time.Millisecond))
+	_, err := s.Read(make([]byte, 8))
+	if took := time.Since(began); !isTimeoutErr(err) || took > 2*time.Second {
+		t.Fatalf("direct read after the watch stopped: %v after %v, want a timeout after 100ms", err, took)
 	}
 }
 

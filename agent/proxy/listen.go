@@ -84,24 +84,31 @@ func (c *trackedConn) Read(b []byte) (int, error) {
 	}
 	n, err, fallback := c.reads.read(c.Conn, b)
 	if fallback {
-		return c.Conn.Read(b)
+		return c.reads.readDirect(c.Conn, b)
 	}
 	return n, err
 }
 
+// SetReadDeadline keeps a followed connection's read deadline for the
+// watched reads only: setting the socket's too would cost a runtime timer
+// update per call, twice per request, for reads that never wait in it.
 func (c *trackedConn) SetReadDeadline(t time.Time) error {
-	err := c.Conn.SetReadDeadline(t)
-	if c.reads != nil {
-		c.reads.setReadDeadline(t)
+	if c.reads == nil {
+		return c.Conn.SetReadDeadline(t)
 	}
-	return err
+	if c.reads.closed.Load() {
+		return opError("set", c.Conn, net.ErrClosed)
+	}
+	c.reads.setReadDeadline(t)
+	return nil
 }
 
 func (c *trackedConn) SetDeadline(t time.Time) error {
-	err := c.Conn.SetDeadline(t)
-	if c.reads != nil {
-		c.reads.setReadDeadline(t)
+	if c.reads == nil {
+		return c.Conn.SetDeadline(t)
 	}
+	err := c.Conn.SetWriteDeadline(t)
+	c.reads.setReadDeadline(t)
 	return err
 }
 

@@ -1,11 +1,18 @@
 package proxy
 
 import (
+	"bufio"
+	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/veloflux/veloflux/agent/config"
 )
 
 // followedPair is a loopback TCP pair whose server side reads through an
@@ -159,7 +166,7 @@ func TestArrivalWatchedReadsEnd(t *testing.T) {
 	})
 }
 
-// Once the watch stops (its server is gone), a waiting read, and every
+// Once the watch stops (Serve has returned), a waiting read, and every
 // read after it, reads the socket directly.
 func TestArrivalWatchStopped(t *testing.T) {
 	c, s, w := followedPair(t)
@@ -323,7 +330,115 @@ func TestArrivalWatchFollowsNothingOnceStopped(t *testing.T) {
 	if tc.reads != nil {
 		t.Fatal("a stopped watch followed a connection")
 	}
+	if c := followBackend(w, s); c != net.Conn(s) {
+		t.Fatalf("a stopped watch wrapped a backend connection: %T", c)
+	}
 	if len(w.conns) != 0 {
 		t.Fatalf("a stopped watch keeps %d connections", len(w.conns))
+	}
+}
+
+// slowBodyBackend answers each request on a connection with a 200 whose header
+// and body are written 20 ms apart, so that the proxy's read of the body
+// waits for it; with closeAfter > 0 it then closes the connection after
+// that long, without a Connection: close header, as a backend with a
+// short keep-alive timeout does. It counts the connections it accepted.
+func slowBodyBackend(t *testing.T, closeAfter time.Duration) (port int, conns *atomic.Int64) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	conns = new(atomic.Int64)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns.Add(1)
+			go func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for {
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					io.Copy(io.Discard, req.Body)
+					fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+					time.Sleep(20 * time.Millisecond)
+					io.WriteString(c, "hello")
+					if closeAfter > 0 {
+						time.Sleep(closeAfter)
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return ln.Addr().(*net.TCPAddr).Port, conns
+}
+
+// While Serve runs, the arrival watch follows the connections to the
+// backends as well as the clients': a response whose body comes later is
+// read whole, on one backend connection kept alive, and a backend that
+// closes its idle connection meanwhile costs the next request nothing
+// (the watch has seen the end, so the read reports it at once and the
+// request goes to a new connection). Once Serve returns, the watch is
+// gone.
+func TestArrivalWatchFollowsBackends(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		closeAfter time.Duration
+		wantConns  int64
+	}{
+		{"kept alive", 0, 1},
+		{"closed by the backend when idle", 50 * time.Millisecond, 3},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			port, conns := slowBodyBackend(t, tc.closeAfter)
+			w := uint32(1)
+			p := newProxy(t, testConfig([]config.Pool{{Name: "web", Algorithm: config.AlgorithmRoundRobin,
+				Backends: []config.Backend{{Address: "127.0.0.1", Port: port, Weight: &w}}}}, config.Route{Pool: "web"}), Options{})
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() { done <- p.Serve(ctx) }()
+			var addr string
+			waitFor(t, 5*time.Second, "listeners", func() bool { addr, _ = p.listenAddrs(); return addr != "" })
+			watch := p.watch.Load()
+			if watch == nil {
+				t.Fatal("Serve runs without an arrival watch")
+			}
+			c := client()
+			for i := range 3 {
+				if i > 0 {
+					time.Sleep(2 * tc.closeAfter)
+				}
+				r := get(t, c, "http://"+addr+"/")
+				if r.status != http.StatusOK || r.body != "hello" {
+					t.Fatalf("request %d: status %d, body %q", i, r.status, r.body)
+				}
+			}
+			if got := conns.Load(); got != tc.wantConns {
+				t.Errorf("the backend accepted %d connections, want %d", got, tc.wantConns)
+			}
+			// The client's keep-alive connection and the backend's.
+			watch.mu.Lock()
+			followed := len(watch.conns)
+			watch.mu.Unlock()
+			if tc.closeAfter == 0 && followed != 2 {
+				t.Errorf("the watch follows %d connections, want 2 (the client's and the backend's)", followed)
+			}
+			c.CloseIdleConnections()
+			cancel()
+			if err := <-done; err != nil {
+				t.Fatalf("Serve: %v", err)
+			}
+			if p.watch.Load() != nil || !watch.stopped.Load() {
+				t.Error("the arrival watch outlived Serve")
+			}
+		})
 	}
 }

@@ -3,6 +3,7 @@ package proxy
 import (
 	"math"
 	"math/rand/v2"
+	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -41,15 +42,16 @@ type upstream struct {
 
 // hostClient returns the backend's connection pool for the timeouts of k,
 // keeping the current one (and its warm connections) when they are
-// unchanged. Called with Proxy.mu held.
-func (u *upstream) hostClient(k transportKey) *fasthttp.HostClient {
+// unchanged; follow wraps each connection it dials. Called with Proxy.mu
+// held.
+func (u *upstream) hostClient(k transportKey, follow func(net.Conn) net.Conn) *fasthttp.HostClient {
 	if u.client == nil || u.clientKey != k {
 		if old := u.client; old != nil {
 			// Idle connections close now; busy ones when their
 			// exchanges end.
 			go old.CloseIdleConnections()
 		}
-		u.client, u.clientKey = newHostClient(u.addr, k), k
+		u.client, u.clientKey = newHostClient(u.addr, k, follow), k
 	}
 	return u.client
 }

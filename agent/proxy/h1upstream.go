@@ -21,12 +21,19 @@ import (
 // newHostClient is the connection pool of one backend for the HTTP/1.1
 // engine. Only its pool is used: the proxy writes requests and reads
 // responses on its connections itself, so fasthttp's own retries never
-// run, and the proxy's retry rule alone decides.
-func newHostClient(addr string, k transportKey) *fasthttp.HostClient {
+// run, and the proxy's retry rule alone decides. follow wraps each new
+// connection (Proxy.followBackend).
+func newHostClient(addr string, k transportKey, follow func(net.Conn) net.Conn) *fasthttp.HostClient {
 	d := &net.Dialer{Timeout: k.dial, KeepAlive: 30 * time.Second}
 	return &fasthttp.HostClient{
-		Addr:                          addr,
-		Dial:                          func(addr string) (net.Conn, error) { return d.Dial("tcp", addr) },
+		Addr: addr,
+		Dial: func(addr string) (net.Conn, error) {
+			c, err := d.Dial("tcp", addr)
+			if err != nil {
+				return nil, err
+			}
+			return follow(c), nil
+		},
 		MaxConns:                      1 << 20, // no limit, as http.Transport's default
 		MaxIdleConnDuration:           k.idle,
 		ReadBufferSize:                transportBufSize,
@@ -429,9 +436,13 @@ func (rq *h1Request) send(l *upstreamLease, body io.Reader, headerBy time.Time) 
 // reports it, and exchange sends the request again on another connection.
 // A write the socket cannot take at once completes through conn.Write,
 // and the read that follows waits as usual.
+//
+// A connection the arrival watch follows needs none of this: the read
+// that follows a plain write waits for the watch's mark without trying
+// the socket first.
 func writeAwaitingReply(conn net.Conn, b []byte) error {
 	sc, ok := conn.(syscall.Conn)
-	if !ok {
+	if _, watched := conn.(*backendConn); watched || !ok {
 		_, err := conn.Write(b)
 		return err
 	}

@@ -78,39 +78,13 @@ type trackedConn struct {
 	reads  *watchedReads // nil: reads go to the socket directly
 }
 
-func (c *trackedConn) Read(b []byte) (int, error) {
-	if c.reads == nil || len(b) == 0 {
-		return c.Conn.Read(b)
-	}
-	n, err, fallback := c.reads.read(c.Conn, b)
-	if fallback {
-		return c.reads.readDirect(c.Conn, b)
-	}
-	return n, err
-}
+func (c *trackedConn) Read(b []byte) (int, error) { return c.reads.connRead(c.Conn, b) }
 
-// SetReadDeadline keeps a followed connection's read deadline for the
-// watched reads only: setting the socket's too would cost a runtime timer
-// update per call, twice per request, for reads that never wait in it.
 func (c *trackedConn) SetReadDeadline(t time.Time) error {
-	if c.reads == nil {
-		return c.Conn.SetReadDeadline(t)
-	}
-	if c.reads.closed.Load() {
-		return opError("set", c.Conn, net.ErrClosed)
-	}
-	c.reads.setReadDeadline(t)
-	return nil
+	return c.reads.connSetReadDeadline(c.Conn, t)
 }
 
-func (c *trackedConn) SetDeadline(t time.Time) error {
-	if c.reads == nil {
-		return c.Conn.SetDeadline(t)
-	}
-	err := c.Conn.SetWriteDeadline(t)
-	c.reads.setReadDeadline(t)
-	return err
-}
+func (c *trackedConn) SetDeadline(t time.Time) error { return c.reads.connSetDeadline(c.Conn, t) }
 
 // refusedBodyLinger bounds how long the rest of a refused request's body is
 // read (and discarded) after the answer, so that a client still sending it

@@ -122,6 +122,10 @@ type Proxy struct {
 	draining atomic.Bool
 	hijacked hijackedSet
 
+	// watch is the arrival watch of the running Serve (arrival.go), nil
+	// when not serving or when none could be made.
+	watch atomic.Pointer[arrivalWatch]
+
 	// Test hooks.
 	keepBuffers bool          // HTTP/1.1 connections keep their buffers while idle
 	seed        uint64        // nonzero: seeded p2c random sources

@@ -79,7 +79,6 @@ type server struct {
 	ln    net.Listener // the TCP listener
 	dl    *dispatchListener
 	conns connSet
-	watch *arrivalWatch // nil when none could be made
 	guard *connGuard
 	// done is closed when the server's accept loop has returned, so that
 	// Listeners sees a failed listener at once rather than only after
@@ -97,16 +96,7 @@ func (s *server) shutdown(ctx context.Context) error {
 	go func() { errc <- s.fast.ShutdownWithContext(ctx) }()
 	s.h2.Shutdown(ctx)
 	err := <-errc
-	// Connections still open (upgraded ones, HTTP/2 ones finishing)
-	// read their sockets directly from here on.
-	s.stopWatch()
 	return err
-}
-
-func (s *server) stopWatch() {
-	if s.watch != nil {
-		s.watch.stop()
-	}
 }
 
 // accepting reports whether the server's accept loop still runs.
@@ -123,7 +113,6 @@ func (s *server) accepting() bool {
 func (s *server) close() {
 	s.dl.Close()
 	s.conns.closeAll()
-	s.stopWatch()
 }
 
 // listen opens a TCP listener with SO_REUSEPORT, so that a listener being
@@ -208,14 +197,7 @@ func (p *Proxy) newServer(role int, spec serverSpec, ln net.Listener) (*server, 
 		// (the deprecated Upgrade: h2c dance is not supported).
 		h2c = func(c net.Conn) { s.serveH2(c) }
 	}
-	watch, err := newArrivalWatch()
-	if err != nil {
-		// Correct without it, at one more system call per request.
-		p.log.Warn("proxy: client connections will read without an arrival watch", "listen", spec.addr, "error", err)
-		watch = nil
-	}
-	s.watch = watch
-	s.dl = newDispatchListener(ln, &s.conns, tlsCfg, h2c, spec.readHeader, watch)
+	s.dl = newDispatchListener(ln, &s.conns, tlsCfg, h2c, spec.readHeader, p.watch.Load())
 	return s, nil
 }
 
@@ -368,6 +350,21 @@ func (p *Proxy) Serve(ctx context.Context) error {
 		p.mu.Unlock()
 		return errors.New("proxy: drained")
 	}
+	// One arrival watch serves the connections of both servers and those
+	// to the backends, for as long as Serve runs: each wake-up of its
+	// goroutine covers every connection that received something
+	// meanwhile. Connections still open afterwards (upgraded ones) read
+	// their sockets directly.
+	watch, err := newArrivalWatch()
+	if err != nil {
+		// Correct without it, at one more system call per request.
+		p.log.Warn("proxy: connections will read without an arrival watch", "error", err)
+		watch = nil
+	} else {
+		defer watch.stop()
+	}
+	p.watch.Store(watch)
+	defer p.watch.Store(nil)
 	specs := serverSpecs(&st.cfg, len(st.cfg.TLS) > 0)
 	var lns [2]net.Listener
 	for i, s := range specs {

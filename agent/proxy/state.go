@@ -227,7 +227,7 @@ func (p *Proxy) build(cfg *config.Config, prev *state) (*state, map[string]*upst
 			ups[key] = u
 			m := &pl.members[bi]
 			m.upstream, m.idx, m.weight = u, bi, int64(b.EffectiveWeight())
-			m.client = u.hostClient(st.tkey)
+			m.client = u.hostClient(st.tkey, p.followBackend)
 			if pl.sticky != "" {
 				m.cookie = stickyValue(p.stickyKey, cp.Name, u.stickyID)
 				pl.cookies[m.cookie] = m

@@ -549,6 +549,21 @@ func TestBackendClosedIdleConnectionIsNotUsed(t *testing.T) {
 // (staleAfter), so the next request is written to a connection the backend
 // has already closed. It counts the connections it accepted.
 func closingBackend(t *testing.T, pause time.Duration) (port int, conns *atomic.Int64) {
+	return rawHTTPBackend(t, func(c net.Conn) {
+		req, err := http.ReadRequest(bufio.NewReader(c))
+		if err != nil {
+			return
+		}
+		io.Copy(io.Discard, req.Body)
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		time.Sleep(pause)
+	})
+}
+
+// rawHTTPBackend is a loopback listener that hands each connection it
+// accepts to serve, in a goroutine of its own, and closes the connection
+// when serve returns. It counts the connections it accepted.
+func rawHTTPBackend(t *testing.T, serve func(net.Conn)) (port int, conns *atomic.Int64) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -565,13 +580,7 @@ func closingBackend(t *testing.T, pause time.Duration) (port int, conns *atomic.
 			conns.Add(1)
 			go func() {
 				defer c.Close()
-				req, err := http.ReadRequest(bufio.NewReader(c))
-				if err != nil {
-					return
-				}
-				io.Copy(io.Discard, req.Body)
-				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-				time.Sleep(pause)
+				serve(c)
 			}()
 		}
 	}()

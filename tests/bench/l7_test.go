@@ -674,16 +674,21 @@ type l7Result struct {
 	P50, P99  time.Duration
 	Errors    int64 // socket errors and non-2xx/3xx answers
 
-	Wall      time.Duration
-	ProxyCPU  time.Duration // the proxy's process (0 for direct)
-	Syscalls  int64         // system calls the proxy's process made (0: not counted)
-	CPUBusy   [2]float64    // share busy of l7LoadCPU, l7ProxyCPU (user+system+irq+softirq)
-	Steal     float64       // share of the two CPUs stolen by the hypervisor
-	Foreign   time.Duration // CPU time of processes foreign to the benchmark
-	Load      [2]float64    // the 1-minute load average before and after the run (uptime's first figure)
-	Retried   bool          // a first attempt was disturbed and repeated
-	QuietWait time.Duration // waited for a quiet machine before the run
-	Quiet     bool          // the machine was quiet when the run started
+	Wall     time.Duration
+	ProxyCPU time.Duration // the proxy's process (0 for direct)
+	Syscalls int64         // system calls the proxy's process made (0: not counted)
+	// ClientSleeps is how many times wrk went to sleep for want of a
+	// response (its voluntary context switches): each is a wake-up that
+	// the proxy's next write pays for, and a proxy that writes in bursts
+	// causes fewer.
+	ClientSleeps int64
+	CPUBusy      [2]float64    // share busy of l7LoadCPU, l7ProxyCPU (user+system+irq+softirq)
+	Steal        float64       // share of the two CPUs stolen by the hypervisor
+	Foreign      time.Duration // CPU time of processes foreign to the benchmark
+	Load         [2]float64    // the 1-minute load average before and after the run (uptime's first figure)
+	Retried      bool          // a first attempt was disturbed and repeated
+	QuietWait    time.Duration // waited for a quiet machine before the run
+	Quiet        bool          // the machine was quiet when the run started
 }
 
 // l7ParseWrk reads wrk's report with the package's parser (wrk_test.go).
@@ -729,6 +734,9 @@ func l7RunWrk(ctx context.Context, url string, d time.Duration, proxyPID int) (l
 	}
 	after.into(&r, before)
 	r.Syscalls = syscalls
+	if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
+		r.ClientSleeps = ru.Nvcsw
+	}
 	r.Load = [2]float64{load0, l7LoadAvg()}
 	return r, out.String(), nil
 }
@@ -1029,9 +1037,9 @@ func BenchmarkL7(b *testing.B) {
 				// shown in the table.)
 				b.Fatalf("%s %s: %d errors in %d requests\n%s", name, mode, res.Errors, res.Requests, out)
 			}
-			b.Logf("%-8s %-5s %8.0f req/s %8.0f per core  p50 %-9v p99 %-9v  proxy CPU %5.1f µs/req  %4.1f syscalls/req  CPU%d %3.0f%% CPU%d %3.0f%%  foreign %4.1f%% of a CPU, steal %2.0f%%, load %.2f-%.2f%s%s",
+			b.Logf("%-8s %-5s %8.0f req/s %8.0f per core  p50 %-9v p99 %-9v  proxy CPU %5.1f µs/req  %4.1f syscalls/req  wrk sleeps %.3f/req  CPU%d %3.0f%% CPU%d %3.0f%%  foreign %4.1f%% of a CPU, steal %2.0f%%, load %.2f-%.2f%s%s",
 				name, mode, res.ReqPerSec, l7PerCore(res), res.P50, res.P99, l7PerReq(res.ProxyCPU, res.Requests), l7SyscallsPerReq(res),
-				l7LoadCPU, 100*res.CPUBusy[0], l7ProxyCPU, 100*res.CPUBusy[1],
+				l7ClientSleepsPerReq(res), l7LoadCPU, 100*res.CPUBusy[0], l7ProxyCPU, 100*res.CPUBusy[1],
 				100*res.Foreign.Seconds()/res.Wall.Seconds(), 100*res.Steal, res.Load[0], res.Load[1], map[bool]string{true: "  DISTURBED", false: ""}[disturbed],
 				map[bool]string{true: fmt.Sprintf("  %d ERRORS", res.Errors), false: ""}[res.Errors > 0])
 			if !disturbed || retriesLeft == 0 {
@@ -1079,6 +1087,7 @@ func BenchmarkL7(b *testing.B) {
 				b.ReportMetric(ms(s.p99), "p99-ms")
 				b.ReportMetric(s.proxyCPU, "proxy-cpu-us/req")
 				b.ReportMetric(s.syscalls, "proxy-syscalls/req")
+				b.ReportMetric(s.clientSleeps, "wrk-sleeps/req")
 				b.ReportMetric(s.rps/h.rps, "req/s-x-haproxy")
 				b.ReportMetric(float64(s.p99)/float64(h.p99), "p99-x-haproxy")
 			})
@@ -1091,6 +1100,13 @@ func l7SyscallsPerReq(r l7Result) float64 {
 		return 0
 	}
 	return float64(r.Syscalls) / float64(r.Requests)
+}
+
+func l7ClientSleepsPerReq(r l7Result) float64 {
+	if r.Requests == 0 {
+		return 0
+	}
+	return float64(r.ClientSleeps) / float64(r.Requests)
 }
 
 func l7PerReq(d time.Duration, n int64) float64 {
@@ -1115,6 +1131,7 @@ type l7Summary struct {
 	p99Min, p99Max                     time.Duration
 	proxyCPU                           float64 // µs per request, the proxy's process
 	syscalls                           float64 // system calls per request, the proxy's process
+	clientSleeps                       float64 // wrk's sleeps per request
 	busy                               [2]float64
 	foreignMax                         float64 // share of one CPU, worst run
 	retried, loud                      int     // runs repeated; runs started on a busy machine
@@ -1131,7 +1148,7 @@ func l7Summarize(results map[string]map[string][]l7Result) l7Sum {
 	for name, modes := range results {
 		s.by[name] = map[string]l7Summary{}
 		for mode, rs := range modes {
-			var rps, perCore, cpu, sys, busy0, busy1 []float64
+			var rps, perCore, cpu, sys, sleeps, busy0, busy1 []float64
 			var p50, p99 []time.Duration
 			var m l7Summary
 			for _, r := range rs {
@@ -1146,6 +1163,7 @@ func l7Summarize(results map[string]map[string][]l7Result) l7Sum {
 				p50, p99 = append(p50, r.P50), append(p99, r.P99)
 				cpu = append(cpu, l7PerReq(r.ProxyCPU, r.Requests))
 				sys = append(sys, l7SyscallsPerReq(r))
+				sleeps = append(sleeps, l7ClientSleepsPerReq(r))
 				busy0, busy1 = append(busy0, r.CPUBusy[0]), append(busy1, r.CPUBusy[1])
 				m.foreignMax = max(m.foreignMax, r.Foreign.Seconds()/r.Wall.Seconds())
 				m.errors += r.Errors
@@ -1178,6 +1196,7 @@ func l7Summarize(results map[string]map[string][]l7Result) l7Sum {
 			m.p50, m.p99, m.p99Min, m.p99Max = median(p50), median(p99), slices.Min(p99), slices.Max(p99)
 			m.proxyCPU = median(cpu)
 			m.syscalls = median(sys)
+			m.clientSleeps = median(sleeps)
 			m.busy = [2]float64{median(busy0), median(busy1)}
 			m.runs = rs
 			s.by[name][mode] = m
@@ -1191,8 +1210,8 @@ func (s l7Sum) table(tlsInfo map[string]string) string {
 	fmt.Fprintf(&b, "L7 keep-alive, %s; median of %d rounds (min-max)\n", strings.Join(l7WrkArgs("URL", l7WrkDuration), " "), l7Rounds)
 	fmt.Fprintf(&b, "per core: requests per second of the proxy's own CPU time (requests / its utime+stime); x HAP: median (min-max) of the\n"+
 		"same-round ratios to HAProxy; load: 1-minute load average (min-max) over the runs\n")
-	fmt.Fprintf(&b, "%-9s %-5s | %-24s | %-24s | %-19s | %-8s | %-19s | %-19s | %-9s | %-6s | %-9s | %-9s\n",
-		"proxy", "mode", "req/s", "per core", "x HAP", "p50 ms", "p99 ms", "x HAP", "CPU µs/r", "sys/r", "CPU0/CPU1", "load")
+	fmt.Fprintf(&b, "%-9s %-5s | %-24s | %-24s | %-19s | %-8s | %-19s | %-19s | %-9s | %-6s | %-9s | %-9s | %-9s\n",
+		"proxy", "mode", "req/s", "per core", "x HAP", "p50 ms", "p99 ms", "x HAP", "CPU µs/r", "sys/r", "wrk sl/r", "CPU0/CPU1", "load")
 	goals := []string{}
 	for _, mode := range l7Modes {
 		h := s.by["haproxy"][mode]
@@ -1202,10 +1221,10 @@ func (s l7Sum) table(tlsInfo map[string]string) string {
 			if name != "haproxy" {
 				pcx, p99x = [3]float64{m.perCoreX, m.perCoreXMin, m.perCoreXMax}, [3]float64{m.p99X, m.p99XMin, m.p99XMax}
 			}
-			fmt.Fprintf(&b, "%-9s %-5s | %7.0f (%7.0f-%7.0f) | %7.0f (%7.0f-%7.0f) | x%4.2f (%4.2f-%4.2f) | %8.2f | %5.2f (%5.2f-%5.2f) | x%4.2f (%4.2f-%4.2f) | %9.1f | %6.1f | %3.0f%%/%3.0f%% | %4.2f-%4.2f\n",
+			fmt.Fprintf(&b, "%-9s %-5s | %7.0f (%7.0f-%7.0f) | %7.0f (%7.0f-%7.0f) | x%4.2f (%4.2f-%4.2f) | %8.2f | %5.2f (%5.2f-%5.2f) | x%4.2f (%4.2f-%4.2f) | %9.1f | %6.1f | %9.3f | %3.0f%%/%3.0f%% | %4.2f-%4.2f\n",
 				name, mode, m.rps, m.rpsMin, m.rpsMax, m.perCore, m.perCoreMin, m.perCoreMax, pcx[0], pcx[1], pcx[2],
 				ms(m.p50), ms(m.p99), ms(m.p99Min), ms(m.p99Max), p99x[0], p99x[1], p99x[2],
-				m.proxyCPU, m.syscalls, 100*m.busy[0], 100*m.busy[1], m.load[0], m.load[1])
+				m.proxyCPU, m.syscalls, m.clientSleeps, 100*m.busy[0], 100*m.busy[1], m.load[0], m.load[1])
 		}
 		v := s.by["veloflux"][mode]
 		rr, pr := v.perCoreX, v.p99X

@@ -55,6 +55,10 @@ type arrivalWatch struct {
 
 	stopped  atomic.Bool
 	stopOnce sync.Once
+
+	// flushers write the followed connections' pending bytes at the end
+	// of each round (roundwrites.go), one per P.
+	flushers []*writeFlusher
 }
 
 // arrival is what the watch knows of one connection.
@@ -72,9 +76,10 @@ type arrival struct {
 	wake chan struct{}
 }
 
-// newArrivalWatch starts a watch. It fails only when the system has no
-// epoll instance to give, or Go's poller cannot watch it.
-func newArrivalWatch() (*arrivalWatch, error) {
+// newArrivalWatch starts a watch, with flushers write flushers (at least
+// one; Serve gives one per P). It fails only when the system has no epoll
+// instance to give, or Go's poller cannot watch it.
+func newArrivalWatch(flushers int) (*arrivalWatch, error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, os.NewSyscallError("epoll_create1", err)
@@ -90,6 +95,11 @@ func newArrivalWatch() (*arrivalWatch, error) {
 	if err != nil {
 		w.file.Close()
 		return nil, err
+	}
+	w.flushers = make([]*writeFlusher, max(flushers, 1))
+	for i := range w.flushers {
+		w.flushers[i] = newWriteFlusher()
+		go w.flushers[i].run()
 	}
 	go w.run(rc)
 	return w, nil
@@ -158,6 +168,9 @@ func (w *arrivalWatch) stop() {
 		// follow that took the lock first has registered by now, and
 		// any later one sees stopped.
 		w.file.Close()
+		for _, f := range w.flushers {
+			close(f.done)
+		}
 	})
 }
 
@@ -193,13 +206,14 @@ func (w *arrivalWatch) forget(key uint64) {
 	w.mu.Unlock()
 }
 
-// watchedReads is the part of a connection that reads through an
-// arrivalWatch.
-type watchedReads struct {
+// watchedConn is the part of a connection that reads through an
+// arrivalWatch, and writes through its flushers.
+type watchedConn struct {
 	watch   *arrivalWatch
 	arrival *arrival
 	key     uint64
 	raw     syscall.RawConn
+	writes  deferredWrites
 
 	readDeadline atomic.Int64 // unix nanoseconds; 0: none
 	waiting      atomic.Bool  // a read waits for an arrival
@@ -224,9 +238,9 @@ type watchedReads struct {
 // errWatchStopped is what a wait returns once the watch has stopped.
 var errWatchStopped = errors.New("proxy: arrival watch stopped")
 
-// followConn puts c's reads under w, or returns nil when c is no socket or
+// followConn puts c's reads and writes under w, or returns nil when c is no socket or
 // w cannot register it (c then reads as it would without a watch).
-func (w *arrivalWatch) followConn(c net.Conn) *watchedReads {
+func (w *arrivalWatch) followConn(c net.Conn) *watchedConn {
 	sc, ok := c.(syscall.Conn)
 	if !ok {
 		return nil
@@ -241,15 +255,17 @@ func (w *arrivalWatch) followConn(c net.Conn) *watchedReads {
 	if cerr != nil || err != nil {
 		return nil
 	}
-	return &watchedReads{watch: w, arrival: a, key: key, raw: raw}
+	r := &watchedConn{watch: w, arrival: a, key: key, raw: raw}
+	r.writes = deferredWrites{flusher: w.flushers[key%uint64(len(w.flushers))], conn: c, raw: raw, notify: a.notify}
+	return r
 }
 
-// follow puts c's reads under w.
+// follow puts c's reads and writes under w.
 func (c *trackedConn) follow(w *arrivalWatch) { c.reads = w.followConn(c.Conn) }
 
 // connRead reads conn, whose reads r follows (nil: none), as
 // net.Conn.Read does.
-func (r *watchedReads) connRead(conn net.Conn, b []byte) (int, error) {
+func (r *watchedConn) connRead(conn net.Conn, b []byte) (int, error) {
 	if r == nil || len(b) == 0 {
 		return conn.Read(b)
 	}
@@ -260,11 +276,21 @@ func (r *watchedReads) connRead(conn net.Conn, b []byte) (int, error) {
 	return n, err
 }
 
+// connWrite writes to conn, whose writes r follows (nil: none), as
+// net.Conn.Write does, except that a small write may be sent at the end of
+// the round (roundwrites.go).
+func (r *watchedConn) connWrite(conn net.Conn, b []byte) (int, error) {
+	if r == nil {
+		return conn.Write(b)
+	}
+	return r.writes.write(b)
+}
+
 // connSetReadDeadline sets conn's read deadline: for the watched reads
 // only when r follows it, since setting the socket's too would cost a
 // runtime timer update per call (twice per request on a client
 // connection) for reads that never wait in it.
-func (r *watchedReads) connSetReadDeadline(conn net.Conn, t time.Time) error {
+func (r *watchedConn) connSetReadDeadline(conn net.Conn, t time.Time) error {
 	if r == nil {
 		return conn.SetReadDeadline(t)
 	}
@@ -275,12 +301,21 @@ func (r *watchedReads) connSetReadDeadline(conn net.Conn, t time.Time) error {
 	return nil
 }
 
-// connSetDeadline is connSetReadDeadline, plus the socket's write deadline.
-func (r *watchedReads) connSetDeadline(conn net.Conn, t time.Time) error {
+// connSetWriteDeadline sets conn's write deadline, after what r holds
+// pending is written.
+func (r *watchedConn) connSetWriteDeadline(conn net.Conn, t time.Time) error {
+	if r == nil {
+		return conn.SetWriteDeadline(t)
+	}
+	return r.writes.setWriteDeadline(t)
+}
+
+// connSetDeadline is connSetReadDeadline and connSetWriteDeadline.
+func (r *watchedConn) connSetDeadline(conn net.Conn, t time.Time) error {
 	if r == nil {
 		return conn.SetDeadline(t)
 	}
-	err := conn.SetWriteDeadline(t)
+	err := r.writes.setWriteDeadline(t)
 	r.setReadDeadline(t)
 	return err
 }
@@ -289,9 +324,12 @@ func (r *watchedReads) connSetDeadline(conn net.Conn, t time.Time) error {
 // arrived since the last read began, otherwise once something does.
 // fallback reports that the caller must read the socket itself: the watch
 // has stopped (and it will from then on), or cannot tell more.
-func (r *watchedReads) read(c net.Conn, b []byte) (n int, err error, fallback bool) {
+func (r *watchedConn) read(c net.Conn, b []byte) (n int, err error, fallback bool) {
 	a := r.arrival
 	for {
+		if err := r.writes.writeError(); err != nil {
+			return 0, err, false
+		}
 		if !a.seen.Load() && !a.ended.Load() {
 			if err := r.await(c); err != nil {
 				return 0, err, err == errWatchStopped
@@ -320,7 +358,7 @@ func (r *watchedReads) read(c net.Conn, b []byte) (n int, err error, fallback bo
 
 // readOnce reads the socket without waiting. again reports that it had
 // nothing.
-func (r *watchedReads) readOnce(c net.Conn, b []byte) (n int, err error, again bool) {
+func (r *watchedConn) readOnce(c net.Conn, b []byte) (n int, err error, again bool) {
 	var rerr error
 	cerr := r.raw.Read(func(fd uintptr) bool {
 		for {
@@ -347,7 +385,7 @@ func (r *watchedReads) readOnce(c net.Conn, b []byte) (n int, err error, again b
 // may move meanwhile), until the connection is closed, or until the watch
 // stops. The wait is one channel receive: everything that may end it
 // leaves a token there.
-func (r *watchedReads) await(c net.Conn) error {
+func (r *watchedConn) await(c net.Conn) error {
 	a := r.arrival
 	for !a.seen.Load() && !a.ended.Load() {
 		// Waiting is announced before the deadline is read, so that a
@@ -360,6 +398,9 @@ func (r *watchedReads) await(c net.Conn) error {
 		case r.watch.stopped.Load():
 			r.waiting.Store(false)
 			return errWatchStopped
+		case r.writes.failed.Load():
+			r.waiting.Store(false)
+			return r.writes.writeError()
 		}
 		if dl := r.readDeadline.Load(); dl != 0 {
 			if armed := r.armed.Load(); armed == 0 || armed > dl {
@@ -396,13 +437,13 @@ func (r *watchedReads) await(c net.Conn) error {
 
 // expire is the timer's: it is no longer pending, and a waiting read
 // looks at its deadline.
-func (r *watchedReads) expire() {
+func (r *watchedConn) expire() {
 	r.armed.Store(0)
 	r.arrival.notify()
 }
 
 // deadline is the recorded read deadline.
-func (r *watchedReads) deadline() time.Time {
+func (r *watchedConn) deadline() time.Time {
 	if ns := r.readDeadline.Load(); ns != 0 {
 		return time.Unix(0, ns)
 	}
@@ -410,8 +451,8 @@ func (r *watchedReads) deadline() time.Time {
 }
 
 // readDirect reads the socket itself, under the recorded read deadline,
-// for a read the watch cannot serve (watchedReads.read's fallback).
-func (r *watchedReads) readDirect(c net.Conn, b []byte) (int, error) {
+// for a read the watch cannot serve (watchedConn.read's fallback).
+func (r *watchedConn) readDirect(c net.Conn, b []byte) (int, error) {
 	if err := c.SetReadDeadline(r.deadline()); err != nil {
 		return 0, err
 	}
@@ -420,7 +461,7 @@ func (r *watchedReads) readDirect(c net.Conn, b []byte) (int, error) {
 
 // setReadDeadline records the read deadline, and wakes a waiting read to
 // apply it.
-func (r *watchedReads) setReadDeadline(t time.Time) {
+func (r *watchedConn) setReadDeadline(t time.Time) {
 	var ns int64
 	if !t.IsZero() {
 		ns = t.UnixNano()
@@ -431,13 +472,19 @@ func (r *watchedReads) setReadDeadline(t time.Time) {
 	}
 }
 
-func (r *watchedReads) close() {
+// close sends what is pending, and makes the connection's reads and writes
+// go to the socket from then on. closeLater reports that the socket is
+// closed by the goroutine still writing what the socket could not take
+// (deferredWrites.close), not by the caller.
+func (r *watchedConn) close() (closeLater bool) {
+	closeLater = r.writes.close()
 	r.closed.Store(true)
 	if t := r.timer.Load(); t != nil {
 		t.Stop()
 	}
 	r.arrival.notify()
 	r.watch.forget(r.key)
+	return closeLater
 }
 
 func readError(c net.Conn, err error) error { return opError("read", c, err) }
@@ -459,7 +506,7 @@ func opError(op string, c net.Conn, err error) error {
 // wakes them in epoll's order (docs/BENCHMARKS.md).
 type backendConn struct {
 	net.Conn
-	reads *watchedReads
+	reads *watchedConn
 }
 
 // followBackend puts a new backend connection's reads under w (nil: no
@@ -487,8 +534,16 @@ func (c *backendConn) SetReadDeadline(t time.Time) error {
 
 func (c *backendConn) SetDeadline(t time.Time) error { return c.reads.connSetDeadline(c.Conn, t) }
 
+func (c *backendConn) SetWriteDeadline(t time.Time) error {
+	return c.reads.connSetWriteDeadline(c.Conn, t)
+}
+
+func (c *backendConn) Write(b []byte) (int, error) { return c.reads.connWrite(c.Conn, b) }
+
 func (c *backendConn) Close() error {
-	c.reads.close()
+	if c.reads.close() {
+		return nil
+	}
 	return c.Conn.Close()
 }
 

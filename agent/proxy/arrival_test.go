@@ -19,7 +19,7 @@ import (
 // arrival watch, as the proxy's client connections do.
 func followedPair(t *testing.T) (client *net.TCPConn, server *trackedConn, w *arrivalWatch) {
 	t.Helper()
-	w, err := newArrivalWatch()
+	w, err := newArrivalWatch(1)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -208,7 +208,7 @@ func TestArrivalWatchStoppedKeepsTheDeadline(t *testing.T) {
 
 // Many connections waiting at once are each woken by their own data.
 func TestArrivalWatchManyConnections(t *testing.T) {
-	w, err := newArrivalWatch()
+	w, err := newArrivalWatch(1)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -308,14 +308,14 @@ func TestArrivalWatchedPipelinedThenHalfClosed(t *testing.T) {
 // A watch that has stopped follows nothing more: its epoll descriptor is
 // closed, and its number may already belong to another file.
 func TestArrivalWatchFollowsNothingOnceStopped(t *testing.T) {
-	w, err := newArrivalWatch()
+	w, err := newArrivalWatch(1)
 	if err != nil {
 		t.Fatal(err)
 	}
 	w.stop()
 	// Most likely the closed descriptor's number again: a registration
 	// through the stopped watch would land in this one.
-	other, err := newArrivalWatch()
+	other, err := newArrivalWatch(1)
 	if err != nil {
 		t.Fatal(err)
 	}

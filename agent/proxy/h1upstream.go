@@ -989,6 +989,8 @@ func (rq *h1Request) tunnel() bool {
 		}()
 		backend.SetDeadline(time.Time{})
 		client.SetDeadline(time.Time{})
+		writeAtOnce(backend)
+		writeAtOnce(client)
 		// Whichever side ends first ends the tunnel, as
 		// httputil.ReverseProxy does.
 		done := make(chan struct{}, 2)

@@ -75,16 +75,22 @@ type trackedConn struct {
 	set    *connSet
 	once   sync.Once
 	linger atomic.Bool
-	reads  *watchedReads // nil: reads go to the socket directly
+	reads  *watchedConn // nil: reads and writes go to the socket directly
 }
 
 func (c *trackedConn) Read(b []byte) (int, error) { return c.reads.connRead(c.Conn, b) }
+
+func (c *trackedConn) Write(b []byte) (int, error) { return c.reads.connWrite(c.Conn, b) }
 
 func (c *trackedConn) SetReadDeadline(t time.Time) error {
 	return c.reads.connSetReadDeadline(c.Conn, t)
 }
 
 func (c *trackedConn) SetDeadline(t time.Time) error { return c.reads.connSetDeadline(c.Conn, t) }
+
+func (c *trackedConn) SetWriteDeadline(t time.Time) error {
+	return c.reads.connSetWriteDeadline(c.Conn, t)
+}
 
 // refusedBodyLinger bounds how long the rest of a refused request's body is
 // read (and discarded) after the answer, so that a client still sending it
@@ -104,8 +110,11 @@ func (c *trackedConn) Close() error {
 	if !first {
 		return c.Conn.Close()
 	}
-	if c.reads != nil {
-		c.reads.close()
+	if c.reads != nil && c.reads.close() {
+		// The socket closes once the client has taken what it was
+		// sent (deferredWrites.close).
+		c.set.remove(c)
+		return nil
 	}
 	if c.linger.Load() {
 		if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
@@ -138,6 +147,12 @@ func lingerOnClose(c net.Conn) {
 // CloseWrite half-closes the connection (an upgraded tunnel does, toward
 // the client, when the backend is done sending).
 func (c *trackedConn) CloseWrite() error {
+	if c.reads != nil {
+		// What is pending goes before the FIN.
+		if err := c.reads.writes.unbatch(); err != nil {
+			return err
+		}
+	}
 	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
 		return cw.CloseWrite()
 	}

@@ -9,6 +9,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"runtime"
 	"strconv"
 	"syscall"
 	"time"
@@ -204,6 +205,7 @@ func (p *Proxy) newServer(role int, spec serverSpec, ln net.Listener) (*server, 
 // serveH2 serves one HTTP/2 connection with the proxy's net/http handler,
 // through a clientConn that enforces the HTTP/2 guard.
 func (s *server) serveH2(c net.Conn) {
+	writeAtOnce(c)
 	cc := &clientConn{Conn: c, guard: s.guard, peer: remoteAddr(c.RemoteAddr().String())}
 	if tc, ok := c.(*tlsClientConn); ok {
 		cc.tls = tc.Conn
@@ -353,9 +355,10 @@ func (p *Proxy) Serve(ctx context.Context) error {
 	// One arrival watch serves the connections of both servers and those
 	// to the backends, for as long as Serve runs: each wake-up of its
 	// goroutine covers every connection that received something
-	// meanwhile. Connections still open afterwards (upgraded ones) read
-	// their sockets directly.
-	watch, err := newArrivalWatch()
+	// meanwhile. Its write flushers, one per P, send their writes at the
+	// end of each round. Connections still open afterwards (upgraded
+	// ones) read and write their sockets directly.
+	watch, err := newArrivalWatch(runtime.GOMAXPROCS(0))
 	if err != nil {
 		// Correct without it, at one more system call per request.
 		p.log.Warn("proxy: connections will read without an arrival watch", "error", err)

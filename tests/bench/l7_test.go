@@ -682,13 +682,16 @@ type l7Result struct {
 	// the proxy's next write pays for, and a proxy that writes in bursts
 	// causes fewer.
 	ClientSleeps int64
-	CPUBusy      [2]float64    // share busy of l7LoadCPU, l7ProxyCPU (user+system+irq+softirq)
-	Steal        float64       // share of the two CPUs stolen by the hypervisor
-	Foreign      time.Duration // CPU time of processes foreign to the benchmark
-	Load         [2]float64    // the 1-minute load average before and after the run (uptime's first figure)
-	Retried      bool          // a first attempt was disturbed and repeated
-	QuietWait    time.Duration // waited for a quiet machine before the run
-	Quiet        bool          // the machine was quiet when the run started
+	// BackendSleeps is the same for the backends' nginx worker, whom the
+	// proxy's requests wake.
+	BackendSleeps int64
+	CPUBusy       [2]float64    // share busy of l7LoadCPU, l7ProxyCPU (user+system+irq+softirq)
+	Steal         float64       // share of the two CPUs stolen by the hypervisor
+	Foreign       time.Duration // CPU time of processes foreign to the benchmark
+	Load          [2]float64    // the 1-minute load average before and after the run (uptime's first figure)
+	Retried       bool          // a first attempt was disturbed and repeated
+	QuietWait     time.Duration // waited for a quiet machine before the run
+	Quiet         bool          // the machine was quiet when the run started
 }
 
 // l7ParseWrk reads wrk's report with the package's parser (wrk_test.go).
@@ -1023,10 +1026,12 @@ func BenchmarkL7(b *testing.B) {
 				b.Fatal(err)
 			}
 			quietLeft = max(0, quietLeft-waited)
+			backendSleeps := l7Sleeps(e.backendsP.cmd.Process.Pid)
 			res, out, err := l7RunWrk(ctx, url, d, pid)
 			if err != nil {
 				b.Fatalf("%s %s: %v\n%s", name, mode, err, out)
 			}
+			res.BackendSleeps = l7Sleeps(e.backendsP.cmd.Process.Pid) - backendSleeps
 			res.QuietWait, res.Quiet, res.Retried = waited, quiet, attempt > 0
 			disturbed := res.Foreign.Seconds() > l7ForeignLimit*res.Wall.Seconds()
 			if res.Errors > 0 && !disturbed && res.Quiet {
@@ -1037,9 +1042,9 @@ func BenchmarkL7(b *testing.B) {
 				// shown in the table.)
 				b.Fatalf("%s %s: %d errors in %d requests\n%s", name, mode, res.Errors, res.Requests, out)
 			}
-			b.Logf("%-8s %-5s %8.0f req/s %8.0f per core  p50 %-9v p99 %-9v  proxy CPU %5.1f µs/req  %4.1f syscalls/req  wrk sleeps %.3f/req  CPU%d %3.0f%% CPU%d %3.0f%%  foreign %4.1f%% of a CPU, steal %2.0f%%, load %.2f-%.2f%s%s",
+			b.Logf("%-8s %-5s %8.0f req/s %8.0f per core  p50 %-9v p99 %-9v  proxy CPU %5.1f µs/req  %4.1f syscalls/req  sleeps %.3f wrk, %.3f backends /req  CPU%d %3.0f%% CPU%d %3.0f%%  foreign %4.1f%% of a CPU, steal %2.0f%%, load %.2f-%.2f%s%s",
 				name, mode, res.ReqPerSec, l7PerCore(res), res.P50, res.P99, l7PerReq(res.ProxyCPU, res.Requests), l7SyscallsPerReq(res),
-				l7ClientSleepsPerReq(res), l7LoadCPU, 100*res.CPUBusy[0], l7ProxyCPU, 100*res.CPUBusy[1],
+				l7ClientSleepsPerReq(res), l7PerReqOf(res.BackendSleeps, res), l7LoadCPU, 100*res.CPUBusy[0], l7ProxyCPU, 100*res.CPUBusy[1],
 				100*res.Foreign.Seconds()/res.Wall.Seconds(), 100*res.Steal, res.Load[0], res.Load[1], map[bool]string{true: "  DISTURBED", false: ""}[disturbed],
 				map[bool]string{true: fmt.Sprintf("  %d ERRORS", res.Errors), false: ""}[res.Errors > 0])
 			if !disturbed || retriesLeft == 0 {
@@ -1088,6 +1093,7 @@ func BenchmarkL7(b *testing.B) {
 				b.ReportMetric(s.proxyCPU, "proxy-cpu-us/req")
 				b.ReportMetric(s.syscalls, "proxy-syscalls/req")
 				b.ReportMetric(s.clientSleeps, "wrk-sleeps/req")
+				b.ReportMetric(s.backendSleeps, "backend-sleeps/req")
 				b.ReportMetric(s.rps/h.rps, "req/s-x-haproxy")
 				b.ReportMetric(float64(s.p99)/float64(h.p99), "p99-x-haproxy")
 			})
@@ -1102,11 +1108,29 @@ func l7SyscallsPerReq(r l7Result) float64 {
 	return float64(r.Syscalls) / float64(r.Requests)
 }
 
-func l7ClientSleepsPerReq(r l7Result) float64 {
+func l7ClientSleepsPerReq(r l7Result) float64 { return l7PerReqOf(r.ClientSleeps, r) }
+
+func l7PerReqOf(n int64, r l7Result) float64 {
 	if r.Requests == 0 {
 		return 0
 	}
-	return float64(r.ClientSleeps) / float64(r.Requests)
+	return float64(n) / float64(r.Requests)
+}
+
+// l7Sleeps is how many times process pid has gone to sleep (its voluntary
+// context switches, all threads), 0 when it cannot be read.
+func l7Sleeps(pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "voluntary_ctxt_switches:"); ok {
+			n, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			return n
+		}
+	}
+	return 0
 }
 
 func l7PerReq(d time.Duration, n int64) float64 {
@@ -1132,6 +1156,7 @@ type l7Summary struct {
 	proxyCPU                           float64 // µs per request, the proxy's process
 	syscalls                           float64 // system calls per request, the proxy's process
 	clientSleeps                       float64 // wrk's sleeps per request
+	backendSleeps                      float64 // the backends' nginx worker's sleeps per request
 	busy                               [2]float64
 	foreignMax                         float64 // share of one CPU, worst run
 	retried, loud                      int     // runs repeated; runs started on a busy machine
@@ -1148,7 +1173,7 @@ func l7Summarize(results map[string]map[string][]l7Result) l7Sum {
 	for name, modes := range results {
 		s.by[name] = map[string]l7Summary{}
 		for mode, rs := range modes {
-			var rps, perCore, cpu, sys, sleeps, busy0, busy1 []float64
+			var rps, perCore, cpu, sys, sleeps, beSleeps, busy0, busy1 []float64
 			var p50, p99 []time.Duration
 			var m l7Summary
 			for _, r := range rs {
@@ -1164,6 +1189,7 @@ func l7Summarize(results map[string]map[string][]l7Result) l7Sum {
 				cpu = append(cpu, l7PerReq(r.ProxyCPU, r.Requests))
 				sys = append(sys, l7SyscallsPerReq(r))
 				sleeps = append(sleeps, l7ClientSleepsPerReq(r))
+				beSleeps = append(beSleeps, l7PerReqOf(r.BackendSleeps, r))
 				busy0, busy1 = append(busy0, r.CPUBusy[0]), append(busy1, r.CPUBusy[1])
 				m.foreignMax = max(m.foreignMax, r.Foreign.Seconds()/r.Wall.Seconds())
 				m.errors += r.Errors
@@ -1197,6 +1223,7 @@ func l7Summarize(results map[string]map[string][]l7Result) l7Sum {
 			m.proxyCPU = median(cpu)
 			m.syscalls = median(sys)
 			m.clientSleeps = median(sleeps)
+			m.backendSleeps = median(beSleeps)
 			m.busy = [2]float64{median(busy0), median(busy1)}
 			m.runs = rs
 			s.by[name][mode] = m
@@ -1209,9 +1236,10 @@ func (s l7Sum) table(tlsInfo map[string]string) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "L7 keep-alive, %s; median of %d rounds (min-max)\n", strings.Join(l7WrkArgs("URL", l7WrkDuration), " "), l7Rounds)
 	fmt.Fprintf(&b, "per core: requests per second of the proxy's own CPU time (requests / its utime+stime); x HAP: median (min-max) of the\n"+
-		"same-round ratios to HAProxy; load: 1-minute load average (min-max) over the runs\n")
+		"same-round ratios to HAProxy; sleeps/r: times wrk / the backends went to sleep per request (each a wake-up the proxy's\n"+
+		"next write pays for); load: 1-minute load average (min-max) over the runs\n")
 	fmt.Fprintf(&b, "%-9s %-5s | %-24s | %-24s | %-19s | %-8s | %-19s | %-19s | %-9s | %-6s | %-9s | %-9s | %-9s\n",
-		"proxy", "mode", "req/s", "per core", "x HAP", "p50 ms", "p99 ms", "x HAP", "CPU µs/r", "sys/r", "wrk sl/r", "CPU0/CPU1", "load")
+		"proxy", "mode", "req/s", "per core", "x HAP", "p50 ms", "p99 ms", "x HAP", "CPU µs/r", "sys/r", "sleeps/r", "CPU0/CPU1", "load")
 	goals := []string{}
 	for _, mode := range l7Modes {
 		h := s.by["haproxy"][mode]
@@ -1221,10 +1249,10 @@ func (s l7Sum) table(tlsInfo map[string]string) string {
 			if name != "haproxy" {
 				pcx, p99x = [3]float64{m.perCoreX, m.perCoreXMin, m.perCoreXMax}, [3]float64{m.p99X, m.p99XMin, m.p99XMax}
 			}
-			fmt.Fprintf(&b, "%-9s %-5s | %7.0f (%7.0f-%7.0f) | %7.0f (%7.0f-%7.0f) | x%4.2f (%4.2f-%4.2f) | %8.2f | %5.2f (%5.2f-%5.2f) | x%4.2f (%4.2f-%4.2f) | %9.1f | %6.1f | %9.3f | %3.0f%%/%3.0f%% | %4.2f-%4.2f\n",
+			fmt.Fprintf(&b, "%-9s %-5s | %7.0f (%7.0f-%7.0f) | %7.0f (%7.0f-%7.0f) | x%4.2f (%4.2f-%4.2f) | %8.2f | %5.2f (%5.2f-%5.2f) | x%4.2f (%4.2f-%4.2f) | %9.1f | %6.1f | %4.2f/%4.2f | %3.0f%%/%3.0f%% | %4.2f-%4.2f\n",
 				name, mode, m.rps, m.rpsMin, m.rpsMax, m.perCore, m.perCoreMin, m.perCoreMax, pcx[0], pcx[1], pcx[2],
 				ms(m.p50), ms(m.p99), ms(m.p99Min), ms(m.p99Max), p99x[0], p99x[1], p99x[2],
-				m.proxyCPU, m.syscalls, m.clientSleeps, 100*m.busy[0], 100*m.busy[1], m.load[0], m.load[1])
+				m.proxyCPU, m.syscalls, m.clientSleeps, m.backendSleeps, 100*m.busy[0], 100*m.busy[1], m.load[0], m.load[1])
 		}
 		v := s.by["veloflux"][mode]
 		rr, pr := v.perCoreX, v.p99X

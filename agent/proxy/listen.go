@@ -69,7 +69,8 @@ type connSet = closeSet[*trackedConn]
 // without (docs/BENCHMARKS.md).
 //
 // A connection followed by its server's arrivalWatch (arrival.go) reads
-// through it, and waits for its next request without a read that fails.
+// through it, and waits for its next request without a read that fails;
+// its small writes go out at the end of the round (roundwrites.go).
 type trackedConn struct {
 	net.Conn
 	set    *connSet

@@ -257,6 +257,7 @@ func (w *arrivalWatch) followConn(c net.Conn) *watchedConn {
 	}
 	r := &watchedConn{watch: w, arrival: a, key: key, raw: raw}
 	r.writes = deferredWrites{flusher: w.flushers[key%uint64(len(w.flushers))], conn: c, raw: raw, notify: a.notify}
+	r.writes.idle.L = &r.writes.mu
 	return r
 }
 

@@ -80,7 +80,7 @@ func (f *writeFlusher) run() {
 			round, f.queue = f.queue, nil
 			f.mu.Unlock()
 			for _, d := range round {
-				go d.drain()
+				go d.writeBlocking(nil)
 			}
 			return
 		}
@@ -127,11 +127,16 @@ func (f *writeFlusher) enqueue(d *deferredWrites) bool {
 const ownedWriteLinger = 10 * time.Second
 
 // deferredWrites is a followed connection's write side. Its owner (the
-// goroutine serving the connection) writes; the flusher, the goroutines
-// it starts and Close may write what is pending.
+// goroutine serving the connection) writes; the flusher and Close write
+// what is pending.
 //
-// mu guards the state and is never held across a system call that may
-// wait; wmu orders the writes to the socket and is held across them.
+// Bytes reach the socket in one of two ways, never both at once: a write
+// that cannot wait (the flusher's, Close's) is made under mu; a write
+// that may wait (a large write, what a socket could not take, the writes
+// of a connection closing or unbatched) is made by the one blocking
+// writer, outside mu, while blocking is set. Pending bytes are added only
+// while there is no blocking writer: a write made meanwhile waits for it,
+// as it would wait for the socket.
 type deferredWrites struct {
 	flusher *writeFlusher
 	conn    net.Conn // the socket itself
@@ -140,18 +145,18 @@ type deferredWrites struct {
 	// deferred write.
 	notify func()
 
-	wmu sync.Mutex
+	mu       sync.Mutex
+	idle     sync.Cond // signalled when blocking is cleared
+	pending  *[]byte   // nil: nothing pending
+	queued   bool      // on the flusher's queue
+	blocking bool      // a blocking writer is at work
+	direct   bool      // closing, or unbatched: writes go out at once
+	bypass   bool      // unbatched: writes go straight to the socket
+	closeBy  bool      // the blocking writer closes the socket when done
+	err      error     // a deferred write's failure
+	failed   atomic.Bool
 
-	mu      sync.Mutex
-	pending *[]byte // nil: nothing pending
-	queued  bool    // on the flusher's queue
-	owing   bool    // a goroutine writes what the socket could not take
-	direct  bool    // closing, or handed to a tunnel: writes go out at once
-	closeBy bool    // the owing goroutine closes the socket when done
-	err     error   // a deferred write's failure
-	failed  atomic.Bool
-
-	// The socket's write deadline (unix nanoseconds; 0: none): a write
+	// The write deadline set last (unix nanoseconds; 0: none): a write
 	// made after it fails at once, as on any connection.
 	writeDeadline atomic.Int64
 }
@@ -159,6 +164,10 @@ type deferredWrites struct {
 // write sends b, or keeps it pending until the end of the round.
 func (d *deferredWrites) write(b []byte) (int, error) {
 	d.mu.Lock()
+	if d.bypass {
+		d.mu.Unlock()
+		return d.conn.Write(b)
+	}
 	if d.err != nil {
 		err := d.err
 		d.mu.Unlock()
@@ -168,29 +177,28 @@ func (d *deferredWrites) write(b []byte) (int, error) {
 	if d.pending != nil {
 		held = len(*d.pending)
 	}
-	if !d.direct && !d.owing && held+len(b) <= writeDeferLimit && !d.flusher.stopped() && !d.pastDeadline() {
+	if !d.direct && !d.blocking && held+len(b) <= writeDeferLimit && !d.pastDeadline() && !d.flusher.stopped() {
 		if d.pending == nil {
 			d.pending = pendingBufs.Get().(*[]byte)
 		}
 		*d.pending = append(*d.pending, b...)
-		queued := d.queued || d.flusher.enqueue(d)
-		d.queued = queued
-		d.mu.Unlock()
-		if !queued {
-			// The flusher stopped meanwhile.
-			d.drain()
+		if !d.queued && !d.flusher.enqueue(d) {
+			// The flusher stopped meanwhile: what is pending goes now.
+			d.mu.Unlock()
+			if err := d.writeBlocking(nil); err != nil {
+				return 0, err
+			}
+			return len(b), nil
 		}
+		d.queued = true
+		d.mu.Unlock()
 		return len(b), nil
 	}
 	d.mu.Unlock()
-	// At once, after what is pending or owed: as a plain write, this
-	// waits as long as the socket (and its write deadline) make it.
-	d.wmu.Lock()
-	defer d.wmu.Unlock()
-	if err := d.drainLocked(); err != nil {
+	if err := d.writeBlocking(b); err != nil {
 		return 0, err
 	}
-	return d.conn.Write(b)
+	return len(b), nil
 }
 
 func (d *deferredWrites) pastDeadline() bool {
@@ -198,16 +206,28 @@ func (d *deferredWrites) pastDeadline() bool {
 	return dl != 0 && time.Now().UnixNano() >= dl
 }
 
-// take removes what is pending. The caller holds mu.
-func (d *deferredWrites) take() *[]byte {
-	p := d.pending
-	d.pending = nil
-	return p
+// writeBlocking writes what is pending, then b, waiting for the socket as
+// a plain write does, as the connection's blocking writer.
+func (d *deferredWrites) writeBlocking(b []byte) error {
+	d.mu.Lock()
+	for d.blocking {
+		d.idle.Wait()
+	}
+	d.blocking = true
+	d.mu.Unlock()
+	err := d.drainPending()
+	if err == nil && len(b) > 0 {
+		if _, werr := d.conn.Write(b); werr != nil {
+			err = werr
+		}
+	}
+	d.endBlocking()
+	return err
 }
 
-// drainLocked writes what is pending until nothing is, waiting as long as
-// the socket makes it. The caller holds wmu.
-func (d *deferredWrites) drainLocked() error {
+// drainPending writes what is pending until nothing is, as the blocking
+// writer.
+func (d *deferredWrites) drainPending() error {
 	for {
 		d.mu.Lock()
 		p, err := d.take(), d.err
@@ -227,42 +247,67 @@ func (d *deferredWrites) drainLocked() error {
 	}
 }
 
-// flushRound writes what is pending without waiting. What the socket
-// cannot take now is written by a goroutine of its own (owe), as is what
-// a writer holding the socket leaves.
-func (d *deferredWrites) flushRound() {
-	if !d.wmu.TryLock() {
-		d.mu.Lock()
-		d.queued = false
-		d.mu.Unlock()
-		go d.drain()
-		return
-	}
+// endBlocking ends the blocking writer's turn, and closes the socket if
+// the connection was closed meanwhile.
+func (d *deferredWrites) endBlocking() {
 	d.mu.Lock()
-	d.queued = false
-	p := d.take()
-	failed := d.err != nil
+	d.blocking = false
+	closeSocket := d.closeBy
+	d.idle.Broadcast()
 	d.mu.Unlock()
-	if p == nil || failed {
+	if closeSocket {
+		d.conn.Close()
+	}
+}
+
+// take removes what is pending. The caller holds mu.
+func (d *deferredWrites) take() *[]byte {
+	p := d.pending
+	d.pending = nil
+	return p
+}
+
+// flushRound writes what is pending without waiting. What the socket
+// cannot take now is written by a blocking writer of its own.
+func (d *deferredWrites) flushRound() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.queued = false
+	// A blocking writer at work writes what is pending when done.
+	if !d.blocking {
+		d.flushNowLocked()
+	}
+}
+
+// flushNowLocked writes what is pending without waiting, and leaves what
+// the socket cannot take to a blocking writer of its own (payOwed). It
+// reports whether it did. The caller holds mu, and there is no blocking
+// writer.
+func (d *deferredWrites) flushNowLocked() (owed bool) {
+	p := d.take()
+	if p == nil {
+		return false
+	}
+	if d.err != nil {
 		putPending(p)
-		d.wmu.Unlock()
-		return
+		return false
 	}
 	written, err := d.writeNow(*p)
-	if err != nil {
+	switch {
+	case err != nil:
 		putPending(p)
-		d.mu.Lock()
 		d.fail(err)
-		d.mu.Unlock()
-		d.wmu.Unlock()
-		return
-	}
-	if written == len(*p) {
+		return false
+	case written == len(*p):
 		putPending(p)
-		d.wmu.Unlock()
-		return
+		return false
 	}
-	d.owe(p, written)
+	// The socket is full: the rest waits for it in a goroutine.
+	*p = append((*p)[:0], (*p)[written:]...)
+	d.pending = p
+	d.blocking = true
+	go d.payOwed()
+	return true
 }
 
 // writeNow writes b without waiting for the socket, and reports how much
@@ -295,42 +340,11 @@ func (d *deferredWrites) writeNow(b []byte) (int, error) {
 	return written, nil
 }
 
-// owe puts what p still holds after written bytes back in front of what
-// was made pending since, and has a goroutine write it. The caller holds
-// wmu, which passes to that goroutine.
-func (d *deferredWrites) owe(p *[]byte, written int) {
-	d.mu.Lock()
-	rest := append((*p)[:0], (*p)[written:]...)
-	if d.pending != nil {
-		rest = append(rest, *d.pending...)
-		putPending(d.pending)
-	}
-	*p = rest
-	d.pending = p
-	d.owing = true
-	d.mu.Unlock()
-	go d.payOwed()
-}
-
-// payOwed writes what is owed, then closes the socket if the connection
-// was closed meanwhile. It holds wmu, from owe.
+// payOwed is the blocking writer flushNowLocked starts: it writes what
+// is owed (pending), then ends its turn.
 func (d *deferredWrites) payOwed() {
-	d.drainLocked()
-	d.mu.Lock()
-	d.owing = false
-	closeSocket := d.closeBy
-	d.mu.Unlock()
-	d.wmu.Unlock()
-	if closeSocket {
-		d.conn.Close()
-	}
-}
-
-// drain writes what is pending once the socket's writer is done.
-func (d *deferredWrites) drain() {
-	d.wmu.Lock()
-	defer d.wmu.Unlock()
-	d.drainLocked()
+	d.drainPending()
+	d.endBlocking()
 }
 
 // fail records a deferred write's failure and tells the reads. The caller
@@ -361,74 +375,59 @@ func (d *deferredWrites) writeError() error {
 	return d.err
 }
 
-// setWriteDeadline sets the socket's write deadline once what is pending
-// is written, under the deadline before: a write that has returned is not
-// held to a deadline set after it (crypto/tls sets one of now after its
-// closing alert, so that later writes fail). A write in progress is
-// subject to it, as on any connection.
+// setWriteDeadline sets the socket's write deadline, once what is pending
+// has been handed to the socket under the deadline before: a write that
+// has returned is not held to a deadline set after it (crypto/tls sets
+// one of now after its closing alert, so that later writes fail). A
+// blocking write at work is subject to it, as on any connection.
 func (d *deferredWrites) setWriteDeadline(t time.Time) error {
-	if d.wmu.TryLock() {
-		d.drainLocked() // a failure is the next write's and read's to report
-		d.wmu.Unlock()
+	d.mu.Lock()
+	if !d.blocking && !d.bypass {
+		d.flushNowLocked()
 	}
 	var ns int64
 	if !t.IsZero() {
 		ns = t.UnixNano()
 	}
 	d.writeDeadline.Store(ns)
+	d.mu.Unlock()
 	return d.conn.SetWriteDeadline(t)
 }
 
-// unbatch writes what is pending, and makes later writes go out at once:
-// the connection half-closes, or becomes a tunnel whose two directions
-// write from goroutines of their own.
+// unbatch writes what is pending, and sends later writes straight to the
+// socket: the connection half-closes, or becomes a tunnel whose two
+// directions write from goroutines of their own.
 func (d *deferredWrites) unbatch() error {
 	d.mu.Lock()
 	d.direct = true
 	d.mu.Unlock()
-	d.wmu.Lock()
-	defer d.wmu.Unlock()
-	return d.drainLocked()
+	err := d.writeBlocking(nil)
+	d.mu.Lock()
+	d.bypass = true
+	d.mu.Unlock()
+	return err
 }
 
 // close ends the write side as the connection closes, and reports whether
-// the socket's close is left to the goroutine still writing what was owed
-// (for at most ownedWriteLinger). What is pending is written first, as far
-// as the socket takes it at once; a write in progress is ended by the
-// close, as on any connection.
+// the socket's close is left to the blocking writer still at work (for
+// at most ownedWriteLinger): bytes whose write has returned are sent
+// before the socket closes, as the kernel sends a closed socket's unsent
+// bytes. What is pending goes out first, as far as the socket takes it
+// at once.
 func (d *deferredWrites) close() (closeLater bool) {
 	d.mu.Lock()
 	d.direct = true
-	if d.owing {
-		d.closeBy = true
+	if d.bypass {
 		d.mu.Unlock()
-		d.conn.SetWriteDeadline(time.Now().Add(ownedWriteLinger))
-		return true
-	}
-	d.mu.Unlock()
-	if !d.wmu.TryLock() {
 		return false
 	}
-	d.mu.Lock()
-	p := d.take()
-	failed := d.err != nil
-	d.mu.Unlock()
-	if p == nil || failed {
-		putPending(p)
-		d.wmu.Unlock()
+	if !d.blocking && !d.flushNowLocked() {
+		d.mu.Unlock()
 		return false
 	}
-	written, err := d.writeNow(*p)
-	if err != nil || written == len(*p) {
-		putPending(p)
-		d.wmu.Unlock()
-		return false
-	}
-	d.mu.Lock()
 	d.closeBy = true
 	d.mu.Unlock()
 	d.conn.SetWriteDeadline(time.Now().Add(ownedWriteLinger))
-	d.owe(p, written)
 	return true
 }
 

@@ -64,7 +64,7 @@ func fillUntilOwed(t *testing.T, c *trackedConn) []byte {
 		time.Sleep(time.Millisecond)
 		d := &c.reads.writes
 		d.mu.Lock()
-		owing := d.owing
+		owing := d.blocking
 		d.mu.Unlock()
 		if owing {
 			return sent

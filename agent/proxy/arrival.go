@@ -238,8 +238,9 @@ type watchedConn struct {
 // errWatchStopped is what a wait returns once the watch has stopped.
 var errWatchStopped = errors.New("proxy: arrival watch stopped")
 
-// followConn puts c's reads and writes under w, or returns nil when c is no socket or
-// w cannot register it (c then reads as it would without a watch).
+// followConn puts c's reads and writes under w, or returns nil when c is
+// no socket or w cannot register it (c is then used as it would be
+// without a watch).
 func (w *arrivalWatch) followConn(c net.Conn) *watchedConn {
 	sc, ok := c.(syscall.Conn)
 	if !ok {
@@ -262,7 +263,7 @@ func (w *arrivalWatch) followConn(c net.Conn) *watchedConn {
 }
 
 // follow puts c's reads and writes under w.
-func (c *trackedConn) follow(w *arrivalWatch) { c.reads = w.followConn(c.Conn) }
+func (c *trackedConn) follow(w *arrivalWatch) { c.watched = w.followConn(c.Conn) }
 
 // connRead reads conn, whose reads r follows (nil: none), as
 // net.Conn.Read does.
@@ -496,6 +497,28 @@ func opError(op string, c net.Conn, err error) error {
 	return &net.OpError{Op: op, Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: err}
 }
 
+// watchedIO is a connection whose reads, writes and deadlines go through
+// an arrival watch (watched; nil: straight to the socket). Client and
+// backend connections embed it.
+type watchedIO struct {
+	net.Conn
+	watched *watchedConn
+}
+
+func (c *watchedIO) Read(b []byte) (int, error) { return c.watched.connRead(c.Conn, b) }
+
+func (c *watchedIO) Write(b []byte) (int, error) { return c.watched.connWrite(c.Conn, b) }
+
+func (c *watchedIO) SetReadDeadline(t time.Time) error {
+	return c.watched.connSetReadDeadline(c.Conn, t)
+}
+
+func (c *watchedIO) SetWriteDeadline(t time.Time) error {
+	return c.watched.connSetWriteDeadline(c.Conn, t)
+}
+
+func (c *watchedIO) SetDeadline(t time.Time) error { return c.watched.connSetDeadline(c.Conn, t) }
+
 // backendConn is a connection to a backend whose reads wait through the
 // arrival watch, as client connections' do. The proxy writes a request
 // and reads its response, which arrives later. Go's poller runs the
@@ -505,13 +528,10 @@ func opError(op string, c net.Conn, err error) error {
 // waited longest, and p99 stretched to 2.5-3x p50, where HAProxy's
 // event loop, which works in epoll's order, stays near 2x. The watch
 // wakes them in epoll's order (docs/BENCHMARKS.md).
-type backendConn struct {
-	net.Conn
-	reads *watchedConn
-}
+type backendConn struct{ watchedIO }
 
-// followBackend puts a new backend connection's reads under w (nil: no
-// watch), or returns it as it is when w cannot follow it.
+// followBackend puts a new backend connection's reads and writes under w
+// (nil: no watch), or returns it as it is when w cannot follow it.
 func followBackend(w *arrivalWatch, c net.Conn) net.Conn {
 	if w == nil {
 		return c
@@ -520,33 +540,19 @@ func followBackend(w *arrivalWatch, c net.Conn) net.Conn {
 	if r == nil {
 		return c
 	}
-	return &backendConn{Conn: c, reads: r}
+	return &backendConn{watchedIO{Conn: c, watched: r}}
 }
 
 // followBackend is the host clients' hook for each connection they dial:
 // the running Serve's arrival watch follows it.
 func (p *Proxy) followBackend(c net.Conn) net.Conn { return followBackend(p.watch.Load(), c) }
 
-func (c *backendConn) Read(b []byte) (int, error) { return c.reads.connRead(c.Conn, b) }
-
-func (c *backendConn) SetReadDeadline(t time.Time) error {
-	return c.reads.connSetReadDeadline(c.Conn, t)
-}
-
-func (c *backendConn) SetDeadline(t time.Time) error { return c.reads.connSetDeadline(c.Conn, t) }
-
-func (c *backendConn) SetWriteDeadline(t time.Time) error {
-	return c.reads.connSetWriteDeadline(c.Conn, t)
-}
-
-func (c *backendConn) Write(b []byte) (int, error) { return c.reads.connWrite(c.Conn, b) }
-
 func (c *backendConn) Close() error {
-	if c.reads.close() {
+	if c.watched.close() {
 		return nil
 	}
 	return c.Conn.Close()
 }
 
 // SyscallConn gives the socket, for the checks that peek at it.
-func (c *backendConn) SyscallConn() (syscall.RawConn, error) { return c.reads.raw, nil }
+func (c *backendConn) SyscallConn() (syscall.RawConn, error) { return c.watched.raw, nil }

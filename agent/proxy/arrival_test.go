@@ -16,7 +16,7 @@ import (
 )
 
 // followedPair is a loopback TCP pair whose server side reads through an
-// arrival watch, as the proxy's client connections do.
+// arrival watch of its own, as the proxy's client connections do.
 func followedPair(t *testing.T) (client *net.TCPConn, server *trackedConn, w *arrivalWatch) {
 	t.Helper()
 	w, err := newArrivalWatch(1)
@@ -24,14 +24,21 @@ func followedPair(t *testing.T) (client *net.TCPConn, server *trackedConn, w *ar
 		t.Fatal(err)
 	}
 	t.Cleanup(w.stop)
+	c, tc := followedPairOn(t, w)
+	return c, tc, w
+}
+
+// followedPairOn is followedPair on the watch w.
+func followedPairOn(t *testing.T, w *arrivalWatch) (client *net.TCPConn, server *trackedConn) {
+	t.Helper()
 	c, s := tcpPair(t)
-	tc := &trackedConn{Conn: s, set: &connSet{}}
+	tc := &trackedConn{watchedIO: watchedIO{Conn: s}, set: &connSet{}}
 	tc.follow(w)
-	if tc.reads == nil {
+	if tc.watched == nil {
 		t.Fatal("the connection could not be followed")
 	}
 	t.Cleanup(func() { tc.Close() })
-	return c, tc, w
+	return c, tc
 }
 
 func isTimeoutErr(err error) bool {
@@ -219,7 +226,7 @@ func TestArrivalWatchManyConnections(t *testing.T) {
 	for i := range conns {
 		c, s := tcpPair(t)
 		clients[i] = c
-		tc := &trackedConn{Conn: s, set: &connSet{}}
+		tc := &trackedConn{watchedIO: watchedIO{Conn: s}, set: &connSet{}}
 		tc.follow(w)
 		tc.SetReadDeadline(time.Now().Add(10 * time.Second))
 		want := byte('A' + i%26)
@@ -266,13 +273,13 @@ func TestArrivalWatchedCloseStopsTheTimer(t *testing.T) {
 		done <- err
 	}()
 	waitFor(t, 5*time.Second, "the read to wait with its timer set", func() bool {
-		return s.reads.waiting.Load() && s.reads.timer.Load() != nil
+		return s.watched.waiting.Load() && s.watched.timer.Load() != nil
 	})
 	s.Close()
 	if err := <-done; !errors.Is(err, net.ErrClosed) {
 		t.Fatalf("read of a connection closed meanwhile: %v, want net.ErrClosed", err)
 	}
-	if s.reads.timer.Load().Stop() { // true: it was still set
+	if s.watched.timer.Load().Stop() { // true: it was still set
 		t.Fatal("the deadline timer was still running after Close")
 	}
 }
@@ -322,9 +329,9 @@ func TestArrivalWatchFollowsNothingOnceStopped(t *testing.T) {
 	t.Cleanup(other.stop)
 	t.Logf("stopped watch's descriptor %d, the new one's %d", w.epfd, other.epfd)
 	_, s := tcpPair(t)
-	tc := &trackedConn{Conn: s, set: &connSet{}}
+	tc := &trackedConn{watchedIO: watchedIO{Conn: s}, set: &connSet{}}
 	tc.follow(w)
-	if tc.reads != nil {
+	if tc.watched != nil {
 		t.Fatal("a stopped watch followed a connection")
 	}
 	if c := followBackend(w, s); c != net.Conn(s) {

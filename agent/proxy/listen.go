@@ -72,25 +72,10 @@ type connSet = closeSet[*trackedConn]
 // through it, and waits for its next request without a read that fails;
 // its small writes go out at the end of the round (roundwrites.go).
 type trackedConn struct {
-	net.Conn
+	watchedIO
 	set    *connSet
 	once   sync.Once
 	linger atomic.Bool
-	reads  *watchedConn // nil: reads and writes go to the socket directly
-}
-
-func (c *trackedConn) Read(b []byte) (int, error) { return c.reads.connRead(c.Conn, b) }
-
-func (c *trackedConn) Write(b []byte) (int, error) { return c.reads.connWrite(c.Conn, b) }
-
-func (c *trackedConn) SetReadDeadline(t time.Time) error {
-	return c.reads.connSetReadDeadline(c.Conn, t)
-}
-
-func (c *trackedConn) SetDeadline(t time.Time) error { return c.reads.connSetDeadline(c.Conn, t) }
-
-func (c *trackedConn) SetWriteDeadline(t time.Time) error {
-	return c.reads.connSetWriteDeadline(c.Conn, t)
 }
 
 // refusedBodyLinger bounds how long the rest of a refused request's body is
@@ -111,7 +96,7 @@ func (c *trackedConn) Close() error {
 	if !first {
 		return c.Conn.Close()
 	}
-	if c.reads != nil && c.reads.close() {
+	if c.watched != nil && c.watched.close() {
 		// The socket closes once the client has taken what it was
 		// sent (deferredWrites.close).
 		c.set.remove(c)
@@ -148,9 +133,9 @@ func lingerOnClose(c net.Conn) {
 // CloseWrite half-closes the connection (an upgraded tunnel does, toward
 // the client, when the backend is done sending).
 func (c *trackedConn) CloseWrite() error {
-	if c.reads != nil {
+	if c.watched != nil {
 		// What is pending goes before the FIN.
-		if err := c.reads.writes.unbatch(); err != nil {
+		if err := c.watched.writes.unbatch(); err != nil {
 			return err
 		}
 	}
@@ -201,7 +186,7 @@ func (d *dispatchListener) acceptLoop() {
 			d.fail(err)
 			return
 		}
-		tc := &trackedConn{Conn: c, set: d.conns}
+		tc := &trackedConn{watchedIO: watchedIO{Conn: c}, set: d.conns}
 		if d.watch != nil {
 			tc.follow(d.watch)
 		}

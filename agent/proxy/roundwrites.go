@@ -438,8 +438,8 @@ func (d *deferredWrites) close() (closeLater bool) {
 func writeAtOnce(c net.Conn) {
 	switch v := c.(type) {
 	case *trackedConn:
-		if v.reads != nil {
-			v.reads.writes.unbatch()
+		if v.watched != nil {
+			v.watched.writes.unbatch()
 		}
 	case *prefixConn:
 		writeAtOnce(v.trackedConn)
@@ -448,6 +448,6 @@ func writeAtOnce(c net.Conn) {
 	case *tls.Conn:
 		writeAtOnce(v.NetConn())
 	case *backendConn:
-		v.reads.writes.unbatch()
+		v.watched.writes.unbatch()
 	}
 }

@@ -62,7 +62,7 @@ func fillUntilOwed(t *testing.T, c *trackedConn) []byte {
 		sent = append(sent, chunk...)
 		// Let the flusher run the round.
 		time.Sleep(time.Millisecond)
-		d := &c.reads.writes
+		d := &c.watched.writes
 		d.mu.Lock()
 		owing := d.blocking
 		d.mu.Unlock()
@@ -81,18 +81,8 @@ func TestRoundWritesStalledPeerHoldsNoOneBack(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(w.stop)
-	followed := func() (*net.TCPConn, *trackedConn) {
-		c, s := tcpPair(t)
-		tc := &trackedConn{Conn: s, set: &connSet{}}
-		tc.follow(w)
-		if tc.reads == nil {
-			t.Fatal("the connection could not be followed")
-		}
-		t.Cleanup(func() { tc.Close() })
-		return c, tc
-	}
-	stalledClient, stalled := followed()
-	otherClient, other := followed()
+	stalledClient, stalled := followedPairOn(t, w)
+	otherClient, other := followedPairOn(t, w)
 	sent := fillUntilOwed(t, stalled)
 
 	if _, err := other.Write([]byte("ping")); err != nil {

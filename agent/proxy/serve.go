@@ -96,8 +96,7 @@ func (s *server) shutdown(ctx context.Context) error {
 	errc := make(chan error, 1)
 	go func() { errc <- s.fast.ShutdownWithContext(ctx) }()
 	s.h2.Shutdown(ctx)
-	err := <-errc
-	return err
+	return <-errc
 }
 
 // accepting reports whether the server's accept loop still runs.

@@ -1044,7 +1044,7 @@ func BenchmarkL7(b *testing.B) {
 			}
 			b.Logf("%-8s %-5s %8.0f req/s %8.0f per core  p50 %-9v p99 %-9v  proxy CPU %5.1f µs/req  %4.1f syscalls/req  sleeps %.3f wrk, %.3f backends /req  CPU%d %3.0f%% CPU%d %3.0f%%  foreign %4.1f%% of a CPU, steal %2.0f%%, load %.2f-%.2f%s%s",
 				name, mode, res.ReqPerSec, l7PerCore(res), res.P50, res.P99, l7PerReq(res.ProxyCPU, res.Requests), l7SyscallsPerReq(res),
-				l7ClientSleepsPerReq(res), l7PerReqOf(res.BackendSleeps, res), l7LoadCPU, 100*res.CPUBusy[0], l7ProxyCPU, 100*res.CPUBusy[1],
+				l7PerReqOf(res.ClientSleeps, res), l7PerReqOf(res.BackendSleeps, res), l7LoadCPU, 100*res.CPUBusy[0], l7ProxyCPU, 100*res.CPUBusy[1],
 				100*res.Foreign.Seconds()/res.Wall.Seconds(), 100*res.Steal, res.Load[0], res.Load[1], map[bool]string{true: "  DISTURBED", false: ""}[disturbed],
 				map[bool]string{true: fmt.Sprintf("  %d ERRORS", res.Errors), false: ""}[res.Errors > 0])
 			if !disturbed || retriesLeft == 0 {
@@ -1101,15 +1101,9 @@ func BenchmarkL7(b *testing.B) {
 	}
 }
 
-func l7SyscallsPerReq(r l7Result) float64 {
-	if r.Requests == 0 {
-		return 0
-	}
-	return float64(r.Syscalls) / float64(r.Requests)
-}
+func l7SyscallsPerReq(r l7Result) float64 { return l7PerReqOf(r.Syscalls, r) }
 
-func l7ClientSleepsPerReq(r l7Result) float64 { return l7PerReqOf(r.ClientSleeps, r) }
-
+// l7PerReqOf is n per request of run r.
 func l7PerReqOf(n int64, r l7Result) float64 {
 	if r.Requests == 0 {
 		return 0
@@ -1188,7 +1182,7 @@ func l7Summarize(results map[string]map[string][]l7Result) l7Sum {
 				p50, p99 = append(p50, r.P50), append(p99, r.P99)
 				cpu = append(cpu, l7PerReq(r.ProxyCPU, r.Requests))
 				sys = append(sys, l7SyscallsPerReq(r))
-				sleeps = append(sleeps, l7ClientSleepsPerReq(r))
+				sleeps = append(sleeps, l7PerReqOf(r.ClientSleeps, r))
 				beSleeps = append(beSleeps, l7PerReqOf(r.BackendSleeps, r))
 				busy0, busy1 = append(busy0, r.CPUBusy[0]), append(busy1, r.CPUBusy[1])
 				m.foreignMax = max(m.foreignMax, r.Foreign.Seconds()/r.Wall.Seconds())

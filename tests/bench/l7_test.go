@@ -16,7 +16,13 @@ package bench
 // three net/http references from tests/bench/refproxy run in the same
 // rounds (a bare httputil.ReverseProxy, the same over a synchronous
 // RoundTripper, and net/http's server answering by itself): what the
-// net/http stack costs. docs/BENCHMARKS.md records the figures.
+// net/http stack costs. Each run's line is followed by one with the
+// proxy's user and system time per request (the kernel's tick accounting),
+// the kernel's TCP segment counters per request, and, per request, any perf
+// events that VF_L7_EVENTS names (counted on the proxy's process, e.g.
+// sched:sched_switch,syscalls:sys_enter_epoll_pwait) or that
+// VF_L7_CPU_EVENTS names (counted per CPU on both CPUs, e.g.
+// irq_vectors:reschedule_entry). docs/BENCHMARKS.md records the figures.
 //
 //	go test -run '^$' -bench BenchmarkL7 -benchtime 1x ./tests/bench/ -v
 //
@@ -53,6 +59,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"math/big"
 	"net"
 	"net/http"
@@ -676,7 +683,10 @@ type l7Result struct {
 
 	Wall     time.Duration
 	ProxyCPU time.Duration // the proxy's process (0 for direct)
-	Syscalls int64         // system calls the proxy's process made (0: not counted)
+	// ProxyUser is the part of ProxyCPU spent in user space (the
+	// kernel's tick accounting: a sample, not an exact figure).
+	ProxyUser time.Duration
+	Syscalls  int64 // system calls the proxy's process made (0: not counted)
 	// ClientSleeps is how many times wrk went to sleep for want of a
 	// response (its voluntary context switches): each is a wake-up that
 	// the proxy's next write pays for, and a proxy that writes in bursts
@@ -685,13 +695,16 @@ type l7Result struct {
 	// BackendSleeps is the same for the backends' nginx worker, whom the
 	// proxy's requests wake.
 	BackendSleeps int64
-	CPUBusy       [2]float64    // share busy of l7LoadCPU, l7ProxyCPU (user+system+irq+softirq)
-	Steal         float64       // share of the two CPUs stolen by the hypervisor
-	Foreign       time.Duration // CPU time of processes foreign to the benchmark
-	Load          [2]float64    // the 1-minute load average before and after the run (uptime's first figure)
-	Retried       bool          // a first attempt was disturbed and repeated
-	QuietWait     time.Duration // waited for a quiet machine before the run
-	Quiet         bool          // the machine was quiet when the run started
+	// Events are counts over the run: the kernel's TCP counters
+	// ("tcp:OutSegs"...) and the perf events of l7ExtraEvents.
+	Events    map[string]int64
+	CPUBusy   [2]float64    // share busy of l7LoadCPU, l7ProxyCPU (user+system+irq+softirq)
+	Steal     float64       // share of the two CPUs stolen by the hypervisor
+	Foreign   time.Duration // CPU time of processes foreign to the benchmark
+	Load      [2]float64    // the 1-minute load average before and after the run (uptime's first figure)
+	Retried   bool          // a first attempt was disturbed and repeated
+	QuietWait time.Duration // waited for a quiet machine before the run
+	Quiet     bool          // the machine was quiet when the run started
 }
 
 // l7ParseWrk reads wrk's report with the package's parser (wrk_test.go).
@@ -721,12 +734,22 @@ func l7RunWrk(ctx context.Context, url string, d time.Duration, proxyPID int) (l
 	load0 := l7LoadAvg()
 	before := l7SampleCPU(proxyPID)
 	count := l7CountSyscalls(proxyPID)
+	countExtra := func() map[string]int64 { return map[string]int64{} }
+	if proxyPID != 0 {
+		countExtra = l7CountEvents([]string{"-p", strconv.Itoa(proxyPID)}, l7ExtraEvents("VF_L7_EVENTS"))
+	}
+	countCPUs := l7CountEvents([]string{"-a", "-A", "-C", fmt.Sprintf("%d,%d", l7LoadCPU, l7ProxyCPU)}, l7ExtraEvents("VF_L7_CPU_EVENTS"))
+	tcp0 := l7TCPCounters()
 	if err := l7Start(cmd); err != nil {
 		count()
+		countExtra()
+		countCPUs()
 		return l7Result{}, "", err
 	}
 	err := cmd.Wait()
+	tcp1 := l7TCPCounters()
 	syscalls := count()
+	extra, cpus := countExtra(), countCPUs()
 	after := l7SampleCPU(proxyPID)
 	if err != nil {
 		return l7Result{}, out.String(), fmt.Errorf("wrk %s: %w", url, err)
@@ -737,6 +760,16 @@ func l7RunWrk(ctx context.Context, url string, d time.Duration, proxyPID int) (l
 	}
 	after.into(&r, before)
 	r.Syscalls = syscalls
+	r.Events = map[string]int64{}
+	for k, v := range tcp1 {
+		r.Events["tcp:"+k] = v - tcp0[k]
+	}
+	for k, v := range extra {
+		r.Events[k] = v
+	}
+	for k, v := range cpus {
+		r.Events["cpus:"+k] = v
+	}
 	if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
 		r.ClientSleeps = ru.Nvcsw
 	}
@@ -769,28 +802,94 @@ func l7CountSyscalls(pid int) func() int64 {
 	if pid == 0 {
 		return func() int64 { return 0 }
 	}
-	if _, err := exec.LookPath("perf"); err != nil {
-		return func() int64 { return 0 }
+	stop := l7CountEvents([]string{"-p", strconv.Itoa(pid)}, []string{l7SyscallEvent})
+	return func() int64 { return stop()[l7SyscallEvent] }
+}
+
+const l7SyscallEvent = "raw_syscalls:sys_enter"
+
+// l7CountEvents counts perf events (perf stat in counting mode) over the
+// target that scope gives (perf's -p or -a -C arguments) until the
+// returned function is called, which returns the counts by event name
+// (empty when perf is missing or failed).
+func l7CountEvents(scope, events []string) func() map[string]int64 {
+	none := func() map[string]int64 { return map[string]int64{} }
+	if len(events) == 0 {
+		return none
 	}
-	cmd := exec.Command("perf", "stat", "-x", ",", "-e", "raw_syscalls:sys_enter", "-p", strconv.Itoa(pid))
+	if _, err := exec.LookPath("perf"); err != nil {
+		return none
+	}
+	args := append([]string{"stat", "-x", ",", "-e", strings.Join(events, ",")}, scope...)
+	cmd := exec.Command("perf", args...)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
-		return func() int64 { return 0 }
+		return none
 	}
 	time.Sleep(100 * time.Millisecond) // perf attaches
-	return func() int64 {
+	return func() map[string]int64 {
 		cmd.Process.Signal(os.Interrupt)
 		cmd.Wait()
+		counts := map[string]int64{}
 		for line := range strings.SplitSeq(out.String(), "\n") {
 			f := strings.Split(line, ",")
-			if len(f) > 2 && strings.Contains(line, "raw_syscalls:sys_enter") {
-				n, _ := strconv.ParseInt(f[0], 10, 64)
-				return n
+			cpu := ""
+			if len(f) > 0 && strings.HasPrefix(f[0], "CPU") { // -A: one line per CPU
+				cpu, f = "@"+strings.ToLower(f[0]), f[1:]
+			}
+			if len(f) < 3 {
+				continue
+			}
+			if n, err := strconv.ParseInt(f[0], 10, 64); err == nil {
+				counts[f[2]+cpu] += n
 			}
 		}
-		return 0
+		return counts
 	}
+}
+
+// l7ExtraEvents are perf events that VF_L7_EVENTS names (comma-separated),
+// counted on the proxy's process, and that VF_L7_CPU_EVENTS names, counted
+// on both CPUs: shown per request in each run's line, for finding where a
+// proxy's time goes (scheduler switches, IPIs, system calls by kind).
+func l7ExtraEvents(env string) []string {
+	var events []string
+	for ev := range strings.SplitSeq(os.Getenv(env), ",") {
+		if ev = strings.TrimSpace(ev); ev != "" {
+			events = append(events, ev)
+		}
+	}
+	return events
+}
+
+// l7TCPCounters reads the kernel's TCP counters (/proc/net/snmp's Tcp and
+// /proc/net/netstat's TcpExt lines) that say how many segments a request
+// cost: segments sent, and among them ACKs without data and delayed ACKs.
+// Loopback's traffic is all the benchmark's; the machine has little else.
+func l7TCPCounters() map[string]int64 {
+	counts := map[string]int64{}
+	for _, file := range []string{"/proc/net/snmp", "/proc/net/netstat"} {
+		b, err := os.ReadFile(file)
+		if err != nil {
+			continue
+		}
+		lines := strings.Split(string(b), "\n")
+		for i := 0; i+1 < len(lines); i += 2 {
+			names, values := strings.Fields(lines[i]), strings.Fields(lines[i+1])
+			if len(names) != len(values) || len(names) == 0 || (names[0] != "Tcp:" && names[0] != "TcpExt:") {
+				continue
+			}
+			for j := 1; j < len(names); j++ {
+				switch names[j] {
+				case "OutSegs", "InSegs", "DelayedACKs", "TCPPureAcks", "TCPHPAcks", "TCPAutoCorking", "TCPBacklogCoalesce":
+					n, _ := strconv.ParseInt(values[j], 10, 64)
+					counts[names[j]] = n
+				}
+			}
+		}
+	}
+	return counts
 }
 
 // ---- CPU accounting ----
@@ -822,10 +921,11 @@ func l7PerCore(r l7Result) float64 {
 }
 
 type l7CPUSample struct {
-	at      time.Time
-	cpu     map[string][10]int64 // /proc/stat cpuN lines, ticks
-	proxy   time.Duration
-	foreign map[int]time.Duration // user processes not descended from this one
+	at        time.Time
+	cpu       map[string][10]int64 // /proc/stat cpuN lines, ticks
+	proxy     time.Duration
+	proxyUser time.Duration
+	foreign   map[int]time.Duration // user processes not descended from this one
 }
 
 func l7SampleCPU(proxyPID int) l7CPUSample {
@@ -845,7 +945,7 @@ func l7SampleCPU(proxyPID int) l7CPUSample {
 	}
 	if proxyPID != 0 {
 		if st, err := readProcStat(proxyPID); err == nil {
-			s.proxy = st.cpu
+			s.proxy, s.proxyUser = st.cpu, st.user
 		}
 	}
 	// Foreign: user processes that do not descend from this one.
@@ -883,6 +983,7 @@ func l7SampleCPU(proxyPID int) l7CPUSample {
 func (s l7CPUSample) into(r *l7Result, before l7CPUSample) {
 	r.Wall = s.at.Sub(before.at)
 	r.ProxyCPU = s.proxy - before.proxy
+	r.ProxyUser = s.proxyUser - before.proxyUser
 	for i, name := range []string{fmt.Sprintf("cpu%d", l7LoadCPU), fmt.Sprintf("cpu%d", l7ProxyCPU)} {
 		a, b := s.cpu[name], before.cpu[name]
 		var d [10]int64
@@ -1047,6 +1148,9 @@ func BenchmarkL7(b *testing.B) {
 				l7PerReqOf(res.ClientSleeps, res), l7PerReqOf(res.BackendSleeps, res), l7LoadCPU, 100*res.CPUBusy[0], l7ProxyCPU, 100*res.CPUBusy[1],
 				100*res.Foreign.Seconds()/res.Wall.Seconds(), 100*res.Steal, res.Load[0], res.Load[1], map[bool]string{true: "  DISTURBED", false: ""}[disturbed],
 				map[bool]string{true: fmt.Sprintf("  %d ERRORS", res.Errors), false: ""}[res.Errors > 0])
+			if line := l7EventsLine(res); line != "" {
+				b.Logf("%-8s %-5s per request: %s", name, mode, line)
+			}
 			if !disturbed || retriesLeft == 0 {
 				return res
 			}
@@ -1099,6 +1203,18 @@ func BenchmarkL7(b *testing.B) {
 			})
 		}
 	}
+}
+
+// l7EventsLine is run r's events per request, by name.
+func l7EventsLine(r l7Result) string {
+	var parts []string
+	if r.ProxyCPU > 0 {
+		parts = append(parts, fmt.Sprintf("user %.1f µs, system %.1f µs", l7PerReq(r.ProxyUser, r.Requests), l7PerReq(r.ProxyCPU-r.ProxyUser, r.Requests)))
+	}
+	for _, k := range slices.Sorted(maps.Keys(r.Events)) {
+		parts = append(parts, fmt.Sprintf("%s %.3f", k, l7PerReqOf(r.Events[k], r)))
+	}
+	return strings.Join(parts, ", ")
 }
 
 func l7SyscallsPerReq(r l7Result) float64 { return l7PerReqOf(r.Syscalls, r) }

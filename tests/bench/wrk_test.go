@@ -257,6 +257,7 @@ type procStat struct {
 	ppid    int
 	kthread bool          // PF_KTHREAD
 	cpu     time.Duration // utime + stime
+	user    time.Duration // utime
 }
 
 func readProcStat(pid int) (procStat, error) {
@@ -280,7 +281,7 @@ func readProcStat(pid int) (procStat, error) {
 	st, _ := strconv.ParseInt(f[12], 10, 64)    // field 15
 	const pfKthread = 0x00200000
 	return procStat{comm: s[open+1 : end], ppid: ppid, kthread: flags&pfKthread != 0,
-		cpu: time.Duration(ut+st) * clkTck}, nil
+		cpu: time.Duration(ut+st) * clkTck, user: time.Duration(ut) * clkTck}, nil
 }
 
 func tvDur(tv syscall.Timeval) time.Duration {

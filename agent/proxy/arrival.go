@@ -215,6 +215,7 @@ type watchedConn struct {
 	raw     syscall.RawConn
 	writes  deferredWrites
 
+	readOp       rawRead      // readOnce's system call
 	readDeadline atomic.Int64 // unix nanoseconds; 0: none
 	waiting      atomic.Bool  // a read waits for an arrival
 	closed       atomic.Bool
@@ -361,15 +362,21 @@ func (r *watchedConn) read(c net.Conn, b []byte) (n int, err error, fallback boo
 // readOnce reads the socket without waiting. again reports that it had
 // nothing.
 func (r *watchedConn) readOnce(c net.Conn, b []byte) (n int, err error, again bool) {
-	var rerr error
-	cerr := r.raw.Read(func(fd uintptr) bool {
-		for {
-			n, rerr = unix.Read(int(fd), b)
-			if rerr != unix.EINTR {
-				return true
-			}
+	var rerr, cerr error
+	if op := &r.readOp; op.busy.CompareAndSwap(false, true) {
+		if op.call == nil {
+			op.call = op.run
 		}
-	})
+		op.b, op.n, op.err = b, 0, nil
+		cerr = r.raw.Read(op.call)
+		n, rerr = op.n, op.err
+		op.b, op.err = nil, nil
+		op.busy.Store(false)
+	} else {
+		// Another read of the same connection is under way (net.Conn
+		// allows it; nothing here does it): it has the op.
+		n, rerr, cerr = r.readConcurrent(b)
+	}
 	switch {
 	case cerr != nil:
 		return 0, readError(c, cerr), false
@@ -381,6 +388,34 @@ func (r *watchedConn) readOnce(c net.Conn, b []byte) (n int, err error, again bo
 		return 0, io.EOF, false
 	}
 	return n, nil, false
+}
+
+// readConcurrent is readOnce's system call for a read that runs while
+// another has the connection's rawRead.
+func (r *watchedConn) readConcurrent(b []byte) (n int, rerr, cerr error) {
+	cerr = r.raw.Read(func(fd uintptr) bool {
+		n, rerr = readNonblocking(fd, b)
+		return true
+	})
+	return n, rerr, cerr
+}
+
+// rawRead is readOnce's system call with its argument and results. It
+// lives in the connection, and its call is bound once, because a closure
+// made per read would be allocated on the heap (it escapes into
+// syscall.RawConn's interface) on every read of every connection. busy
+// gives it to one read at a time.
+type rawRead struct {
+	busy atomic.Bool
+	b    []byte
+	n    int
+	err  error
+	call func(fd uintptr) bool // run, bound once
+}
+
+func (op *rawRead) run(fd uintptr) bool {
+	op.n, op.err = readNonblocking(fd, op.b)
+	return true
 }
 
 // await waits until something has arrived, under the read deadline (which

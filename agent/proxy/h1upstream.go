@@ -907,16 +907,17 @@ func (rq *h1Request) copyResponseHeaders() {
 		}
 		out.AddBytesKV(k, v)
 	}
-	var vb []byte
-	if len(via) > 0 {
-		vb = appendJoined(vb, via)
-		vb = append(vb, ", "...)
+	if len(via) == 0 {
+		out.SetBytesKV(strVia, strViaOurs) // copied by fasthttp
+		return
 	}
-	vb = append(vb, "1.1 veloflux"...)
+	vb := appendJoined(nil, via)
+	vb = append(vb, ", "...)
+	vb = append(vb, strViaOurs...)
 	out.SetBytesKV(strVia, vb)
 }
 
-var strVia = []byte("Via")
+var strVia, strViaOurs = []byte("Via"), []byte("1.1 veloflux")
 
 func namedIn(conn [][]byte, name []byte) bool {
 	found := false

@@ -155,6 +155,7 @@ type deferredWrites struct {
 	closeBy  bool      // the blocking writer closes the socket when done
 	err      error     // a deferred write's failure
 	failed   atomic.Bool
+	nowOp    nonBlockingWrite // writeNow's, under mu
 
 	// The write deadline set last (unix nanoseconds; 0: none): a write
 	// made after it fails at once, as on any connection.
@@ -313,24 +314,14 @@ func (d *deferredWrites) flushNowLocked() (owed bool) {
 // writeNow writes b without waiting for the socket, and reports how much
 // it took.
 func (d *deferredWrites) writeNow(b []byte) (int, error) {
-	written := 0
-	var werr error
-	cerr := d.raw.Write(func(fd uintptr) bool {
-		for written < len(b) {
-			n, err := unix.Write(int(fd), b[written:])
-			if err == unix.EINTR {
-				continue
-			}
-			if err != nil {
-				if err != unix.EAGAIN {
-					werr = os.NewSyscallError("write", err)
-				}
-				return true
-			}
-			written += n
-		}
-		return true
-	})
+	op := &d.nowOp
+	if op.call == nil {
+		op.call = op.run
+	}
+	op.b, op.written, op.err = b, 0, nil
+	cerr := d.raw.Write(op.call)
+	written, werr := op.written, op.err
+	op.b, op.err = nil, nil
 	switch {
 	case cerr != nil:
 		return written, opError("write", d.conn, cerr)
@@ -338,6 +329,34 @@ func (d *deferredWrites) writeNow(b []byte) (int, error) {
 		return written, opError("write", d.conn, werr)
 	}
 	return written, nil
+}
+
+// nonBlockingWrite is writeNow's system call with its arguments and
+// results. It lives in the connection, and its call is bound once,
+// because a closure made per write would be allocated on the heap (it
+// escapes into syscall.RawConn's interface) on every write of every
+// connection. writeNow runs under mu, so one at a time.
+type nonBlockingWrite struct {
+	b       []byte
+	written int
+	err     error
+	call    func(fd uintptr) bool // run, bound once
+}
+
+// run writes b until the socket is full (EAGAIN is no error: what is left
+// waits for the blocking writer).
+func (op *nonBlockingWrite) run(fd uintptr) bool {
+	for op.written < len(op.b) {
+		n, err := writeNonblocking(fd, op.b[op.written:])
+		if err != nil {
+			if err != unix.EAGAIN {
+				op.err = os.NewSyscallError("write", err)
+			}
+			return true
+		}
+		op.written += n
+	}
+	return true
 }
 
 // payOwed is the blocking writer flushNowLocked starts: it writes what

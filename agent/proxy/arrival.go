@@ -310,6 +310,9 @@ func (r *watchedConn) connSetWriteDeadline(conn net.Conn, t time.Time) error {
 	if r == nil {
 		return conn.SetWriteDeadline(t)
 	}
+	if r.closed.Load() {
+		return opError("set", conn, net.ErrClosed)
+	}
 	return r.writes.setWriteDeadline(t)
 }
 
@@ -317,6 +320,9 @@ func (r *watchedConn) connSetWriteDeadline(conn net.Conn, t time.Time) error {
 func (r *watchedConn) connSetDeadline(conn net.Conn, t time.Time) error {
 	if r == nil {
 		return conn.SetDeadline(t)
+	}
+	if r.closed.Load() {
+		return opError("set", conn, net.ErrClosed)
 	}
 	err := r.writes.setWriteDeadline(t)
 	r.setReadDeadline(t)

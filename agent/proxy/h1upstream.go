@@ -238,7 +238,12 @@ func (rq *h1Request) proxy() bool {
 	var tried [maxAttempts]*upstream
 	var lastErr error
 	for attempt := 0; ; attempt++ {
-		now := time.Now()
+		// The first attempt starts at the request's own clock reading
+		// (its header has just arrived); later ones read the clock.
+		now := rq.start
+		if attempt > 0 {
+			now = clockAfter(rq.start)
+		}
 		m := pl.pick(now.UnixNano(), &p.live, rq.client, tried[:attempt], rq.sticky)
 		if m == nil {
 			if attempt == 0 {
@@ -256,7 +261,7 @@ func (rq *h1Request) proxy() bool {
 			p.count.retries.Add(1)
 		}
 		dialed, err := rq.exchange(m, body, now)
-		done := time.Now()
+		done := clockAfter(rq.start)
 		if err == nil {
 			m.observe(done.UnixNano(), float64(done.Sub(now)))
 			if rq.resp.StatusCode() >= 500 {
@@ -369,6 +374,12 @@ func (rq *h1Request) exchange(m *member, body io.Reader, since time.Time) (diale
 		return true, err
 	}
 }
+
+// clockAfter is the time now, read as the monotonic time elapsed since
+// ref (which has a monotonic reading): one clock read, where time.Now
+// reads the wall clock as well. Per request, that second read is
+// measurable.
+func clockAfter(ref time.Time) time.Time { return ref.Add(time.Since(ref)) }
 
 func staleConnError(err error) bool {
 	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||

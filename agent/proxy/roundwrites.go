@@ -157,9 +157,29 @@ type deferredWrites struct {
 	failed   atomic.Bool
 	nowOp    nonBlockingWrite // writeNow's, under mu
 
-	// The write deadline set last (unix nanoseconds; 0: none): a write
-	// made after it fails at once, as on any connection.
+	// The write deadline set last, as monotonic nanoseconds since
+	// clockBase (0: none): a write made after it fails at once, as on any
+	// connection.
 	writeDeadline atomic.Int64
+	// The same deadline as set, and whether the socket does not have it
+	// yet. Only a write that may wait in the socket needs the socket's
+	// deadline, so it is handed over when such a writer starts (or at
+	// once if one is at work): setting it on every request would arm
+	// and disarm a runtime timer each time for nothing.
+	deadline      time.Time
+	deadlineStale bool
+}
+
+// clockBase is what write deadlines are kept against: checking one then
+// reads the monotonic clock alone (time.Since), not the wall clock too.
+var clockBase = time.Now()
+
+// sinceClockBase is a deadline as writeDeadline keeps it.
+func sinceClockBase(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return max(int64(t.Sub(clockBase)), 1) // 1: long past, but not "none"
 }
 
 // write sends b, or keeps it pending until the end of the round.
@@ -204,7 +224,17 @@ func (d *deferredWrites) write(b []byte) (int, error) {
 
 func (d *deferredWrites) pastDeadline() bool {
 	dl := d.writeDeadline.Load()
-	return dl != 0 && time.Now().UnixNano() >= dl
+	return dl != 0 && int64(time.Since(clockBase)) >= dl
+}
+
+// socketDeadlineLocked gives the socket the write deadline it has not
+// been given yet, as a writer that may wait in it starts. The caller holds
+// mu.
+func (d *deferredWrites) socketDeadlineLocked() {
+	if d.deadlineStale {
+		d.deadlineStale = false
+		d.conn.SetWriteDeadline(d.deadline) // fails only once closed, as the write will
+	}
 }
 
 // writeBlocking writes what is pending, then b, waiting for the socket as
@@ -215,6 +245,7 @@ func (d *deferredWrites) writeBlocking(b []byte) error {
 		d.idle.Wait()
 	}
 	d.blocking = true
+	d.socketDeadlineLocked()
 	d.mu.Unlock()
 	err := d.drainPending()
 	if err == nil && len(b) > 0 {
@@ -307,6 +338,7 @@ func (d *deferredWrites) flushNowLocked() (owed bool) {
 	*p = append((*p)[:0], (*p)[written:]...)
 	d.pending = p
 	d.blocking = true
+	d.socketDeadlineLocked()
 	go d.payOwed()
 	return true
 }
@@ -401,16 +433,20 @@ func (d *deferredWrites) writeError() error {
 // blocking write at work is subject to it, as on any connection.
 func (d *deferredWrites) setWriteDeadline(t time.Time) error {
 	d.mu.Lock()
+	defer d.mu.Unlock()
 	if !d.blocking && !d.bypass {
 		d.flushNowLocked()
 	}
-	var ns int64
-	if !t.IsZero() {
-		ns = t.UnixNano()
+	d.writeDeadline.Store(sinceClockBase(t))
+	d.deadline = t
+	if d.blocking || d.bypass {
+		// A writer that may wait in the socket is at work, or writes
+		// go straight to it.
+		d.deadlineStale = false
+		return d.conn.SetWriteDeadline(t)
 	}
-	d.writeDeadline.Store(ns)
-	d.mu.Unlock()
-	return d.conn.SetWriteDeadline(t)
+	d.deadlineStale = true
+	return nil
 }
 
 // unbatch writes what is pending, and sends later writes straight to the

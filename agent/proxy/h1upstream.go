@@ -842,7 +842,8 @@ func (rq *h1Request) relay() bool {
 		}
 		return false
 	}
-	if cl > 0 && cl <= rq.up.br.Buffered() && rq.copyBufferedBody(stream, cl) {
+	if cl > 0 && cl <= rq.up.br.Buffered() {
+		rq.copyBufferedBody(cl)
 		return false
 	}
 	rq.body = stream
@@ -863,22 +864,20 @@ func (rq *h1Request) relay() bool {
 }
 
 // copyBufferedBody puts a response body that arrived whole with its
-// header (cl bytes, all buffered) on the client's response, and ends the
-// backend exchange at once: the connection goes back to its pool before
-// the client is written to, and fasthttp writes the body from its own
-// buffer rather than through the stream and its Close. It reports false,
-// with nothing read, for a body larger than a copy buffer.
-func (rq *h1Request) copyBufferedBody(stream io.Reader, cl int) bool {
-	bp := copyBuffers.Get().(*[]byte)
-	defer copyBuffers.Put(bp)
-	if cl > len(*bp) {
-		return false
-	}
-	buf := (*bp)[:cl]
-	if _, err := io.ReadFull(stream, buf); err != nil {
-		// Buffered bytes cannot fail to read; should the stream
-		// refuse them anyway, the backend is blamed and the client
-		// answered 502, as for a body cut short.
+// header (cl bytes, all in the backend connection's read buffer) on the
+// client's response, and ends the backend exchange at once: the
+// connection goes back to its pool before the client is written to, and
+// fasthttp writes the body from its own buffer rather than through the
+// stream and its Close. The bytes are taken from the read buffer
+// directly: fasthttp's body stream has read none of them yet (its own
+// buffer is empty until it reads), so it is closed unread.
+func (rq *h1Request) copyBufferedBody(cl int) {
+	br := rq.up.br
+	body, err := br.Peek(cl)
+	if err != nil {
+		// Buffered bytes cannot fail to peek; should the reader refuse
+		// them anyway, the backend is blamed and the client answered
+		// 502, as for a body cut short.
 		rq.reason = classify(err)
 		rq.p.countUpstream(rq.reason)
 		rq.releaseUpstream(false)
@@ -886,13 +885,13 @@ func (rq *h1Request) copyBufferedBody(stream io.Reader, cl int) bool {
 		rq.ctx.Response.Header.SetBytesKV(strXRequestID, rq.id)
 		rq.status = 0
 		rq.writeError(http.StatusBadGateway, "bad_gateway", "the backend's response body could not be read")
-		return true
+		return
 	}
-	rq.ctx.Response.AppendBody(buf)
+	rq.ctx.Response.AppendBody(body)
+	br.Discard(cl)
 	rq.bytesOut.Add(int64(cl))
 	rq.bodyDone = true
 	rq.releaseUpstream(true)
-	return true
 }
 
 // copyResponseHeaders copies the backend's response headers to the

@@ -71,7 +71,10 @@ type Agent struct {
 	proxyDone chan struct{} // closed when the proxy has drained
 	analyzer  *insights.Analyzer
 	ledger    *billing.Ledger
-	security  *api.SecurityStats
+	// usageSubjects maps an L7 pool's name to its billing subject
+	// ("pool:" + name), made once rather than on every request.
+	usageSubjects sync.Map
+	security      *api.SecurityStats
 	// bgp announces the VIPs to the routers (a speaker runs only while
 	// the configuration has a bgp section).
 	bgp         *announcer

@@ -109,9 +109,14 @@ func (a *Agent) isDrained(key string) bool {
 }
 
 func (a *Agent) onProxyUsage(pool string, requests, bytesIn, bytesOut uint64) {
-	if a.ledger != nil {
-		a.ledger.AddL7("pool:"+pool, requests, bytesIn, bytesOut)
+	if a.ledger == nil {
+		return
 	}
+	subject, ok := a.usageSubjects.Load(pool)
+	if !ok {
+		subject, _ = a.usageSubjects.LoadOrStore(pool, "pool:"+pool)
+	}
+	a.ledger.AddL7(subject.(string), requests, bytesIn, bytesOut)
 }
 
 // onProxySecurityEvent turns the proxy's report of client abuse (see

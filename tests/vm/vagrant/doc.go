@@ -7,9 +7,10 @@
 // forwarded ports :9090 and :8080 stay there), runs vagrant in that
 // namespace too, and stops the daemons by PID at the end. The box is added
 // under the name the Vagrantfile asks for, in a VAGRANT_HOME of the test;
-// VAGRANT_DOTFILE_PATH keeps .vagrant/ out of the checkout. Where /dev/kvm
-// is missing or unusable, VELOFLUX_VM_EMULATE=1 makes libvirt emulate the
-// CPU (qemu TCG). The Vagrantfile's provisioning installs nothing: the
+// VAGRANT_DOTFILE_PATH keeps .vagrant/ out of the checkout. Unless
+// VELOFLUX_VM_KVM=1 asks for KVM (and /dev/kvm opens), VELOFLUX_VM_EMULATE=1
+// makes libvirt emulate the CPU (qemu TCG): nested KVM is not to be relied
+// on, and libvirt's qemu user may not be allowed /dev/kvm even where root is. The Vagrantfile's provisioning installs nothing: the
 // synced folder carries static binaries in bin/, so no network is needed.
 //
 // `vagrant destroy -f`, `vagrant box remove`, and the removal of the box's

@@ -21,25 +21,21 @@ import (
 // readNonblocking reads a non-blocking socket, retrying when
 // interrupted.
 func readNonblocking(fd uintptr, b []byte) (int, error) {
-	for {
-		n, _, errno := unix.RawSyscall6(unix.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(unsafe.SliceData(b))), uintptr(len(b)),
-			unix.MSG_DONTWAIT, 0, 0)
-		switch errno {
-		case 0:
-			return int(n), nil
-		case unix.EINTR:
-			continue
-		}
-		return 0, errno
-	}
+	return socketCall(unix.SYS_RECVFROM, fd, b, unix.MSG_DONTWAIT)
 }
 
 // writeNonblocking writes to a non-blocking socket, retrying when
 // interrupted.
 func writeNonblocking(fd uintptr, b []byte) (int, error) {
+	return socketCall(unix.SYS_SENDTO, fd, b, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
+}
+
+// socketCall makes recvfrom(2) or sendto(2) (trap) on fd with b and
+// flags, and no address, until it is not interrupted.
+func socketCall(trap, fd uintptr, b []byte, flags int) (int, error) {
 	for {
-		n, _, errno := unix.RawSyscall6(unix.SYS_SENDTO, fd, uintptr(unsafe.Pointer(unsafe.SliceData(b))), uintptr(len(b)),
-			unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL, 0, 0)
+		n, _, errno := unix.RawSyscall6(trap, fd, uintptr(unsafe.Pointer(unsafe.SliceData(b))), uintptr(len(b)),
+			uintptr(flags), 0, 0)
 		switch errno {
 		case 0:
 			return int(n), nil

@@ -157,29 +157,14 @@ type deferredWrites struct {
 	failed   atomic.Bool
 	nowOp    nonBlockingWrite // writeNow's, under mu
 
-	// The write deadline set last, as monotonic nanoseconds since
-	// clockBase (0: none): a write made after it fails at once, as on any
-	// connection.
-	writeDeadline atomic.Int64
-	// The same deadline as set, and whether the socket does not have it
-	// yet. Only a write that may wait in the socket needs the socket's
-	// deadline, so it is handed over when such a writer starts (or at
-	// once if one is at work): setting it on every request would arm
-	// and disarm a runtime timer each time for nothing.
+	// The write deadline set last (zero: none): a write made after it
+	// fails at once, as on any connection. deadlineStale says the socket
+	// does not have it yet: only a write that may wait in the socket
+	// needs the socket's deadline, so it is handed over when such a
+	// writer starts (or at once if one is at work), rather than arming
+	// and disarming a runtime timer on every request for nothing.
 	deadline      time.Time
 	deadlineStale bool
-}
-
-// clockBase is what write deadlines are kept against: checking one then
-// reads the monotonic clock alone (time.Since), not the wall clock too.
-var clockBase = time.Now()
-
-// sinceClockBase is a deadline as writeDeadline keeps it.
-func sinceClockBase(t time.Time) int64 {
-	if t.IsZero() {
-		return 0
-	}
-	return max(int64(t.Sub(clockBase)), 1) // 1: long past, but not "none"
 }
 
 // write sends b, or keeps it pending until the end of the round.
@@ -222,9 +207,12 @@ func (d *deferredWrites) write(b []byte) (int, error) {
 	return len(b), nil
 }
 
+// pastDeadline reports that the write deadline has passed. The caller
+// holds mu. time.Since reads only the monotonic clock of a deadline that
+// has one (deadlines are made from time.Now), where time.Now reads two
+// clocks.
 func (d *deferredWrites) pastDeadline() bool {
-	dl := d.writeDeadline.Load()
-	return dl != 0 && int64(time.Since(clockBase)) >= dl
+	return !d.deadline.IsZero() && time.Since(d.deadline) >= 0
 }
 
 // socketDeadlineLocked gives the socket the write deadline it has not
@@ -437,7 +425,6 @@ func (d *deferredWrites) setWriteDeadline(t time.Time) error {
 	if !d.blocking && !d.bypass {
 		d.flushNowLocked()
 	}
-	d.writeDeadline.Store(sinceClockBase(t))
 	d.deadline = t
 	if d.blocking || d.bypass {
 		// A writer that may wait in the socket is at work, or writes

@@ -10,8 +10,9 @@
 // VAGRANT_DOTFILE_PATH keeps .vagrant/ out of the checkout. Unless
 // VELOFLUX_VM_KVM=1 asks for KVM (and /dev/kvm opens), VELOFLUX_VM_EMULATE=1
 // makes libvirt emulate the CPU (qemu TCG): nested KVM is not to be relied
-// on, and libvirt's qemu user may not be allowed /dev/kvm even where root is. The Vagrantfile's provisioning installs nothing: the
-// synced folder carries static binaries in bin/, so no network is needed.
+// on, and libvirt's qemu user may not be allowed /dev/kvm even where root
+// is. The Vagrantfile's provisioning installs nothing: the synced folder
+// carries static binaries in bin/, so no network is needed.
 //
 // `vagrant destroy -f`, `vagrant box remove`, and the removal of the box's
 // volume, of the libvirt network and of the storage pool the test's run
